@@ -1,0 +1,2 @@
+//! The clusterd binary: daemon and CLI client.
+fn main() {}

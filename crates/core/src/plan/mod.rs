@@ -1,0 +1,322 @@
+//! The planner: `plan(desired, observed, now) -> Plan`.
+//!
+//! Pure and deterministic: no clock, no I/O, no randomness. The runtime owns the
+//! [`Observed`] state, feeds it events through the `record_*` transitions below (also
+//! pure), calls [`plan`] on every wake-up (level-triggered: it never learns *why* it was
+//! woken), carries out the returned actions, applies them to `Observed` with
+//! [`ObservedApp::apply`], and sleeps until the next event or `Plan::wake_at`.
+//!
+//! # Contract with the runtime
+//! - After the runtime has applied every action of a plan (Spawn via
+//!   [`ObservedApp::record_spawn`], the others via [`ObservedApp::apply`]), planning again
+//!   at the same `now` yields no action that was already carried out (idempotence).
+//! - The runtime keeps the spec of every revision that still has workers or is the
+//!   last good one, because a `Spawn` may name an older revision (fail-closed: after a
+//!   failed rollout, a crashed old worker comes back at its old revision).
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Restart, Rollout};
+
+/// Name of an app (`metadata.name`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct AppName(pub String);
+
+impl fmt::Display for AppName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Short stable hash of what shapes a worker (see `revision`).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Revision(pub String);
+
+impl fmt::Display for Revision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Daemon-unique worker identity, assigned by the runtime at spawn. Never reused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct WorkerId(pub u64);
+
+impl fmt::Display for WorkerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "w{}", self.0)
+    }
+}
+
+/// The template a worker is spawned from: a revision plus the reload generation.
+/// `clusterd reload` bumps the generation so that every worker is replaced although
+/// the revision is unchanged.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Template {
+    /// Hash of the worker-shaping part of the spec.
+    pub revision: Revision,
+    /// Bumped by every reload request.
+    pub generation: u64,
+}
+
+/// How the planner learns a new worker is ready.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadinessGate {
+    /// Ready as soon as spawned.
+    Immediate,
+    /// Ready this long after spawn.
+    Delay(Duration),
+    /// The runtime reports it (notify, ipc, tcp or http probe) via `record_ready_report`.
+    Reported,
+}
+
+/// What one app should look like.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DesiredApp {
+    /// Which template current workers must have.
+    pub template: Template,
+    /// Resolved instance count (>= 1).
+    pub replicas: u32,
+    /// maxSurge / maxUnavailable.
+    pub rollout: Rollout,
+    /// How readiness is decided.
+    pub readiness: ReadinessGate,
+    /// A new worker not ready by then fails (see module docs of the rules).
+    pub readiness_timeout: Duration,
+    /// Signal-to-SIGKILL time; also the bound of the wait for in-flight work.
+    pub shutdown_timeout: Duration,
+    /// http/tcp modes: signal a draining worker only once `inflight == 0` (or the
+    /// shutdown timeout passed). inherit mode: signal at once.
+    pub drain_waits_for_idle: bool,
+    /// Restart policy and backoff.
+    pub restart: Restart,
+    /// Replace (rolling) a worker whose RSS exceeds this.
+    pub memory_limit: Option<u64>,
+    /// Replace (rolling) a worker with this many consecutive liveness failures.
+    pub liveness_failure_threshold: Option<u32>,
+}
+
+/// The desired state of the host. An app absent here is drained and removed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Desired {
+    /// By name.
+    pub apps: BTreeMap<AppName, DesiredApp>,
+}
+
+/// Lifecycle of a live worker. Exited workers leave `ObservedApp::workers`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WorkerState {
+    /// Spawned, not yet ready: gets no traffic.
+    Starting,
+    /// Takes traffic.
+    Ready,
+    /// Gets no new traffic; being stopped.
+    Draining,
+}
+
+/// Why a worker is being drained (shown in events).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DrainReason {
+    /// Replaced by a worker of the desired template.
+    Replaced,
+    /// Index >= replicas.
+    ScaledDown,
+    /// The app was removed (or the daemon is stopping).
+    AppRemoved,
+    /// Not ready within the readiness timeout.
+    ReadinessTimeout,
+    /// RSS over `limits.memory`.
+    MemoryLimit,
+    /// Failed its liveness probe `failureThreshold` times.
+    LivenessFailed,
+}
+
+/// Progress of a drain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DrainProgress {
+    /// When routing to it stopped.
+    pub started_at: Instant,
+    /// Why.
+    pub reason: DrainReason,
+    /// When the shutdown signal was sent.
+    pub signalled_at: Option<Instant>,
+    /// SIGKILL sent.
+    pub killed: bool,
+}
+
+/// A live worker as the runtime sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Worker {
+    /// Identity.
+    pub id: WorkerId,
+    /// Stable instance index 0..N (`CLUSTERD_INSTANCE`).
+    pub index: u32,
+    /// What it was spawned from.
+    pub template: Template,
+    /// Lifecycle state.
+    pub state: WorkerState,
+    /// When spawned.
+    pub spawned_at: Instant,
+    /// The runtime saw its readiness signal (notify, ipc, probe).
+    pub ready_reported: bool,
+    /// When it became Ready.
+    pub ready_at: Option<Instant>,
+    /// Set once draining.
+    pub drain: Option<DrainProgress>,
+    /// Requests (http) or connections (tcp) in flight through the proxy.
+    pub inflight: u64,
+    /// Consecutive liveness failures.
+    pub liveness_failures: u32,
+    /// Resident memory of its process group, bytes.
+    pub rss: Option<u64>,
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExitReason {
+    /// exit(code).
+    Code(i32),
+    /// Killed by this signal number.
+    Signal(i32),
+    /// The spawn itself failed (exec error, bad user...).
+    SpawnFailed,
+}
+
+impl ExitReason {
+    /// A clean exit (code 0).
+    #[must_use]
+    pub fn is_success(self) -> bool {
+        matches!(self, ExitReason::Code(0))
+    }
+}
+
+/// Restart bookkeeping of one instance index; survives its workers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlotHistory {
+    /// Total unplanned exits of this index (shown as `restarts`).
+    pub restarts: u32,
+    /// Unplanned exits in a row without a long-enough clean run; drives the backoff.
+    pub consecutive_failures: u32,
+    /// When and how the last unplanned exit happened, and of which template.
+    pub last_exit: Option<(Instant, ExitReason, Template)>,
+}
+
+/// A rollout that failed; its template is not retried until the desired template changes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RolloutFailure {
+    /// The template that failed.
+    pub template: Template,
+    /// Human-readable reason (shown in status and events).
+    pub reason: String,
+    /// When.
+    pub at: Instant,
+}
+
+/// What the runtime knows about one app.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ObservedApp {
+    /// Live workers.
+    pub workers: BTreeMap<WorkerId, Worker>,
+    /// Per-index history.
+    pub slots: BTreeMap<u32, SlotHistory>,
+    /// The last failed rollout, if its template is still the desired one.
+    pub failed: Option<RolloutFailure>,
+    /// The last template that reached Available (fail-closed fallback).
+    pub last_good: Option<Template>,
+}
+
+/// What the runtime knows about the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// By name; apps with live workers or history.
+    pub apps: BTreeMap<AppName, ObservedApp>,
+}
+
+/// A decision for the runtime to carry out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Start a worker for `index` from `template`.
+    Spawn {
+        /// App.
+        app: AppName,
+        /// Instance index.
+        index: u32,
+        /// Template (may be an older one after a failed rollout).
+        template: Template,
+    },
+    /// Start routing traffic to it.
+    MarkReady {
+        /// App.
+        app: AppName,
+        /// Worker.
+        worker: WorkerId,
+    },
+    /// Stop routing to it; the drain clock starts.
+    Drain {
+        /// App.
+        app: AppName,
+        /// Worker.
+        worker: WorkerId,
+        /// Why.
+        reason: DrainReason,
+    },
+    /// Send the app's shutdown signal to the worker's process group.
+    Signal {
+        /// App.
+        app: AppName,
+        /// Worker.
+        worker: WorkerId,
+    },
+    /// SIGKILL the worker's process group (shutdown deadline passed).
+    Kill {
+        /// App.
+        app: AppName,
+        /// Worker.
+        worker: WorkerId,
+    },
+    /// Stop the rollout of `template`; old workers keep serving.
+    FailRollout {
+        /// App.
+        app: AppName,
+        /// Failed template.
+        template: Template,
+        /// Why (for status and events).
+        reason: String,
+    },
+}
+
+/// The planner's answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Plan {
+    /// In order.
+    pub actions: Vec<Action>,
+    /// The earliest time at which planning again may yield something new without any
+    /// event (a backoff ending, a deadline, a delay readiness). `None`: only events.
+    pub wake_at: Option<Instant>,
+}
+
+/// Phase of an app (DESIGN.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Phase {
+    /// Nothing started yet.
+    Pending,
+    /// A rollout or scale is under way within its deadlines.
+    Progressing,
+    /// ready = desired, all current, nothing in progress.
+    Available,
+    /// Fewer ready than desired for another reason, or the last rollout failed.
+    Degraded,
+    /// Workers keep exiting and wait out a backoff.
+    CrashLoopBackOff,
+    /// The newest manifest was rejected (decided by the runtime, not the planner).
+    Invalid,
+    /// The manifest is gone; workers drain.
+    Stopping,
+}

@@ -1,0 +1,2 @@
+//! demo-server: placeholder until its issue lands.
+fn main() {}
