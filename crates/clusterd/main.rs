@@ -1,2 +1,16 @@
-//! The clusterd binary: daemon and CLI client.
-fn main() {}
+//! The clusterd binary: the daemon, the CLI client, and the worker exec shim.
+//!
+//! `main` stays thin: argument parsing and dispatch live in `cli`, the daemon in
+//! `daemon`, and everything with side effects below them in `clusterd-runtime`.
+
+mod api_types;
+mod cli;
+mod client;
+mod daemon;
+mod output;
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    cli::run()
+}

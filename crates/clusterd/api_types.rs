@@ -1,0 +1,169 @@
+//! The JSON shapes of the control API, shared by the daemon and the CLI client.
+//!
+//! `StatusReport` is the contract of `clusterd status -o json` (DESIGN.md); fields beyond
+//! the documented ones are additions, never renames, so scripts written against the
+//! documented shape keep working.
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/apps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StatusReport {
+    /// Every app the daemon knows, sorted by name.
+    pub apps: Vec<AppStatus>,
+    /// GitOps sync state, when the daemon follows a git repository.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sync: Option<SyncStatus>,
+}
+
+/// One app.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AppStatus {
+    /// `metadata.name` (or the file stem of a manifest that could not be read).
+    pub name: String,
+    /// Pending, Progressing, Available, Degraded, CrashLoopBackOff, Invalid, Stopping.
+    pub phase: String,
+    /// The desired revision (empty when no manifest was ever valid).
+    pub revision: String,
+    /// Bumped by every `clusterd reload`.
+    #[serde(default)]
+    pub generation: u64,
+    /// Resolved instance count.
+    pub desired: u32,
+    /// Instances in state Ready, of any revision.
+    pub ready: u32,
+    /// Sum of unplanned exits over instances.
+    pub restarts: u32,
+    /// Why the app is Invalid or Degraded.
+    pub error: Option<String>,
+    /// Public sockets.
+    pub listen: Vec<ListenStatus>,
+    /// The manifest file.
+    pub source: String,
+    /// Seconds since the app was first seen.
+    #[serde(default)]
+    pub age_secs: u64,
+    /// Whether the per-app cgroup backstop is active, or why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<String>,
+    /// Live workers, by index then age.
+    pub instances: Vec<InstanceStatus>,
+}
+
+/// One public socket.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ListenStatus {
+    /// Listener name, if any.
+    pub name: Option<String>,
+    /// `address:port` as bound.
+    pub address: String,
+    /// http, tcp or inherit.
+    pub mode: String,
+    /// tcp or udp.
+    #[serde(default = "tcp")]
+    pub protocol: String,
+}
+
+fn tcp() -> String {
+    "tcp".to_string()
+}
+
+/// One worker.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct InstanceStatus {
+    /// `CLUSTERD_INSTANCE`.
+    pub index: u32,
+    /// Process id (= process group id).
+    pub pid: Option<u32>,
+    /// Starting, Ready, Draining, Backoff, Exited.
+    pub state: String,
+    /// Revision it runs.
+    pub revision: String,
+    /// Generation it was started for.
+    #[serde(default)]
+    pub generation: u64,
+    /// Unplanned exits of this index.
+    pub restarts: u32,
+    /// RFC 3339 start time.
+    pub started: Option<String>,
+    /// Seconds since start.
+    #[serde(default)]
+    pub uptime_secs: u64,
+    /// CPU use since the previous sample, percent of one CPU.
+    #[serde(default)]
+    pub cpu_percent: Option<f64>,
+    /// Resident memory of the worker's process group, bytes.
+    #[serde(default)]
+    pub rss_bytes: Option<u64>,
+    /// Requests (http) or connections (tcp) in flight through the daemon.
+    #[serde(default)]
+    pub inflight: Option<u64>,
+    /// Private port (http/tcp modes).
+    #[serde(default)]
+    pub port: Option<u16>,
+    /// How the last run of this index ended, e.g. `exit 1` or `signal SIGKILL`.
+    #[serde(default)]
+    pub last_exit: Option<String>,
+}
+
+/// GitOps sync state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncStatus {
+    /// Repository URL (credentials stripped).
+    pub repo: String,
+    /// Branch, tag or commit followed.
+    #[serde(rename = "ref")]
+    pub git_ref: String,
+    /// Commit applied last.
+    pub commit: Option<String>,
+    /// Why the last sync failed.
+    pub error: Option<String>,
+    /// RFC 3339 time of the last sync attempt.
+    pub at: Option<String>,
+}
+
+/// One entry of `GET /v1/events`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Event {
+    /// Monotonic sequence number.
+    pub seq: u64,
+    /// RFC 3339.
+    pub time: String,
+    /// App, if the event concerns one.
+    pub app: Option<String>,
+    /// Instance index, if the event concerns one.
+    pub instance: Option<u32>,
+    /// Short machine-friendly kind: spawn, ready, drain, signal, kill, exit, rollout-failed, invalid, ...
+    pub kind: String,
+    /// Human-readable.
+    pub message: String,
+}
+
+/// Answer of `POST /v1/apps/{name}/reload`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadAccepted {
+    /// App.
+    pub app: String,
+    /// The generation every worker must reach.
+    pub generation: u64,
+}
+
+/// Error body of the API.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What went wrong.
+    pub error: String,
+}
+
+/// `GET /v1/daemon`: where the daemon keeps things (for `clusterd logs`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DaemonInfo {
+    /// clusterd version.
+    pub version: String,
+    /// Manifests.
+    pub apps_dir: String,
+    /// Worker logs.
+    pub log_dir: String,
+    /// State.
+    pub state_dir: String,
+}

@@ -1,0 +1,219 @@
+//! The control API: HTTP/1.1 + JSON on the daemon's unix socket.
+//!
+//! Requests that read or change the apps are forwarded to the reconcile loop, which owns
+//! that state and answers through a oneshot; the API task never holds app state itself.
+//! Events are served from the shared `EventLog` so a slow follower never stalls the loop.
+
+use std::convert::Infallible;
+use std::path::Path;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use tokio::net::UnixListener;
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+use super::events::EventLog;
+use super::Msg;
+use crate::api_types::{ApiError, Event};
+
+type Body = http_body_util::combinators::BoxBody<Bytes, Infallible>;
+
+/// What the API asks the reconcile loop.
+#[derive(Debug)]
+pub enum ApiRequest {
+    /// `GET /v1/apps` or `/v1/apps/{name}`.
+    Status(Option<String>),
+    /// `POST /v1/apps/{name}/reload`, or every app with `None`.
+    Reload(Option<String>),
+    /// `POST /v1/sync`.
+    Sync,
+    /// `GET /metrics`.
+    Metrics,
+    /// `GET /v1/daemon`.
+    Info,
+}
+
+/// The loop's answer.
+#[derive(Debug)]
+pub enum ApiReply {
+    /// A JSON document with a status code.
+    Json(StatusCode, serde_json::Value),
+    /// Prometheus text.
+    Text(String),
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: UnixListener,
+    loop_tx: mpsc::UnboundedSender<Msg>,
+    events: EventLog,
+    shutdown: CancellationToken,
+) {
+    loop {
+        let stream = tokio::select! {
+            () = shutdown.cancelled() => return,
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(error = %e, "control socket accept");
+                    continue;
+                }
+            },
+        };
+        let loop_tx = loop_tx.clone();
+        let events = events.clone();
+        let shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |req| {
+                let loop_tx = loop_tx.clone();
+                let events = events.clone();
+                let shutdown = shutdown.clone();
+                async move { Ok::<_, Infallible>(route(req, loop_tx, events, shutdown).await) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
+async fn route(
+    req: Request<Incoming>,
+    loop_tx: mpsc::UnboundedSender<Msg>,
+    events: EventLog,
+    shutdown: CancellationToken,
+) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    let ask = |r: ApiRequest| ask(&loop_tx, r);
+    match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["v1", "apps"]) => reply(ask(ApiRequest::Status(None)).await),
+        (&Method::GET, ["v1", "apps", name]) => reply(ask(ApiRequest::Status(Some((*name).to_string()))).await),
+        (&Method::POST, ["v1", "apps", name, "reload"]) => {
+            reply(ask(ApiRequest::Reload(Some((*name).to_string()))).await)
+        }
+        (&Method::POST, ["v1", "reload"]) => reply(ask(ApiRequest::Reload(None)).await),
+        (&Method::POST, ["v1", "sync"]) => reply(ask(ApiRequest::Sync).await),
+        (&Method::GET, ["metrics"]) => reply(ask(ApiRequest::Metrics).await),
+        (&Method::GET, ["v1", "daemon"]) => reply(ask(ApiRequest::Info).await),
+        (&Method::GET, ["v1", "events"]) => events_response(&events, &query, shutdown),
+        (_, ["v1", ..] | ["metrics"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
+    }
+}
+
+async fn ask(loop_tx: &mpsc::UnboundedSender<Msg>, request: ApiRequest) -> Option<ApiReply> {
+    let (tx, rx) = oneshot::channel();
+    loop_tx.send(Msg::Api(request, tx)).ok()?;
+    rx.await.ok()
+}
+
+fn reply(answer: Option<ApiReply>) -> Response<Body> {
+    match answer {
+        Some(ApiReply::Json(status, value)) => json(status, &value),
+        Some(ApiReply::Text(text)) => Response::builder()
+            .header("content-type", "text/plain; version=0.0.4")
+            .body(Full::new(Bytes::from(text)).boxed())
+            .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())),
+        None => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down"),
+    }
+}
+
+fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    Response::builder()
+        .status(status)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(body)).boxed())
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+/// A JSON error body.
+pub fn error(status: StatusCode, message: &str) -> Response<Body> {
+    let value = serde_json::to_value(ApiError { error: message.to_string() }).unwrap_or_default();
+    json(status, &value)
+}
+
+fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
+    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+}
+
+/// `GET /v1/events[?app=NAME][&follow=1]`: newline-delimited JSON, the kept history
+/// first, then (with follow) new events as they happen.
+fn events_response(events: &EventLog, query: &str, shutdown: CancellationToken) -> Response<Body> {
+    let app = query_param(query, "app").map(str::to_string);
+    let follow = query_param(query, "follow").is_some_and(|v| v == "1" || v == "true");
+    let keep = move |e: &Event| app.as_deref().is_none_or(|a| e.app.as_deref() == Some(a));
+    // Subscribe before taking the snapshot so no event falls between the two.
+    let receiver = follow.then(|| events.subscribe());
+    let mut history = Vec::new();
+    for e in events.snapshot().iter().filter(|e| keep(e)) {
+        history.extend_from_slice(&line(e));
+    }
+    let state = (Some(Bytes::from(history)), receiver, keep, shutdown);
+    let stream = futures_util::stream::unfold(state, |(mut first, mut receiver, keep, shutdown)| async move {
+        if let Some(chunk) = first.take() {
+            return Some((Ok(Frame::data(chunk)), (None, receiver, keep, shutdown)));
+        }
+        let rx = receiver.as_mut()?;
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return None,
+                received = rx.recv() => match received {
+                    Ok(e) if keep(&e) => {
+                        let chunk = Bytes::from(line(&e));
+                        return Some((Ok(Frame::data(chunk)), (None, receiver, keep, shutdown)));
+                    }
+                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                    Err(broadcast::error::RecvError::Closed) => return None,
+                },
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/x-ndjson")
+        .body(BodyExt::boxed(StreamBody::new(stream)))
+        .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed()))
+}
+
+fn line(e: &Event) -> Vec<u8> {
+    let mut v = serde_json::to_vec(e).unwrap_or_default();
+    v.push(b'\n');
+    v
+}
+
+/// Binds the control socket with mode 0600, or 0660 owned by group `clusterd` when that
+/// group exists, so operators in that group can use the CLI without root.
+///
+/// # Errors
+/// When the directory cannot be created or another live daemon owns the socket.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if path.exists() {
+        if std::os::unix::net::UnixStream::connect(path).is_ok() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!("another clusterd is listening on {}", path.display()),
+            ));
+        }
+        std::fs::remove_file(path)?;
+    }
+    let listener = UnixListener::bind(path)?;
+    let group = nix::unistd::Group::from_name("clusterd").ok().flatten();
+    let mode = if let Some(g) = group {
+        let _ = nix::unistd::chown(path, None, Some(g.gid));
+        0o660
+    } else {
+        0o600
+    };
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    Ok(listener)
+}
