@@ -341,10 +341,11 @@ impl Runtime {
                 ports.push((ListenKey::of(l), port));
             }
         }
-        let argv = match &spec.command {
+        let argv: Vec<String> = match &spec.command {
             CommandLine::Argv(a) => a.clone(),
             CommandLine::Shell(s) => shell_words::split(s)?,
         };
+        let argv = argv.iter().map(|a| expand_vars(a, &env)).collect();
         let inherit = listeners.inherit_fds(&spec.listen);
         let request = clusterd_runtime::spawn::SpawnRequest {
             app: app.0.clone(),
@@ -468,6 +469,36 @@ impl Runtime {
     }
 }
 
+/// Expands `$(NAME)` from the worker's environment, as Kubernetes does for `command`
+/// and `args`: apps that take their port as an argument (`http.server $(PORT)`) work
+/// without a shell. `$$(NAME)` is a literal `$(NAME)`; unknown names stay as written.
+fn expand_vars(arg: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(pos) = rest.find("$(") {
+        if rest[..pos].ends_with('$') {
+            out.push_str(&rest[..pos]);
+            out.push_str("(");
+            rest = &rest[pos + 2..];
+            continue;
+        }
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 2..];
+        match after.find(')') {
+            Some(end) if env.contains_key(&after[..end]) => {
+                out.push_str(&env[&after[..end]]);
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push_str("$(");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
 /// `PORT_<NAME>`: upper case, `-` to `_`.
 fn env_suffix(name: &str) -> String {
     name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
@@ -553,5 +584,20 @@ async fn exec_probe(command: Option<&CommandLine>, env: &BTreeMap<String, String
         Ok(Ok(s)) => Err(format!("`{program}` {s}")),
         Ok(Err(e)) => Err(format!("`{program}`: {e}")),
         Err(_) => Err(format!("`{program}` timed out after {timeout:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_known_variables_only() {
+        let env = BTreeMap::from([("PORT".to_string(), "4242".to_string())]);
+        assert_eq!(expand_vars("--port=$(PORT)", &env), "--port=4242");
+        assert_eq!(expand_vars("$(NOPE)", &env), "$(NOPE)");
+        assert_eq!(expand_vars("$$(PORT)", &env), "$(PORT)");
+        assert_eq!(expand_vars("a$(PORT)b$(PORT)", &env), "a4242b4242");
+        assert_eq!(expand_vars("$(PORT", &env), "$(PORT");
     }
 }

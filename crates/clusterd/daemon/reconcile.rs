@@ -349,6 +349,10 @@ impl Controller {
             Action::Drain { app, worker, reason } => {
                 if let Some(a) = self.apps.get_mut(app) {
                     a.listeners.stop_routing(*worker);
+                    if a.listeners.has_proxy() {
+                        // The planner signals once nothing is in flight: wake up for that.
+                        self.runtime.wake_when(a.listeners.drained(*worker));
+                    }
                     if let Some(w) = a.workers.get_mut(worker) {
                         w.stop_probes();
                         self.events.push(Some(&app.0), Some(w.index), "drain", format!("pid {} draining: {reason:?}", w.pid));
