@@ -81,7 +81,10 @@ pub struct AppSpec {
 }
 
 /// argv of the worker. Accepts a YAML list or a shell-like string.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Deserialized by hand (not `untagged`) so a wrong type gets a message that says what
+/// was expected, with a position, instead of "did not match any variant".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum CommandLine {
     /// Already split.
@@ -91,7 +94,9 @@ pub enum CommandLine {
 }
 
 /// `instances:` as written: `4`, `max`, `0` (= max) or `-K` (CPUs minus K, at least 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Deserialized by hand for a clear error ("expected a number or `max`").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Instances {
     /// A number: N >= 1, 0 = all CPUs, -K = all CPUs minus K.
@@ -515,16 +520,20 @@ impl Serialize for DurationValue {
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Text(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like 250ms, 10s or 5m")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(DurationValue(Duration::from_secs(n)))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                parse_duration(t).map(DurationValue).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(DurationValue(Duration::from_secs(n))),
-            Raw::Text(t) => parse_duration(&t).map(DurationValue).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -536,15 +545,103 @@ impl Serialize for SizeValue {
 
 impl<'de> Deserialize<'de> for SizeValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Text(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SizeValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like 512Mi or 1G")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(SizeValue(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                parse_size(t).map(SizeValue).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(SizeValue(n)),
-            Raw::Text(t) => parse_size(&t).map(SizeValue).map_err(serde::de::Error::custom),
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Instances {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Instances;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number (4, 0 or -1) or `max`")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(Instances::Count(n))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                i64::try_from(n)
+                    .map(Instances::Count)
+                    .map_err(|_| E::custom(format!("instances {n} is too large")))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                if t.trim().eq_ignore_ascii_case("max") {
+                    return Ok(Instances::Max(MaxWord::Max));
+                }
+                t.trim().parse::<i64>().map(Instances::Count).map_err(|_| {
+                    E::invalid_value(serde::de::Unexpected::Str(t), &self)
+                })
+            }
         }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for CommandLine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CommandLine;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of arguments or a command line string")
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                Ok(CommandLine::Shell(t.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(arg) = seq.next_element::<ArgString>()? {
+                    argv.push(arg.0);
+                }
+                Ok(CommandLine::Argv(argv))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One argv element. YAML reads `8080` or `true` as a number or a bool, but in a command
+/// they are plainly the text written, so they are accepted as such.
+struct ArgString(String);
+
+impl<'de> Deserialize<'de> for ArgString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ArgString;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string argument")
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                Ok(ArgString(t.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(ArgString(n.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(ArgString(n.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+                Ok(ArgString(n.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(ArgString(b.to_string()))
+            }
+        }
+        d.deserialize_string(V)
     }
 }
