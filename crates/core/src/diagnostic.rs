@@ -19,7 +19,14 @@ pub struct Diagnostic {
 
 impl fmt::Display for Diagnostic {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
@@ -36,7 +43,7 @@ pub(crate) fn describe(err: &serde_saphyr::Error) -> String {
             format!("invalid value: {unexpected}, expected {expected}")
         }
         E::Budget { breach, .. } => format!(
-            "document is too large or complex ({breach:?}); aliases are expanded at most a few thousand events and nesting is limited to {} levels",
+            "document is too large or complex ({breach:?}) (expected a plain manifest: at most 256 aliases, {} levels of nesting)",
             crate::yaml::MAX_DEPTH
         ),
         E::AliasReplayLimitExceeded { .. }
@@ -48,6 +55,7 @@ pub(crate) fn describe(err: &serde_saphyr::Error) -> String {
         E::Unexpected { expected, .. } => match *expected {
             "mapping start" => "expected a mapping of `key: value` pairs".to_string(),
             "sequence start" => "expected a list".to_string(),
+            "string scalar" => "expected a string".to_string(),
             other => format!("expected {other}"),
         },
         E::WithSnippet { .. } => describe(err.without_snippet()),
@@ -81,7 +89,10 @@ pub(crate) fn unknown_name(what: &str, got: &str, expected: &[&str]) -> String {
         None if expected.is_empty() => format!("unknown {what} `{got}` (nothing is expected here)"),
         None => {
             let list: Vec<String> = expected.iter().map(|e| format!("`{e}`")).collect();
-            format!("unknown {what} `{got}` (expected one of {})", list.join(", "))
+            format!(
+                "unknown {what} `{got}` (expected one of {})",
+                list.join(", ")
+            )
         }
     }
 }

@@ -16,7 +16,9 @@ pub enum ManifestError {
     #[error("file is not UTF-8 text (expected a YAML manifest)")]
     NotUtf8,
     /// Nothing but comments and blank lines.
-    #[error("file holds no manifest (expected a document with apiVersion, kind, metadata and spec)")]
+    #[error(
+        "file holds no manifest (expected a document with apiVersion, kind, metadata and spec)"
+    )]
     Empty,
     /// `command: "node 'server.js"`.
     #[error("command has an unbalanced quote (expected matching ' or \" quotes)")]

@@ -42,7 +42,11 @@ mod tests {
             (Instances::Count(1), 1, 1),
         ];
         for (instances, cpus, want) in cases {
-            assert_eq!(resolve_instances(instances, cpus), want, "{instances:?} on {cpus} cpus");
+            assert_eq!(
+                resolve_instances(instances, cpus),
+                want,
+                "{instances:?} on {cpus} cpus"
+            );
         }
     }
 }

@@ -36,7 +36,10 @@ pub struct ManifestFile {
 impl ManifestFile {
     /// A file from its path and content.
     pub fn new(path: impl Into<PathBuf>, bytes: impl Into<Vec<u8>>) -> Self {
-        ManifestFile { path: path.into(), bytes: bytes.into() }
+        ManifestFile {
+            path: path.into(),
+            bytes: bytes.into(),
+        }
     }
 }
 
@@ -81,7 +84,9 @@ impl LoadReport {
     pub fn diagnostics(&self, files: &[ManifestFile]) -> Vec<&Diagnostic> {
         let order = |p: &Path| files.iter().position(|f| f.path == p).unwrap_or(usize::MAX);
         let mut all: Vec<&Diagnostic> = self.errors.values().flatten().collect();
-        all.sort_by(|a, b| (order(&a.file), a.line, a.column).cmp(&(order(&b.file), b.line, b.column)));
+        all.sort_by(|a, b| {
+            (order(&a.file), a.line, a.column).cmp(&(order(&b.file), b.line, b.column))
+        });
         all.dedup();
         all
     }
@@ -129,16 +134,34 @@ pub fn load(files: &[ManifestFile], ctx: &LoadContext) -> LoadReport {
 /// files are valid (exit 0); otherwise the CLI prints the lines and exits 1.
 #[must_use]
 pub fn validate_files(files: &[ManifestFile], cpus: u32) -> Vec<String> {
-    let report = load(files, &LoadContext { cpus, incumbents: BTreeMap::new() });
-    report.diagnostics(files).into_iter().map(ToString::to_string).collect()
+    let report = load(
+        files,
+        &LoadContext {
+            cpus,
+            incumbents: BTreeMap::new(),
+        },
+    );
+    report
+        .diagnostics(files)
+        .into_iter()
+        .map(ToString::to_string)
+        .collect()
 }
 
 fn stem(path: &Path) -> String {
-    path.file_stem().map_or_else(|| path.display().to_string(), |s| s.to_string_lossy().into_owned())
+    path.file_stem().map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
 }
 
 fn diag(file: &Path, pos: Pos, message: impl Into<String>) -> Diagnostic {
-    Diagnostic { file: file.to_path_buf(), line: pos.line, column: pos.column, message: message.into() }
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        message: message.into(),
+    }
 }
 
 fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
@@ -154,7 +177,13 @@ fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
     };
     let start = Pos { line: 1, column: 1 };
     if file.bytes.len() > MAX_FILE_BYTES {
-        return whole_file_error(start, ManifestError::TooLarge { size: file.bytes.len(), max: MAX_FILE_BYTES });
+        return whole_file_error(
+            start,
+            ManifestError::TooLarge {
+                size: file.bytes.len(),
+                max: MAX_FILE_BYTES,
+            },
+        );
     }
     let text = match std::str::from_utf8(&file.bytes) {
         Ok(text) => text,
@@ -162,7 +191,10 @@ fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
             let valid = &file.bytes[..e.valid_up_to()];
             let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
             let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
-            let column = String::from_utf8_lossy(&valid[line_start..]).chars().count() + 1;
+            let column = String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count()
+                + 1;
             return whole_file_error(Pos { line, column }, ManifestError::NotUtf8);
         }
     };
@@ -171,14 +203,23 @@ fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
         return whole_file_error(start, ManifestError::Empty);
     }
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
-    chunks.into_iter().map(|chunk| load_document(path, &dir, chunk, cpus)).collect()
+    chunks
+        .into_iter()
+        .map(|chunk| load_document(path, &dir, chunk, cpus))
+        .collect()
 }
 
 fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
     let fail = |index: PosIndex, diags: Vec<Diagnostic>| {
         let named = index.name_hint().map(|_| index.value("metadata.name"));
         let key = index.name_hint().map_or_else(|| stem(path), str::to_string);
-        Doc { file: path.to_path_buf(), key, named, index, outcome: Err(diags) }
+        Doc {
+            file: path.to_path_buf(),
+            key,
+            named,
+            index,
+            outcome: Err(diags),
+        }
     };
     let index = match yaml::index(chunk) {
         Ok(index) => index,
@@ -191,7 +232,13 @@ fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
     match validate_manifest(&manifest, dir, cpus) {
         Ok((spec, replicas)) => {
             let name = AppName(manifest.metadata.name.clone());
-            let app = LoadedApp { revision: revision(&spec), name, spec, source: path.to_path_buf(), replicas };
+            let app = LoadedApp {
+                revision: revision(&spec),
+                name,
+                spec,
+                source: path.to_path_buf(),
+                replicas,
+            };
             Doc {
                 file: path.to_path_buf(),
                 key: manifest.metadata.name,
@@ -204,7 +251,11 @@ fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
             let diags = issues
                 .into_iter()
                 .map(|i| {
-                    let pos = if i.at_key { index.key(&i.path) } else { index.value(&i.path) };
+                    let pos = if i.at_key {
+                        index.key(&i.path)
+                    } else {
+                        index.value(&i.path)
+                    };
                     diag(path, pos, i.message)
                 })
                 .collect();
@@ -229,8 +280,15 @@ fn reject_duplicate_names(docs: &mut [Doc]) {
         }
     }
     for (name, idxs) in by_name.into_iter().filter(|(_, v)| v.len() > 1) {
-        let places: Vec<(PathBuf, Pos)> =
-            idxs.iter().map(|&i| (docs[i].file.clone(), docs[i].named.unwrap_or(Pos { line: 1, column: 1 }))).collect();
+        let places: Vec<(PathBuf, Pos)> = idxs
+            .iter()
+            .map(|&i| {
+                (
+                    docs[i].file.clone(),
+                    docs[i].named.unwrap_or(Pos { line: 1, column: 1 }),
+                )
+            })
+            .collect();
         for (k, &i) in idxs.iter().enumerate() {
             let others: Vec<String> = places
                 .iter()
@@ -253,11 +311,22 @@ fn reject_duplicate_names(docs: &mut [Doc]) {
 }
 
 fn reject_listener_conflicts(docs: &mut [Doc], ctx: &LoadContext) {
-    let valid: Vec<usize> = (0..docs.len()).filter(|&i| docs[i].outcome.is_ok()).collect();
+    let valid: Vec<usize> = (0..docs.len())
+        .filter(|&i| docs[i].outcome.is_ok())
+        .collect();
     let mut rejections: Vec<(usize, Diagnostic)> = Vec::new();
-    let listeners = |doc: &Doc| -> Vec<Listener> { doc.outcome.as_ref().map(|a| a.spec.listen.clone()).unwrap_or_default() };
+    let listeners = |doc: &Doc| -> Vec<Listener> {
+        doc.outcome
+            .as_ref()
+            .map(|a| a.spec.listen.clone())
+            .unwrap_or_default()
+    };
     let incumbent = |doc: &Doc| {
-        doc.outcome.as_ref().is_ok_and(|a| ctx.incumbents.get(&a.name).is_some_and(|src| *src == doc.file))
+        doc.outcome.as_ref().is_ok_and(|a| {
+            ctx.incumbents
+                .get(&a.name)
+                .is_some_and(|src| *src == doc.file)
+        })
     };
     for (x, &a) in valid.iter().enumerate() {
         for &b in &valid[x + 1..] {

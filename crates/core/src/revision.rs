@@ -78,7 +78,10 @@ pub fn revision(spec: &AppSpec) -> Revision {
     };
     let canonical = Canonical {
         command,
-        working_dir: spec.working_dir.as_ref().map(|p| p.to_string_lossy().into_owned()),
+        working_dir: spec
+            .working_dir
+            .as_ref()
+            .map(|p| p.to_string_lossy().into_owned()),
         env: &spec.env,
         user: spec.user.as_deref(),
         group: spec.group.as_deref(),

@@ -6,9 +6,9 @@ use crate::error::ManifestError;
 
 /// Linux signals by name, without the `SIG` prefix.
 pub const SIGNALS: &[&str] = &[
-    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2", "PIPE", "ALRM", "TERM",
-    "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG", "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO",
-    "PWR", "SYS",
+    "HUP", "INT", "QUIT", "ILL", "TRAP", "ABRT", "BUS", "FPE", "KILL", "USR1", "SEGV", "USR2",
+    "PIPE", "ALRM", "TERM", "STKFLT", "CHLD", "CONT", "STOP", "TSTP", "TTIN", "TTOU", "URG",
+    "XCPU", "XFSZ", "VTALRM", "PROF", "WINCH", "IO", "PWR", "SYS",
 ];
 
 /// Normalizes a signal name to the `SIGTERM` form.
@@ -31,7 +31,12 @@ mod tests {
 
     #[test]
     fn accepts_every_spelling() {
-        for (input, want) in [("SIGTERM", "SIGTERM"), ("TERM", "SIGTERM"), ("sigint", "SIGINT"), ("usr2", "SIGUSR2")] {
+        for (input, want) in [
+            ("SIGTERM", "SIGTERM"),
+            ("TERM", "SIGTERM"),
+            ("sigint", "SIGINT"),
+            ("usr2", "SIGUSR2"),
+        ] {
             assert_eq!(normalize_signal(input).unwrap(), want, "{input}");
         }
         for bad in ["SIGFOO", "", "SIG", "15"] {

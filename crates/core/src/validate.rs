@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::error::ManifestError;
 use crate::instances::{resolve_instances, MAX_INSTANCES};
 use crate::model::{
-    AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind, Protocol, ReadinessKind,
-    SignalName,
+    AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind, Protocol,
+    ReadinessKind, SignalName,
 };
 use crate::signal::normalize_signal;
 
@@ -49,10 +49,18 @@ pub struct Issue {
 
 impl Issue {
     fn at(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Issue { path: path.into(), at_key: false, message: message.into() }
+        Issue {
+            path: path.into(),
+            at_key: false,
+            message: message.into(),
+        }
     }
     fn at_key(path: impl Into<String>, message: impl Into<String>) -> Self {
-        Issue { path: path.into(), at_key: true, message: message.into() }
+        Issue {
+            path: path.into(),
+            at_key: true,
+            message: message.into(),
+        }
     }
 }
 
@@ -61,7 +69,9 @@ impl Issue {
 #[must_use]
 pub fn is_valid_app_name(name: &str) -> bool {
     (1..=63).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
         && !name.starts_with('-')
         && !name.ends_with('-')
 }
@@ -80,14 +90,19 @@ pub fn is_valid_listener_name(name: &str) -> bool {
 /// `-` turned into `_` (`admin-api` -> `PORT_ADMIN_API`).
 #[must_use]
 pub fn port_env_name(listener_name: &str) -> String {
-    format!("PORT_{}", listener_name.to_ascii_uppercase().replace('-', "_"))
+    format!(
+        "PORT_{}",
+        listener_name.to_ascii_uppercase().replace('-', "_")
+    )
 }
 
 /// A POSIX-portable environment variable name.
 #[must_use]
 pub fn is_valid_env_name(name: &str) -> bool {
     let mut bytes = name.bytes();
-    bytes.next().is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
+    bytes
+        .next()
+        .is_some_and(|b| b.is_ascii_alphabetic() || b == b'_')
         && bytes.all(|b| b.is_ascii_alphanumeric() || b == b'_')
 }
 
@@ -114,7 +129,10 @@ pub fn command_argv(command: &CommandLine) -> Result<Vec<String>, ManifestError>
 }
 
 fn is_shell_operator(arg: &str) -> bool {
-    matches!(arg, "|" | "||" | "&&" | "&" | ";" | ">" | ">>" | "<" | "2>" | "2>&1" | "|&")
+    matches!(
+        arg,
+        "|" | "||" | "&&" | "&" | ";" | ">" | ">>" | "<" | "2>" | "2>&1" | "|&"
+    )
 }
 
 /// Whether two listeners would need the same socket: same port and protocol, and the
@@ -158,16 +176,26 @@ fn mode_name(mode: ListenMode) -> &'static str {
 ///
 /// # Errors
 /// Every problem found, each at a YAML path.
-pub fn validate_manifest(m: &AppManifest, dir: &Path, cpus: u32) -> Result<(AppSpec, u32), Vec<Issue>> {
+pub fn validate_manifest(
+    m: &AppManifest,
+    dir: &Path,
+    cpus: u32,
+) -> Result<(AppSpec, u32), Vec<Issue>> {
     let mut issues = Vec::new();
     if m.api_version != API_VERSION {
         issues.push(Issue::at(
             "apiVersion",
-            format!("unsupported apiVersion `{}` (expected `{API_VERSION}`)", m.api_version),
+            format!(
+                "unsupported apiVersion `{}` (expected `{API_VERSION}`)",
+                m.api_version
+            ),
         ));
     }
     if m.kind != "App" {
-        issues.push(Issue::at("kind", format!("unsupported kind `{}` (expected `App`)", m.kind)));
+        issues.push(Issue::at(
+            "kind",
+            format!("unsupported kind `{}` (expected `App`)", m.kind),
+        ));
     }
     if !is_valid_app_name(&m.metadata.name) {
         issues.push(Issue::at(
@@ -197,7 +225,10 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
 
     out.working_dir = match &spec.working_dir {
         Some(wd) if wd.as_os_str().is_empty() => {
-            issues.push(Issue::at("spec.workingDir", "workingDir is empty (expected a directory path)"));
+            issues.push(Issue::at(
+                "spec.workingDir",
+                "workingDir is empty (expected a directory path)",
+            ));
             Some(dir.to_path_buf())
         }
         Some(wd) => Some(dir.join(wd)),
@@ -218,7 +249,10 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
             ));
         }
         if value.contains('\0') {
-            issues.push(Issue::at(&path, format!("value of `{name}` contains a NUL byte (expected text)")));
+            issues.push(Issue::at(
+                &path,
+                format!("value of `{name}` contains a NUL byte (expected text)"),
+            ));
         }
     }
 
@@ -226,7 +260,9 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
         if n > MAX_INSTANCES {
             issues.push(Issue::at(
                 "spec.instances",
-                format!("instances {n} is more than {MAX_INSTANCES} (expected N >= 1, `max`, 0 or -K)"),
+                format!(
+                    "instances {n} is more than {MAX_INSTANCES} (expected N >= 1, `max`, 0 or -K)"
+                ),
             ));
         }
     }
@@ -243,11 +279,21 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
     out.readiness.kind = Some(kind);
     match kind {
         ReadinessKind::Tcp | ReadinessKind::Http => {
-            let word = if kind == ReadinessKind::Tcp { "tcp" } else { "http" };
+            let word = if kind == ReadinessKind::Tcp {
+                "tcp"
+            } else {
+                "http"
+            };
             if let Some(message) = probe_target_problem("readiness", word, first_mode) {
                 issues.push(Issue::at("spec.readiness.type", message));
             }
-            if kind == ReadinessKind::Http && !spec.readiness.path.as_deref().is_some_and(|p| p.starts_with('/')) {
+            if kind == ReadinessKind::Http
+                && !spec
+                    .readiness
+                    .path
+                    .as_deref()
+                    .is_some_and(|p| p.starts_with('/'))
+            {
                 issues.push(Issue::at(
                     "spec.readiness.path",
                     "readiness `http` needs a path starting with `/` (expected e.g. path: /healthz)",
@@ -256,27 +302,42 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
         }
         ReadinessKind::Delay => {
             if spec.readiness.delay.is_none() {
-                issues.push(Issue::at("spec.readiness", "readiness `delay` needs a delay (expected e.g. delay: 2s)"));
+                issues.push(Issue::at(
+                    "spec.readiness",
+                    "readiness `delay` needs a delay (expected e.g. delay: 2s)",
+                ));
             }
         }
         ReadinessKind::None | ReadinessKind::Notify | ReadinessKind::Ipc => {}
     }
     if spec.readiness.timeout.0.is_zero() {
-        issues.push(Issue::at("spec.readiness.timeout", "readiness timeout is 0 (expected a duration above 0, e.g. 30s)"));
+        issues.push(Issue::at(
+            "spec.readiness.timeout",
+            "readiness timeout is 0 (expected a duration above 0, e.g. 30s)",
+        ));
     }
     if spec.readiness.period.0.is_zero() {
-        issues.push(Issue::at("spec.readiness.period", "readiness period is 0 (expected a duration above 0, e.g. 100ms)"));
+        issues.push(Issue::at(
+            "spec.readiness.period",
+            "readiness period is 0 (expected a duration above 0, e.g. 100ms)",
+        ));
     }
 
     if let Some(live) = &spec.liveness {
         let mut live_out = live.clone();
         match live.kind {
             LivenessKind::Tcp | LivenessKind::Http => {
-                let word = if live.kind == LivenessKind::Tcp { "tcp" } else { "http" };
+                let word = if live.kind == LivenessKind::Tcp {
+                    "tcp"
+                } else {
+                    "http"
+                };
                 if let Some(message) = probe_target_problem("liveness", word, first_mode) {
                     issues.push(Issue::at("spec.liveness.type", message));
                 }
-                if live.kind == LivenessKind::Http && !live.path.as_deref().is_some_and(|p| p.starts_with('/')) {
+                if live.kind == LivenessKind::Http
+                    && !live.path.as_deref().is_some_and(|p| p.starts_with('/'))
+                {
                     issues.push(Issue::at(
                         "spec.liveness.path",
                         "liveness `http` needs a path starting with `/` (expected e.g. path: /healthz)",
@@ -288,7 +349,9 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
                     "spec.liveness",
                     "liveness `exec` needs a command (expected e.g. command: [./check.sh])",
                 )),
-                Some(Err(e)) => issues.push(Issue::at("spec.liveness.command", format!("liveness {e}"))),
+                Some(Err(e)) => {
+                    issues.push(Issue::at("spec.liveness.command", format!("liveness {e}")))
+                }
                 Some(Ok(argv)) => live_out.command = Some(CommandLine::Argv(argv)),
             },
         }
@@ -299,10 +362,16 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
             ));
         }
         if live.period.0.is_zero() {
-            issues.push(Issue::at("spec.liveness.period", "liveness period is 0 (expected a duration above 0, e.g. 10s)"));
+            issues.push(Issue::at(
+                "spec.liveness.period",
+                "liveness period is 0 (expected a duration above 0, e.g. 10s)",
+            ));
         }
         if live.timeout.0.is_zero() {
-            issues.push(Issue::at("spec.liveness.timeout", "liveness timeout is 0 (expected a duration above 0, e.g. 1s)"));
+            issues.push(Issue::at(
+                "spec.liveness.timeout",
+                "liveness timeout is 0 (expected a duration above 0, e.g. 1s)",
+            ));
         }
         out.liveness = Some(live_out);
     }
@@ -329,34 +398,61 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
     if backoff.initial > backoff.max {
         issues.push(Issue::at(
             "spec.restart.backoff.max",
-            format!("backoff max {} is below initial {} (expected max >= initial)", backoff.max, backoff.initial),
+            format!(
+                "backoff max {} is below initial {} (expected max >= initial)",
+                backoff.max, backoff.initial
+            ),
         ));
     }
 
     if spec.limits.memory.is_some_and(|m| m.0 == 0) {
-        issues.push(Issue::at("spec.limits.memory", "memory limit is 0 (expected a size like 512Mi)"));
+        issues.push(Issue::at(
+            "spec.limits.memory",
+            "memory limit is 0 (expected a size like 512Mi)",
+        ));
     }
     if spec.limits.nofile == Some(0) {
-        issues.push(Issue::at("spec.limits.nofile", "nofile is 0 (expected a count like 65536)"));
+        issues.push(Issue::at(
+            "spec.limits.nofile",
+            "nofile is 0 (expected a count like 65536)",
+        ));
     }
     if spec.limits.nproc == Some(0) {
-        issues.push(Issue::at("spec.limits.nproc", "nproc is 0 (expected a count like 4096)"));
+        issues.push(Issue::at(
+            "spec.limits.nproc",
+            "nproc is 0 (expected a count like 4096)",
+        ));
     }
     if let Some(cpu) = spec.limits.cpu {
         if !(cpu.0.is_finite() && cpu.0 > 0.0 && cpu.0 <= 4096.0) {
-            issues.push(Issue::at("spec.limits.cpu", format!("cpu limit {} is out of range (expected CPUs above 0, like 1.5)", cpu.0)));
+            issues.push(Issue::at(
+                "spec.limits.cpu",
+                format!(
+                    "cpu limit {} is out of range (expected CPUs above 0, like 1.5)",
+                    cpu.0
+                ),
+            ));
         }
     }
     for (field, value) in [("user", &spec.user), ("group", &spec.group)] {
         if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
-            issues.push(Issue::at(format!("spec.{field}"), format!("{field} is empty (expected a name or a numeric id)")));
+            issues.push(Issue::at(
+                format!("spec.{field}"),
+                format!("{field} is empty (expected a name or a numeric id)"),
+            ));
         }
     }
     if spec.logs.max_size.0 == 0 {
-        issues.push(Issue::at("spec.logs.maxSize", "logs maxSize is 0 (expected a size like 10Mi)"));
+        issues.push(Issue::at(
+            "spec.logs.maxSize",
+            "logs maxSize is 0 (expected a size like 10Mi)",
+        ));
     }
     if spec.logs.max_files == 0 {
-        issues.push(Issue::at("spec.logs.maxFiles", "logs maxFiles is 0 (expected 1 or more)"));
+        issues.push(Issue::at(
+            "spec.logs.maxFiles",
+            "logs maxFiles is 0 (expected 1 or more)",
+        ));
     }
     out
 }
@@ -379,12 +475,18 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
     for (i, l) in listen.iter().enumerate() {
         let base = format!("spec.listen[{i}]");
         if !(1..=65535).contains(&l.port) {
-            issues.push(Issue::at(format!("{base}.port"), format!("port {} is out of range (expected 1..65535)", l.port)));
+            issues.push(Issue::at(
+                format!("{base}.port"),
+                format!("port {} is out of range (expected 1..65535)", l.port),
+            ));
         }
         if l.address.parse::<IpAddr>().is_err() {
             issues.push(Issue::at(
                 format!("{base}.address"),
-                format!("invalid address `{}` (expected an IP address like 0.0.0.0, 127.0.0.1 or ::)", l.address),
+                format!(
+                    "invalid address `{}` (expected an IP address like 0.0.0.0, 127.0.0.1 or ::)",
+                    l.address
+                ),
             ));
         }
         if l.protocol == Protocol::Udp && l.mode != ListenMode::Inherit {
@@ -412,7 +514,10 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
                 ));
             }
         }
-        if let Some(j) = listen[..i].iter().position(|other| listeners_overlap(other, l)) {
+        if let Some(j) = listen[..i]
+            .iter()
+            .position(|other| listeners_overlap(other, l))
+        {
             issues.push(Issue::at(
                 format!("{base}.port"),
                 format!(

@@ -65,19 +65,26 @@ pub fn split_documents(text: &str) -> Vec<Chunk<'_>> {
     let mut offset = 0;
     for (line_no, line) in text.split_inclusive('\n').enumerate() {
         if offset > 0 && is_document_start(line) {
-            chunks.push(Chunk { text: &text[start..offset], line_offset: start_line });
+            chunks.push(Chunk {
+                text: &text[start..offset],
+                line_offset: start_line,
+            });
             start = offset;
             start_line = line_no;
         }
         offset += line.len();
     }
-    chunks.push(Chunk { text: &text[start..], line_offset: start_line });
+    chunks.push(Chunk {
+        text: &text[start..],
+        line_offset: start_line,
+    });
     chunks.retain(|c| has_content(c.text));
     chunks
 }
 
 fn is_document_start(line: &str) -> bool {
-    line.strip_prefix("---").is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
+    line.strip_prefix("---")
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with(char::is_whitespace))
 }
 
 fn has_content(text: &str) -> bool {
@@ -85,7 +92,10 @@ fn has_content(text: &str) -> bool {
         let t = line.trim_start_matches('\u{feff}').trim_end();
         let t = ["---", "..."]
             .iter()
-            .find_map(|m| t.strip_prefix(m).filter(|r| r.is_empty() || r.starts_with(char::is_whitespace)))
+            .find_map(|m| {
+                t.strip_prefix(m)
+                    .filter(|r| r.is_empty() || r.starts_with(char::is_whitespace))
+            })
             .unwrap_or(t)
             .trim_start();
         !(t.is_empty() || t.starts_with('#'))
@@ -116,7 +126,13 @@ impl PosIndex {
             }
             match parent(p) {
                 Some(up) => p = up,
-                None => return self.values.get("").copied().unwrap_or(Pos { line: 1, column: 1 }),
+                None => {
+                    return self
+                        .values
+                        .get("")
+                        .copied()
+                        .unwrap_or(Pos { line: 1, column: 1 })
+                }
             }
         }
     }
@@ -124,7 +140,10 @@ impl PosIndex {
     /// Position of the key of the mapping entry at `path` (falls back like [`Self::value`]).
     #[must_use]
     pub fn key(&self, path: &str) -> Pos {
-        self.keys.get(path).copied().unwrap_or_else(|| self.value(path))
+        self.keys
+            .get(path)
+            .copied()
+            .unwrap_or_else(|| self.value(path))
     }
 
     /// `metadata.name` as written, when it is a scalar.
@@ -153,10 +172,18 @@ pub struct ParseProblem {
 }
 
 enum Frame {
-    Map { path: String, key: Option<String> },
-    Seq { path: String, next: usize },
+    Map {
+        path: String,
+        key: Option<String>,
+    },
+    Seq {
+        path: String,
+        next: usize,
+    },
     /// A complex (non-scalar) mapping key: its events are skipped.
-    Skip { depth: usize },
+    Skip {
+        depth: usize,
+    },
 }
 
 /// Builds the position index of one document from the parser's event stream.
@@ -167,11 +194,19 @@ pub fn index(chunk: Chunk<'_>) -> Result<PosIndex, ParseProblem> {
     let mut parser = Parser::new_from_str(chunk.text);
     let mut idx = PosIndex::default();
     let mut stack: Vec<Frame> = Vec::new();
-    let at = |line: usize, col: usize| Pos { line: line + chunk.line_offset, column: col + 1 };
+    let at = |line: usize, col: usize| Pos {
+        line: line + chunk.line_offset,
+        column: col + 1,
+    };
     while let Some(next) = parser.next_event() {
         let (event, span) = next.map_err(|e| ParseProblem {
             pos: at(e.marker().line(), e.marker().col()),
-            message: format!("invalid YAML: {}", e.info()),
+            message: if e.info().contains("recursion limit") {
+                // The scanner's own flow-nesting cap can fire before our depth check.
+                format!("nesting is deeper than {MAX_DEPTH} levels (expected a manifest)")
+            } else {
+                format!("invalid YAML: {}", e.info())
+            },
         })?;
         let pos = at(span.start.line(), span.start.col());
         let (opens, is_node) = match &event {
@@ -278,10 +313,19 @@ pub fn parse_typed(chunk: Chunk<'_>) -> Result<AppManifest, ParseProblem> {
         with_snippet: false,
     };
     serde_saphyr::from_str_with_options::<AppManifest>(chunk.text, options).map_err(|e| {
-        let (line, column) = e
-            .location()
-            .map_or((1, 1), |l| (usize::try_from(l.line()).unwrap_or(1), usize::try_from(l.column()).unwrap_or(1)));
-        ParseProblem { pos: Pos { line: line + chunk.line_offset, column }, message: crate::diagnostic::describe(&e) }
+        let (line, column) = e.location().map_or((1, 1), |l| {
+            (
+                usize::try_from(l.line()).unwrap_or(1),
+                usize::try_from(l.column()).unwrap_or(1),
+            )
+        });
+        ParseProblem {
+            pos: Pos {
+                line: line + chunk.line_offset,
+                column,
+            },
+            message: crate::diagnostic::describe(&e),
+        }
     })
 }
 
@@ -294,7 +338,7 @@ mod tests {
         let text = "# c\n---\na: 1\n---\n# only a comment\n---\nb: 2\n";
         let chunks = split_documents(text);
         assert_eq!(chunks.len(), 2);
-        assert_eq!(chunks[0].line_offset, 0);
+        assert_eq!(chunks[0].line_offset, 1);
         assert_eq!(chunks[1].line_offset, 5);
         assert!(chunks[1].text.starts_with("---\nb: 2"));
     }
@@ -304,8 +348,20 @@ mod tests {
         let text = "a: 1\n---\nspec:\n  listen:\n    - port: 1\n    - {port: 2, name: x}\n";
         let chunks = split_documents(text);
         let idx = index(chunks[1]).unwrap();
-        assert_eq!(idx.value("spec.listen[0].port"), Pos { line: 5, column: 13 });
-        assert_eq!(idx.key("spec.listen[1].name"), Pos { line: 6, column: 17 });
+        assert_eq!(
+            idx.value("spec.listen[0].port"),
+            Pos {
+                line: 5,
+                column: 13
+            }
+        );
+        assert_eq!(
+            idx.key("spec.listen[1].name"),
+            Pos {
+                line: 6,
+                column: 17
+            }
+        );
         assert_eq!(idx.value("spec.listen[1].mode"), Pos { line: 6, column: 7 });
         assert_eq!(idx.value("spec.nothing.here"), Pos { line: 4, column: 3 });
     }
@@ -313,7 +369,11 @@ mod tests {
     #[test]
     fn depth_is_bounded() {
         let deep = "[".repeat(200) + &"]".repeat(200);
-        let err = index(Chunk { text: &deep, line_offset: 0 }).unwrap_err();
+        let err = index(Chunk {
+            text: &deep,
+            line_offset: 0,
+        })
+        .unwrap_err();
         assert!(err.message.contains("deeper"), "{}", err.message);
     }
 }

@@ -9,7 +9,10 @@ use clusterd_core::{load, validate_files, LoadContext, ManifestFile};
 const HEAD: &str = "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: web\nspec:\n  command: [node, server.js]\n";
 
 fn check(yaml: &str) -> Vec<String> {
-    validate_files(&[ManifestFile::new("/srv/apps/web.yaml", yaml.as_bytes())], 8)
+    validate_files(
+        &[ManifestFile::new("/srv/apps/web.yaml", yaml.as_bytes())],
+        8,
+    )
 }
 
 /// `spec` lines appended to a valid head, so rows show only what they test.
@@ -191,7 +194,10 @@ fn every_rule_reports_where_and_what() {
 fn ctx(incumbents: &[(&str, &str)]) -> LoadContext {
     LoadContext {
         cpus: 4,
-        incumbents: incumbents.iter().map(|(n, p)| (AppName((*n).to_string()), PathBuf::from(p))).collect(),
+        incumbents: incumbents
+            .iter()
+            .map(|(n, p)| (AppName((*n).to_string()), PathBuf::from(p)))
+            .collect(),
     }
 }
 
@@ -206,25 +212,46 @@ fn normalizes_the_spec() {
     let report = load(&[ManifestFile::new("/srv/apps/web.yaml", yaml)], &ctx(&[]));
     assert!(report.errors.is_empty(), "{:?}", report.errors);
     let web = &report.apps[&AppName("web".into())];
-    assert_eq!(web.spec.command, CommandLine::Argv(vec!["node".into(), "my server.js".into(), "--port".into(), "1".into()]));
+    assert_eq!(
+        web.spec.command,
+        CommandLine::Argv(vec![
+            "node".into(),
+            "my server.js".into(),
+            "--port".into(),
+            "1".into()
+        ])
+    );
     assert_eq!(web.spec.working_dir, Some(PathBuf::from("/srv/apps/app")));
     assert_eq!(web.spec.readiness.kind, Some(ReadinessKind::Tcp));
     assert_eq!(web.spec.shutdown.signal.0, "SIGTERM");
     assert_eq!(web.replicas, 3);
     assert_eq!(web.revision.0.len(), 8);
 
-    let none = load(&[ManifestFile::new("/srv/apps/w.yaml", with_spec(""))], &ctx(&[]));
+    let none = load(
+        &[ManifestFile::new("/srv/apps/w.yaml", with_spec(""))],
+        &ctx(&[]),
+    );
     let w = &none.apps[&AppName("web".into())];
-    assert_eq!(w.spec.readiness.kind, Some(ReadinessKind::None), "no listener: readiness none");
+    assert_eq!(
+        w.spec.readiness.kind,
+        Some(ReadinessKind::None),
+        "no listener: readiness none"
+    );
     assert_eq!(w.spec.working_dir, Some(PathBuf::from("/srv/apps")));
 }
 
 #[test]
 fn two_files_naming_one_app_are_both_rejected() {
-    let files = [ManifestFile::new("a.yaml", app("web", 80)), ManifestFile::new("b.yaml", app("web", 81))];
+    let files = [
+        ManifestFile::new("a.yaml", app("web", 80)),
+        ManifestFile::new("b.yaml", app("web", 81)),
+    ];
     let report = load(&files, &ctx(&[("web", "a.yaml")]));
     assert!(report.apps.is_empty());
-    let lines: Vec<String> = report.errors["web"].iter().map(ToString::to_string).collect();
+    let lines: Vec<String> = report.errors["web"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
     assert_eq!(
         lines,
         [
@@ -236,7 +263,10 @@ fn two_files_naming_one_app_are_both_rejected() {
 
 #[test]
 fn port_conflict_rejects_only_the_newcomer() {
-    let files = [ManifestFile::new("api.yaml", app("api", 8080)), ManifestFile::new("web.yaml", app("web", 8080))];
+    let files = [
+        ManifestFile::new("api.yaml", app("api", 8080)),
+        ManifestFile::new("web.yaml", app("web", 8080)),
+    ];
     let report = load(&files, &ctx(&[("web", "web.yaml")]));
     assert!(report.apps.contains_key(&AppName("web".into())));
     assert_eq!(
@@ -260,28 +290,49 @@ fn several_documents_keep_their_positions() {
     let report = load(&[ManifestFile::new("m.yaml", text)], &ctx(&[]));
     assert!(report.apps.contains_key(&AppName("one".into())));
     assert_eq!(
-        report.errors["two"].iter().map(ToString::to_string).collect::<Vec<_>>(),
+        report.errors["two"]
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
         ["m.yaml:18:13: port 70000 is out of range (expected 1..65535)"]
     );
 }
 
 #[test]
 fn unnamed_broken_file_is_listed_under_its_stem() {
-    let report = load(&[ManifestFile::new("dir/broken.yaml", "a: [1, 2\n")], &ctx(&[]));
+    let report = load(
+        &[ManifestFile::new("dir/broken.yaml", "a: [1, 2\n")],
+        &ctx(&[]),
+    );
     assert_eq!(
-        report.errors["broken"].iter().map(ToString::to_string).collect::<Vec<_>>(),
+        report.errors["broken"]
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
         ["dir/broken.yaml:1:4: invalid YAML: unclosed bracket '['"]
     );
     // A broken document that names its app is listed under the app.
-    let report = load(&[ManifestFile::new("x.yaml", app("web", 80) + "  instances: nope\n")], &ctx(&[]));
+    let report = load(
+        &[ManifestFile::new(
+            "x.yaml",
+            app("web", 80) + "  instances: nope\n",
+        )],
+        &ctx(&[]),
+    );
     assert!(report.errors.contains_key("web"));
 }
 
 #[test]
 fn non_utf8_is_an_error_with_a_position() {
-    let report = load(&[ManifestFile::new("bin.yaml", b"a: 1\nb: \xff\xfe".to_vec())], &ctx(&[]));
+    let report = load(
+        &[ManifestFile::new("bin.yaml", b"a: 1\nb: \xff\xfe".to_vec())],
+        &ctx(&[]),
+    );
     assert_eq!(
-        report.errors["bin"].iter().map(ToString::to_string).collect::<Vec<_>>(),
+        report.errors["bin"]
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
         ["bin.yaml:2:4: file is not UTF-8 text (expected a YAML manifest)"]
     );
 }
