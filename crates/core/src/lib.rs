@@ -5,5 +5,19 @@
 //! revision hash, and the planner that turns desired and observed state into actions.
 //! The runtime crate carries the actions out; this crate only decides.
 
+pub mod diagnostic;
+pub mod error;
+pub mod instances;
+pub mod load;
 pub mod model;
 pub mod plan;
+pub mod revision;
+pub mod signal;
+pub mod validate;
+pub mod yaml;
+
+pub use diagnostic::Diagnostic;
+pub use error::ManifestError;
+pub use instances::resolve_instances;
+pub use load::{load, validate_files, LoadContext, LoadReport, LoadedApp, ManifestFile};
+pub use revision::revision;

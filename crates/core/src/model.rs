@@ -81,7 +81,10 @@ pub struct AppSpec {
 }
 
 /// argv of the worker. Accepts a YAML list or a shell-like string.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Deserialized by hand (not `untagged`) so a wrong type gets a message that says what
+/// was expected, with a position, instead of "did not match any variant".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum CommandLine {
     /// Already split.
@@ -91,7 +94,9 @@ pub enum CommandLine {
 }
 
 /// `instances:` as written: `4`, `max`, `0` (= max) or `-K` (CPUs minus K, at least 1).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Deserialized by hand for a clear error ("expected a number or `max`").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(untagged)]
 pub enum Instances {
     /// A number: N >= 1, 0 = all CPUs, -K = all CPUs minus K.
@@ -139,7 +144,9 @@ fn default_address() -> String {
 }
 
 /// How traffic reaches workers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenMode {
     /// HTTP/1.1 reverse proxy, per-request balancing.
@@ -152,7 +159,9 @@ pub enum ListenMode {
 }
 
 /// Transport protocol of a listener.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Stream sockets.
@@ -288,7 +297,10 @@ fn one() -> u32 {
 
 impl Default for Rollout {
     fn default() -> Self {
-        Rollout { max_surge: 1, max_unavailable: 0 }
+        Rollout {
+            max_surge: 1,
+            max_unavailable: 0,
+        }
     }
 }
 
@@ -313,7 +325,10 @@ fn default_shutdown_timeout() -> DurationValue {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Shutdown { signal: default_signal(), timeout: default_shutdown_timeout() }
+        Shutdown {
+            signal: default_signal(),
+            timeout: default_shutdown_timeout(),
+        }
     }
 }
 
@@ -336,7 +351,10 @@ pub struct Restart {
 
 impl Default for Restart {
     fn default() -> Self {
-        Restart { policy: RestartPolicy::Always, backoff: Backoff::default() }
+        Restart {
+            policy: RestartPolicy::Always,
+            backoff: Backoff::default(),
+        }
     }
 }
 
@@ -374,7 +392,10 @@ fn default_backoff_max() -> DurationValue {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { initial: default_backoff_initial(), max: default_backoff_max() }
+        Backoff {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+        }
     }
 }
 
@@ -432,7 +453,10 @@ fn default_log_files() -> u32 {
 
 impl Default for Logs {
     fn default() -> Self {
-        Logs { max_size: default_log_size(), max_files: default_log_files() }
+        Logs {
+            max_size: default_log_size(),
+            max_files: default_log_files(),
+        }
     }
 }
 
@@ -447,9 +471,9 @@ pub struct SizeValue(pub u64);
 impl fmt::Display for DurationValue {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let ms = self.0.as_millis();
-        if ms % 1000 != 0 {
+        if !ms.is_multiple_of(1000) {
             write!(f, "{ms}ms")
-        } else if ms % 60_000 != 0 || ms == 0 {
+        } else if !ms.is_multiple_of(60_000) || ms == 0 {
             write!(f, "{}s", ms / 1000)
         } else {
             write!(f, "{}m", ms / 60_000)
@@ -460,20 +484,26 @@ impl fmt::Display for DurationValue {
 /// Parses `250ms`, `10s`, `5m`, `1h`, `1.5s`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration `{text}`, expected a number and a unit like 250ms, 10s, 5m"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid duration `{text}`, expected a number and a unit like 250ms, 10s, 5m")
+    })?;
     let factor = match unit.trim() {
         "ms" => 0.001,
         "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown duration unit `{other}` in `{text}`, expected ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{text}`, expected ms, s, m or h"
+            ))
+        }
     };
     let secs = value * factor;
-    if !secs.is_finite() || secs < 0.0 || secs > 1.0e9 {
+    if !secs.is_finite() || !(0.0..=1.0e9).contains(&secs) {
         return Err(format!("duration `{text}` is out of range"));
     }
     Ok(Duration::from_secs_f64(secs))
@@ -482,11 +512,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses `512Mi`, `1G`, `64k`, `4096` (bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size `{text}`, expected a number and a unit like 512Mi or 1G"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid size `{text}`, expected a number and a unit like 512Mi or 1G")
+    })?;
     let factor: f64 = match unit.trim() {
         "" | "B" => 1.0,
         "k" | "K" | "KB" => 1e3,
@@ -497,10 +529,14 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "Mi" | "MiB" => 1024.0 * 1024.0,
         "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
         "Ti" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown size unit `{other}` in `{text}`, expected Ki, Mi, Gi, K, M or G")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}`, expected Ki, Mi, Gi, K, M or G"
+            ))
+        }
     };
     let bytes = value * factor;
-    if !bytes.is_finite() || bytes < 0.0 || bytes > 1.0e18 {
+    if !bytes.is_finite() || !(0.0..=1.0e18).contains(&bytes) {
         return Err(format!("size `{text}` is out of range"));
     }
     #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
@@ -515,16 +551,20 @@ impl Serialize for DurationValue {
 
 impl<'de> Deserialize<'de> for DurationValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Text(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = DurationValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like 250ms, 10s or 5m")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(DurationValue(Duration::from_secs(n)))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                parse_duration(t).map(DurationValue).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(DurationValue(Duration::from_secs(n))),
-            Raw::Text(t) => parse_duration(&t).map(DurationValue).map_err(serde::de::Error::custom),
-        }
+        d.deserialize_any(V)
     }
 }
 
@@ -536,15 +576,107 @@ impl Serialize for SizeValue {
 
 impl<'de> Deserialize<'de> for SizeValue {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Num(u64),
-            Text(String),
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = SizeValue;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a size like 512Mi or 1G")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(SizeValue(n))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                parse_size(t).map(SizeValue).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(d)? {
-            Raw::Num(n) => Ok(SizeValue(n)),
-            Raw::Text(t) => parse_size(&t).map(SizeValue).map_err(serde::de::Error::custom),
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for Instances {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Instances;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a number (4, 0 or -1) or `max`")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(Instances::Count(n))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                i64::try_from(n)
+                    .map(Instances::Count)
+                    .map_err(|_| E::custom(format!("instances {n} is too large")))
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                if t.trim().eq_ignore_ascii_case("max") {
+                    return Ok(Instances::Max(MaxWord::Max));
+                }
+                t.trim()
+                    .parse::<i64>()
+                    .map(Instances::Count)
+                    .map_err(|_| E::invalid_value(serde::de::Unexpected::Str(t), &self))
+            }
         }
+        d.deserialize_any(V)
+    }
+}
+
+impl<'de> Deserialize<'de> for CommandLine {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = CommandLine;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a list of arguments or a command line string")
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                Ok(CommandLine::Shell(t.to_string()))
+            }
+            fn visit_seq<A: serde::de::SeqAccess<'de>>(
+                self,
+                mut seq: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut argv = Vec::new();
+                while let Some(arg) = seq.next_element::<ArgString>()? {
+                    argv.push(arg.0);
+                }
+                Ok(CommandLine::Argv(argv))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// One argv element. YAML reads `8080` or `true` as a number or a bool, but in a command
+/// they are plainly the text written, so they are accepted as such.
+struct ArgString(String);
+
+impl<'de> Deserialize<'de> for ArgString {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = ArgString;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string argument")
+            }
+            fn visit_str<E: serde::de::Error>(self, t: &str) -> Result<Self::Value, E> {
+                Ok(ArgString(t.to_string()))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                Ok(ArgString(n.to_string()))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                Ok(ArgString(n.to_string()))
+            }
+            fn visit_f64<E: serde::de::Error>(self, n: f64) -> Result<Self::Value, E> {
+                Ok(ArgString(n.to_string()))
+            }
+            fn visit_bool<E: serde::de::Error>(self, b: bool) -> Result<Self::Value, E> {
+                Ok(ArgString(b.to_string()))
+            }
+        }
+        d.deserialize_string(V)
     }
 }

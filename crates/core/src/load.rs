@@ -1,0 +1,371 @@
+//! Loading a set of manifest files into apps: parse, validate, check across apps.
+//!
+//! Pure: the caller reads the files (and the CPU count) and passes them in, so the daemon,
+//! the CLI and tests share one code path and tests need no filesystem.
+//!
+//! # Guarantees
+//! - Never panics and never stops at the first problem: every document of every file is
+//!   read, and every problem is reported as a [`Diagnostic`].
+//! - An app appears in exactly one of [`LoadReport::apps`] and [`LoadReport::errors`].
+//! - Two documents naming one app: both are rejected, each error naming the other place.
+//! - A listener conflict between a newcomer and an incumbent (an app already running from
+//!   the same file) rejects only the newcomer: nobody's bad edit harms a running app.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use crate::diagnostic::Diagnostic;
+use crate::error::ManifestError;
+use crate::model::{AppSpec, Listener};
+use crate::plan::{AppName, Revision};
+use crate::revision::revision;
+use crate::validate::{listener_label, listeners_overlap, validate_manifest};
+use crate::yaml::{self, Chunk, Pos, PosIndex, MAX_FILE_BYTES};
+
+/// One manifest file as read from disk. Bytes, not text: a file that is not UTF-8 is
+/// reported as a problem of that file rather than failing the caller's read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ManifestFile {
+    /// The path as it should appear in messages; its directory anchors a relative
+    /// `workingDir`, so the daemon passes absolute paths.
+    pub path: PathBuf,
+    /// The file's content.
+    pub bytes: Vec<u8>,
+}
+
+impl ManifestFile {
+    /// A file from its path and content.
+    pub fn new(path: impl Into<PathBuf>, bytes: impl Into<Vec<u8>>) -> Self {
+        ManifestFile {
+            path: path.into(),
+            bytes: bytes.into(),
+        }
+    }
+}
+
+/// What loading needs to know about the host.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadContext {
+    /// Usable CPUs (affinity and cgroup quota applied), for `instances: max` and `-K`.
+    pub cpus: u32,
+    /// Apps running now, and the file each came from.
+    pub incumbents: BTreeMap<AppName, PathBuf>,
+}
+
+/// A valid app, normalized for the runtime.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedApp {
+    /// `metadata.name`.
+    pub name: AppName,
+    /// Normalized: `command` is `CommandLine::Argv`, `workingDir` is set (joined to the
+    /// manifest's directory), `readiness.type` is set, signal names are `SIGTERM`-style.
+    pub spec: AppSpec,
+    /// The file it came from.
+    pub source: PathBuf,
+    /// Hash of the worker-shaping part of the spec.
+    pub revision: Revision,
+    /// `instances` resolved against the CPU count.
+    pub replicas: u32,
+}
+
+/// The outcome of [`load`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LoadReport {
+    /// Valid apps by name.
+    pub apps: BTreeMap<AppName, LoadedApp>,
+    /// Rejected apps, by app name, or by the file's stem when no name could be read;
+    /// each list sorted by file, line and column.
+    pub errors: BTreeMap<String, Vec<Diagnostic>>,
+}
+
+impl LoadReport {
+    /// Every diagnostic, in file order (as passed to [`load`]), then line and column.
+    #[must_use]
+    pub fn diagnostics(&self, files: &[ManifestFile]) -> Vec<&Diagnostic> {
+        let order = |p: &Path| files.iter().position(|f| f.path == p).unwrap_or(usize::MAX);
+        let mut all: Vec<&Diagnostic> = self.errors.values().flatten().collect();
+        all.sort_by(|a, b| {
+            (order(&a.file), a.line, a.column).cmp(&(order(&b.file), b.line, b.column))
+        });
+        all.dedup();
+        all
+    }
+}
+
+/// One document on its way through loading.
+struct Doc {
+    file: PathBuf,
+    /// App name, or the file's stem when none could be read.
+    key: String,
+    /// Set when the document names an app (even an invalid one), for the duplicate check.
+    named: Option<Pos>,
+    index: PosIndex,
+    outcome: Result<LoadedApp, Vec<Diagnostic>>,
+}
+
+/// Loads manifests: parses every document, validates it, then checks across apps.
+///
+/// # Guarantees
+/// See the module documentation. Deterministic: same input, same report.
+#[must_use]
+pub fn load(files: &[ManifestFile], ctx: &LoadContext) -> LoadReport {
+    let mut docs: Vec<Doc> = files.iter().flat_map(|f| load_file(f, ctx.cpus)).collect();
+    reject_duplicate_names(&mut docs);
+    reject_listener_conflicts(&mut docs, ctx);
+
+    let mut report = LoadReport::default();
+    for doc in docs {
+        match doc.outcome {
+            Ok(app) => {
+                report.apps.insert(app.name.clone(), app);
+            }
+            Err(diags) => report.errors.entry(doc.key).or_default().extend(diags),
+        }
+    }
+    for diags in report.errors.values_mut() {
+        diags.sort();
+        diags.dedup();
+    }
+    report
+}
+
+/// Checks files offline, for `clusterd validate FILE...`: every problem as a
+/// `file:line:column: message` line, in the order the files were given. Empty means all
+/// files are valid (exit 0); otherwise the CLI prints the lines and exits 1.
+#[must_use]
+pub fn validate_files(files: &[ManifestFile], cpus: u32) -> Vec<String> {
+    let report = load(
+        files,
+        &LoadContext {
+            cpus,
+            incumbents: BTreeMap::new(),
+        },
+    );
+    report
+        .diagnostics(files)
+        .into_iter()
+        .map(ToString::to_string)
+        .collect()
+}
+
+fn stem(path: &Path) -> String {
+    path.file_stem().map_or_else(
+        || path.display().to_string(),
+        |s| s.to_string_lossy().into_owned(),
+    )
+}
+
+fn diag(file: &Path, pos: Pos, message: impl Into<String>) -> Diagnostic {
+    Diagnostic {
+        file: file.to_path_buf(),
+        line: pos.line,
+        column: pos.column,
+        message: message.into(),
+    }
+}
+
+fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
+    let path = &file.path;
+    let whole_file_error = |pos: Pos, e: ManifestError| {
+        vec![Doc {
+            file: path.clone(),
+            key: stem(path),
+            named: None,
+            index: PosIndex::default(),
+            outcome: Err(vec![diag(path, pos, e.to_string())]),
+        }]
+    };
+    let start = Pos { line: 1, column: 1 };
+    if file.bytes.len() > MAX_FILE_BYTES {
+        return whole_file_error(
+            start,
+            ManifestError::TooLarge {
+                size: file.bytes.len(),
+                max: MAX_FILE_BYTES,
+            },
+        );
+    }
+    let text = match std::str::from_utf8(&file.bytes) {
+        Ok(text) => text,
+        Err(e) => {
+            let valid = &file.bytes[..e.valid_up_to()];
+            let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+            let line_start = valid.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+            let column = String::from_utf8_lossy(&valid[line_start..])
+                .chars()
+                .count()
+                + 1;
+            return whole_file_error(Pos { line, column }, ManifestError::NotUtf8);
+        }
+    };
+    let chunks = yaml::split_documents(text);
+    if chunks.is_empty() {
+        return whole_file_error(start, ManifestError::Empty);
+    }
+    let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
+    chunks
+        .into_iter()
+        .map(|chunk| load_document(path, &dir, chunk, cpus))
+        .collect()
+}
+
+fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
+    let fail = |index: PosIndex, diags: Vec<Diagnostic>| {
+        let named = index.name_hint().map(|_| index.value("metadata.name"));
+        let key = index.name_hint().map_or_else(|| stem(path), str::to_string);
+        Doc {
+            file: path.to_path_buf(),
+            key,
+            named,
+            index,
+            outcome: Err(diags),
+        }
+    };
+    let index = match yaml::index(chunk) {
+        Ok(index) => index,
+        Err(p) => return fail(PosIndex::default(), vec![diag(path, p.pos, p.message)]),
+    };
+    let manifest = match yaml::parse_typed(chunk) {
+        Ok(m) => m,
+        Err(p) => return fail(index, vec![diag(path, p.pos, p.message)]),
+    };
+    match validate_manifest(&manifest, dir, cpus) {
+        Ok((spec, replicas)) => {
+            let name = AppName(manifest.metadata.name.clone());
+            let app = LoadedApp {
+                revision: revision(&spec),
+                name,
+                spec,
+                source: path.to_path_buf(),
+                replicas,
+            };
+            Doc {
+                file: path.to_path_buf(),
+                key: manifest.metadata.name,
+                named: Some(index.value("metadata.name")),
+                index,
+                outcome: Ok(app),
+            }
+        }
+        Err(issues) => {
+            let diags = issues
+                .into_iter()
+                .map(|i| {
+                    let pos = if i.at_key {
+                        index.key(&i.path)
+                    } else {
+                        index.value(&i.path)
+                    };
+                    diag(path, pos, i.message)
+                })
+                .collect();
+            fail(index, diags)
+        }
+    }
+}
+
+/// Adds `diag` to a document's errors, turning a loaded app into a rejected one.
+fn reject(doc: &mut Doc, diag: Diagnostic) {
+    match &mut doc.outcome {
+        Ok(_) => doc.outcome = Err(vec![diag]),
+        Err(diags) => diags.push(diag),
+    }
+}
+
+fn reject_duplicate_names(docs: &mut [Doc]) {
+    let mut by_name: BTreeMap<String, Vec<usize>> = BTreeMap::new();
+    for (i, doc) in docs.iter().enumerate() {
+        if doc.named.is_some() {
+            by_name.entry(doc.key.clone()).or_default().push(i);
+        }
+    }
+    for (name, idxs) in by_name.into_iter().filter(|(_, v)| v.len() > 1) {
+        let places: Vec<(PathBuf, Pos)> = idxs
+            .iter()
+            .map(|&i| {
+                (
+                    docs[i].file.clone(),
+                    docs[i].named.unwrap_or(Pos { line: 1, column: 1 }),
+                )
+            })
+            .collect();
+        for (k, &i) in idxs.iter().enumerate() {
+            let others: Vec<String> = places
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != k)
+                .map(|(_, (f, p))| format!("{}:{}:{}", f.display(), p.line, p.column))
+                .collect();
+            let (file, pos) = &places[k];
+            let d = diag(
+                file,
+                *pos,
+                format!(
+                    "app `{name}` is also defined at {} (expected each app name in one manifest only; both are rejected)",
+                    others.join(", ")
+                ),
+            );
+            reject(&mut docs[i], d);
+        }
+    }
+}
+
+fn reject_listener_conflicts(docs: &mut [Doc], ctx: &LoadContext) {
+    let valid: Vec<usize> = (0..docs.len())
+        .filter(|&i| docs[i].outcome.is_ok())
+        .collect();
+    let mut rejections: Vec<(usize, Diagnostic)> = Vec::new();
+    let listeners = |doc: &Doc| -> Vec<Listener> {
+        doc.outcome
+            .as_ref()
+            .map(|a| a.spec.listen.clone())
+            .unwrap_or_default()
+    };
+    let incumbent = |doc: &Doc| {
+        doc.outcome.as_ref().is_ok_and(|a| {
+            ctx.incumbents
+                .get(&a.name)
+                .is_some_and(|src| *src == doc.file)
+        })
+    };
+    for (x, &a) in valid.iter().enumerate() {
+        for &b in &valid[x + 1..] {
+            let (la, lb) = (listeners(&docs[a]), listeners(&docs[b]));
+            for (ia, l1) in la.iter().enumerate() {
+                for (ib, l2) in lb.iter().enumerate() {
+                    if !listeners_overlap(l1, l2) {
+                        continue;
+                    }
+                    let (inc_a, inc_b) = (incumbent(&docs[a]), incumbent(&docs[b]));
+                    // Only the newcomer loses when exactly one side is running from this
+                    // very file; otherwise there is no telling who is right: both lose.
+                    let losers: Vec<(usize, usize, usize, usize)> = match (inc_a, inc_b) {
+                        (true, false) => vec![(b, ib, a, ia)],
+                        (false, true) => vec![(a, ia, b, ib)],
+                        _ => vec![(a, ia, b, ib), (b, ib, a, ia)],
+                    };
+                    for (loser, li, winner, wi) in losers {
+                        let (ld, wd) = (&docs[loser], &docs[winner]);
+                        let lpath = format!("spec.listen[{li}].port");
+                        let wpos = wd.index.value(&format!("spec.listen[{wi}].port"));
+                        let own = if loser == a { l1 } else { l2 };
+                        let other = if loser == a { l2 } else { l1 };
+                        let message = format!(
+                            "{} overlaps {} of app `{}` at {}:{}:{} (expected a port no other app uses)",
+                            listener_label(own),
+                            listener_label(other),
+                            wd.key,
+                            wd.file.display(),
+                            wpos.line,
+                            wpos.column
+                        );
+                        rejections.push((loser, diag(&ld.file, ld.index.value(&lpath), message)));
+                    }
+                }
+            }
+        }
+    }
+    for (i, d) in rejections {
+        reject(&mut docs[i], d);
+    }
+}
