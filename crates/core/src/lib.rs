@@ -5,5 +5,6 @@
 //! revision hash, and the planner that turns desired and observed state into actions.
 //! The runtime crate carries the actions out; this crate only decides.
 
+pub mod diff;
 pub mod model;
 pub mod plan;
