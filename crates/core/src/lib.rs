@@ -6,5 +6,6 @@
 //! The runtime crate carries the actions out; this crate only decides.
 
 pub mod diff;
+pub mod export;
 pub mod model;
 pub mod plan;
