@@ -14,9 +14,9 @@ use clusterd_core::model::AppManifest;
 use serde_json::{json, Value};
 
 /// Kubernetes versions the output is validated against, pinned so the test does not
-/// change meaning when the tool's default moves: the oldest release still common in
-/// managed clusters, and the newest the tool knows.
-const KUBERNETES_VERSIONS: [&str; 2] = ["1.30.0", "1.37.0"];
+/// change meaning when the tool's default moves: the oldest schema the tool ships, a
+/// release still common in managed clusters, and the newest it knows (its default).
+const KUBERNETES_VERSIONS: [&str; 3] = ["1.25.0", "1.30.0", "1.37.0"];
 
 /// Representative manifests with the instance count the loader would resolve them to
 /// (on an 8-CPU host for `max` and negative counts).
