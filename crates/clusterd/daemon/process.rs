@@ -251,7 +251,8 @@ impl WorkerProc {
 
     /// Sends `signal` (a name like `SIGINT`) to the worker's process group.
     pub fn signal(&self, signal: &str) {
-        let sig = clusterd_core::signal::parse_signal(signal).unwrap_or(libc::SIGTERM);
+        // Names were normalized to the `SIGTERM` form when the manifest was loaded.
+        let sig = signal.parse::<nix::sys::signal::Signal>().unwrap_or(nix::sys::signal::Signal::SIGTERM);
         if let Err(e) = self.handle.signal(sig) {
             tracing::warn!(pid = self.pid, error = %e, "signal");
         }

@@ -6,7 +6,9 @@
 //! The runtime crate carries the actions out; this crate only decides.
 
 pub mod diagnostic;
+pub mod diff;
 pub mod error;
+pub mod export;
 pub mod instances;
 pub mod load;
 pub mod model;
