@@ -334,9 +334,20 @@ pub fn diff(paths: &[PathBuf], apps_dir: &Path) -> anyhow::Result<ExitCode> {
     if errors {
         return Ok(ExitCode::from(2));
     }
-    let changes = clusterd_core::diff::diff_loaded(&before.apps, &after.apps);
-    print!("{}", clusterd_core::diff::render(&changes));
-    Ok(if clusterd_core::diff::has_changes(&changes) { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    let view = |apps: &std::collections::BTreeMap<_, clusterd_core::LoadedApp>| -> Vec<clusterd_core::diff::AppView<'_>> {
+        apps.values()
+            .map(|a| clusterd_core::diff::AppView {
+                name: &a.name.0,
+                source: &a.source,
+                spec: &a.spec,
+                replicas: a.replicas,
+                revision: &a.revision.0,
+            })
+            .collect()
+    };
+    let changes = clusterd_core::diff::diff(&view(&before.apps), &view(&after.apps));
+    print!("{}", changes.render());
+    Ok(ExitCode::from(changes.exit_code()))
 }
 
 /// `clusterd export kubernetes FILE...`.
@@ -349,9 +360,18 @@ pub fn export_kubernetes(paths: &[PathBuf], image: Option<&str>) -> anyhow::Resu
         }
         return Ok(ExitCode::from(1));
     }
-    for app in report.apps.values() {
-        print!("{}", clusterd_core::export::kubernetes_loaded(app, image));
-    }
+    let apps: Vec<clusterd_core::export::kubernetes::ExportApp<'_>> = report
+        .apps
+        .values()
+        .map(|a| clusterd_core::export::kubernetes::ExportApp {
+            name: &a.name.0,
+            source: &a.source,
+            spec: &a.spec,
+            replicas: a.replicas,
+        })
+        .collect();
+    let yaml = clusterd_core::export::kubernetes::export(&apps, &clusterd_core::export::kubernetes::ExportOptions { image })?;
+    print!("{yaml}");
     Ok(ExitCode::SUCCESS)
 }
 
