@@ -14,6 +14,22 @@
 //!   last good one, because a `Spawn` may name an older revision (fail-closed: after a
 //!   failed rollout, a crashed old worker comes back at its old revision).
 
+mod backoff;
+mod decide;
+mod phase;
+mod transitions;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod proptests;
+
+pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
+pub use decide::plan;
+pub use phase::{describe_template, phase};
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::time::{Duration, Instant};
@@ -136,6 +152,8 @@ pub enum DrainReason {
     MemoryLimit,
     /// Failed its liveness probe `failureThreshold` times.
     LivenessFailed,
+    /// A worker of a template whose rollout failed (it would only add surge).
+    RolloutFailed,
 }
 
 /// Progress of a drain.
@@ -198,7 +216,7 @@ impl ExitReason {
 }
 
 /// Restart bookkeeping of one instance index; survives its workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotHistory {
     /// Total unplanned exits of this index (shown as `restarts`).
     pub restarts: u32,
@@ -206,6 +224,12 @@ pub struct SlotHistory {
     pub consecutive_failures: u32,
     /// When and how the last unplanned exit happened, and of which template.
     pub last_exit: Option<(Instant, ExitReason, Template)>,
+    /// The index's last worker ended unplanned (crash, failed spawn, not ready in time)
+    /// and nothing was started for the index since: restart policy and backoff apply.
+    pub restart_pending: bool,
+    /// That unplanned end counts as a failure for `restart.policy: on-failure`
+    /// (non-zero code, signal, failed spawn, not ready in time).
+    pub last_exit_failed: bool,
 }
 
 /// A rollout that failed; its template is not retried until the desired template changes.
@@ -230,6 +254,26 @@ pub struct ObservedApp {
     pub failed: Option<RolloutFailure>,
     /// The last template that reached Available (fail-closed fallback).
     pub last_good: Option<Template>,
+    /// How to stop workers, remembered from the last desired state by
+    /// [`Observed::record_desired`] so that an app whose manifest is gone still drains
+    /// with its own shutdown timeout. `None`: [`DrainPolicy::default`].
+    pub drain_policy: Option<DrainPolicy>,
+}
+
+/// How a draining worker is stopped (from `shutdown` and the listener mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainPolicy {
+    /// Signal-to-SIGKILL time, and the bound of the wait for in-flight work.
+    pub shutdown_timeout: Duration,
+    /// Signal only once in-flight work is done (http/tcp modes).
+    pub wait_for_idle: bool,
+}
+
+impl Default for DrainPolicy {
+    /// The manifest defaults: 10 s, wait for idle (http mode).
+    fn default() -> Self {
+        DrainPolicy { shutdown_timeout: Duration::from_secs(10), wait_for_idle: true }
+    }
 }
 
 /// What the runtime knows about the host.
@@ -281,6 +325,14 @@ pub enum Action {
         /// Worker.
         worker: WorkerId,
     },
+    /// The app reached Available at `template`: remember it as the last good one
+    /// (the fail-closed fallback) and clear a failure of that template.
+    MarkAvailable {
+        /// App.
+        app: AppName,
+        /// The template every instance now runs, ready.
+        template: Template,
+    },
     /// Stop the rollout of `template`; old workers keep serving.
     FailRollout {
         /// App.
@@ -290,6 +342,36 @@ pub enum Action {
         /// Why (for status and events).
         reason: String,
     },
+}
+
+impl Action {
+    /// The app the action is about.
+    #[must_use]
+    pub fn app(&self) -> &AppName {
+        match self {
+            Action::Spawn { app, .. }
+            | Action::MarkReady { app, .. }
+            | Action::Drain { app, .. }
+            | Action::Signal { app, .. }
+            | Action::Kill { app, .. }
+            | Action::MarkAvailable { app, .. }
+            | Action::FailRollout { app, .. } => app,
+        }
+    }
+
+    /// The worker the action is about, if any.
+    #[must_use]
+    pub fn worker(&self) -> Option<WorkerId> {
+        match self {
+            Action::MarkReady { worker, .. }
+            | Action::Drain { worker, .. }
+            | Action::Signal { worker, .. }
+            | Action::Kill { worker, .. } => Some(*worker),
+            Action::Spawn { .. } | Action::MarkAvailable { .. } | Action::FailRollout { .. } => {
+                None
+            }
+        }
+    }
 }
 
 /// The planner's answer.
