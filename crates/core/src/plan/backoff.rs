@@ -18,7 +18,11 @@ pub fn backoff_delay(backoff: &Backoff, consecutive_failures: u32) -> Duration {
     let max = backoff.max.0.max(backoff.initial.0);
     // 2^31 * anything overflows long before it matters: saturate, then cap.
     let factor = 1u32.checked_shl(doublings.min(31)).unwrap_or(u32::MAX);
-    backoff.initial.0.checked_mul(factor).map_or(max, |d| d.min(max))
+    backoff
+        .initial
+        .0
+        .checked_mul(factor)
+        .map_or(max, |d| d.min(max))
 }
 
 /// How long a worker must stay Ready before an exit stops counting as part of a crash
@@ -48,11 +52,26 @@ mod tests {
 
     #[test]
     fn doubles_from_initial_and_caps_at_max() {
-        let cases = [(0, 100), (1, 100), (2, 200), (3, 400), (4, 800), (9, 25_600), (10, 30_000)];
+        let cases = [
+            (0, 100),
+            (1, 100),
+            (2, 200),
+            (3, 400),
+            (4, 800),
+            (9, 25_600),
+            (10, 30_000),
+        ];
         for (n, ms) in cases {
-            assert_eq!(backoff_delay(&b(100, 30_000), n), Duration::from_millis(ms), "n={n}");
+            assert_eq!(
+                backoff_delay(&b(100, 30_000), n),
+                Duration::from_millis(ms),
+                "n={n}"
+            );
         }
-        assert_eq!(backoff_delay(&b(100, 30_000), u32::MAX), Duration::from_secs(30));
+        assert_eq!(
+            backoff_delay(&b(100, 30_000), u32::MAX),
+            Duration::from_secs(30)
+        );
         // max below initial: initial wins (validation should forbid it anyway)
         assert_eq!(backoff_delay(&b(500, 100), 3), Duration::from_millis(500));
     }

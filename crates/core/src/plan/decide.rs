@@ -20,7 +20,10 @@ impl DesiredApp {
     /// How this app's workers are stopped.
     #[must_use]
     pub fn drain_policy(&self) -> DrainPolicy {
-        DrainPolicy { shutdown_timeout: self.shutdown_timeout, wait_for_idle: self.drain_waits_for_idle }
+        DrainPolicy {
+            shutdown_timeout: self.shutdown_timeout,
+            wait_for_idle: self.drain_waits_for_idle,
+        }
     }
 
     /// Pass to [`ObservedApp::record_exit`]: see [`super::stable_after`].
@@ -90,8 +93,16 @@ struct AppPlanner<'a> {
 }
 
 impl<'a> AppPlanner<'a> {
-    fn new(app: &'a AppName, desired: Option<&'a DesiredApp>, obs: &ObservedApp, now: Instant) -> Self {
-        let policy = desired.map_or_else(|| obs.drain_policy.unwrap_or_default(), DesiredApp::drain_policy);
+    fn new(
+        app: &'a AppName,
+        desired: Option<&'a DesiredApp>,
+        obs: &ObservedApp,
+        now: Instant,
+    ) -> Self {
+        let policy = desired.map_or_else(
+            || obs.drain_policy.unwrap_or_default(),
+            DesiredApp::drain_policy,
+        );
         AppPlanner {
             app,
             desired,
@@ -136,11 +147,19 @@ impl<'a> AppPlanner<'a> {
     }
 
     fn drain(&mut self, worker: WorkerId, reason: DrainReason) {
-        self.emit(Action::Drain { app: self.app.clone(), worker, reason });
+        self.emit(Action::Drain {
+            app: self.app.clone(),
+            worker,
+            reason,
+        });
     }
 
     fn spawn(&mut self, index: u32, template: Template) {
-        self.emit(Action::Spawn { app: self.app.clone(), index, template });
+        self.emit(Action::Spawn {
+            app: self.app.clone(),
+            index,
+            template,
+        });
     }
 
     /// Ids of the workers matching `pred`, by (index, id).
@@ -165,12 +184,16 @@ impl<'a> AppPlanner<'a> {
         self.readiness(d);
         self.crashed_rollout(d);
         self.normalize(d);
+        self.trim_surge(d);
         self.fill(d);
         self.available(d);
     }
 
     fn failed(&self, d: &DesiredApp) -> bool {
-        self.obs.failed.as_ref().is_some_and(|f| f.template == d.template)
+        self.obs
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.template == d.template)
     }
 
     /// A failure of a worker of the desired template fails the rollout (rather than the
@@ -190,7 +213,11 @@ impl<'a> AppPlanner<'a> {
     }
 
     fn fail_rollout(&mut self, d: &DesiredApp, reason: String) {
-        self.emit(Action::FailRollout { app: self.app.clone(), template: d.template.clone(), reason });
+        self.emit(Action::FailRollout {
+            app: self.app.clone(),
+            template: d.template.clone(),
+            reason,
+        });
     }
 
     /// Starting workers: ready, or past their readiness deadline.
@@ -208,7 +235,10 @@ impl<'a> AppPlanner<'a> {
             };
             let deadline = w.spawned_at + d.readiness_timeout;
             if ready {
-                self.emit(Action::MarkReady { app: self.app.clone(), worker: id });
+                self.emit(Action::MarkReady {
+                    app: self.app.clone(),
+                    worker: id,
+                });
             } else if self.now >= deadline {
                 let is_desired = w.template == d.template;
                 self.drain(id, DrainReason::ReadinessTimeout);
@@ -231,12 +261,16 @@ impl<'a> AppPlanner<'a> {
         if !self.rollout_can_fail(d) {
             return;
         }
-        let crash = self.obs.slots.iter().find_map(|(index, slot)| match &slot.last_exit {
-            Some((_, reason, template)) if slot.restart_pending && *template == d.template => {
-                Some((*index, *reason))
-            }
-            _ => None,
-        });
+        let crash = self
+            .obs
+            .slots
+            .iter()
+            .find_map(|(index, slot)| match &slot.last_exit {
+                Some((_, reason, template)) if slot.restart_pending && *template == d.template => {
+                    Some((*index, *reason))
+                }
+                _ => None,
+            });
         if let Some((index, reason)) = crash {
             self.fail_rollout(d, format!("worker {index} {}", describe_exit(reason)));
         }
@@ -249,8 +283,10 @@ impl<'a> AppPlanner<'a> {
             return Some(d.template.clone());
         }
         // Fail closed: keep what serves, prefer templates other than the failed one.
-        let mut serving: Vec<&&Worker> =
-            here.iter().filter(|w| w.state == WorkerState::Ready && d.unhealthy(w).is_none()).collect();
+        let mut serving: Vec<&&Worker> = here
+            .iter()
+            .filter(|w| w.state == WorkerState::Ready && d.unhealthy(w).is_none())
+            .collect();
         serving.sort_by_key(|w| (w.template == d.template, w.id));
         if let Some(w) = serving.first() {
             return Some(w.template.clone());
@@ -264,15 +300,21 @@ impl<'a> AppPlanner<'a> {
             .as_ref()
             .filter(not_failed)
             .or_else(|| {
-                self.obs.slots.get(&index).and_then(|s| s.last_exit.as_ref()).map(|(_, _, t)| t).filter(not_failed)
-            })
-            .or_else(|| {
+                // A template that serves elsewhere (adopted workers, or last_good unknown).
                 self.obs
                     .workers
                     .values()
-                    .filter(|w| w.state != WorkerState::Draining)
+                    .filter(|w| w.state == WorkerState::Ready)
                     .map(|w| &w.template)
                     .find(not_failed)
+            })
+            .or_else(|| {
+                self.obs
+                    .slots
+                    .get(&index)
+                    .and_then(|s| s.last_exit.as_ref())
+                    .map(|(_, _, t)| t)
+                    .filter(not_failed)
             })
             .cloned()
     }
@@ -309,8 +351,15 @@ impl<'a> AppPlanner<'a> {
             };
             let keeper = here
                 .iter()
-                .find(|w| w.state == WorkerState::Ready && w.template == target && d.unhealthy(w).is_none())
-                .or_else(|| here.iter().find(|w| w.state == WorkerState::Starting && w.template == target))
+                .find(|w| {
+                    w.state == WorkerState::Ready
+                        && w.template == target
+                        && d.unhealthy(w).is_none()
+                })
+                .or_else(|| {
+                    here.iter()
+                        .find(|w| w.state == WorkerState::Starting && w.template == target)
+                })
                 .map(|w| (w.id, w.state));
             let doomed: Vec<(WorkerId, DrainReason)> = here
                 .iter()
@@ -327,12 +376,41 @@ impl<'a> AppPlanner<'a> {
         }
     }
 
+    /// A scale-down can leave more surge in flight than `replicas + maxSurge` allows
+    /// (surge borrowed while other indexes were empty). Cancel starting replacements that
+    /// stand next to a serving worker, highest index first, until the bound holds again;
+    /// they serve nothing, so no capacity is lost.
+    fn trim_surge(&mut self, d: &DesiredApp) {
+        let n = d.replicas;
+        let cap = n as usize + d.rollout.max_surge as usize;
+        let mut surplus =
+            self.ids(|w| {
+                w.state == WorkerState::Starting
+                    && w.index < n
+                    && self.obs.workers.values().any(|o| {
+                        o.index == w.index && o.id != w.id && o.state == WorkerState::Ready
+                    })
+            });
+        while self.live_count(n) > cap {
+            let Some(id) = surplus.pop() else { break };
+            self.drain(id, DrainReason::ScaledDown);
+        }
+    }
+
     fn ready_count(&self, n: u32) -> usize {
-        self.obs.workers.values().filter(|w| w.state == WorkerState::Ready && w.index < n).count()
+        self.obs
+            .workers
+            .values()
+            .filter(|w| w.state == WorkerState::Ready && w.index < n)
+            .count()
     }
 
     fn live_count(&self, n: u32) -> usize {
-        self.obs.workers.values().filter(|w| w.state != WorkerState::Draining && w.index < n).count()
+        self.obs
+            .workers
+            .values()
+            .filter(|w| w.state != WorkerState::Draining && w.index < n)
+            .count()
             + self.spawned
     }
 
@@ -383,7 +461,9 @@ impl<'a> AppPlanner<'a> {
             w.index == index
                 && w.template == *target
                 && !(failed && w.template == d.template)
-                && w.drain.as_ref().is_some_and(|dr| dr.reason == DrainReason::ReadinessTimeout)
+                && w.drain
+                    .as_ref()
+                    .is_some_and(|dr| dr.reason == DrainReason::ReadinessTimeout)
         });
         if held {
             return SpawnGate::Blocked; // its exit starts the backoff
@@ -425,7 +505,10 @@ impl<'a> AppPlanner<'a> {
             })
         });
         if all {
-            self.emit(Action::MarkAvailable { app: self.app.clone(), template: d.template.clone() });
+            self.emit(Action::MarkAvailable {
+                app: self.app.clone(),
+                template: d.template.clone(),
+            });
         }
     }
 
@@ -435,23 +518,35 @@ impl<'a> AppPlanner<'a> {
         let timeout = self.policy.shutdown_timeout;
         for id in self.ids(|w| w.state == WorkerState::Draining) {
             let w = self.worker(id);
-            let Some(drain) = w.drain.clone() else { continue };
+            let Some(drain) = w.drain.clone() else {
+                continue;
+            };
             if drain.signalled_at.is_none() {
                 let give_up = drain.started_at + timeout;
                 if !self.policy.wait_for_idle || w.inflight == 0 || self.now >= give_up {
-                    self.emit(Action::Signal { app: self.app.clone(), worker: id });
+                    self.emit(Action::Signal {
+                        app: self.app.clone(),
+                        worker: id,
+                    });
                 } else {
                     self.wake(give_up);
                     continue;
                 }
             }
-            let drain = self.worker(id).drain.clone().expect("draining worker has drain progress");
+            let drain = self
+                .worker(id)
+                .drain
+                .clone()
+                .expect("draining worker has drain progress");
             if drain.killed {
                 continue;
             }
             let kill_at = drain.signalled_at.unwrap_or(self.now) + timeout;
             if self.now >= kill_at {
-                self.emit(Action::Kill { app: self.app.clone(), worker: id });
+                self.emit(Action::Kill {
+                    app: self.app.clone(),
+                    worker: id,
+                });
             } else {
                 self.wake(kill_at);
             }
@@ -471,7 +566,7 @@ pub(crate) fn describe_exit(reason: ExitReason) -> String {
 /// `30s`, `250ms`, `1.5s`.
 pub(crate) fn human(d: Duration) -> String {
     let ms = d.as_millis();
-    if ms % 1000 == 0 {
+    if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else if ms < 1000 {
         format!("{ms}ms")

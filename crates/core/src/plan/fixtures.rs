@@ -4,12 +4,15 @@ use std::time::{Duration, Instant};
 
 use super::{
     plan, Action, AppName, Desired, DesiredApp, ExitReason, Observed, ObservedApp, Plan,
-    ReadinessGate, Revision, Template, Worker, WorkerId, WorkerState,
+    ReadinessGate, Revision, Template, Worker, WorkerId,
 };
 use crate::model::{Backoff, DurationValue, Restart, RestartPolicy, Rollout};
 
 pub fn tpl(rev: &str) -> Template {
-    Template { revision: Revision(rev.to_owned()), generation: 0 }
+    Template {
+        revision: Revision(rev.to_owned()),
+        generation: 0,
+    }
 }
 
 pub fn app() -> AppName {
@@ -36,34 +39,48 @@ impl DesiredApp {
             liveness_failure_threshold: None,
         }
     }
+    /// Desired template.
     pub fn template(mut self, t: Template) -> Self {
         self.template = t;
         self
     }
+    /// maxSurge / maxUnavailable.
     pub fn rollout(mut self, max_surge: u32, max_unavailable: u32) -> Self {
-        self.rollout = Rollout { max_surge, max_unavailable };
+        self.rollout = Rollout {
+            max_surge,
+            max_unavailable,
+        };
         self
     }
+    /// Readiness gate.
     pub fn gate(mut self, gate: ReadinessGate) -> Self {
         self.readiness = gate;
         self
     }
+    /// Restart policy.
     pub fn policy(mut self, policy: RestartPolicy) -> Self {
         self.restart.policy = policy;
         self
     }
+    /// Restart backoff.
     pub fn backoff(mut self, initial: Duration, max: Duration) -> Self {
-        self.restart.backoff = Backoff { initial: DurationValue(initial), max: DurationValue(max) };
+        self.restart.backoff = Backoff {
+            initial: DurationValue(initial),
+            max: DurationValue(max),
+        };
         self
     }
+    /// Inherit mode: signal right after drain.
     pub fn inherit(mut self) -> Self {
         self.drain_waits_for_idle = false;
         self
     }
+    /// Memory limit in bytes.
     pub fn memory(mut self, limit: u64) -> Self {
         self.memory_limit = Some(limit);
         self
     }
+    /// Liveness failure threshold.
     pub fn liveness(mut self, threshold: u32) -> Self {
         self.liveness_failure_threshold = Some(threshold);
         self
@@ -75,7 +92,6 @@ impl DesiredApp {
 pub struct World {
     pub desired: Desired,
     pub observed: Observed,
-    pub start: Instant,
     pub now: Instant,
     pub next_id: u64,
 }
@@ -85,7 +101,12 @@ impl World {
         let now = Instant::now();
         let mut desired = Desired::default();
         desired.apps.insert(app(), d);
-        World { desired, observed: Observed::default(), start: now, now, next_id: 1 }
+        World {
+            desired,
+            observed: Observed::default(),
+            now,
+            next_id: 1,
+        }
     }
 
     pub fn d(&self) -> &DesiredApp {
@@ -104,21 +125,6 @@ impl World {
         self.observed.apps.entry(app()).or_default()
     }
 
-    /// Adds a worker directly (a starting state for a test).
-    pub fn seed(&mut self, index: u32, template: Template, state: WorkerState) -> WorkerId {
-        let id = WorkerId(self.next_id);
-        self.next_id += 1;
-        let now = self.now;
-        let mut w = Worker::starting(id, index, template, now);
-        if state != WorkerState::Starting {
-            w.state = WorkerState::Ready;
-            w.ready_at = Some(now);
-            w.ready_reported = true;
-        }
-        self.obs_mut().workers.insert(id, w);
-        id
-    }
-
     pub fn worker(&self, id: WorkerId) -> &Worker {
         &self.obs().workers[&id]
     }
@@ -135,11 +141,20 @@ impl World {
     pub fn apply(&mut self, p: &Plan) -> Vec<WorkerId> {
         let mut ids = Vec::new();
         for a in &p.actions {
-            if let Action::Spawn { app, index, template } = a {
+            if let Action::Spawn {
+                app,
+                index,
+                template,
+            } = a
+            {
                 let id = WorkerId(self.next_id);
                 self.next_id += 1;
                 let now = self.now;
-                self.observed.apps.entry(app.clone()).or_default().record_spawn(id, *index, template.clone(), now);
+                self.observed
+                    .apps
+                    .entry(app.clone())
+                    .or_default()
+                    .record_spawn(id, *index, template.clone(), now);
                 ids.push(id);
             } else {
                 self.observed.apply(a, self.now);
@@ -167,24 +182,21 @@ impl World {
     }
 
     pub fn exit(&mut self, id: WorkerId, reason: ExitReason) -> Option<Worker> {
-        let stable = self.desired.apps.get(&app()).map_or(Duration::from_secs(10), DesiredApp::stable_after);
+        let stable = self
+            .desired
+            .apps
+            .get(&app())
+            .map_or(Duration::from_secs(10), DesiredApp::stable_after);
         let now = self.now;
         self.obs_mut().record_exit(id, reason, now, stable)
     }
 
-    /// Live worker ids by (index, id), with their state and template.
-    pub fn live(&self) -> Vec<(u32, WorkerState, Template)> {
-        let mut v: Vec<_> = self
-            .observed
-            .apps
-            .get(&app())
-            .map(|o| o.workers.values().map(|w| (w.index, w.state, w.template.clone())).collect())
-            .unwrap_or_default();
-        v.sort_by(|a, b| (a.0, a.2.clone()).cmp(&(b.0, b.2.clone())));
-        v
-    }
-
     pub fn ids(&self, pred: impl Fn(&Worker) -> bool) -> Vec<WorkerId> {
-        self.obs().workers.values().filter(|w| pred(w)).map(|w| w.id).collect()
+        self.obs()
+            .workers
+            .values()
+            .filter(|w| pred(w))
+            .map(|w| w.id)
+            .collect()
     }
 }

@@ -22,9 +22,9 @@ mod transitions;
 #[cfg(test)]
 mod fixtures;
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod proptests;
+#[cfg(test)]
+mod tests;
 
 pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
 pub use decide::plan;
@@ -272,7 +272,10 @@ pub struct DrainPolicy {
 impl Default for DrainPolicy {
     /// The manifest defaults: 10 s, wait for idle (http mode).
     fn default() -> Self {
-        DrainPolicy { shutdown_timeout: Duration::from_secs(10), wait_for_idle: true }
+        DrainPolicy {
+            shutdown_timeout: Duration::from_secs(10),
+            wait_for_idle: true,
+        }
     }
 }
 

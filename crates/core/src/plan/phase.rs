@@ -18,33 +18,57 @@ use crate::model::RestartPolicy;
 /// `Degraded`; anything else is a rollout, scale or replacement under way: `Progressing`.
 /// `Invalid` is the runtime's call (a rejected manifest), never returned here.
 #[must_use]
-pub fn phase(desired: Option<&DesiredApp>, observed: &ObservedApp, now: Instant) -> (Phase, Option<String>) {
+pub fn phase(
+    desired: Option<&DesiredApp>,
+    observed: &ObservedApp,
+    now: Instant,
+) -> (Phase, Option<String>) {
     let Some(d) = desired else {
         let n = observed.workers.len();
-        return (Phase::Stopping, Some(format!("app removed; {n} worker(s) draining")));
+        return (
+            Phase::Stopping,
+            Some(format!("app removed; {n} worker(s) draining")),
+        );
     };
-    if let Some(failure) = observed.failed.as_ref().filter(|f| f.template == d.template) {
+    if let Some(failure) = observed
+        .failed
+        .as_ref()
+        .filter(|f| f.template == d.template)
+    {
         return (
             Phase::Degraded,
-            Some(format!("rollout of {} failed: {}", describe_template(&failure.template), failure.reason)),
+            Some(format!(
+                "rollout of {} failed: {}",
+                describe_template(&failure.template),
+                failure.reason
+            )),
         );
     }
     let ready_at = |index: u32| {
-        observed.workers.values().any(|w| w.index == index && w.state == WorkerState::Ready)
+        observed
+            .workers
+            .values()
+            .any(|w| w.index == index && w.state == WorkerState::Ready)
     };
     let starting_at = |index: u32| {
         observed.workers.values().any(|w| {
             w.index == index
                 && (w.state == WorkerState::Starting
-                    || w.drain.as_ref().is_some_and(|dr| dr.reason == DrainReason::ReadinessTimeout))
+                    || w.drain
+                        .as_ref()
+                        .is_some_and(|dr| dr.reason == DrainReason::ReadinessTimeout))
         })
     };
     for index in 0..d.replicas {
-        let Some(slot) = observed.slots.get(&index) else { continue };
+        let Some(slot) = observed.slots.get(&index) else {
+            continue;
+        };
         if ready_at(index) || slot.consecutive_failures < 2 {
             continue;
         }
-        let Some((at, reason, _)) = &slot.last_exit else { continue };
+        let Some((at, reason, _)) = &slot.last_exit else {
+            continue;
+        };
         let (at, reason) = (*at, *reason);
         if slot.restart_pending || starting_at(index) {
             let mut why = format!(
@@ -60,8 +84,12 @@ pub fn phase(desired: Option<&DesiredApp>, observed: &ObservedApp, now: Instant)
         }
     }
     for index in 0..d.replicas {
-        let Some(slot) = observed.slots.get(&index) else { continue };
-        let Some((_, reason, _)) = &slot.last_exit else { continue };
+        let Some(slot) = observed.slots.get(&index) else {
+            continue;
+        };
+        let Some((_, reason, _)) = &slot.last_exit else {
+            continue;
+        };
         let reason = *reason;
         let forbidden = match d.restart.policy {
             RestartPolicy::Always => false,
@@ -75,7 +103,10 @@ pub fn phase(desired: Option<&DesiredApp>, observed: &ObservedApp, now: Instant)
             };
             return (
                 Phase::Degraded,
-                Some(format!("worker {index} {}; restart policy is {policy}", describe_exit(reason))),
+                Some(format!(
+                    "worker {index} {}; restart policy is {policy}",
+                    describe_exit(reason)
+                )),
             );
         }
     }
@@ -91,25 +122,38 @@ pub fn phase(desired: Option<&DesiredApp>, observed: &ObservedApp, now: Instant)
         })
     };
     let all_current = (0..d.replicas).all(current);
-    let live = observed.workers.values().filter(|w| w.state != WorkerState::Draining).count();
+    let live = observed
+        .workers
+        .values()
+        .filter(|w| w.state != WorkerState::Draining)
+        .count();
     let draining = observed.workers.len() - live;
     if all_current && live == d.replicas as usize && draining == 0 {
         return (Phase::Available, None);
     }
     for index in 0..d.replicas {
-        let Some(slot) = observed.slots.get(&index) else { continue };
+        let Some(slot) = observed.slots.get(&index) else {
+            continue;
+        };
         if let (true, Some((_, reason, _))) = (slot.restart_pending, &slot.last_exit) {
             if !ready_at(index) {
                 return (
                     Phase::Degraded,
-                    Some(format!("worker {index} {}; restarting", describe_exit(*reason))),
+                    Some(format!(
+                        "worker {index} {}; restarting",
+                        describe_exit(*reason)
+                    )),
                 );
             }
         }
     }
     let updated = (0..d.replicas).filter(|&i| current(i)).count();
     let why = if updated < d.replicas as usize {
-        format!("rolling out {}: {updated}/{} ready", describe_template(&d.template), d.replicas)
+        format!(
+            "rolling out {}: {updated}/{} ready",
+            describe_template(&d.template),
+            d.replicas
+        )
     } else if live > d.replicas as usize {
         format!("scaling down to {}", d.replicas)
     } else {

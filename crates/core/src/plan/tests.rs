@@ -12,22 +12,42 @@ use crate::model::RestartPolicy;
 const MS: Duration = Duration::from_millis(1);
 
 fn spawn(index: u32, t: &Template) -> Action {
-    Action::Spawn { app: app(), index, template: t.clone() }
+    Action::Spawn {
+        app: app(),
+        index,
+        template: t.clone(),
+    }
 }
 fn ready(w: WorkerId) -> Action {
-    Action::MarkReady { app: app(), worker: w }
+    Action::MarkReady {
+        app: app(),
+        worker: w,
+    }
 }
 fn drain(w: WorkerId, reason: DrainReason) -> Action {
-    Action::Drain { app: app(), worker: w, reason }
+    Action::Drain {
+        app: app(),
+        worker: w,
+        reason,
+    }
 }
 fn signal(w: WorkerId) -> Action {
-    Action::Signal { app: app(), worker: w }
+    Action::Signal {
+        app: app(),
+        worker: w,
+    }
 }
 fn kill(w: WorkerId) -> Action {
-    Action::Kill { app: app(), worker: w }
+    Action::Kill {
+        app: app(),
+        worker: w,
+    }
 }
 fn available(t: &Template) -> Action {
-    Action::MarkAvailable { app: app(), template: t.clone() }
+    Action::MarkAvailable {
+        app: app(),
+        template: t.clone(),
+    }
 }
 
 /// A world with `n` Ready workers of "a", proven (last_good = a), settled.
@@ -47,7 +67,14 @@ fn running(d: DesiredApp) -> World {
 fn spawns_every_index_of_a_new_app() {
     let mut w = World::new(DesiredApp::test(3));
     let p = w.plan();
-    assert_eq!(p.actions, vec![spawn(0, &tpl("a")), spawn(1, &tpl("a")), spawn(2, &tpl("a"))]);
+    assert_eq!(
+        p.actions,
+        vec![
+            spawn(0, &tpl("a")),
+            spawn(1, &tpl("a")),
+            spawn(2, &tpl("a"))
+        ]
+    );
     assert_eq!(p.wake_at, None);
 }
 
@@ -57,7 +84,10 @@ fn immediate_gate_marks_ready_at_once_then_available() {
     let p = w.plan();
     let ids = w.apply(&p);
     let p = w.plan();
-    assert_eq!(p.actions, vec![ready(ids[0]), ready(ids[1]), available(&tpl("a"))]);
+    assert_eq!(
+        p.actions,
+        vec![ready(ids[0]), ready(ids[1]), available(&tpl("a"))]
+    );
     w.apply(&p);
     assert_eq!(phase(Some(w.d()), w.obs(), w.now), (Phase::Available, None));
 }
@@ -81,7 +111,11 @@ fn reported_gate_waits_for_the_report() {
     let ids = w.apply(&p);
     let p = w.plan();
     assert_eq!(p.actions, vec![]);
-    assert_eq!(p.wake_at, Some(w.now + READY_TIMEOUT), "wakes for the readiness deadline");
+    assert_eq!(
+        p.wake_at,
+        Some(w.now + READY_TIMEOUT),
+        "wakes for the readiness deadline"
+    );
     w.advance(Duration::from_secs(1));
     assert!(w.obs_mut().record_ready_report(ids[0]));
     assert_eq!(w.plan().actions, vec![ready(ids[0]), available(&tpl("a"))]);
@@ -95,7 +129,11 @@ fn http_drain_signals_when_idle_and_kills_after_the_timeout() {
     w.d_mut().replicas = 1;
     let p = w.plan();
     assert_eq!(p.actions, vec![drain(last, DrainReason::ScaledDown)]);
-    assert_eq!(p.wake_at, Some(w.now + SHUTDOWN), "gives up waiting for idle after the timeout");
+    assert_eq!(
+        p.wake_at,
+        Some(w.now + SHUTDOWN),
+        "gives up waiting for idle after the timeout"
+    );
     w.apply(&p);
     w.advance(Duration::from_secs(1));
     w.worker_mut(last).inflight = 0;
@@ -127,7 +165,10 @@ fn inherit_drain_signals_right_away() {
     let last = w.ids(|w| w.index == 1)[0];
     w.d_mut().replicas = 1;
     let p = w.plan();
-    assert_eq!(p.actions, vec![drain(last, DrainReason::ScaledDown), signal(last)]);
+    assert_eq!(
+        p.actions,
+        vec![drain(last, DrainReason::ScaledDown), signal(last)]
+    );
     assert_eq!(p.wake_at, Some(w.now + SHUTDOWN));
 }
 
@@ -142,7 +183,10 @@ fn scale_down_drains_highest_indexes_first_and_scale_up_fills() {
     let p = w.plan();
     assert_eq!(
         p.actions,
-        vec![drain(i3, DrainReason::ScaledDown), drain(i2, DrainReason::ScaledDown)]
+        vec![
+            drain(i3, DrainReason::ScaledDown),
+            drain(i2, DrainReason::ScaledDown)
+        ]
     );
     w.apply(&p);
     w.d_mut().replicas = 3;
@@ -151,7 +195,8 @@ fn scale_down_drains_highest_indexes_first_and_scale_up_fills() {
 
 #[test]
 fn crash_restarts_after_exponential_backoff_that_resets_after_a_clean_run() {
-    let mut w = running(DesiredApp::test(1).backoff(Duration::from_millis(100), Duration::from_secs(30)));
+    let mut w =
+        running(DesiredApp::test(1).backoff(Duration::from_millis(100), Duration::from_secs(30)));
     let mut id = w.ids(|_| true)[0];
     // Three quick crashes: 100ms, 200ms, 400ms.
     for (n, wait) in [(1, 100), (2, 200), (3, 400)] {
@@ -185,14 +230,21 @@ fn restart_policy_never_and_on_failure() {
     assert_eq!((p.actions, p.wake_at), (vec![], None));
     let (ph, why) = phase(Some(w.d()), w.obs(), w.now);
     assert_eq!(ph, Phase::Degraded);
-    assert_eq!(why.as_deref(), Some("worker 0 exited with code 1; restart policy is never"));
+    assert_eq!(
+        why.as_deref(),
+        Some("worker 0 exited with code 1; restart policy is never")
+    );
 
     let mut w = running(DesiredApp::test(2).policy(RestartPolicy::OnFailure));
     let ids = w.ids(|_| true);
     w.exit(ids[0], ExitReason::Code(0));
     w.exit(ids[1], ExitReason::Code(3));
     w.advance(Duration::from_secs(1));
-    assert_eq!(w.plan().actions, vec![spawn(1, &tpl("a"))], "only the failure restarts");
+    assert_eq!(
+        w.plan().actions,
+        vec![spawn(1, &tpl("a"))],
+        "only the failure restarts"
+    );
 }
 
 #[test]
@@ -201,14 +253,23 @@ fn rolling_replacement_surges_one_then_drains_the_old_one() {
     let old: Vec<WorkerId> = w.ids(|_| true);
     w.d_mut().template = tpl("b");
     let p = w.plan();
-    assert_eq!(p.actions, vec![spawn(0, &tpl("b"))], "one surge worker, nothing drained");
+    assert_eq!(
+        p.actions,
+        vec![spawn(0, &tpl("b"))],
+        "one surge worker, nothing drained"
+    );
     let new0 = w.apply(&p)[0];
     assert_eq!(w.plan().actions, vec![], "waits for the new worker");
     w.obs_mut().record_ready_report(new0);
     let p = w.plan();
     assert_eq!(
         p.actions,
-        vec![ready(new0), drain(old[0], DrainReason::Replaced), spawn(1, &tpl("b")), signal(old[0])],
+        vec![
+            ready(new0),
+            drain(old[0], DrainReason::Replaced),
+            spawn(1, &tpl("b")),
+            signal(old[0])
+        ],
         "a replacement keeps the index it replaces; an idle old worker is signalled at once"
     );
     let new1 = w.apply(&p)[0];
@@ -216,22 +277,42 @@ fn rolling_replacement_surges_one_then_drains_the_old_one() {
     let p = w.plan();
     assert_eq!(
         p.actions,
-        vec![ready(new1), drain(old[1], DrainReason::Replaced), available(&tpl("b")), signal(old[1])]
+        vec![
+            ready(new1),
+            drain(old[1], DrainReason::Replaced),
+            available(&tpl("b")),
+            signal(old[1])
+        ]
     );
 }
 
 #[test]
 fn rolling_replacement_without_surge_drains_first_within_max_unavailable() {
-    let mut w = running(DesiredApp::test(3).rollout(0, 1).gate(ReadinessGate::Reported));
+    let mut w = running(
+        DesiredApp::test(3)
+            .rollout(0, 1)
+            .gate(ReadinessGate::Reported),
+    );
     let old0 = w.ids(|x| x.index == 0)[0];
     w.d_mut().template = tpl("b");
     let p = w.plan();
-    assert_eq!(p.actions, vec![drain(old0, DrainReason::Replaced), spawn(0, &tpl("b")), signal(old0)]);
+    assert_eq!(
+        p.actions,
+        vec![
+            drain(old0, DrainReason::Replaced),
+            spawn(0, &tpl("b")),
+            signal(old0)
+        ]
+    );
 }
 
 #[test]
 fn memory_limit_replaces_surge_first() {
-    let mut w = running(DesiredApp::test(2).memory(100).gate(ReadinessGate::Reported));
+    let mut w = running(
+        DesiredApp::test(2)
+            .memory(100)
+            .gate(ReadinessGate::Reported),
+    );
     let fat = w.ids(|x| x.index == 1)[0];
     w.worker_mut(fat).rss = Some(101);
     let p = w.plan();
@@ -239,10 +320,17 @@ fn memory_limit_replaces_surge_first() {
     let new = w.apply(&p)[0];
     w.obs_mut().record_ready_report(new);
     w.worker_mut(fat).inflight = 1;
-    assert_eq!(w.plan().actions, vec![ready(new), drain(fat, DrainReason::MemoryLimit)]);
+    assert_eq!(
+        w.plan().actions,
+        vec![ready(new), drain(fat, DrainReason::MemoryLimit)]
+    );
     w.settle();
     w.exit(fat, ExitReason::Code(0));
-    assert_eq!(w.obs().slots[&1].restarts, 1, "a memory replacement shows as a restart");
+    assert_eq!(
+        w.obs().slots[&1].restarts,
+        1,
+        "a memory replacement shows as a restart"
+    );
     assert!(!w.obs().slots[&1].restart_pending);
 }
 
@@ -252,7 +340,13 @@ fn liveness_failure_without_surge_drains_first() {
     let sick = w.ids(|x| x.index == 0)[0];
     w.worker_mut(sick).liveness_failures = 3;
     let p = w.plan();
-    assert_eq!(p.actions[..2], [drain(sick, DrainReason::LivenessFailed), spawn(0, &tpl("a"))]);
+    assert_eq!(
+        p.actions[..2],
+        [
+            drain(sick, DrainReason::LivenessFailed),
+            spawn(0, &tpl("a"))
+        ]
+    );
 }
 
 #[test]
@@ -270,20 +364,40 @@ fn readiness_timeout_fails_the_rollout_closed() {
         p.actions,
         vec![
             drain(new, DrainReason::ReadinessTimeout),
-            Action::FailRollout { app: app(), template: tpl("b"), reason: "not ready within 30s".into() },
+            Action::FailRollout {
+                app: app(),
+                template: tpl("b"),
+                reason: "not ready within 30s".into()
+            },
             signal(new),
         ]
     );
     w.apply(&p);
     w.exit(new, ExitReason::Code(0));
     assert_eq!(w.settle(), vec![], "the failed template is not retried");
-    assert_eq!(w.ids(|x| x.state == WorkerState::Ready), old, "old workers keep serving");
+    assert_eq!(
+        w.ids(|x| x.state == WorkerState::Ready),
+        old,
+        "old workers keep serving"
+    );
     let (ph, why) = phase(Some(w.d()), w.obs(), w.now);
     assert_eq!(ph, Phase::Degraded);
-    assert_eq!(why.as_deref(), Some("rollout of revision b failed: not ready within 30s"));
+    assert_eq!(
+        why.as_deref(),
+        Some("rollout of revision b failed: not ready within 30s")
+    );
     // A reload (new generation) tries again.
     w.d_mut().template.generation = 1;
-    assert_eq!(w.plan().actions, vec![spawn(0, &Template { revision: tpl("b").revision, generation: 1 })]);
+    assert_eq!(
+        w.plan().actions,
+        vec![spawn(
+            0,
+            &Template {
+                revision: tpl("b").revision,
+                generation: 1
+            }
+        )]
+    );
 }
 
 #[test]
@@ -307,7 +421,11 @@ fn crash_during_rollout_fails_it_and_old_crashes_come_back_old() {
     w.apply(&p);
     w.exit(old1, ExitReason::Signal(9));
     w.advance(Duration::from_secs(1));
-    assert_eq!(w.plan().actions, vec![spawn(1, &tpl("a"))], "capacity stays full at the old template");
+    assert_eq!(
+        w.plan().actions,
+        vec![spawn(1, &tpl("a"))],
+        "capacity stays full at the old template"
+    );
 }
 
 #[test]
@@ -320,9 +438,16 @@ fn proven_template_missing_its_deadline_after_a_crash_is_an_instance_failure() {
     let again = w.apply(&p)[0];
     w.advance(READY_TIMEOUT);
     let p = w.plan();
-    assert_eq!(p.actions, vec![drain(again, DrainReason::ReadinessTimeout), signal(again)]);
+    assert_eq!(
+        p.actions,
+        vec![drain(again, DrainReason::ReadinessTimeout), signal(again)]
+    );
     w.apply(&p);
-    assert_eq!(w.plan().actions, vec![], "no respawn while the timed-out worker still runs");
+    assert_eq!(
+        w.plan().actions,
+        vec![],
+        "no respawn while the timed-out worker still runs"
+    );
     w.exit(again, ExitReason::Code(0));
     assert_eq!(w.obs().slots[&0].consecutive_failures, 2);
     assert_eq!(w.plan().wake_at, Some(w.now + 200 * MS));
@@ -385,7 +510,10 @@ fn phases() {
     w.apply(&p);
     assert_eq!(
         phase(Some(w.d()), w.obs(), w.now),
-        (Phase::Progressing, Some("rolling out revision a: 0/2 ready".into()))
+        (
+            Phase::Progressing,
+            Some("rolling out revision a: 0/2 ready".into())
+        )
     );
     let ids = w.ids(|_| true);
     for id in &ids {
@@ -396,7 +524,10 @@ fn phases() {
     w.exit(ids[1], ExitReason::Signal(9));
     assert_eq!(
         phase(Some(w.d()), w.obs(), w.now),
-        (Phase::Degraded, Some("worker 1 was killed by signal 9; restarting".into()))
+        (
+            Phase::Degraded,
+            Some("worker 1 was killed by signal 9; restarting".into())
+        )
     );
 }
 

@@ -5,8 +5,8 @@
 use std::time::{Duration, Instant};
 
 use super::{
-    Action, Desired, DrainProgress, DrainReason, ExitReason, Observed, ObservedApp,
-    RolloutFailure, SlotHistory, Template, Worker, WorkerId, WorkerState,
+    Action, Desired, DrainProgress, DrainReason, ExitReason, Observed, ObservedApp, RolloutFailure,
+    SlotHistory, Template, Worker, WorkerId, WorkerState,
 };
 
 impl ObservedApp {
@@ -14,7 +14,8 @@ impl ObservedApp {
     /// pending restart (if any) is consumed.
     pub fn record_spawn(&mut self, id: WorkerId, index: u32, template: Template, now: Instant) {
         self.slots.entry(index).or_default().restart_pending = false;
-        self.workers.insert(id, Worker::starting(id, index, template, now));
+        self.workers
+            .insert(id, Worker::starting(id, index, template, now));
     }
 
     /// A worker that survived a daemon restart was found and adopted. It is `Ready` (it
@@ -71,8 +72,9 @@ impl ObservedApp {
         let slot = self.slots.entry(worker.index).or_default();
         match worker.drain.as_ref().map(|d| &d.reason) {
             None => {
-                let ran_clean =
-                    worker.ready_at.is_some_and(|at| now.saturating_duration_since(at) >= stable_after);
+                let ran_clean = worker
+                    .ready_at
+                    .is_some_and(|at| now.saturating_duration_since(at) >= stable_after);
                 slot.record_failure(now, reason, worker.template.clone(), ran_clean);
                 slot.last_exit_failed = !reason.is_success();
             }
@@ -142,18 +144,31 @@ impl ObservedApp {
                     self.last_good = Some(template.clone());
                     changed = true;
                 }
-                if self.failed.as_ref().is_some_and(|f| &f.template == template) {
+                if self
+                    .failed
+                    .as_ref()
+                    .is_some_and(|f| &f.template == template)
+                {
                     self.failed = None;
                     changed = true;
                 }
                 changed
             }
-            Action::FailRollout { template, reason, .. } => {
-                if self.failed.as_ref().is_some_and(|f| &f.template == template) {
+            Action::FailRollout {
+                template, reason, ..
+            } => {
+                if self
+                    .failed
+                    .as_ref()
+                    .is_some_and(|f| &f.template == template)
+                {
                     return false;
                 }
-                self.failed =
-                    Some(RolloutFailure { template: template.clone(), reason: reason.clone(), at: now });
+                self.failed = Some(RolloutFailure {
+                    template: template.clone(),
+                    reason: reason.clone(),
+                    at: now,
+                });
                 true
             }
         }
@@ -161,11 +176,23 @@ impl ObservedApp {
 }
 
 impl SlotHistory {
-    fn record_failure(&mut self, now: Instant, reason: ExitReason, template: Template, ran_clean: bool) {
-        let same_template = self.last_exit.as_ref().is_some_and(|(_, _, t)| *t == template);
+    fn record_failure(
+        &mut self,
+        now: Instant,
+        reason: ExitReason,
+        template: Template,
+        ran_clean: bool,
+    ) {
+        let same_template = self
+            .last_exit
+            .as_ref()
+            .is_some_and(|(_, _, t)| *t == template);
         self.restarts = self.restarts.saturating_add(1);
-        self.consecutive_failures =
-            if ran_clean || !same_template { 1 } else { self.consecutive_failures.saturating_add(1) };
+        self.consecutive_failures = if ran_clean || !same_template {
+            1
+        } else {
+            self.consecutive_failures.saturating_add(1)
+        };
         self.last_exit = Some((now, reason, template));
         self.restart_pending = true;
         self.last_exit_failed = true;
@@ -200,9 +227,15 @@ impl Observed {
     /// whenever the desired state may have changed; it is cheap and idempotent.
     pub fn record_desired(&mut self, desired: &Desired) {
         for (name, app) in &desired.apps {
-            let Some(observed) = self.apps.get_mut(name) else { continue };
+            let Some(observed) = self.apps.get_mut(name) else {
+                continue;
+            };
             observed.drain_policy = Some(app.drain_policy());
-            if observed.failed.as_ref().is_some_and(|f| f.template != app.template) {
+            if observed
+                .failed
+                .as_ref()
+                .is_some_and(|f| f.template != app.template)
+            {
                 observed.failed = None;
             }
         }
@@ -210,11 +243,14 @@ impl Observed {
 
     /// Drops the apps that are not desired and have no worker left.
     pub fn prune(&mut self, desired: &Desired) {
-        self.apps.retain(|name, app| desired.apps.contains_key(name) || !app.workers.is_empty());
+        self.apps
+            .retain(|name, app| desired.apps.contains_key(name) || !app.workers.is_empty());
     }
 
     /// [`ObservedApp::apply`] on the action's app (an unknown app changes nothing).
     pub fn apply(&mut self, action: &Action, now: Instant) -> bool {
-        self.apps.get_mut(action.app()).is_some_and(|app| app.apply(action, now))
+        self.apps
+            .get_mut(action.app())
+            .is_some_and(|app| app.apply(action, now))
     }
 }
