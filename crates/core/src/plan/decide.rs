@@ -189,11 +189,29 @@ impl<'a> AppPlanner<'a> {
         self.available(d);
     }
 
+    /// The desired template's rollout failed and there is still something to fall back
+    /// on. A failure with no fallback left (every old worker gone, nothing ever proven)
+    /// no longer blocks: the desired template is retried as an instance, with backoff,
+    /// because keeping the app empty helps nobody.
     fn failed(&self, d: &DesiredApp) -> bool {
         self.obs
             .failed
             .as_ref()
             .is_some_and(|f| f.template == d.template)
+            && self.has_fallback(d)
+    }
+
+    /// A proven template other than the desired one, or one that serves right now.
+    fn has_fallback(&self, d: &DesiredApp) -> bool {
+        self.obs
+            .last_good
+            .as_ref()
+            .is_some_and(|g| *g != d.template)
+            || self
+                .obs
+                .workers
+                .values()
+                .any(|w| w.state == WorkerState::Ready && w.template != d.template)
     }
 
     /// A failure of a worker of the desired template fails the rollout (rather than the
@@ -202,14 +220,12 @@ impl<'a> AppPlanner<'a> {
     /// failing closed would only leave the app down for good on a transient error, so
     /// the instance is retried with backoff instead (CrashLoopBackOff).
     fn rollout_can_fail(&self, d: &DesiredApp) -> bool {
-        !self.failed(d)
+        self.obs
+            .failed
+            .as_ref()
+            .is_none_or(|f| f.template != d.template)
             && self.obs.last_good.as_ref() != Some(&d.template)
-            && (self.obs.last_good.is_some()
-                || self
-                    .obs
-                    .workers
-                    .values()
-                    .any(|w| w.state != WorkerState::Draining && w.template != d.template))
+            && self.has_fallback(d)
     }
 
     fn fail_rollout(&mut self, d: &DesiredApp, reason: String) {
@@ -276,9 +292,9 @@ impl<'a> AppPlanner<'a> {
         }
     }
 
-    /// The template index `index` should run, given the workers now there. `None`: none
-    /// is known (a failed rollout with nothing to fall back to).
-    fn target(&self, d: &DesiredApp, index: u32, here: &[&Worker]) -> Option<Template> {
+    /// The template an index should run, given its live workers `here`. `None`: none is
+    /// known (a failed rollout whose fallback is gone).
+    fn target(&self, d: &DesiredApp, here: &[&Worker]) -> Option<Template> {
         if !self.failed(d) {
             return Some(d.template.clone());
         }
@@ -307,14 +323,6 @@ impl<'a> AppPlanner<'a> {
                     .filter(|w| w.state == WorkerState::Ready)
                     .map(|w| &w.template)
                     .find(not_failed)
-            })
-            .or_else(|| {
-                self.obs
-                    .slots
-                    .get(&index)
-                    .and_then(|s| s.last_exit.as_ref())
-                    .map(|(_, _, t)| t)
-                    .filter(not_failed)
             })
             .cloned()
     }
@@ -346,7 +354,7 @@ impl<'a> AppPlanner<'a> {
     fn normalize(&mut self, d: &DesiredApp) {
         for index in 0..d.replicas {
             let here = self.here(index);
-            let Some(target) = self.target(d, index, &here) else {
+            let Some(target) = self.target(d, &here) else {
                 continue;
             };
             let keeper = here
@@ -423,7 +431,7 @@ impl<'a> AppPlanner<'a> {
         let min_ready = (n as usize).saturating_sub(d.rollout.max_unavailable as usize);
         for index in 0..n {
             let here = self.here(index);
-            let Some(target) = self.target(d, index, &here) else {
+            let Some(target) = self.target(d, &here) else {
                 continue;
             };
             let settled = here.iter().any(|w| {
@@ -435,6 +443,10 @@ impl<'a> AppPlanner<'a> {
                 continue;
             }
             let serving: Vec<WorkerId> = here.iter().map(|w| w.id).collect();
+            let ready_here = here
+                .iter()
+                .filter(|w| w.state == WorkerState::Ready)
+                .count();
             match self.spawn_gate(d, index, &target, serving.is_empty()) {
                 SpawnGate::Now => {}
                 SpawnGate::At(at) => {
@@ -445,7 +457,9 @@ impl<'a> AppPlanner<'a> {
             }
             if self.live_count(n) < cap {
                 self.spawn(index, target);
-            } else if !serving.is_empty() && self.ready_count(n) - serving.len() >= min_ready {
+            } else if !serving.is_empty()
+                && self.ready_count(n).saturating_sub(ready_here) >= min_ready
+            {
                 for id in serving {
                     let reason = self.replace_reason(d, self.worker(id));
                     self.drain(id, reason);
