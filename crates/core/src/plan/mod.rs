@@ -52,6 +52,8 @@
 //!   would leave the app down for good on a transient error, so failures are instance
 //!   failures (backoff, `CrashLoopBackOff`). A proven template's failures are always
 //!   instance failures.
+//!   Likewise a recorded failure stops blocking once its fallback is gone (no last good
+//!   template, no Ready worker of another template): the desired template is retried.
 //! - **Available**: once every index has a healthy Ready worker of the desired template,
 //!   `MarkAvailable` records it as `last_good`.
 //! - **Removal**: an app absent from `Desired` drains everything (`AppRemoved`).
