@@ -1,18 +1,102 @@
 //! The planner: `plan(desired, observed, now) -> Plan`.
 //!
 //! Pure and deterministic: no clock, no I/O, no randomness. The runtime owns the
-//! [`Observed`] state, feeds it events through the `record_*` transitions below (also
-//! pure), calls [`plan`] on every wake-up (level-triggered: it never learns *why* it was
-//! woken), carries out the returned actions, applies them to `Observed` with
-//! [`ObservedApp::apply`], and sleeps until the next event or `Plan::wake_at`.
+//! [`Observed`] state, feeds it events through the `record_*` transitions (also pure),
+//! calls [`plan`] on every wake-up (level-triggered: it never learns *why* it was woken),
+//! carries out the returned actions, applies them to `Observed` with
+//! [`ObservedApp::apply`] (spawns with [`ObservedApp::record_spawn`]), and sleeps until
+//! the next event or `Plan::wake_at`. [`phase`] summarises an app for status.
 //!
 //! # Contract with the runtime
-//! - After the runtime has applied every action of a plan (Spawn via
-//!   [`ObservedApp::record_spawn`], the others via [`ObservedApp::apply`]), planning again
-//!   at the same `now` yields no action that was already carried out (idempotence).
-//! - The runtime keeps the spec of every revision that still has workers or is the
-//!   last good one, because a `Spawn` may name an older revision (fail-closed: after a
-//!   failed rollout, a crashed old worker comes back at its old revision).
+//! - Call [`Observed::record_desired`] before planning whenever the desired state may
+//!   have changed (it remembers each app's [`DrainPolicy`] so a removed app still drains
+//!   with its own timeout, and forgets a failure whose template is no longer desired).
+//! - Every `record_*` call is an event: plan again after it. So is a draining worker's
+//!   `inflight` reaching 0 (http/tcp), and a change of `rss`/`liveness_failures`.
+//! - After the runtime has applied every action of a plan, planning again at the same
+//!   `now` yields no action that was already carried out (idempotence); if the plan had no
+//!   `Spawn`, it yields nothing at all.
+//! - The runtime keeps the spec of every template that still has workers or is the last
+//!   good one, because a `Spawn` may name an older template (fail-closed: after a failed
+//!   rollout, a crashed old worker comes back at its old template).
+//!
+//! # Rules
+//! - **Spawn / fill**: every index `0..replicas` gets a worker of its target template (the
+//!   desired one; after a failed rollout, the template already serving there, else the
+//!   last good one). **Scale down** drains every index `>= replicas`, highest first.
+//! - **Readiness**: `Immediate` is marked ready at once, `Delay(d)` at `spawned_at + d`,
+//!   `Reported` once `ready_reported`. Not ready by `spawned_at + readiness_timeout`: the
+//!   worker drains (`ReadinessTimeout`).
+//! - **Drain**: `Signal` at once in inherit mode; in http/tcp mode once `inflight == 0`
+//!   or `shutdown_timeout` after the drain started. `Kill` at `signalled_at +
+//!   shutdown_timeout`.
+//! - **Restart**: an unplanned exit makes the index wait `backoff_delay` (initial,
+//!   doubling per consecutive failure, capped at max), then restart unless the policy says
+//!   no (`never`; `on-failure` after exit code 0). A worker that was Ready for
+//!   [`stable_after`] = max(10 s, backoff.max) before it died starts a new streak at 1.
+//!   A worker that missed its readiness deadline is a failure too, and holds its index
+//!   until it has exited (so the backoff starts from its exit, not from the timeout).
+//! - **Rolling replacement** (template change, reload, RSS over `memory_limit`,
+//!   `liveness_failures >= threshold`), per index, lowest first: surge a new worker for the
+//!   same index while `live < replicas + maxSurge`; else, if allowed by maxUnavailable,
+//!   drain the old worker first and start the new one. The old worker drains
+//!   (`Replaced`, `MemoryLimit`, `LivenessFailed`) in the very plan in which its
+//!   replacement is marked ready.
+//! - **Fail closed**: a worker of the desired template, not yet proven (it never was
+//!   `last_good`), that misses its readiness deadline or exits (or fails to spawn) fails
+//!   the rollout (`FailRollout`, once) when there is something to fall back on (a last
+//!   good template, or workers of another template). The failed template is not spawned
+//!   again while `failed` names it; its starting workers drain (`RolloutFailed`); old
+//!   workers keep serving, and a crashed one comes back at its old template. Without a
+//!   fallback (first start, or after a daemon restart with nothing adopted) failing closed
+//!   would leave the app down for good on a transient error, so failures are instance
+//!   failures (backoff, `CrashLoopBackOff`). A proven template's failures are always
+//!   instance failures.
+//!   Likewise a recorded failure stops blocking once its fallback is gone (no last good
+//!   template, no Ready worker of another template): the desired template is retried.
+//! - **Available**: once every index has a healthy Ready worker of the desired template,
+//!   `MarkAvailable` records it as `last_good`.
+//! - **Removal**: an app absent from `Desired` drains everything (`AppRemoved`).
+//!
+//! # Invariants (checked by the property tests)
+//! Counting: *live* = non-draining workers at an index `< replicas`; *ready* = live
+//! workers in state Ready. Draining workers are counted apart: they take no new traffic
+//! and hold no index, so they count neither as capacity nor against the surge (a slow
+//! drain must not stall a rollout), and their number is bounded by the drain deadlines.
+//! - `live <= replicas + maxSurge` after every plan: the surge is the extra capacity the
+//!   user allowed (memory, ports) and no more. A scale-down that leaves too much surge in
+//!   flight cancels starting replacements, highest index first, until the bound holds.
+//! - The planner never takes `ready` below `min(ready before, replicas -
+//!   maxUnavailable)`: with maxUnavailable 0 a rollout never lowers serving capacity.
+//!   (Crashes can; the planner only refills.)
+//! - A failed readiness or a failed rollout drains only workers that never served: the
+//!   old Ready workers stay.
+//! - Live workers have indexes in `0..replicas` and, among healthy ones, at most one per
+//!   (index, template): `CLUSTERD_INSTANCE` stays stable and unique; a replacement keeps
+//!   the index it replaces.
+//! - Idempotence (above): decisions are applied to a private copy of the state as they
+//!   are made, so the plan is computed against the state it leaves behind.
+//! - Convergence: with no more events than ready reports, exits after signals and time
+//!   passing, the app ends with `replicas` Ready workers at the desired template, nothing
+//!   draining — or, if that template's rollout failed, `replicas` Ready workers of the old
+//!   one(s) and phase Degraded; only a template that cannot run with nothing to fall back
+//!   on keeps looping (CrashLoopBackOff).
+
+mod backoff;
+mod decide;
+mod phase;
+mod transitions;
+
+#[cfg(test)]
+mod fixtures;
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;
+
+pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
+pub use decide::plan;
+pub use phase::{describe_template, phase};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -136,6 +220,8 @@ pub enum DrainReason {
     MemoryLimit,
     /// Failed its liveness probe `failureThreshold` times.
     LivenessFailed,
+    /// A worker of a template whose rollout failed (it would only add surge).
+    RolloutFailed,
 }
 
 /// Progress of a drain.
@@ -198,7 +284,7 @@ impl ExitReason {
 }
 
 /// Restart bookkeeping of one instance index; survives its workers.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotHistory {
     /// Total unplanned exits of this index (shown as `restarts`).
     pub restarts: u32,
@@ -206,6 +292,12 @@ pub struct SlotHistory {
     pub consecutive_failures: u32,
     /// When and how the last unplanned exit happened, and of which template.
     pub last_exit: Option<(Instant, ExitReason, Template)>,
+    /// The index's last worker ended unplanned (crash, failed spawn, not ready in time)
+    /// and nothing was started for the index since: restart policy and backoff apply.
+    pub restart_pending: bool,
+    /// That unplanned end counts as a failure for `restart.policy: on-failure`
+    /// (non-zero code, signal, failed spawn, not ready in time).
+    pub last_exit_failed: bool,
 }
 
 /// A rollout that failed; its template is not retried until the desired template changes.
@@ -230,6 +322,29 @@ pub struct ObservedApp {
     pub failed: Option<RolloutFailure>,
     /// The last template that reached Available (fail-closed fallback).
     pub last_good: Option<Template>,
+    /// How to stop workers, remembered from the last desired state by
+    /// [`Observed::record_desired`] so that an app whose manifest is gone still drains
+    /// with its own shutdown timeout. `None`: [`DrainPolicy::default`].
+    pub drain_policy: Option<DrainPolicy>,
+}
+
+/// How a draining worker is stopped (from `shutdown` and the listener mode).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrainPolicy {
+    /// Signal-to-SIGKILL time, and the bound of the wait for in-flight work.
+    pub shutdown_timeout: Duration,
+    /// Signal only once in-flight work is done (http/tcp modes).
+    pub wait_for_idle: bool,
+}
+
+impl Default for DrainPolicy {
+    /// The manifest defaults: 10 s, wait for idle (http mode).
+    fn default() -> Self {
+        DrainPolicy {
+            shutdown_timeout: Duration::from_secs(10),
+            wait_for_idle: true,
+        }
+    }
 }
 
 /// What the runtime knows about the host.
@@ -281,6 +396,14 @@ pub enum Action {
         /// Worker.
         worker: WorkerId,
     },
+    /// The app reached Available at `template`: remember it as the last good one
+    /// (the fail-closed fallback) and clear a failure of that template.
+    MarkAvailable {
+        /// App.
+        app: AppName,
+        /// The template every instance now runs, ready.
+        template: Template,
+    },
     /// Stop the rollout of `template`; old workers keep serving.
     FailRollout {
         /// App.
@@ -290,6 +413,36 @@ pub enum Action {
         /// Why (for status and events).
         reason: String,
     },
+}
+
+impl Action {
+    /// The app the action is about.
+    #[must_use]
+    pub fn app(&self) -> &AppName {
+        match self {
+            Action::Spawn { app, .. }
+            | Action::MarkReady { app, .. }
+            | Action::Drain { app, .. }
+            | Action::Signal { app, .. }
+            | Action::Kill { app, .. }
+            | Action::MarkAvailable { app, .. }
+            | Action::FailRollout { app, .. } => app,
+        }
+    }
+
+    /// The worker the action is about, if any.
+    #[must_use]
+    pub fn worker(&self) -> Option<WorkerId> {
+        match self {
+            Action::MarkReady { worker, .. }
+            | Action::Drain { worker, .. }
+            | Action::Signal { worker, .. }
+            | Action::Kill { worker, .. } => Some(*worker),
+            Action::Spawn { .. } | Action::MarkAvailable { .. } | Action::FailRollout { .. } => {
+                None
+            }
+        }
+    }
 }
 
 /// The planner's answer.
