@@ -17,6 +17,9 @@
 //! call [`run_shim`] with the arguments after `__exec`, first thing, before starting any
 //! thread or runtime.
 //!
+//! The shim also marks every other descriptor close-on-exec, so nothing the daemon
+//! inherited from its own parent leaks into workers.
+//!
 //! Setup errors are written to a `CLOEXEC` status pipe (the daemon reads it until EOF:
 //! EOF without data means the exec succeeded) and to stderr (the worker's log), and the
 //! shim exits with 127.
@@ -223,8 +226,28 @@ fn remap_fds(pairs: &[(RawFd, RawFd)], status: Option<RawFd>) -> std::io::Result
         // SAFETY: `tmp` is ours and no longer needed.
         unsafe { libc::close(tmp) };
     }
+    cloexec_all_but(&targets)?;
     // SAFETY: `status_tmp` is a fresh descriptor owned by nothing else.
     Ok(status_tmp.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+}
+
+/// Marks every descriptor above 2 except `keep` close-on-exec, so that descriptors the
+/// daemon itself inherited without `FD_CLOEXEC` (from a shell, a CI runner, a supervisor)
+/// never reach a worker. The status pipe is already close-on-exec and stays usable until
+/// the exec.
+fn cloexec_all_but(keep: &[RawFd]) -> std::io::Result<()> {
+    let fds: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if fd > 2 && !keep.contains(&fd) {
+            // SAFETY: setting FD_CLOEXEC touches no memory; an fd that is already gone
+            // (the directory's own) just fails with EBADF.
+            unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) };
+        }
+    }
+    Ok(())
 }
 
 /// Restores default dispositions: ignored signals stay ignored across exec, and the
