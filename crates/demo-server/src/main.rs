@@ -44,7 +44,10 @@ fn main() {
         eprintln!("demo-server: exiting at start with code {code} (DEMO_EXIT_AT_START)");
         std::process::exit(code as i32);
     }
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let local = tokio::task::LocalSet::new();
     let code = local.block_on(&rt, run());
     std::process::exit(code);
@@ -64,7 +67,10 @@ async fn run() -> i32 {
         }
     };
     if std::env::var_os("DEMO_NEVER_READY").is_some_and(|v| v == "1") {
-        println!("demo-server pid {}: never ready (DEMO_NEVER_READY)", std::process::id());
+        println!(
+            "demo-server pid {}: never ready (DEMO_NEVER_READY)",
+            std::process::id()
+        );
         let sig = shutdown.await;
         println!("demo-server: {sig}, exiting");
         return 0;
@@ -78,7 +84,10 @@ async fn run() -> i32 {
     };
     std_listener.set_nonblocking(true).expect("set_nonblocking");
     let listener = tokio::net::TcpListener::from_std(std_listener).expect("register listener");
-    let addr = listener.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    let addr = listener
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let state = Rc::new(State {
         pid: std::process::id(),
         instance: std::env::var("CLUSTERD_INSTANCE").unwrap_or_else(|_| "-".into()),
@@ -87,7 +96,10 @@ async fn run() -> i32 {
         health_failing: Cell::new(false),
         held: RefCell::new(Vec::new()),
     });
-    println!("demo-server pid {} listening on {addr} ({source})", state.pid);
+    println!(
+        "demo-server pid {} listening on {addr} ({source})",
+        state.pid
+    );
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         if let Err(e) = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]) {
             eprintln!("demo-server: READY=1 failed: {e}");
@@ -115,7 +127,11 @@ async fn run() -> i32 {
     if std::env::var_os("NOTIFY_SOCKET").is_some() {
         let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     }
-    println!("demo-server pid {}: {sig}, draining {} connection(s)", state.pid, graceful.count());
+    println!(
+        "demo-server pid {}: {sig}, draining {} connection(s)",
+        state.pid,
+        graceful.count()
+    );
     graceful.shutdown().await;
     println!("demo-server pid {}: drained, exiting", state.pid);
     0
@@ -143,31 +159,53 @@ fn listener() -> Result<(std::net::TcpListener, String), String> {
                             break v.to_string();
                         }
                     }
-                    None => return Err("no listener: set LISTEN_FDS (inherit), PORT, or pass --port N".into()),
+                    None => {
+                        return Err(
+                            "no listener: set LISTEN_FDS (inherit), PORT, or pass --port N".into(),
+                        )
+                    }
                 }
             }
         }
     };
-    let port: u16 = port.trim().parse().map_err(|_| format!("bad port `{port}`"))?;
+    let port: u16 = port
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad port `{port}`"))?;
     std::net::TcpListener::bind(("127.0.0.1", port))
         .map(|l| (l, format!("port {port}")))
         .map_err(|e| format!("bind 127.0.0.1:{port}: {e}"))
 }
 
 fn query_num(req: &Request<Incoming>, key: &str) -> Option<u64> {
-    req.uri().query()?.split('&').find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
+    req.uri()
+        .query()?
+        .split('&')
+        .find_map(|kv| kv.strip_prefix(key)?.strip_prefix('=')?.parse().ok())
 }
 
-async fn handle(state: Rc<State>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn handle(
+    state: Rc<State>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let n = state.requests.get() + 1;
     state.requests.set(n);
     if state.crash_after.is_some_and(|limit| n > limit) {
-        eprintln!("demo-server pid {}: crashing after {} requests (DEMO_CRASH_AFTER)", state.pid, n - 1);
+        eprintln!(
+            "demo-server pid {}: crashing after {} requests (DEMO_CRASH_AFTER)",
+            state.pid,
+            n - 1
+        );
         std::process::exit(70);
     }
     let (status, body) = match req.uri().path() {
-        "/" => (StatusCode::OK, format!("pid {} instance {}\n", state.pid, state.instance)),
-        "/healthz" if state.health_failing.get() => (StatusCode::INTERNAL_SERVER_ERROR, "failing\n".into()),
+        "/" => (
+            StatusCode::OK,
+            format!("pid {} instance {}\n", state.pid, state.instance),
+        ),
+        "/healthz" if state.health_failing.get() => {
+            (StatusCode::INTERNAL_SERVER_ERROR, "failing\n".into())
+        }
         "/healthz" => (StatusCode::OK, "ok\n".into()),
         "/fail-health" => {
             state.health_failing.set(true);
@@ -180,14 +218,20 @@ async fn handle(state: Rc<State>, req: Request<Incoming>) -> Result<Response<Ful
         "/slow" => {
             let ms = query_num(&req, "ms").unwrap_or(100);
             tokio::time::sleep(Duration::from_millis(ms)).await;
-            (StatusCode::OK, format!("slept {ms} ms in pid {}\n", state.pid))
+            (
+                StatusCode::OK,
+                format!("slept {ms} ms in pid {}\n", state.pid),
+            )
         }
         "/grow" => {
             let mb = query_num(&req, "mb").unwrap_or(10) as usize;
             // Filled, so the pages are resident (counted in RSS), not just reserved.
             state.held.borrow_mut().push(vec![1u8; mb * 1024 * 1024]);
             let total: usize = state.held.borrow().iter().map(Vec::len).sum();
-            (StatusCode::OK, format!("holding {} MiB in pid {}\n", total >> 20, state.pid))
+            (
+                StatusCode::OK,
+                format!("holding {} MiB in pid {}\n", total >> 20, state.pid),
+            )
         }
         _ => (StatusCode::NOT_FOUND, "not found\n".into()),
     };

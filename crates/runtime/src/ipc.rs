@@ -35,9 +35,13 @@ impl IpcChannel {
     /// Wraps the daemon's end (needs a tokio runtime).
     pub(crate) fn from_fd(fd: OwnedFd) -> Result<Self> {
         let std = std::os::unix::net::UnixStream::from(fd);
-        std.set_nonblocking(true).map_err(|e| Error::io("ipc channel: set non-blocking", e))?;
-        let stream = UnixStream::from_std(std).map_err(|e| Error::io("ipc channel: register", e))?;
-        Ok(IpcChannel { reader: BufReader::new(stream) })
+        std.set_nonblocking(true)
+            .map_err(|e| Error::io("ipc channel: set non-blocking", e))?;
+        let stream =
+            UnixStream::from_std(std).map_err(|e| Error::io("ipc channel: register", e))?;
+        Ok(IpcChannel {
+            reader: BufReader::new(stream),
+        })
     }
 
     /// The next app message; `None` when the worker closed the channel (or exited).
@@ -46,7 +50,11 @@ impl IpcChannel {
         let mut line = String::new();
         loop {
             line.clear();
-            let n = self.reader.read_line(&mut line).await.map_err(|e| Error::io("ipc channel: read", e))?;
+            let n = self
+                .reader
+                .read_line(&mut line)
+                .await
+                .map_err(|e| Error::io("ipc channel: read", e))?;
             if n == 0 {
                 return Ok(None);
             }
@@ -58,14 +66,26 @@ impl IpcChannel {
 
     /// Forwards messages as [`WorkerReport`]s for worker `pgid` until the channel closes.
     /// The task owns the channel, which keeps it open as long as the worker lives.
-    pub fn forward(mut self, pgid: i32, tx: mpsc::Sender<WorkerReport>) -> tokio::task::JoinHandle<()> {
+    pub fn forward(
+        mut self,
+        pgid: i32,
+        tx: mpsc::Sender<WorkerReport>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             while let Ok(Some(msg)) = self.recv().await {
                 let message = match msg {
                     IpcMessage::Ready => WorkerMessage::Ready,
                     IpcMessage::Other(v) => WorkerMessage::Ipc(v),
                 };
-                if tx.send(WorkerReport { pgid, pid: pgid, message }).await.is_err() {
+                if tx
+                    .send(WorkerReport {
+                        pgid,
+                        pid: pgid,
+                        message,
+                    })
+                    .await
+                    .is_err()
+                {
                     break;
                 }
             }
@@ -79,7 +99,11 @@ pub fn parse_line(line: &str) -> Option<IpcMessage> {
     if value.as_str() == Some("ready") {
         return Some(IpcMessage::Ready);
     }
-    if value.get("cmd").and_then(|c| c.as_str()).is_some_and(|c| c.starts_with("NODE_")) {
+    if value
+        .get("cmd")
+        .and_then(|c| c.as_str())
+        .is_some_and(|c| c.starts_with("NODE_"))
+    {
         return None;
     }
     Some(IpcMessage::Other(value))
@@ -94,6 +118,9 @@ mod tests {
         assert_eq!(parse_line("\"ready\"\n"), Some(IpcMessage::Ready));
         assert_eq!(parse_line(r#"{"cmd":"NODE_HANDLE_ACK"}"#), None);
         assert_eq!(parse_line("not json"), None);
-        assert_eq!(parse_line(r#"{"a":1}"#), Some(IpcMessage::Other(serde_json::json!({"a":1}))));
+        assert_eq!(
+            parse_line(r#"{"a":1}"#),
+            Some(IpcMessage::Other(serde_json::json!({"a":1})))
+        );
     }
 }

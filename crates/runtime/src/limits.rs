@@ -56,8 +56,9 @@ impl CgroupTree {
     /// cpu controllers enabled for children. The error is [`Error::CgroupUnavailable`]
     /// with a reason fit for "cgroup backstop: unavailable (reason)".
     pub fn detect() -> Result<Self> {
-        let mounts = fs::read_to_string("/proc/self/mountinfo")
-            .map_err(|e| Error::CgroupUnavailable(format!("cannot read /proc/self/mountinfo: {e}")))?;
+        let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+            Error::CgroupUnavailable(format!("cannot read /proc/self/mountinfo: {e}"))
+        })?;
         let mount = cgroup2_mount(&mounts)
             .ok_or_else(|| Error::CgroupUnavailable("no cgroup v2 filesystem is mounted".into()))?;
         let own = fs::read_to_string("/proc/self/cgroup")
@@ -65,7 +66,9 @@ impl CgroupTree {
         let rel = own
             .lines()
             .find_map(|l| l.strip_prefix("0::"))
-            .ok_or_else(|| Error::CgroupUnavailable("the daemon is in no cgroup v2 group".into()))?;
+            .ok_or_else(|| {
+                Error::CgroupUnavailable("the daemon is in no cgroup v2 group".into())
+            })?;
         let own_dir = mount.join(rel.trim_start_matches('/'));
         let available = fs::read_to_string(own_dir.join("cgroup.controllers")).unwrap_or_default();
         let has = |c: &str| available.split_whitespace().any(|x| x == c);
@@ -87,17 +90,27 @@ impl CgroupTree {
             ))
         })?;
         let base = own_dir.join("clusterd");
-        fs::create_dir_all(&base)
-            .map_err(|e| Error::CgroupUnavailable(format!("cannot create {}: {e}", base.display())))?;
-        enable_controllers(&base, &enable)
-            .map_err(|e| Error::CgroupUnavailable(format!("cannot enable controllers in {}: {e}", base.display())))?;
+        fs::create_dir_all(&base).map_err(|e| {
+            Error::CgroupUnavailable(format!("cannot create {}: {e}", base.display()))
+        })?;
+        enable_controllers(&base, &enable).map_err(|e| {
+            Error::CgroupUnavailable(format!(
+                "cannot enable controllers in {}: {e}",
+                base.display()
+            ))
+        })?;
         Ok(CgroupTree { base })
     }
 
     /// Creates (or reuses) `<base>/<app>/<leaf>` with `limits` written, and returns it for
     /// [`crate::spawn::WorkerSpec::cgroup`]. `leaf` must be unique per live worker (e.g.
     /// its `WorkerId`).
-    pub fn create_worker_cgroup(&self, app: &str, leaf: &str, limits: CgroupLimits) -> Result<PathBuf> {
+    pub fn create_worker_cgroup(
+        &self,
+        app: &str,
+        leaf: &str,
+        limits: CgroupLimits,
+    ) -> Result<PathBuf> {
         let app_dir = self.base.join(app);
         let cg = |path: &Path, what: &'static str| {
             let path = path.to_path_buf();
@@ -133,7 +146,11 @@ impl CgroupTree {
         match fs::remove_dir(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(Error::Cgroup { path: path.to_path_buf(), what: "remove", source }),
+            Err(source) => Err(Error::Cgroup {
+                path: path.to_path_buf(),
+                what: "remove",
+                source,
+            }),
         }
     }
 }
@@ -163,7 +180,10 @@ mod tests {
     fn finds_cgroup2_mount() {
         let text = "35 24 0:30 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory\n\
                     36 24 0:31 / /sys/fs/cgroup/unified rw,relatime shared:13 - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount(text), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
         assert_eq!(cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/sda rw\n"), None);
     }
 
@@ -171,10 +191,19 @@ mod tests {
     fn writes_limits_into_a_leaf() {
         let dir = tempfile::tempdir().unwrap();
         let tree = CgroupTree::at(dir.path());
-        let limits = CgroupLimits { memory_max: Some(memory_backstop(512 << 20)), cpus: Some(1.5) };
+        let limits = CgroupLimits {
+            memory_max: Some(memory_backstop(512 << 20)),
+            cpus: Some(1.5),
+        };
         let leaf = tree.create_worker_cgroup("web", "w1", limits).unwrap();
-        assert_eq!(fs::read_to_string(leaf.join("memory.max")).unwrap(), (640u64 << 20).to_string());
-        assert_eq!(fs::read_to_string(leaf.join("cpu.max")).unwrap(), "150000 100000");
+        assert_eq!(
+            fs::read_to_string(leaf.join("memory.max")).unwrap(),
+            (640u64 << 20).to_string()
+        );
+        assert_eq!(
+            fs::read_to_string(leaf.join("cpu.max")).unwrap(),
+            "150000 100000"
+        );
     }
 
     #[test]

@@ -40,7 +40,11 @@ impl BoundListener {
     /// `FD_CLOEXEC` (socket2's default): it reaches a worker only through the spawn path.
     pub fn bind(addr: SocketAddr, protocol: Protocol, backlog: i32) -> Result<Self> {
         let proto_name = protocol_name(protocol);
-        let map = |source| Error::Bind { addr, protocol: proto_name, source };
+        let map = |source| Error::Bind {
+            addr,
+            protocol: proto_name,
+            source,
+        };
         let (ty, sp) = match protocol {
             Protocol::Tcp => (Type::STREAM, SockProtocol::TCP),
             Protocol::Udp => (Type::DGRAM, SockProtocol::UDP),
@@ -60,9 +64,17 @@ impl BoundListener {
             .local_addr()
             .map_err(map)?
             .as_socket()
-            .ok_or_else(|| map(std::io::Error::other("bound address is not an inet address")))?;
+            .ok_or_else(|| {
+                map(std::io::Error::other(
+                    "bound address is not an inet address",
+                ))
+            })?;
         tracing::debug!(%local_addr, protocol = proto_name, "listener bound");
-        Ok(BoundListener { fd: socket.into(), local_addr, protocol })
+        Ok(BoundListener {
+            fd: socket.into(),
+            local_addr,
+            protocol,
+        })
     }
 
     /// Binds a TCP listener with [`DEFAULT_BACKLOG`].
@@ -89,7 +101,9 @@ impl BoundListener {
     /// worker; spawn closes it after the fork. The duplicate shares the open file
     /// description, so it stays blocking like the original.
     pub fn inherit_fd(&self) -> Result<OwnedFd> {
-        self.fd.try_clone().ctx(|| format!("dup listener {}", self.local_addr))
+        self.fd
+            .try_clone()
+            .ctx(|| format!("dup listener {}", self.local_addr))
     }
 
     /// A non-blocking `std::net::TcpListener` for the proxy modes, ready for

@@ -42,13 +42,19 @@ pub struct LogPolicy {
 
 impl Default for LogPolicy {
     fn default() -> Self {
-        LogPolicy { max_size: 10 * 1024 * 1024, max_files: 5 }
+        LogPolicy {
+            max_size: 10 * 1024 * 1024,
+            max_files: 5,
+        }
     }
 }
 
 impl From<&clusterd_core::model::Logs> for LogPolicy {
     fn from(l: &clusterd_core::model::Logs) -> Self {
-        LogPolicy { max_size: l.max_size.0, max_files: l.max_files }
+        LogPolicy {
+            max_size: l.max_size.0,
+            max_files: l.max_files,
+        }
     }
 }
 
@@ -104,7 +110,8 @@ pub fn rotate_if_needed(path: &Path, policy: LogPolicy) -> Result<bool> {
             let from = rotated_path(path, n);
             if from.exists() {
                 let to = rotated_path(path, n + 1);
-                fs::rename(&from, &to).ctx(|| format!("rename {} to {}", from.display(), to.display()))?;
+                fs::rename(&from, &to)
+                    .ctx(|| format!("rename {} to {}", from.display(), to.display()))?;
             }
         }
         let first = rotated_path(path, 1);
@@ -146,7 +153,11 @@ pub fn instance_logs(log_dir: &Path, app: &str) -> Vec<(u32, PathBuf)> {
         .flatten()
         .filter_map(|e| {
             let name = e.file_name().into_string().ok()?;
-            let idx = name.strip_prefix(&prefix)?.strip_suffix(".log")?.parse().ok()?;
+            let idx = name
+                .strip_prefix(&prefix)?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()?;
             Some((idx, e.path()))
         })
         .collect();
@@ -160,13 +171,20 @@ pub fn tail(path: &Path, n: usize) -> Result<Vec<String>> {
     let mut lines: Vec<String> = Vec::new();
     let mut k = 0;
     loop {
-        let p = if k == 0 { path.to_path_buf() } else { rotated_path(path, k) };
+        let p = if k == 0 {
+            path.to_path_buf()
+        } else {
+            rotated_path(path, k)
+        };
         if k > 0 && !p.exists() {
             break;
         }
         let mut chunk = match last_lines(&p, n - lines.len()) {
             Ok(c) => c,
-            Err(e) if k == 0 && matches!(&e, crate::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound) => {
+            Err(e)
+                if k == 0
+                    && matches!(&e, crate::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound) =>
+            {
                 Vec::new()
             }
             Err(e) => return Err(e),
@@ -187,7 +205,10 @@ fn last_lines(path: &Path, n: usize) -> Result<Vec<String>> {
         return Ok(Vec::new());
     }
     let mut f = File::open(path).ctx(|| format!("open {}", path.display()))?;
-    let len = f.metadata().ctx(|| format!("stat {}", path.display()))?.len();
+    let len = f
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .len();
     const BLOCK: u64 = 64 * 1024;
     let mut pos = len;
     let mut buf: Vec<u8> = Vec::new();
@@ -200,8 +221,10 @@ fn last_lines(path: &Path, n: usize) -> Result<Vec<String>> {
         }
         let start = pos.saturating_sub(BLOCK);
         let mut block = vec![0; (pos - start) as usize];
-        f.seek(SeekFrom::Start(start)).ctx(|| format!("seek {}", path.display()))?;
-        f.read_exact(&mut block).ctx(|| format!("read {}", path.display()))?;
+        f.seek(SeekFrom::Start(start))
+            .ctx(|| format!("seek {}", path.display()))?;
+        f.read_exact(&mut block)
+            .ctx(|| format!("read {}", path.display()))?;
         block.extend_from_slice(&buf);
         buf = block;
         pos = start;
@@ -229,7 +252,11 @@ impl Follower {
     pub fn from_end(path: impl Into<PathBuf>) -> Self {
         let path = path.into();
         let offset = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-        Follower { path, offset, partial: Vec::new() }
+        Follower {
+            path,
+            offset,
+            partial: Vec::new(),
+        }
     }
 
     /// Reads what was appended since the last call (never blocks for new data).
@@ -239,7 +266,10 @@ impl Follower {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(crate::Error::io(format!("open {}", self.path.display()), e)),
         };
-        let len = f.metadata().ctx(|| format!("stat {}", self.path.display()))?.len();
+        let len = f
+            .metadata()
+            .ctx(|| format!("stat {}", self.path.display()))?
+            .len();
         if len < self.offset {
             self.offset = 0;
             self.partial.clear();
@@ -247,7 +277,8 @@ impl Follower {
         if len == self.offset {
             return Ok(Vec::new());
         }
-        f.seek(SeekFrom::Start(self.offset)).ctx(|| format!("seek {}", self.path.display()))?;
+        f.seek(SeekFrom::Start(self.offset))
+            .ctx(|| format!("seek {}", self.path.display()))?;
         let mut data = Vec::new();
         (&mut f)
             .take(len - self.offset)
@@ -284,7 +315,10 @@ mod tests {
     fn rotation_shifts_and_caps() {
         let dir = tempfile::tempdir().unwrap();
         let (mut f, path) = open_instance_log(dir.path(), "web", 0).unwrap();
-        let policy = LogPolicy { max_size: 10, max_files: 2 };
+        let policy = LogPolicy {
+            max_size: 10,
+            max_files: 2,
+        };
         for round in 0..4 {
             writeln!(f, "round {round} xxxxxxxx").unwrap();
             assert!(rotate_if_needed(&path, policy).unwrap());
@@ -292,8 +326,14 @@ mod tests {
         // Writer keeps appending to the truncated file at offset 0.
         writeln!(f, "after").unwrap();
         assert_eq!(fs::read_to_string(&path).unwrap(), "after\n");
-        assert_eq!(fs::read_to_string(rotated_path(&path, 1)).unwrap(), "round 3 xxxxxxxx\n");
-        assert_eq!(fs::read_to_string(rotated_path(&path, 2)).unwrap(), "round 2 xxxxxxxx\n");
+        assert_eq!(
+            fs::read_to_string(rotated_path(&path, 1)).unwrap(),
+            "round 3 xxxxxxxx\n"
+        );
+        assert_eq!(
+            fs::read_to_string(rotated_path(&path, 2)).unwrap(),
+            "round 2 xxxxxxxx\n"
+        );
         assert!(!rotated_path(&path, 3).exists());
         assert!(!rotate_if_needed(&path, policy).unwrap());
         assert_eq!(tail(&path, 2).unwrap(), vec!["round 3 xxxxxxxx", "after"]);
@@ -326,7 +366,14 @@ mod tests {
         assert_eq!(fol.poll().unwrap(), vec!["new 1"]);
         writeln!(f, " line").unwrap();
         assert_eq!(fol.poll().unwrap(), vec!["half line"]);
-        rotate_if_needed(&path, LogPolicy { max_size: 1, max_files: 1 }).unwrap();
+        rotate_if_needed(
+            &path,
+            LogPolicy {
+                max_size: 1,
+                max_files: 1,
+            },
+        )
+        .unwrap();
         writeln!(f, "fresh").unwrap();
         assert_eq!(fol.poll().unwrap(), vec!["fresh"]);
     }

@@ -14,7 +14,9 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use nix::sys::socket::{recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixAddr, UnixCredentials};
+use nix::sys::socket::{
+    recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, UnixAddr, UnixCredentials,
+};
 use tokio::io::Interest;
 use tokio::net::UnixDatagram;
 use tokio::sync::mpsc;
@@ -57,14 +59,23 @@ pub struct Registry(Arc<Mutex<HashSet<i32>>>);
 impl Registry {
     /// Accept datagrams from group `pgid`.
     pub fn insert(&self, pgid: i32) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).insert(pgid);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(pgid);
     }
     /// Stop accepting `pgid` (when the worker is gone).
     pub fn remove(&self, pgid: i32) {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(&pgid);
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&pgid);
     }
     fn contains(&self, pgid: i32) -> bool {
-        self.0.lock().unwrap_or_else(|e| e.into_inner()).contains(&pgid)
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(&pgid)
     }
 }
 
@@ -86,12 +97,17 @@ impl NotifySocket {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(Error::io(format!("remove stale {}", path.display()), e)),
         }
-        let socket = UnixDatagram::bind(path).ctx(|| format!("bind notify socket {}", path.display()))?;
+        let socket =
+            UnixDatagram::bind(path).ctx(|| format!("bind notify socket {}", path.display()))?;
         setsockopt(&socket, sockopt::PassCred, &true)
             .map_err(|e| Error::io("set SO_PASSCRED on notify socket", e.into()))?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
             .ctx(|| format!("chmod {}", path.display()))?;
-        Ok(NotifySocket { socket, path: path.to_path_buf(), registry: Registry::default() })
+        Ok(NotifySocket {
+            socket,
+            path: path.to_path_buf(),
+            registry: Registry::default(),
+        })
     }
 
     /// The path to put in `NOTIFY_SOCKET`.
@@ -116,7 +132,10 @@ impl NotifySocket {
             if msgs.is_empty() {
                 continue;
             }
-            return Ok(msgs.into_iter().map(|message| WorkerReport { pgid, pid, message }).collect());
+            return Ok(msgs
+                .into_iter()
+                .map(|message| WorkerReport { pgid, pid, message })
+                .collect());
         }
     }
 
@@ -152,7 +171,10 @@ impl NotifySocket {
 
     async fn recv_raw(&self) -> Result<(i32, Vec<u8>)> {
         loop {
-            self.socket.readable().await.map_err(|e| Error::io("notify socket", e))?;
+            self.socket
+                .readable()
+                .await
+                .map_err(|e| Error::io("notify socket", e))?;
             let res = self.socket.try_io(Interest::READABLE, || {
                 let mut buf = vec![0u8; 4096];
                 let mut cmsg = nix::cmsg_space!(UnixCredentials);
@@ -212,7 +234,11 @@ mod tests {
         let m = parse_datagram(b"READY=1\nSTATUS=warming up\nMAINPID=5\nWATCHDOG=1\n");
         assert_eq!(
             m,
-            vec![WorkerMessage::Ready, WorkerMessage::Status("warming up".into()), WorkerMessage::Watchdog]
+            vec![
+                WorkerMessage::Ready,
+                WorkerMessage::Status("warming up".into()),
+                WorkerMessage::Watchdog
+            ]
         );
         assert!(parse_datagram(b"READY=0").is_empty());
     }

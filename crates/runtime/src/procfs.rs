@@ -102,9 +102,15 @@ pub struct GroupUsage {
 pub fn group_usage(pgid: i32) -> GroupUsage {
     let mut usage = GroupUsage::default();
     let page = page_size();
-    let Ok(dir) = fs::read_dir("/proc") else { return usage };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return usage;
+    };
     for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
             continue;
         };
         let Some(st) = stat(pid) else { continue };
@@ -120,7 +126,9 @@ pub fn group_usage(pgid: i32) -> GroupUsage {
 
 /// Pids of the live members of process group `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
-    let Ok(dir) = fs::read_dir("/proc") else { return Vec::new() };
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|&pid| stat(pid).is_some_and(|s| s.pgid == pgid && s.state != 'Z'))

@@ -47,12 +47,18 @@ impl ShimCommand {
     /// The daemon's own binary with the `__exec` entry: `/proc/self/exe __exec`.
     /// `/proc/self/exe` still works when the binary on disk was replaced by an upgrade.
     pub fn current_exe() -> Self {
-        ShimCommand { program: PathBuf::from("/proc/self/exe"), args: vec![OsString::from("__exec")] }
+        ShimCommand {
+            program: PathBuf::from("/proc/self/exe"),
+            args: vec![OsString::from("__exec")],
+        }
     }
 
     /// A standalone shim binary whose arguments are exactly the shim's (no leading args).
     pub fn program(program: impl Into<PathBuf>) -> Self {
-        ShimCommand { program: program.into(), args: Vec::new() }
+        ShimCommand {
+            program: program.into(),
+            args: Vec::new(),
+        }
     }
 }
 
@@ -69,7 +75,11 @@ pub struct Rlimits {
 
 impl From<&clusterd_core::model::Limits> for Rlimits {
     fn from(l: &clusterd_core::model::Limits) -> Self {
-        Rlimits { nofile: l.nofile, nproc: l.nproc, core: l.core.map(|s| s.0) }
+        Rlimits {
+            nofile: l.nofile,
+            nproc: l.nproc,
+            core: l.core.map(|s| s.0),
+        }
     }
 }
 
@@ -116,15 +126,27 @@ where
     I: IntoIterator<Item = OsString>,
 {
     let mut args = args.into_iter();
-    let config: ShimConfig = match args.next().map(|a| serde_json::from_str(&a.to_string_lossy())) {
+    let config: ShimConfig = match args
+        .next()
+        .map(|a| serde_json::from_str(&a.to_string_lossy()))
+    {
         Some(Ok(c)) => c,
-        Some(Err(e)) => fail(None, &format!("clusterd exec shim: bad config argument: {e}")),
-        None => fail(None, "clusterd exec shim: missing config argument (internal entry point)"),
+        Some(Err(e)) => fail(
+            None,
+            &format!("clusterd exec shim: bad config argument: {e}"),
+        ),
+        None => fail(
+            None,
+            "clusterd exec shim: missing config argument (internal entry point)",
+        ),
     };
     let argv: Vec<OsString> = args.collect();
     let status = match remap_fds(&config.fds, config.status_fd) {
         Ok(s) => s,
-        Err(e) => fail(None, &format!("moving inherited file descriptors failed: {e}")),
+        Err(e) => fail(
+            None,
+            &format!("moving inherited file descriptors failed: {e}"),
+        ),
     };
     let status = status.as_ref();
     if argv.is_empty() {
@@ -141,7 +163,10 @@ where
     if let Some(cg) = &config.cgroup {
         let procs = cg.join("cgroup.procs");
         if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
-            fail(status, &format!("joining cgroup {} failed: {e}", cg.display()));
+            fail(
+                status,
+                &format!("joining cgroup {} failed: {e}", cg.display()),
+            );
         }
     }
     match resolve_credentials(config.user.as_deref(), config.group.as_deref()) {
@@ -155,13 +180,20 @@ where
     }
     if let Some(cwd) = &config.cwd {
         if let Err(e) = std::env::set_current_dir(cwd) {
-            fail(status, &format!("chdir to `{}` failed: {}", cwd.display(), errno_text(&e)));
+            fail(
+                status,
+                &format!("chdir to `{}` failed: {}", cwd.display(), errno_text(&e)),
+            );
         }
     }
     let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     fail(
         status,
-        &format!("exec of `{}` failed: {}", argv[0].to_string_lossy(), errno_text(&err)),
+        &format!(
+            "exec of `{}` failed: {}",
+            argv[0].to_string_lossy(),
+            errno_text(&err)
+        ),
     )
 }
 
@@ -335,16 +367,22 @@ pub fn resolve_credentials(user: Option<&str>, group: Option<&str>) -> Result<Op
     let pw = match user {
         Some(name) => User::from_name(name)
             .map_err(|e| Error::Privilege(format!("looking up user `{name}` failed: {e}")))?
-            .ok_or_else(|| Error::Privilege(format!("user `{name}` does not exist on this host")))?,
+            .ok_or_else(|| {
+                Error::Privilege(format!("user `{name}` does not exist on this host"))
+            })?,
         None => User::from_uid(euid)
             .map_err(|e| Error::Privilege(format!("looking up uid {euid} failed: {e}")))?
-            .ok_or_else(|| Error::Privilege(format!("the current uid {euid} has no passwd entry")))?,
+            .ok_or_else(|| {
+                Error::Privilege(format!("the current uid {euid} has no passwd entry"))
+            })?,
     };
     let gid = match group {
         Some(name) => {
             Group::from_name(name)
                 .map_err(|e| Error::Privilege(format!("looking up group `{name}` failed: {e}")))?
-                .ok_or_else(|| Error::Privilege(format!("group `{name}` does not exist on this host")))?
+                .ok_or_else(|| {
+                    Error::Privilege(format!("group `{name}` does not exist on this host"))
+                })?
                 .gid
         }
         None => pw.gid,
@@ -364,7 +402,12 @@ pub fn resolve_credentials(user: Option<&str>, group: Option<&str>) -> Result<Op
             "{what} requested, but clusterd runs as uid {euid}, not root, and can only run workers as itself (remove `user:`/`group:` or run the daemon as root)"
         )));
     }
-    Ok(Some(Credentials { name: pw.name, uid: pw.uid.as_raw(), gid: gid.as_raw(), home: pw.dir }))
+    Ok(Some(Credentials {
+        name: pw.name,
+        uid: pw.uid.as_raw(),
+        gid: gid.as_raw(),
+        home: pw.dir,
+    }))
 }
 
 /// Whether `path` names a program that exists (absolute/relative path) or is found on
@@ -385,7 +428,11 @@ mod tests {
 
     #[test]
     fn config_roundtrip_and_args_layout() {
-        let cfg = ShimConfig { fds: vec![(7, 3)], set_listen_pid: true, ..Default::default() };
+        let cfg = ShimConfig {
+            fds: vec![(7, 3)],
+            set_listen_pid: true,
+            ..Default::default()
+        };
         let args = shim_args(
             &ShimCommand::current_exe(),
             &cfg,
@@ -395,7 +442,10 @@ mod tests {
         assert_eq!(args[0], "__exec");
         let back: ShimConfig = serde_json::from_str(args[1].to_str().unwrap()).unwrap();
         assert_eq!(back, cfg);
-        assert_eq!(&args[2..], &[OsString::from("node"), OsString::from("app.js")]);
+        assert_eq!(
+            &args[2..],
+            &[OsString::from("node"), OsString::from("app.js")]
+        );
     }
 
     #[test]
@@ -410,7 +460,9 @@ mod tests {
             // As root the switch to root is a (harmless) real switch.
             assert!(resolve_credentials(Some("root"), None).unwrap().is_some());
         } else {
-            let me = nix::unistd::User::from_uid(nix::unistd::geteuid()).unwrap().unwrap();
+            let me = nix::unistd::User::from_uid(nix::unistd::geteuid())
+                .unwrap()
+                .unwrap();
             assert!(resolve_credentials(Some(&me.name), None).unwrap().is_none());
         }
     }

@@ -104,7 +104,13 @@ pub struct WorkerSpec {
 
 impl WorkerSpec {
     /// A spec with the required fields and everything else empty.
-    pub fn new(app: AppName, index: u32, revision: Revision, argv: Vec<OsString>, shim: ShimCommand) -> Self {
+    pub fn new(
+        app: AppName,
+        index: u32,
+        revision: Revision,
+        argv: Vec<OsString>,
+        shim: ShimCommand,
+    ) -> Self {
         WorkerSpec {
             app,
             index,
@@ -249,7 +255,12 @@ impl WorkerProcess {
 
     fn start(pid: i32, start_time: u64, child: bool, span: tracing::Span) -> Self {
         let (tx, rx) = watch::channel(None);
-        let inner = Arc::new(Inner { pid, start_time, child, gone: Mutex::new(None) });
+        let inner = Arc::new(Inner {
+            pid,
+            start_time,
+            child,
+            gone: Mutex::new(None),
+        });
         let watcher = Arc::clone(&inner);
         tokio::spawn(
             async move {
@@ -267,7 +278,10 @@ fn killpg(pgid: i32, sig: Signal) -> Result<bool> {
     match nix::sys::signal::killpg(Pid::from_raw(pgid), sig) {
         Ok(()) => Ok(true),
         Err(nix::errno::Errno::ESRCH) => Ok(false),
-        Err(e) => Err(Error::io(format!("killpg({pgid}, {})", sig.as_str()), e.into())),
+        Err(e) => Err(Error::io(
+            format!("killpg({pgid}, {})", sig.as_str()),
+            e.into(),
+        )),
     }
 }
 
@@ -300,7 +314,9 @@ async fn watch_exit(inner: &Inner) -> ExitReason {
             if let Some(r) = try_reap(inner) {
                 return r;
             }
-        } else if procfs::stat(inner.pid).is_none_or(|s| s.start_time != inner.start_time || s.state == 'Z') {
+        } else if procfs::stat(inner.pid)
+            .is_none_or(|s| s.start_time != inner.start_time || s.state == 'Z')
+        {
             return mark_gone(inner, ExitReason::Unknown);
         }
     }
@@ -357,13 +373,21 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
     let process = WorkerProcess::start(pid, start_time, true, span.clone());
     let ipc = ipc_fd.map(IpcChannel::from_fd).transpose()?;
     span.in_scope(|| tracing::info!(pid, "worker started"));
-    Ok(SpawnedWorker { process, ipc, log_path })
+    Ok(SpawnedWorker {
+        process,
+        ipc,
+        log_path,
+    })
 }
 
 type Spawned = (i32, u64, Option<OwnedFd>, Option<PathBuf>);
 
 fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
-    let start_err = |message: String| Error::WorkerStart { app: spec.app.0.clone(), index: spec.index, message };
+    let start_err = |message: String| Error::WorkerStart {
+        app: spec.app.0.clone(),
+        index: spec.index,
+        message,
+    };
     // Fail early, with the daemon's wording, before forking.
     resolve_credentials(spec.user.as_deref(), spec.group.as_deref())?;
 
@@ -398,8 +422,17 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
     let n = spec.listeners.len();
     if n > 0 {
         env.push(("LISTEN_FDS".into(), n.to_string()));
-        let names: Vec<&str> =
-            spec.listeners.iter().map(|l| if l.name.is_empty() { "unknown" } else { l.name.as_str() }).collect();
+        let names: Vec<&str> = spec
+            .listeners
+            .iter()
+            .map(|l| {
+                if l.name.is_empty() {
+                    "unknown"
+                } else {
+                    l.name.as_str()
+                }
+            })
+            .collect();
         env.push(("LISTEN_FDNAMES".into(), names.join(":")));
     }
     if let Some(sock) = &spec.notify_socket {
@@ -437,7 +470,11 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         }
     }
     // Allocated before the fork: the closure below must not allocate.
-    let keep: Vec<RawFd> = pairs.iter().map(|&(s, _)| s).chain([status_w.as_raw_fd()]).collect();
+    let keep: Vec<RawFd> = pairs
+        .iter()
+        .map(|&(s, _)| s)
+        .chain([status_w.as_raw_fd()])
+        .collect();
     // SAFETY: the closure runs between fork and exec in the child and only makes
     // async-signal-safe calls (setsid, fcntl) on descriptors that this spawn owns; it
     // reads a Vec allocated before the fork and allocates nothing.
@@ -483,8 +520,13 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
-    socketpair(AddressFamily::Unix, SockType::Stream, None, SockFlag::SOCK_CLOEXEC)
-        .map_err(|e| Error::io("create ipc socketpair", e.into()))
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| Error::io("create ipc socketpair", e.into()))
 }
 
 /// Takes back a worker started by an earlier daemon (recorded pid and start time).
@@ -506,7 +548,10 @@ pub fn adopt(app: &AppName, index: u32, pid: i32, start_time: u64) -> Result<Wor
         return Err(not("it has exited".into()));
     }
     if st.pgid != pid {
-        return Err(not(format!("it is not a process-group leader (pgid {})", st.pgid)));
+        return Err(not(format!(
+            "it is not a process-group leader (pgid {})",
+            st.pgid
+        )));
     }
     let span = tracing::info_span!("worker", app = %app, instance = index);
     span.in_scope(|| tracing::info!(pid, "worker adopted"));

@@ -15,7 +15,10 @@ use common::*;
 use nix::sys::signal::Signal;
 
 fn kv(log: &str) -> BTreeMap<String, String> {
-    log.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    log.lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
 }
 
 /// A python worker reports what it inherited; LISTEN_PID must be its own pid, fd 3 a
@@ -40,11 +43,19 @@ for f in sorted(os.listdir("/proc/self/fd"), key=int):
 s.detach()
 "#;
     // Not through a pyenv shim: its bash wrapper leaks descriptors of its own.
-    let python = if std::path::Path::new("/usr/bin/python3").exists() { "/usr/bin/python3" } else { "python3" };
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
     let mut spec = spec(2, &[python, "-c", script]);
-    spec.listeners.push(InheritedListener { name: "http".into(), fd: l.inherit_fd().unwrap() });
+    spec.listeners.push(InheritedListener {
+        name: "http".into(),
+        fd: l.inherit_fd().unwrap(),
+    });
     spec.extra_env.insert("PORT".into(), "1234".into());
-    spec.env.insert("CLUSTERD_INSTANCE".into(), "spoofed".into());
+    spec.env
+        .insert("CLUSTERD_INSTANCE".into(), "spoofed".into());
     spec.log_dir = Some(dir.path().to_path_buf());
     let w = spawn_worker(spec).await.unwrap();
     let _g = Guard(w.process.clone());
@@ -56,7 +67,10 @@ s.detach()
     assert_eq!(v["LISTEN_FDS"], "1");
     assert_eq!(v["LISTEN_FDNAMES"], "http");
     assert_eq!(v["CLUSTERD_APP"], "t");
-    assert_eq!(v["CLUSTERD_INSTANCE"], "2", "the daemon's value wins over the manifest's");
+    assert_eq!(
+        v["CLUSTERD_INSTANCE"], "2",
+        "the daemon's value wins over the manifest's"
+    );
     assert_eq!(v["CLUSTERD_REVISION"], "rev1");
     assert_eq!(v["PORT"], "1234");
     assert_eq!(v["NOTIFY_SOCKET"], "None");
@@ -65,7 +79,10 @@ s.detach()
     assert_eq!(v["port"], l.local_addr().port().to_string());
     // 0-2 stdio, 3 the listener, and the one fd listdir itself opens.
     assert_eq!(v["fds"].split(',').count(), 5, "leaked descriptors: {log}");
-    assert!(!l.is_nonblocking().unwrap(), "the daemon's copy must stay blocking");
+    assert!(
+        !l.is_nonblocking().unwrap(),
+        "the daemon's copy must stay blocking"
+    );
 }
 
 /// demo-server takes fd 3 through listenfd (which checks LISTEN_PID), says READY=1 over
@@ -77,7 +94,10 @@ async fn demo_server_on_inherited_fd_with_notify() {
     let notify = NotifySocket::bind(&dir.path().join("notify.sock")).unwrap();
     let demo = demo_server();
     let mut spec = spec(0, &[demo.to_str().unwrap()]);
-    spec.listeners.push(InheritedListener { name: "http".into(), fd: l.inherit_fd().unwrap() });
+    spec.listeners.push(InheritedListener {
+        name: "http".into(),
+        fd: l.inherit_fd().unwrap(),
+    });
     spec.notify_socket = Some(notify.path().to_path_buf());
     spec.log_dir = Some(dir.path().to_path_buf());
     let w = spawn_worker(spec).await.unwrap();
@@ -86,8 +106,13 @@ async fn demo_server_on_inherited_fd_with_notify() {
     assert_eq!(reports[0].pgid, w.process.pid());
     assert_eq!(reports[0].message, WorkerMessage::Ready);
     let addr = l.local_addr();
-    let body = tokio::task::spawn_blocking(move || http_get(addr, "/")).await.unwrap();
-    assert!(body.contains(&format!("pid {} instance 0", w.process.pid())), "{body}");
+    let body = tokio::task::spawn_blocking(move || http_get(addr, "/"))
+        .await
+        .unwrap();
+    assert!(
+        body.contains(&format!("pid {} instance 0", w.process.pid())),
+        "{body}"
+    );
     w.process.signal(Signal::SIGTERM).unwrap();
     assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
 }
@@ -116,10 +141,14 @@ time.sleep(60)
     let out = stranger.stdout.take().unwrap();
     let _sg = ChildGuard(stranger);
     let mut line = String::new();
-    tokio::task::spawn_blocking(move || std::io::BufReader::new(out).read_line(&mut line).map(|_| line))
-        .await
-        .unwrap()
-        .unwrap();
+    tokio::task::spawn_blocking(move || {
+        std::io::BufReader::new(out)
+            .read_line(&mut line)
+            .map(|_| line)
+    })
+    .await
+    .unwrap()
+    .unwrap();
     let mut spec = spec(1, &["python3", "-c", send, "READY=1\nSTATUS=worker"]);
     spec.notify_socket = Some(path.clone());
     let w = spawn_worker(spec).await.unwrap();
@@ -135,20 +164,39 @@ time.sleep(60)
 #[tokio::test]
 async fn ipc_ready_from_real_node() {
     let l = BoundListener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-    let mut spec = spec(0, &["node", "-e", "process.send({hello: 1}); process.send('ready'); setInterval(() => {}, 1000)"]);
+    let mut spec = spec(
+        0,
+        &[
+            "node",
+            "-e",
+            "process.send({hello: 1}); process.send('ready'); setInterval(() => {}, 1000)",
+        ],
+    );
     // A listener too, so the channel fd is not 3.
-    spec.listeners.push(InheritedListener { name: "http".into(), fd: l.inherit_fd().unwrap() });
+    spec.listeners.push(InheritedListener {
+        name: "http".into(),
+        fd: l.inherit_fd().unwrap(),
+    });
     spec.ipc = true;
     let mut w = spawn_worker(spec).await.unwrap();
     let _g = Guard(w.process.clone());
     let ch = w.ipc.as_mut().unwrap();
     use clusterd_runtime::ipc::IpcMessage;
     let first = within("ipc message", ch.recv()).await.unwrap();
-    assert_eq!(first, Some(IpcMessage::Other(serde_json::json!({"hello": 1}))));
-    assert_eq!(within("ipc ready", ch.recv()).await.unwrap(), Some(IpcMessage::Ready));
+    assert_eq!(
+        first,
+        Some(IpcMessage::Other(serde_json::json!({"hello": 1})))
+    );
+    assert_eq!(
+        within("ipc ready", ch.recv()).await.unwrap(),
+        Some(IpcMessage::Ready)
+    );
     // SIGINT still ends node (the IPC channel must not keep it alive).
     w.process.signal(Signal::SIGINT).unwrap();
-    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Signal(libc::SIGINT));
+    assert_eq!(
+        within("exit", w.process.wait()).await,
+        ExitReason::Signal(libc::SIGINT)
+    );
 }
 
 /// A worker's output goes to its log, which rotates by size while the worker keeps
@@ -173,12 +221,21 @@ print("after rotation", flush=True)
     let _g = Guard(w.process.clone());
     let path = w.log_path.clone().unwrap();
     assert_eq!(path, logs::instance_log_path(dir.path(), "t", 3));
-    wait_until("first batch", || std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > 100_000).await;
-    wait_until("last line", || {
-        logs::tail(&path, 1).unwrap().first().is_some_and(|l| l.starts_with("err line 1999"))
+    wait_until("first batch", || {
+        std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0) > 100_000
     })
     .await;
-    let policy = logs::LogPolicy { max_size: 64 * 1024, max_files: 2 };
+    wait_until("last line", || {
+        logs::tail(&path, 1)
+            .unwrap()
+            .first()
+            .is_some_and(|l| l.starts_with("err line 1999"))
+    })
+    .await;
+    let policy = logs::LogPolicy {
+        max_size: 64 * 1024,
+        max_files: 2,
+    };
     assert_eq!(logs::rotate_app(dir.path(), "t", policy).unwrap(), 1);
     std::fs::write(&go, "").unwrap();
     assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
@@ -186,29 +243,42 @@ print("after rotation", flush=True)
     let rotated = std::fs::read_to_string(logs::rotated_path(&path, 1)).unwrap();
     assert!(rotated.contains("out line 0 ") && rotated.contains("err line 1999"));
     let tail = logs::tail(&path, 2).unwrap();
-    assert_eq!(tail, vec!["err line 1999".to_string(), "after rotation".to_string()]);
+    assert_eq!(
+        tail,
+        vec!["err line 1999".to_string(), "after rotation".to_string()]
+    );
 }
 
 /// A signal reaches the whole group, grandchildren included, and the exit reason says
 /// which signal ended the leader.
 #[tokio::test]
 async fn group_signal_reaches_grandchildren() {
-    let w = spawn_worker(spec(0, &["sh", "-c", "sleep 1000 & sleep 1000 & wait"])).await.unwrap();
+    let w = spawn_worker(spec(0, &["sh", "-c", "sleep 1000 & sleep 1000 & wait"]))
+        .await
+        .unwrap();
     let _g = Guard(w.process.clone());
     let pgid = w.process.pid();
     wait_until("three processes", || procfs::group_members(pgid).len() >= 3).await;
     let stat = procfs::stat(pgid).unwrap();
     assert_eq!((stat.pgid, stat.sid), (pgid, pgid), "own group and session");
     assert!(w.process.signal(Signal::SIGTERM).unwrap());
-    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Signal(libc::SIGTERM));
+    assert_eq!(
+        within("exit", w.process.wait()).await,
+        ExitReason::Signal(libc::SIGTERM)
+    );
     wait_until("group empty", || procfs::group_members(pgid).is_empty()).await;
-    assert!(!w.process.signal(Signal::SIGKILL).unwrap(), "nothing left to signal");
+    assert!(
+        !w.process.signal(Signal::SIGKILL).unwrap(),
+        "nothing left to signal"
+    );
 }
 
 /// A leader that exits early leaves its children; the group can still be killed.
 #[tokio::test]
 async fn leftover_group_members_can_be_killed_after_the_leader_exits() {
-    let w = spawn_worker(spec(0, &["sh", "-c", "sleep 1000 & exit 0"])).await.unwrap();
+    let w = spawn_worker(spec(0, &["sh", "-c", "sleep 1000 & exit 0"]))
+        .await
+        .unwrap();
     let _g = Guard(w.process.clone());
     let pgid = w.process.pid();
     assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
@@ -219,10 +289,17 @@ async fn leftover_group_members_can_be_killed_after_the_leader_exits() {
 
 #[tokio::test]
 async fn exit_reasons() {
-    let a = spawn_worker(spec(0, &["sh", "-c", "exit 3"])).await.unwrap();
-    let b = spawn_worker(spec(1, &["sh", "-c", "kill -9 $$"])).await.unwrap();
+    let a = spawn_worker(spec(0, &["sh", "-c", "exit 3"]))
+        .await
+        .unwrap();
+    let b = spawn_worker(spec(1, &["sh", "-c", "kill -9 $$"]))
+        .await
+        .unwrap();
     assert_eq!(within("exit", a.process.wait()).await, ExitReason::Code(3));
-    assert_eq!(within("exit", b.process.wait()).await, ExitReason::Signal(libc::SIGKILL));
+    assert_eq!(
+        within("exit", b.process.wait()).await,
+        ExitReason::Signal(libc::SIGKILL)
+    );
     assert_eq!(b.process.exit_reason(), Some(ExitReason::Signal(9)));
     assert_eq!(ExitReason::Signal(9).to_string(), "killed by SIGKILL");
 }
@@ -241,17 +318,26 @@ async fn setup_errors_are_reported() {
         "worker t-0 failed to start: exec of `no-such-program-for-clusterd` failed: No such file or directory"
     );
     let log = std::fs::read_to_string(logs::instance_log_path(dir.path(), "t", 0)).unwrap();
-    assert!(log.contains("exec of `no-such-program-for-clusterd` failed"), "{log}");
+    assert!(
+        log.contains("exec of `no-such-program-for-clusterd` failed"),
+        "{log}"
+    );
 
     let mut s = spec(1, &["true"]);
     s.cwd = Some("/nonexistent/clusterd".into());
     let msg = spawn_worker(s).await.unwrap_err().to_string();
-    assert!(msg.contains("chdir to `/nonexistent/clusterd` failed: No such file or directory"), "{msg}");
+    assert!(
+        msg.contains("chdir to `/nonexistent/clusterd` failed: No such file or directory"),
+        "{msg}"
+    );
 
     let mut s = spec(2, &["true"]);
     s.user = Some("no-such-user-clusterd".into());
     let msg = spawn_worker(s).await.unwrap_err().to_string();
-    assert!(msg.contains("user `no-such-user-clusterd` does not exist"), "{msg}");
+    assert!(
+        msg.contains("user `no-such-user-clusterd` does not exist"),
+        "{msg}"
+    );
 }
 
 /// rlimits are applied, and as root `user:` switches uid, gid and HOME.
@@ -284,10 +370,15 @@ async fn rlimits_and_user_switch() {
 #[tokio::test]
 async fn procfs_numbers_and_adoption() {
     let script = "b = bytearray(48 * 1024 * 1024)\nfor i in range(0, len(b), 4096): b[i] = 1\nimport time\nx = 0\nfor i in range(2_000_000): x += i\nprint('ready', flush=True)\ntime.sleep(600)";
-    let w = spawn_worker(spec(0, &["python3", "-c", script])).await.unwrap();
+    let w = spawn_worker(spec(0, &["python3", "-c", script]))
+        .await
+        .unwrap();
     let _g = Guard(w.process.clone());
     let pid = w.process.pid();
-    wait_until("48 MiB resident", || procfs::group_usage(pid).rss_bytes >= 48 << 20).await;
+    wait_until("48 MiB resident", || {
+        procfs::group_usage(pid).rss_bytes >= 48 << 20
+    })
+    .await;
     let before = procfs::group_usage(pid);
     assert_eq!(before.processes, 1);
     assert!(before.rss_bytes < 1 << 30, "{before:?}");
@@ -306,8 +397,14 @@ async fn procfs_numbers_and_adoption() {
     let b = within("adopted exit", adopted.wait()).await;
     let mut got = [a, b];
     got.sort_by_key(|r| matches!(r, ExitReason::Unknown));
-    assert_eq!(got, [ExitReason::Signal(libc::SIGKILL), ExitReason::Unknown]);
-    assert!(adopt(&app, 0, pid, w.process.start_time()).is_err(), "a dead pid is not adopted");
+    assert_eq!(
+        got,
+        [ExitReason::Signal(libc::SIGKILL), ExitReason::Unknown]
+    );
+    assert!(
+        adopt(&app, 0, pid, w.process.start_time()).is_err(),
+        "a dead pid is not adopted"
+    );
 }
 
 #[tokio::test]
@@ -316,13 +413,19 @@ async fn udp_listener_is_inherited_too() {
     let l = BoundListener::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
     let script = "import socket\ns = socket.socket(fileno=3)\nprint('type=%d' % s.type)\ndata, peer = s.recvfrom(100)\nprint('got=%s' % data.decode(), flush=True)\ns.detach()";
     let mut s = spec(0, &["python3", "-c", script]);
-    s.listeners.push(InheritedListener { name: "dns".into(), fd: l.inherit_fd().unwrap() });
+    s.listeners.push(InheritedListener {
+        name: "dns".into(),
+        fd: l.inherit_fd().unwrap(),
+    });
     s.log_dir = Some(dir.path().to_path_buf());
     let w = spawn_worker(s).await.unwrap();
     let _g = Guard(w.process.clone());
     let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
     let path = w.log_path.clone().unwrap();
-    wait_until("worker started", || std::fs::read_to_string(&path).is_ok_and(|t| t.contains("type="))).await;
+    wait_until("worker started", || {
+        std::fs::read_to_string(&path).is_ok_and(|t| t.contains("type="))
+    })
+    .await;
     sock.send_to(b"hello", l.local_addr()).unwrap();
     assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
     let log = std::fs::read_to_string(&path).unwrap();
