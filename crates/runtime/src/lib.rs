@@ -3,3 +3,24 @@
 //! It carries out the planner's actions and reports what happened as events. The one
 //! place `unsafe` is allowed (fd juggling between fork and exec), each block with a
 //! `SAFETY:` comment.
+//!
+//! The process layer:
+//! - [`listener`]: the public sockets the daemon binds once and keeps.
+//! - [`spawn`] + [`shim`]: workers as process groups, started through an exec shim that
+//!   sets `LISTEN_PID`, rlimits, cgroup and user before exec; [`spawn::adopt`] after a
+//!   daemon restart.
+//! - [`notify`] and [`ipc`]: readiness from sd_notify and Node's `process.send('ready')`.
+//! - [`logs`]: per-instance log files, rotation, tail and follow.
+//! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+
+pub mod error;
+pub mod ipc;
+pub mod limits;
+pub mod listener;
+pub mod logs;
+pub mod notify;
+pub mod procfs;
+pub mod shim;
+pub mod spawn;
+
+pub use error::{Error, Result};

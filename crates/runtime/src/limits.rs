@@ -1,0 +1,217 @@
+//! The cgroup v2 backstop for `limits.memory` and `limits.cpu`.
+//!
+//! The daemon replaces a worker over `limits.memory` itself (rolling, from RSS it reads
+//! in [`crate::procfs`]); the cgroup's `memory.max`, set a margin above, is only the
+//! kernel's backstop for a worker that grows faster than the daemon looks. Each worker
+//! gets its own leaf, `<daemon's cgroup>/clusterd/<app>/<leaf>`, because limits are per
+//! worker and a replacement overlaps the worker it replaces. The shim joins the leaf
+//! before exec.
+//!
+//! Where the tree is not usable (no cgroup2 mount, controllers bound to cgroup v1, not
+//! delegated/writable, the "no internal processes" rule) [`CgroupTree::detect`] says why,
+//! and everything else works without it. rlimits are applied by the shim
+//! ([`crate::shim::Rlimits`]).
+
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// cgroup v2 `cpu.max` period in microseconds.
+const CPU_PERIOD_US: u64 = 100_000;
+
+/// Limits written into a worker's cgroup.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct CgroupLimits {
+    /// `memory.max` in bytes (already including the margin: see [`memory_backstop`]).
+    pub memory_max: Option<u64>,
+    /// CPUs (`1.5` = 150000/100000 in `cpu.max`).
+    pub cpus: Option<f64>,
+}
+
+/// `memory.max` for a worker whose `limits.memory` is `limit`: 25% above, at least 32 MiB
+/// more, so that the daemon's own rolling replacement normally acts first.
+pub fn memory_backstop(limit: u64) -> u64 {
+    limit.saturating_add((limit / 4).max(32 * 1024 * 1024))
+}
+
+/// A usable cgroup v2 subtree: `<base>/<app>/<leaf>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CgroupTree {
+    base: PathBuf,
+}
+
+impl CgroupTree {
+    /// Uses `base` as is (a path given by the operator, or a test directory).
+    pub fn at(base: impl Into<PathBuf>) -> Self {
+        CgroupTree { base: base.into() }
+    }
+
+    /// The subtree root.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// Finds the daemon's own cgroup v2 and prepares `<it>/clusterd` with the memory and
+    /// cpu controllers enabled for children. The error is [`Error::CgroupUnavailable`]
+    /// with a reason fit for "cgroup backstop: unavailable (reason)".
+    pub fn detect() -> Result<Self> {
+        let mounts = fs::read_to_string("/proc/self/mountinfo").map_err(|e| {
+            Error::CgroupUnavailable(format!("cannot read /proc/self/mountinfo: {e}"))
+        })?;
+        let mount = cgroup2_mount(&mounts)
+            .ok_or_else(|| Error::CgroupUnavailable("no cgroup v2 filesystem is mounted".into()))?;
+        let own = fs::read_to_string("/proc/self/cgroup")
+            .map_err(|e| Error::CgroupUnavailable(format!("cannot read /proc/self/cgroup: {e}")))?;
+        let rel = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .ok_or_else(|| {
+                Error::CgroupUnavailable("the daemon is in no cgroup v2 group".into())
+            })?;
+        let own_dir = mount.join(rel.trim_start_matches('/'));
+        let available = fs::read_to_string(own_dir.join("cgroup.controllers")).unwrap_or_default();
+        let has = |c: &str| available.split_whitespace().any(|x| x == c);
+        if !has("memory") {
+            return Err(Error::CgroupUnavailable(format!(
+                "the memory controller is not available in cgroup v2 at {} (available: {}); the host may bind it to cgroup v1",
+                own_dir.display(),
+                if available.trim().is_empty() { "none" } else { available.trim() }
+            )));
+        }
+        let mut enable = vec!["+memory"];
+        if has("cpu") {
+            enable.push("+cpu");
+        }
+        enable_controllers(&own_dir, &enable).map_err(|e| {
+            Error::CgroupUnavailable(format!(
+                "cannot enable controllers in {}: {e} (the daemon's cgroup must be delegated to it and hold no processes besides a leaf; e.g. systemd Delegate=yes)",
+                own_dir.display()
+            ))
+        })?;
+        let base = own_dir.join("clusterd");
+        fs::create_dir_all(&base).map_err(|e| {
+            Error::CgroupUnavailable(format!("cannot create {}: {e}", base.display()))
+        })?;
+        enable_controllers(&base, &enable).map_err(|e| {
+            Error::CgroupUnavailable(format!(
+                "cannot enable controllers in {}: {e}",
+                base.display()
+            ))
+        })?;
+        Ok(CgroupTree { base })
+    }
+
+    /// Creates (or reuses) `<base>/<app>/<leaf>` with `limits` written, and returns it for
+    /// [`crate::spawn::WorkerSpec::cgroup`]. `leaf` must be unique per live worker (e.g.
+    /// its `WorkerId`).
+    pub fn create_worker_cgroup(
+        &self,
+        app: &str,
+        leaf: &str,
+        limits: CgroupLimits,
+    ) -> Result<PathBuf> {
+        let app_dir = self.base.join(app);
+        let cg = |path: &Path, what: &'static str| {
+            let path = path.to_path_buf();
+            move |source| Error::Cgroup { path, what, source }
+        };
+        fs::create_dir_all(&app_dir).map_err(cg(&app_dir, "create"))?;
+        let mut enable = Vec::new();
+        if limits.memory_max.is_some() {
+            enable.push("+memory");
+        }
+        if limits.cpus.is_some() {
+            enable.push("+cpu");
+        }
+        // Best effort on a real cgroupfs; a test directory just gets a file.
+        let _ = enable_controllers(&app_dir, &enable);
+        let dir = app_dir.join(leaf);
+        fs::create_dir_all(&dir).map_err(cg(&dir, "create"))?;
+        if let Some(m) = limits.memory_max {
+            let f = dir.join("memory.max");
+            fs::write(&f, m.to_string()).map_err(cg(&f, "write memory.max"))?;
+        }
+        if let Some(c) = limits.cpus {
+            let f = dir.join("cpu.max");
+            let quota = ((c * CPU_PERIOD_US as f64).round() as u64).max(1000);
+            fs::write(&f, format!("{quota} {CPU_PERIOD_US}")).map_err(cg(&f, "write cpu.max"))?;
+        }
+        Ok(dir)
+    }
+
+    /// Removes a worker's leaf once its processes are gone (`rmdir` on cgroupfs fails
+    /// with EBUSY while any remain). Missing is fine.
+    pub fn remove_worker_cgroup(path: &Path) -> Result<()> {
+        match fs::remove_dir(path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(Error::Cgroup {
+                path: path.to_path_buf(),
+                what: "remove",
+                source,
+            }),
+        }
+    }
+}
+
+fn enable_controllers(dir: &Path, controllers: &[&str]) -> std::io::Result<()> {
+    if controllers.is_empty() {
+        return Ok(());
+    }
+    fs::write(dir.join("cgroup.subtree_control"), controllers.join(" "))
+}
+
+/// The mount point of the first cgroup2 filesystem in a mountinfo text.
+fn cgroup2_mount(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let fstype = right.split_whitespace().next()?;
+        let mount = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup2").then(|| PathBuf::from(mount))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_mount() {
+        let text = "35 24 0:30 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory\n\
+                    36 24 0:31 / /sys/fs/cgroup/unified rw,relatime shared:13 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup2_mount(text),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/sda rw\n"), None);
+    }
+
+    #[test]
+    fn writes_limits_into_a_leaf() {
+        let dir = tempfile::tempdir().unwrap();
+        let tree = CgroupTree::at(dir.path());
+        let limits = CgroupLimits {
+            memory_max: Some(memory_backstop(512 << 20)),
+            cpus: Some(1.5),
+        };
+        let leaf = tree.create_worker_cgroup("web", "w1", limits).unwrap();
+        assert_eq!(
+            fs::read_to_string(leaf.join("memory.max")).unwrap(),
+            (640u64 << 20).to_string()
+        );
+        assert_eq!(
+            fs::read_to_string(leaf.join("cpu.max")).unwrap(),
+            "150000 100000"
+        );
+    }
+
+    #[test]
+    fn detect_either_works_or_says_why() {
+        match CgroupTree::detect() {
+            Ok(tree) => assert!(tree.base().ends_with("clusterd")),
+            Err(Error::CgroupUnavailable(reason)) => assert!(!reason.is_empty()),
+            Err(other) => panic!("unexpected error kind: {other}"),
+        }
+    }
+}

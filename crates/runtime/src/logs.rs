@@ -1,0 +1,380 @@
+//! Worker log files: capture, size-based rotation, tail and follow.
+//!
+//! # Layout
+//! One combined file per instance, stdout and stderr interleaved in write order (like
+//! `kubectl logs` and the journal; two files would lose the order between them):
+//!
+//! ```text
+//! <log-dir>/<app>/<app>-<index>.log       current
+//! <log-dir>/<app>/<app>-<index>.log.1     newest rotated
+//! ...
+//! <log-dir>/<app>/<app>-<index>.log.<max_files>
+//! ```
+//!
+//! The file is opened `O_APPEND` and given to the worker as its stdout and stderr, so no
+//! daemon task sits in the data path: a worker keeps logging while the daemon restarts,
+//! and an adopted worker needs nothing re-attached. Replacements of an index append to
+//! the same file.
+//!
+//! # Rotation (copytruncate)
+//! The daemon calls [`rotate_app`] periodically. A file past `max_size` is copied to
+//! `.1` (older ones shift up, the oldest is dropped) and truncated to 0; because the
+//! writers use `O_APPEND`, their next write lands at the new end. Lines written between
+//! the copy and the truncate (microseconds) are lost, the known cost of copytruncate;
+//! and a worker that reopens its stdout without `O_APPEND` would leave a sparse file.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use crate::error::{IoContext, Result};
+
+/// Size-based rotation policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogPolicy {
+    /// Rotate when the file is larger than this many bytes.
+    pub max_size: u64,
+    /// How many rotated files to keep.
+    pub max_files: u32,
+}
+
+impl Default for LogPolicy {
+    fn default() -> Self {
+        LogPolicy {
+            max_size: 10 * 1024 * 1024,
+            max_files: 5,
+        }
+    }
+}
+
+impl From<&clusterd_core::model::Logs> for LogPolicy {
+    fn from(l: &clusterd_core::model::Logs) -> Self {
+        LogPolicy {
+            max_size: l.max_size.0,
+            max_files: l.max_files,
+        }
+    }
+}
+
+/// `<log_dir>/<app>`.
+pub fn app_log_dir(log_dir: &Path, app: &str) -> PathBuf {
+    log_dir.join(app)
+}
+
+/// `<log_dir>/<app>/<app>-<index>.log`.
+pub fn instance_log_path(log_dir: &Path, app: &str, index: u32) -> PathBuf {
+    app_log_dir(log_dir, app).join(format!("{app}-{index}.log"))
+}
+
+/// `<path>.<n>` (n >= 1).
+pub fn rotated_path(path: &Path, n: u32) -> PathBuf {
+    let mut s = path.as_os_str().to_owned();
+    s.push(format!(".{n}"));
+    PathBuf::from(s)
+}
+
+/// Opens (creating the directory and file, mode 0640) an instance log for appending.
+pub fn open_instance_log(log_dir: &Path, app: &str, index: u32) -> Result<(File, PathBuf)> {
+    let dir = app_log_dir(log_dir, app);
+    fs::create_dir_all(&dir).ctx(|| format!("create log directory {}", dir.display()))?;
+    let path = instance_log_path(log_dir, app, index);
+    let file = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o640)
+        .open(&path)
+        .ctx(|| format!("open log file {}", path.display()))?;
+    Ok((file, path))
+}
+
+/// Rotates `path` if it is larger than `policy.max_size`; returns whether it did.
+pub fn rotate_if_needed(path: &Path, policy: LogPolicy) -> Result<bool> {
+    let len = match fs::metadata(path) {
+        Ok(m) => m.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(crate::Error::io(format!("stat {}", path.display()), e)),
+    };
+    if len <= policy.max_size {
+        return Ok(false);
+    }
+    if policy.max_files > 0 {
+        let oldest = rotated_path(path, policy.max_files);
+        match fs::remove_file(&oldest) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(crate::Error::io(format!("remove {}", oldest.display()), e)),
+        }
+        for n in (1..policy.max_files).rev() {
+            let from = rotated_path(path, n);
+            if from.exists() {
+                let to = rotated_path(path, n + 1);
+                fs::rename(&from, &to)
+                    .ctx(|| format!("rename {} to {}", from.display(), to.display()))?;
+            }
+        }
+        let first = rotated_path(path, 1);
+        fs::copy(path, &first).ctx(|| format!("copy {} to {}", path.display(), first.display()))?;
+    }
+    OpenOptions::new()
+        .write(true)
+        .open(path)
+        .and_then(|f| f.set_len(0))
+        .ctx(|| format!("truncate {}", path.display()))?;
+    tracing::debug!(path = %path.display(), size = len, "log rotated");
+    Ok(true)
+}
+
+/// Rotates every current instance log of `app` that needs it; returns how many rotated.
+pub fn rotate_app(log_dir: &Path, app: &str, policy: LogPolicy) -> Result<usize> {
+    let dir = app_log_dir(log_dir, app);
+    let entries = match fs::read_dir(&dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(crate::Error::io(format!("read {}", dir.display()), e)),
+    };
+    let mut rotated = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.extension().is_some_and(|e| e == "log") && rotate_if_needed(&path, policy)? {
+            rotated += 1;
+        }
+    }
+    Ok(rotated)
+}
+
+/// The current instance logs of `app` as `(index, path)`, sorted by index.
+pub fn instance_logs(log_dir: &Path, app: &str) -> Vec<(u32, PathBuf)> {
+    let prefix = format!("{app}-");
+    let mut out: Vec<(u32, PathBuf)> = fs::read_dir(app_log_dir(log_dir, app))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().into_string().ok()?;
+            let idx = name
+                .strip_prefix(&prefix)?
+                .strip_suffix(".log")?
+                .parse()
+                .ok()?;
+            Some((idx, e.path()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The last `n` lines of the log at `path`, continuing into `.1`, `.2`, ... when the
+/// current file holds fewer; oldest first. A last line without newline is included.
+pub fn tail(path: &Path, n: usize) -> Result<Vec<String>> {
+    let mut lines: Vec<String> = Vec::new();
+    let mut k = 0;
+    loop {
+        let p = if k == 0 {
+            path.to_path_buf()
+        } else {
+            rotated_path(path, k)
+        };
+        if k > 0 && !p.exists() {
+            break;
+        }
+        let mut chunk = match last_lines(&p, n - lines.len()) {
+            Ok(c) => c,
+            Err(e)
+                if k == 0
+                    && matches!(&e, crate::Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound) =>
+            {
+                Vec::new()
+            }
+            Err(e) => return Err(e),
+        };
+        chunk.append(&mut lines);
+        lines = chunk;
+        if lines.len() >= n {
+            break;
+        }
+        k += 1;
+    }
+    Ok(lines)
+}
+
+/// The last `n` lines of one file, reading backwards in blocks (files may be large).
+fn last_lines(path: &Path, n: usize) -> Result<Vec<String>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let mut f = File::open(path).ctx(|| format!("open {}", path.display()))?;
+    let len = f
+        .metadata()
+        .ctx(|| format!("stat {}", path.display()))?
+        .len();
+    const BLOCK: u64 = 64 * 1024;
+    let mut pos = len;
+    let mut buf: Vec<u8> = Vec::new();
+    // Count newlines, ignoring one that ends the file.
+    loop {
+        let newlines = buf.iter().filter(|&&b| b == b'\n').count()
+            - usize::from(buf.last() == Some(&b'\n') && pos + buf.len() as u64 == len);
+        if newlines >= n || pos == 0 {
+            break;
+        }
+        let start = pos.saturating_sub(BLOCK);
+        let mut block = vec![0; (pos - start) as usize];
+        f.seek(SeekFrom::Start(start))
+            .ctx(|| format!("seek {}", path.display()))?;
+        f.read_exact(&mut block)
+            .ctx(|| format!("read {}", path.display()))?;
+        block.extend_from_slice(&buf);
+        buf = block;
+        pos = start;
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<String> = text.lines().map(str::to_owned).collect();
+    if pos > 0 && !lines.is_empty() {
+        lines.remove(0); // partial first line of the block
+    }
+    let skip = lines.len().saturating_sub(n);
+    Ok(lines.split_off(skip))
+}
+
+/// Follows a log file like `tail -F`: returns complete lines as they are appended, and
+/// starts over at 0 when the file was truncated by rotation (size < position).
+#[derive(Debug)]
+pub struct Follower {
+    path: PathBuf,
+    offset: u64,
+    partial: Vec<u8>,
+}
+
+impl Follower {
+    /// Follows from the current end of the file (nothing old is returned).
+    pub fn from_end(path: impl Into<PathBuf>) -> Self {
+        let path = path.into();
+        let offset = fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+        Follower {
+            path,
+            offset,
+            partial: Vec::new(),
+        }
+    }
+
+    /// Reads what was appended since the last call (never blocks for new data).
+    pub fn poll(&mut self) -> Result<Vec<String>> {
+        let mut f = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(crate::Error::io(format!("open {}", self.path.display()), e)),
+        };
+        let len = f
+            .metadata()
+            .ctx(|| format!("stat {}", self.path.display()))?
+            .len();
+        if len < self.offset {
+            self.offset = 0;
+            self.partial.clear();
+        }
+        if len == self.offset {
+            return Ok(Vec::new());
+        }
+        f.seek(SeekFrom::Start(self.offset))
+            .ctx(|| format!("seek {}", self.path.display()))?;
+        let mut data = Vec::new();
+        (&mut f)
+            .take(len - self.offset)
+            .read_to_end(&mut data)
+            .ctx(|| format!("read {}", self.path.display()))?;
+        self.offset += data.len() as u64;
+        self.partial.extend_from_slice(&data);
+        let mut lines = Vec::new();
+        while let Some(i) = self.partial.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.partial.drain(..=i).collect();
+            lines.push(String::from_utf8_lossy(&line[..line.len() - 1]).into_owned());
+        }
+        Ok(lines)
+    }
+
+    /// Waits until at least one new line is there, polling every `interval`.
+    pub async fn next_lines(&mut self, interval: Duration) -> Result<Vec<String>> {
+        loop {
+            let lines = self.poll()?;
+            if !lines.is_empty() {
+                return Ok(lines);
+            }
+            tokio::time::sleep(interval).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    #[test]
+    fn rotation_shifts_and_caps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, path) = open_instance_log(dir.path(), "web", 0).unwrap();
+        let policy = LogPolicy {
+            max_size: 10,
+            max_files: 2,
+        };
+        for round in 0..4 {
+            writeln!(f, "round {round} xxxxxxxx").unwrap();
+            assert!(rotate_if_needed(&path, policy).unwrap());
+        }
+        // Writer keeps appending to the truncated file at offset 0.
+        writeln!(f, "after").unwrap();
+        assert_eq!(fs::read_to_string(&path).unwrap(), "after\n");
+        assert_eq!(
+            fs::read_to_string(rotated_path(&path, 1)).unwrap(),
+            "round 3 xxxxxxxx\n"
+        );
+        assert_eq!(
+            fs::read_to_string(rotated_path(&path, 2)).unwrap(),
+            "round 2 xxxxxxxx\n"
+        );
+        assert!(!rotated_path(&path, 3).exists());
+        assert!(!rotate_if_needed(&path, policy).unwrap());
+        assert_eq!(tail(&path, 2).unwrap(), vec!["round 3 xxxxxxxx", "after"]);
+        assert_eq!(tail(&path, 10).unwrap().len(), 3);
+        assert_eq!(instance_logs(dir.path(), "web"), vec![(0, path.clone())]);
+    }
+
+    #[test]
+    fn tail_of_large_file_and_partial_last_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.log");
+        let mut f = File::create(&path).unwrap();
+        for i in 0..50_000 {
+            writeln!(f, "line {i}").unwrap();
+        }
+        write!(f, "unfinished").unwrap();
+        let t = tail(&path, 3).unwrap();
+        assert_eq!(t, vec!["line 49998", "line 49999", "unfinished"]);
+        assert!(tail(&dir.path().join("missing.log"), 3).unwrap().is_empty());
+    }
+
+    #[test]
+    fn follower_sees_appends_and_truncation() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut f, path) = open_instance_log(dir.path(), "a", 1).unwrap();
+        writeln!(f, "old").unwrap();
+        let mut fol = Follower::from_end(&path);
+        assert!(fol.poll().unwrap().is_empty());
+        write!(f, "new 1\nhalf").unwrap();
+        assert_eq!(fol.poll().unwrap(), vec!["new 1"]);
+        writeln!(f, " line").unwrap();
+        assert_eq!(fol.poll().unwrap(), vec!["half line"]);
+        rotate_if_needed(
+            &path,
+            LogPolicy {
+                max_size: 1,
+                max_files: 1,
+            },
+        )
+        .unwrap();
+        writeln!(f, "fresh").unwrap();
+        assert_eq!(fol.poll().unwrap(), vec!["fresh"]);
+    }
+}

@@ -1,0 +1,561 @@
+//! Starting, watching and signalling worker processes.
+//!
+//! A worker is a process group: the shim execs the app in a fresh session (`setsid`), so
+//! the worker's pid is also its pgid and sid, `npm start -> sh -> node` chains are
+//! signalled as a whole with `killpg`, and a terminal's Ctrl-C to the daemon does not
+//! reach workers. Workers deliberately do not die with the daemon (no
+//! `PR_SET_PDEATHSIG`): inherit-mode workers keep serving while the daemon restarts, and
+//! the new daemon takes them back with [`adopt`].
+//!
+//! Exit is observed through a pidfd (poll readable = exited), then the child is reaped
+//! under the same lock that [`WorkerProcess::signal`] takes, so a signal is never sent to
+//! a pid that was already reaped and possibly reused.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::fmt;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use clusterd_core::plan::{AppName, Revision};
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::watch;
+use tracing::Instrument;
+
+use crate::error::{Error, Result};
+use crate::ipc::IpcChannel;
+use crate::procfs;
+use crate::shim::{resolve_credentials, shim_args, Rlimits, ShimCommand, ShimConfig};
+
+/// Variables the daemon's own environment may carry (when it is itself socket-activated
+/// or a Node child) that must never leak into a worker: they are set per worker or not
+/// at all.
+const SCRUBBED_ENV: &[&str] = &[
+    "LISTEN_FDS",
+    "LISTEN_PID",
+    "LISTEN_FDNAMES",
+    "LISTEN_PIDFDID",
+    "NOTIFY_SOCKET",
+    "WATCHDOG_PID",
+    "WATCHDOG_USEC",
+    "NODE_CHANNEL_FD",
+    "NODE_CHANNEL_SERIALIZATION_MODE",
+    "NODE_UNIQUE_ID",
+];
+
+/// A listening socket passed to the worker (inherit mode), in order: the first is fd 3.
+#[derive(Debug)]
+pub struct InheritedListener {
+    /// Name for `LISTEN_FDNAMES` (empty becomes `unknown`, as systemd does).
+    pub name: String,
+    /// A duplicate of the daemon's socket ([`crate::listener::BoundListener::inherit_fd`]);
+    /// closed in the daemon once the worker is started.
+    pub fd: OwnedFd,
+}
+
+/// Everything needed to start one worker.
+#[derive(Debug)]
+pub struct WorkerSpec {
+    /// App name (`CLUSTERD_APP`, log path).
+    pub app: AppName,
+    /// Stable instance index (`CLUSTERD_INSTANCE`).
+    pub index: u32,
+    /// Revision (`CLUSTERD_REVISION`).
+    pub revision: Revision,
+    /// The command; `argv[0]` is looked up on `PATH`.
+    pub argv: Vec<OsString>,
+    /// Working directory (absolute; the caller resolves manifest-relative paths).
+    pub cwd: Option<PathBuf>,
+    /// The manifest's `env`. Added to the daemon's own environment.
+    pub env: BTreeMap<String, String>,
+    /// Variables computed by the caller (`PORT`, `PORT_<NAME>`, ...); they override `env`.
+    pub extra_env: BTreeMap<String, String>,
+    /// Inherit mode: sockets for fds 3, 4, ... with `LISTEN_FDS`/`LISTEN_PID`/`LISTEN_FDNAMES`.
+    pub listeners: Vec<InheritedListener>,
+    /// The daemon's sd_notify socket; set as `NOTIFY_SOCKET` whenever given (harmless to
+    /// apps that ignore it).
+    pub notify_socket: Option<PathBuf>,
+    /// Open a Node IPC channel (`NODE_CHANNEL_FD`, json) for `readiness: ipc`.
+    pub ipc: bool,
+    /// Drop to this user (needs a root daemon).
+    pub user: Option<String>,
+    /// Primary group.
+    pub group: Option<String>,
+    /// rlimits applied by the shim.
+    pub rlimits: Rlimits,
+    /// cgroup directory to join (see [`crate::limits::CgroupTree`]).
+    pub cgroup: Option<PathBuf>,
+    /// Log directory: stdout+stderr go to `<log_dir>/<app>/<app>-<index>.log`; `None`
+    /// sends them to /dev/null.
+    pub log_dir: Option<PathBuf>,
+    /// How to run the exec shim.
+    pub shim: ShimCommand,
+}
+
+impl WorkerSpec {
+    /// A spec with the required fields and everything else empty.
+    pub fn new(
+        app: AppName,
+        index: u32,
+        revision: Revision,
+        argv: Vec<OsString>,
+        shim: ShimCommand,
+    ) -> Self {
+        WorkerSpec {
+            app,
+            index,
+            revision,
+            argv,
+            cwd: None,
+            env: BTreeMap::new(),
+            extra_env: BTreeMap::new(),
+            listeners: Vec::new(),
+            notify_socket: None,
+            ipc: false,
+            user: None,
+            group: None,
+            rlimits: Rlimits::default(),
+            cgroup: None,
+            log_dir: None,
+            shim,
+        }
+    }
+}
+
+/// How a worker ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ExitReason {
+    /// Exited with this code.
+    Code(i32),
+    /// Killed by this signal number.
+    Signal(i32),
+    /// An adopted worker (not our child): it is gone, but its status went to its parent.
+    Unknown,
+}
+
+impl ExitReason {
+    /// Exit code 0.
+    pub fn is_success(self) -> bool {
+        self == ExitReason::Code(0)
+    }
+}
+
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitReason::Code(c) => write!(f, "exit code {c}"),
+            ExitReason::Signal(s) => match Signal::try_from(s) {
+                Ok(sig) => write!(f, "killed by {}", sig.as_str()),
+                Err(_) => write!(f, "killed by signal {s}"),
+            },
+            ExitReason::Unknown => f.write_str("exited (status unknown: adopted worker)"),
+        }
+    }
+}
+
+/// A started worker.
+#[derive(Debug)]
+pub struct SpawnedWorker {
+    /// The process handle (cloneable).
+    pub process: WorkerProcess,
+    /// The Node IPC channel when `spec.ipc` was set.
+    pub ipc: Option<IpcChannel>,
+    /// Its log file, when logging.
+    pub log_path: Option<PathBuf>,
+}
+
+/// Handle of a worker process group: wait for exit, signal the group. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct WorkerProcess {
+    inner: Arc<Inner>,
+    exit: watch::Receiver<Option<ExitReason>>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    pid: i32,
+    start_time: u64,
+    /// Our child (we reap it) or adopted (someone else does).
+    child: bool,
+    /// `Some` once the leader is gone (for a child: reaped). Held while signalling.
+    gone: Mutex<Option<ExitReason>>,
+}
+
+impl WorkerProcess {
+    /// Pid of the leader, which is also the process group id.
+    pub fn pid(&self) -> i32 {
+        self.inner.pid
+    }
+
+    /// Start time in clock ticks since boot (save it with the pid for [`adopt`]).
+    pub fn start_time(&self) -> u64 {
+        self.inner.start_time
+    }
+
+    /// Whether the worker was adopted from an earlier daemon.
+    pub fn is_adopted(&self) -> bool {
+        !self.inner.child
+    }
+
+    /// How it exited, if it has.
+    pub fn exit_reason(&self) -> Option<ExitReason> {
+        *self.exit.borrow()
+    }
+
+    /// Waits until the leader has exited (and, for a child, was reaped).
+    pub async fn wait(&self) -> ExitReason {
+        let mut rx = self.exit.clone();
+        let reason = match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.unwrap_or(ExitReason::Unknown),
+            // The watcher task is gone (runtime shutting down).
+            Err(_) => ExitReason::Unknown,
+        };
+        reason
+    }
+
+    /// Sends `sig` to the whole process group. Returns `false` when nothing was left to
+    /// signal.
+    ///
+    /// While the leader is not reaped its pid (= the pgid) cannot be reused, so this is
+    /// race-free. After it exited, the group is signalled only if `/proc` still shows
+    /// members (a pgid stays reserved while any member lives), to catch grandchildren a
+    /// crashed leader left behind.
+    pub fn signal(&self, sig: Signal) -> Result<bool> {
+        let gone = self.inner.gone.lock().unwrap_or_else(|e| e.into_inner());
+        let pgid = self.inner.pid;
+        if gone.is_none() && !self.inner.child {
+            // Adopted: make sure the leader is still the recorded process.
+            if procfs::start_time(pgid) != Some(self.inner.start_time) {
+                return Ok(!procfs::group_members(pgid).is_empty() && killpg(pgid, sig)?);
+            }
+        }
+        if gone.is_some() && procfs::group_members(pgid).is_empty() {
+            return Ok(false);
+        }
+        let sent = killpg(pgid, sig)?;
+        tracing::debug!(pgid, signal = sig.as_str(), sent, "signalled worker group");
+        Ok(sent)
+    }
+
+    /// SIGKILL to the whole group.
+    pub fn kill(&self) -> Result<bool> {
+        self.signal(Signal::SIGKILL)
+    }
+
+    fn start(pid: i32, start_time: u64, child: bool, span: tracing::Span) -> Self {
+        let (tx, rx) = watch::channel(None);
+        let inner = Arc::new(Inner {
+            pid,
+            start_time,
+            child,
+            gone: Mutex::new(None),
+        });
+        let watcher = Arc::clone(&inner);
+        tokio::spawn(
+            async move {
+                let reason = watch_exit(&watcher).await;
+                tracing::info!(pid, %reason, "worker exited");
+                let _ = tx.send(Some(reason));
+            }
+            .instrument(span),
+        );
+        WorkerProcess { inner, exit: rx }
+    }
+}
+
+fn killpg(pgid: i32, sig: Signal) -> Result<bool> {
+    match nix::sys::signal::killpg(Pid::from_raw(pgid), sig) {
+        Ok(()) => Ok(true),
+        Err(nix::errno::Errno::ESRCH) => Ok(false),
+        Err(e) => Err(Error::io(
+            format!("killpg({pgid}, {})", sig.as_str()),
+            e.into(),
+        )),
+    }
+}
+
+/// Waits for the leader to exit: pidfd readiness where available, else polling.
+async fn watch_exit(inner: &Inner) -> ExitReason {
+    if let Some(pidfd) = pidfd_open(inner.pid) {
+        // SAFETY: the OwnedFd is moved into the AsyncFd, stays open for its whole life and
+        // always reports the same descriptor.
+        match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
+            Ok(afd) => {
+                let _ = afd.readable().await;
+                if !inner.child {
+                    return mark_gone(inner, ExitReason::Unknown);
+                }
+                // The child is a zombie now: reaping cannot block for long.
+                loop {
+                    if let Some(r) = try_reap(inner) {
+                        return r;
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+            Err(e) => tracing::debug!(error = %e, "pidfd not pollable, polling instead"),
+        }
+    }
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tick.tick().await;
+        if inner.child {
+            if let Some(r) = try_reap(inner) {
+                return r;
+            }
+        } else if procfs::stat(inner.pid)
+            .is_none_or(|s| s.start_time != inner.start_time || s.state == 'Z')
+        {
+            return mark_gone(inner, ExitReason::Unknown);
+        }
+    }
+}
+
+fn mark_gone(inner: &Inner, reason: ExitReason) -> ExitReason {
+    *inner.gone.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason);
+    reason
+}
+
+/// Reaps the child if it has exited, holding the signal lock.
+fn try_reap(inner: &Inner) -> Option<ExitReason> {
+    let mut gone = inner.gone.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(r) = *gone {
+        return Some(r);
+    }
+    let reason = match waitpid(Pid::from_raw(inner.pid), Some(WaitPidFlag::WNOHANG)) {
+        Ok(WaitStatus::Exited(_, code)) => ExitReason::Code(code),
+        Ok(WaitStatus::Signaled(_, sig, _)) => ExitReason::Signal(sig as i32),
+        Ok(_) => return None,
+        // ECHILD: someone else reaped it (a stray waitpid(-1) in the process).
+        Err(_) => ExitReason::Unknown,
+    };
+    *gone = Some(reason);
+    Some(reason)
+}
+
+fn pidfd_open(pid: i32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes plain integers and returns a new fd or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: the kernel just returned this descriptor; nobody else owns it.
+    Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Starts a worker through the exec shim.
+///
+/// Returns once the shim has exec'd the app, or with [`Error::WorkerStart`] carrying the
+/// shim's message when a step before exec failed ("exec of `foo` failed: No such file or
+/// directory", a bad `user:`, chdir, rlimit or cgroup). The fork happens on tokio's
+/// blocking pool, because waiting for the exec status blocks.
+pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
+    let span = tracing::info_span!("worker", app = %spec.app, instance = spec.index);
+    if spec.argv.is_empty() {
+        return Err(Error::InvalidSpec("empty command".into()));
+    }
+    let span2 = span.clone();
+    let (pid, start_time, ipc_fd, log_path) =
+        tokio::task::spawn_blocking(move || span2.in_scope(|| spawn_blocking(spec)))
+            .await
+            .map_err(|e| Error::io("spawn task", std::io::Error::other(e)))??;
+    let process = WorkerProcess::start(pid, start_time, true, span.clone());
+    let ipc = ipc_fd.map(IpcChannel::from_fd).transpose()?;
+    span.in_scope(|| tracing::info!(pid, "worker started"));
+    Ok(SpawnedWorker {
+        process,
+        ipc,
+        log_path,
+    })
+}
+
+type Spawned = (i32, u64, Option<OwnedFd>, Option<PathBuf>);
+
+fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
+    let start_err = |message: String| Error::WorkerStart {
+        app: spec.app.0.clone(),
+        index: spec.index,
+        message,
+    };
+    // Fail early, with the daemon's wording, before forking.
+    resolve_credentials(spec.user.as_deref(), spec.group.as_deref())?;
+
+    let (log, log_path) = match &spec.log_dir {
+        Some(dir) => {
+            let (f, p) = crate::logs::open_instance_log(dir, &spec.app.0, spec.index)?;
+            (Some(f), Some(p))
+        }
+        None => (None, None),
+    };
+
+    // fds the child must keep: (fd here, fd in the worker).
+    let mut pairs: Vec<(RawFd, RawFd)> = Vec::new();
+    let mut next_target: RawFd = 3;
+    for l in &spec.listeners {
+        pairs.push((l.fd.as_raw_fd(), next_target));
+        next_target += 1;
+    }
+    let mut env: Vec<(String, String)> = Vec::new();
+    let (ipc_parent, ipc_child) = if spec.ipc {
+        let (a, b) = socketpair()?;
+        pairs.push((b.as_raw_fd(), next_target));
+        env.push(("NODE_CHANNEL_FD".into(), next_target.to_string()));
+        env.push(("NODE_CHANNEL_SERIALIZATION_MODE".into(), "json".into()));
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
+    let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .map_err(|e| Error::io("create status pipe", e.into()))?;
+
+    let n = spec.listeners.len();
+    if n > 0 {
+        env.push(("LISTEN_FDS".into(), n.to_string()));
+        let names: Vec<&str> = spec
+            .listeners
+            .iter()
+            .map(|l| {
+                if l.name.is_empty() {
+                    "unknown"
+                } else {
+                    l.name.as_str()
+                }
+            })
+            .collect();
+        env.push(("LISTEN_FDNAMES".into(), names.join(":")));
+    }
+    if let Some(sock) = &spec.notify_socket {
+        env.push(("NOTIFY_SOCKET".into(), sock.display().to_string()));
+    }
+    env.push(("CLUSTERD_APP".into(), spec.app.0.clone()));
+    env.push(("CLUSTERD_INSTANCE".into(), spec.index.to_string()));
+    env.push(("CLUSTERD_REVISION".into(), spec.revision.0.clone()));
+
+    let config = ShimConfig {
+        fds: pairs.clone(),
+        status_fd: Some(status_w.as_raw_fd()),
+        set_listen_pid: n > 0,
+        rlimits: spec.rlimits,
+        cgroup: spec.cgroup.clone(),
+        user: spec.user.clone(),
+        group: spec.group.clone(),
+        cwd: spec.cwd.clone(),
+    };
+    let mut cmd = Command::new(&spec.shim.program);
+    cmd.args(shim_args(&spec.shim, &config, &spec.argv)?);
+    for k in SCRUBBED_ENV {
+        cmd.env_remove(k);
+    }
+    cmd.envs(&spec.env).envs(&spec.extra_env).envs(env);
+    cmd.stdin(Stdio::null());
+    match &log {
+        Some(f) => {
+            let out = f.try_clone().map_err(|e| Error::io("dup log file", e))?;
+            let err = f.try_clone().map_err(|e| Error::io("dup log file", e))?;
+            cmd.stdout(out).stderr(err);
+        }
+        None => {
+            cmd.stdout(Stdio::null()).stderr(Stdio::null());
+        }
+    }
+    // Allocated before the fork: the closure below must not allocate.
+    let keep: Vec<RawFd> = pairs
+        .iter()
+        .map(|&(s, _)| s)
+        .chain([status_w.as_raw_fd()])
+        .collect();
+    // SAFETY: the closure runs between fork and exec in the child and only makes
+    // async-signal-safe calls (setsid, fcntl) on descriptors that this spawn owns; it
+    // reads a Vec allocated before the fork and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            for &fd in &keep {
+                if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().map_err(|e| {
+        start_err(format!(
+            "cannot run the exec shim `{}`: {}",
+            spec.shim.program.display(),
+            crate::shim::errno_text(&e)
+        ))
+    })?;
+    let pid = child.id() as i32;
+    // Close our copies of what the child got, then read the status until the exec closes
+    // the write end (EOF, success) or the shim reports an error.
+    drop(status_w);
+    drop(ipc_child);
+    drop(spec.listeners);
+    drop(log);
+    let mut message = String::new();
+    let _ = File::from(status_r).read_to_string(&mut message);
+    if !message.is_empty() {
+        // The shim exits 127 right after writing; reap it.
+        let _ = waitpid(Pid::from_raw(pid), None);
+        return Err(start_err(message));
+    }
+    // Our unreaped child: its stat is there even if it already exited.
+    let start_time = procfs::start_time(pid).unwrap_or(0);
+    drop(child); // std's Child neither kills nor waits on drop; the watcher reaps.
+    Ok((pid, start_time, ipc_parent, log_path))
+}
+
+fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    socketpair(
+        AddressFamily::Unix,
+        SockType::Stream,
+        None,
+        SockFlag::SOCK_CLOEXEC,
+    )
+    .map_err(|e| Error::io("create ipc socketpair", e.into()))
+}
+
+/// Takes back a worker started by an earlier daemon (recorded pid and start time).
+///
+/// Refused when the pid is gone, belongs to another process (start time differs: the pid
+/// was reused), or is not a process-group leader (every worker is one). Its exit is
+/// observed with a pidfd; the exit status is unknown ([`ExitReason::Unknown`]) because
+/// the worker is not our child.
+pub fn adopt(app: &AppName, index: u32, pid: i32, start_time: u64) -> Result<WorkerProcess> {
+    let not = |reason: String| Error::NotAdoptable { pid, reason };
+    let st = procfs::stat(pid).ok_or_else(|| not("no such process".into()))?;
+    if st.start_time != start_time {
+        return Err(not(format!(
+            "start time {} differs from the recorded {start_time}: the pid was reused",
+            st.start_time
+        )));
+    }
+    if st.state == 'Z' {
+        return Err(not("it has exited".into()));
+    }
+    if st.pgid != pid {
+        return Err(not(format!(
+            "it is not a process-group leader (pgid {})",
+            st.pgid
+        )));
+    }
+    let span = tracing::info_span!("worker", app = %app, instance = index);
+    span.in_scope(|| tracing::info!(pid, "worker adopted"));
+    // A child of ours (same daemon process) can be reaped; anything else cannot.
+    let child = st.ppid == std::process::id() as i32;
+    Ok(WorkerProcess::start(pid, start_time, child, span))
+}
