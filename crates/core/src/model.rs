@@ -139,7 +139,9 @@ fn default_address() -> String {
 }
 
 /// How traffic reaches workers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenMode {
     /// HTTP/1.1 reverse proxy, per-request balancing.
@@ -152,7 +154,9 @@ pub enum ListenMode {
 }
 
 /// Transport protocol of a listener.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Stream sockets.
@@ -288,7 +292,10 @@ fn one() -> u32 {
 
 impl Default for Rollout {
     fn default() -> Self {
-        Rollout { max_surge: 1, max_unavailable: 0 }
+        Rollout {
+            max_surge: 1,
+            max_unavailable: 0,
+        }
     }
 }
 
@@ -313,7 +320,10 @@ fn default_shutdown_timeout() -> DurationValue {
 
 impl Default for Shutdown {
     fn default() -> Self {
-        Shutdown { signal: default_signal(), timeout: default_shutdown_timeout() }
+        Shutdown {
+            signal: default_signal(),
+            timeout: default_shutdown_timeout(),
+        }
     }
 }
 
@@ -336,7 +346,10 @@ pub struct Restart {
 
 impl Default for Restart {
     fn default() -> Self {
-        Restart { policy: RestartPolicy::Always, backoff: Backoff::default() }
+        Restart {
+            policy: RestartPolicy::Always,
+            backoff: Backoff::default(),
+        }
     }
 }
 
@@ -374,7 +387,10 @@ fn default_backoff_max() -> DurationValue {
 
 impl Default for Backoff {
     fn default() -> Self {
-        Backoff { initial: default_backoff_initial(), max: default_backoff_max() }
+        Backoff {
+            initial: default_backoff_initial(),
+            max: default_backoff_max(),
+        }
     }
 }
 
@@ -432,7 +448,10 @@ fn default_log_files() -> u32 {
 
 impl Default for Logs {
     fn default() -> Self {
-        Logs { max_size: default_log_size(), max_files: default_log_files() }
+        Logs {
+            max_size: default_log_size(),
+            max_files: default_log_files(),
+        }
     }
 }
 
@@ -460,17 +479,23 @@ impl fmt::Display for DurationValue {
 /// Parses `250ms`, `10s`, `5m`, `1h`, `1.5s`; a bare number is seconds.
 pub fn parse_duration(text: &str) -> Result<Duration, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration `{text}`, expected a number and a unit like 250ms, 10s, 5m"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid duration `{text}`, expected a number and a unit like 250ms, 10s, 5m")
+    })?;
     let factor = match unit.trim() {
         "ms" => 0.001,
         "" | "s" => 1.0,
         "m" => 60.0,
         "h" => 3600.0,
-        other => return Err(format!("unknown duration unit `{other}` in `{text}`, expected ms, s, m or h")),
+        other => {
+            return Err(format!(
+                "unknown duration unit `{other}` in `{text}`, expected ms, s, m or h"
+            ))
+        }
     };
     let secs = value * factor;
     if !secs.is_finite() || secs < 0.0 || secs > 1.0e9 {
@@ -482,11 +507,13 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
 /// Parses `512Mi`, `1G`, `64k`, `4096` (bytes).
 pub fn parse_size(text: &str) -> Result<u64, String> {
     let t = text.trim();
-    let split = t.find(|c: char| !(c.is_ascii_digit() || c == '.')).unwrap_or(t.len());
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
     let (num, unit) = t.split_at(split);
-    let value: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid size `{text}`, expected a number and a unit like 512Mi or 1G"))?;
+    let value: f64 = num.parse().map_err(|_| {
+        format!("invalid size `{text}`, expected a number and a unit like 512Mi or 1G")
+    })?;
     let factor: f64 = match unit.trim() {
         "" | "B" => 1.0,
         "k" | "K" | "KB" => 1e3,
@@ -497,7 +524,11 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         "Mi" | "MiB" => 1024.0 * 1024.0,
         "Gi" | "GiB" => 1024.0 * 1024.0 * 1024.0,
         "Ti" | "TiB" => 1024.0 * 1024.0 * 1024.0 * 1024.0,
-        other => return Err(format!("unknown size unit `{other}` in `{text}`, expected Ki, Mi, Gi, K, M or G")),
+        other => {
+            return Err(format!(
+                "unknown size unit `{other}` in `{text}`, expected Ki, Mi, Gi, K, M or G"
+            ))
+        }
     };
     let bytes = value * factor;
     if !bytes.is_finite() || bytes < 0.0 || bytes > 1.0e18 {
@@ -523,7 +554,9 @@ impl<'de> Deserialize<'de> for DurationValue {
         }
         match Raw::deserialize(d)? {
             Raw::Num(n) => Ok(DurationValue(Duration::from_secs(n))),
-            Raw::Text(t) => parse_duration(&t).map(DurationValue).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_duration(&t)
+                .map(DurationValue)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
@@ -544,7 +577,9 @@ impl<'de> Deserialize<'de> for SizeValue {
         }
         match Raw::deserialize(d)? {
             Raw::Num(n) => Ok(SizeValue(n)),
-            Raw::Text(t) => parse_size(&t).map(SizeValue).map_err(serde::de::Error::custom),
+            Raw::Text(t) => parse_size(&t)
+                .map(SizeValue)
+                .map_err(serde::de::Error::custom),
         }
     }
 }
