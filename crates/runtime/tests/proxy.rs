@@ -176,18 +176,17 @@ async fn three_reloads_under_keepalive_load_lose_nothing() {
     let (stats, tasks) = start_load(proxy.addr, 4, stop.clone());
 
     for _reload in 0..3 {
-        for slot in 0..workers.len() {
+        for (kind, slot) in &mut workers {
             let before = stats.ok.load(Ordering::Relaxed);
             eventually(Duration::from_secs(20), "load makes progress", || {
                 let stats = Arc::clone(&stats);
                 async move { stats.ok.load(Ordering::Relaxed) >= before + 50 }
             })
             .await;
-            let kind = workers[slot].0;
-            let new = spawn_worker(kind, WorkerId(next_id), docroot.path()).await;
+            let new = spawn_worker(*kind, WorkerId(next_id), docroot.path()).await;
             next_id += 1;
             proxy.routes.add(new.id, new.addr);
-            let old = std::mem::replace(&mut workers[slot].1, new);
+            let old = std::mem::replace(slot, new);
             proxy.routes.stop_routing(old.id);
             tokio::time::timeout(Duration::from_secs(10), proxy.routes.drained(old.id))
                 .await

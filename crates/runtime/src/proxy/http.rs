@@ -208,7 +208,7 @@ pub(crate) async fn accept_backoff(err: &std::io::Error) {
 /// What went wrong with one attempt to send a request.
 enum SendFailure {
     /// The request never left: here it is back.
-    NotSent(Request<UpstreamBody>),
+    NotSent(Box<Request<UpstreamBody>>),
     /// The worker did not start a response in time.
     Timeout,
     /// Reading the client's request body failed (the client went away).
@@ -326,7 +326,7 @@ async fn proxy_request(
                 };
             }
             Err(SendFailure::NotSent(back)) => {
-                pending = Some(back);
+                pending = Some(*back);
             }
             Err(SendFailure::Upstream(err))
                 if conn.reused
@@ -384,7 +384,7 @@ async fn send(
         Err(_) => Err(SendFailure::Timeout),
         Ok(Ok(resp)) => Ok(resp),
         Ok(Err(mut err)) => match err.take_message() {
-            Some(req) => Err(SendFailure::NotSent(req)),
+            Some(req) => Err(SendFailure::NotSent(Box::new(req))),
             None => {
                 let err = err.into_error();
                 if err.is_user() {
