@@ -525,6 +525,28 @@ async fn streaming_response_counts_in_flight_until_its_end() {
     proxy.stop().await;
 }
 
+#[tokio::test]
+async fn get_on_a_keepalive_connection_the_worker_closed_is_replayed() {
+    let proxy = Proxy::http(fast_http()).await;
+    // Claims keep-alive, then closes right after each response: the pooled
+    // connection is dead by the time the next request takes it.
+    let rude = RawBackend::spawn(|mut s| async move {
+        let mut buf = [0u8; 4096];
+        let _ = s.read(&mut buf).await;
+        let _ = s
+            .write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+            .await;
+    })
+    .await;
+    proxy.routes.add(W1, rude.addr);
+    let mut client = Client::connect(proxy.addr).await.unwrap();
+    for _ in 0..20 {
+        assert_eq!(client.get("/").await.unwrap(), (200, Bytes::from("ok")));
+    }
+    assert_eq!(proxy.routes.snapshot()[0].errors, 0);
+    proxy.stop().await;
+}
+
 // ---------------------------------------------------------------- bad input
 
 #[tokio::test]
