@@ -11,6 +11,7 @@
 //!   daemon restart.
 //! - [`notify`] and [`ipc`]: readiness from sd_notify and Node's `process.send('ready')`.
 //! - [`logs`]: per-instance log files, rotation, tail and follow.
+//! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 
 pub mod error;
@@ -20,6 +21,7 @@ pub mod listener;
 pub mod logs;
 pub mod notify;
 pub mod procfs;
+pub mod proxy;
 pub mod shim;
 pub mod spawn;
 

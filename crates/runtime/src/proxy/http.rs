@@ -1,0 +1,794 @@
+//! `http` mode: an HTTP/1.1 reverse proxy on the public socket that assigns each
+//! *request* to the least-busy routable worker.
+//!
+//! Client connections are not tied to a worker: a keep-alive client keeps its
+//! connection to the proxy across reloads, and each of its requests is balanced anew.
+//!
+//! # In-flight accounting
+//! A request counts against its worker from the moment it is assigned until its
+//! response body has been handed to the client in full, or has failed (the [`Lease`]
+//! is dropped with the body). So a drain also waits for streaming responses. An
+//! upgraded connection (WebSocket) counts until the tunnel closes.
+//!
+//! # Retries
+//! A request is sent again (to another worker, or on a fresh connection) only when the
+//! worker cannot have seen it: the connect failed, hyper handed the request back
+//! unsent, or — for a reused keep-alive connection that the worker closed while the
+//! request was on its way — the request is idempotent and has no body, so nothing of
+//! the client's was consumed. Everything else is a 502 (or 504 on timeout).
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use clusterd_core::plan::WorkerId;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::server::conn::http1 as server_http1;
+use hyper::service::service_fn;
+use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::pool::{connect, UpstreamBody, UpstreamConn};
+use super::routes::{Lease, RouteTable};
+
+/// Bounds of the http proxy. The defaults suit a web app on the same host.
+#[derive(Debug, Clone)]
+pub struct HttpProxyConfig {
+    /// How long a request waits for a routable worker before a 503. A rollout or a
+    /// crash restart can leave a moment with no ready worker; waiting up to about the
+    /// readiness timeout turns that moment into latency instead of errors.
+    pub no_backend_wait: Duration,
+    /// Bound on connecting to a worker's private port.
+    pub connect_timeout: Duration,
+    /// Largest request head (request line and headers) accepted; larger gets a 431.
+    pub max_header_bytes: usize,
+    /// Time a client has to send a complete request head, counted from when the
+    /// connection opens or its previous response completes. This is the slowloris
+    /// bound, and in hyper it is also the keep-alive idle timeout of client
+    /// connections (an idle client is closed when it passes).
+    pub header_read_timeout: Duration,
+    /// Time a worker has to start its response (the status line and headers),
+    /// counted from when the request body has been sent to it; then 504.
+    pub response_header_timeout: Duration,
+    /// How long an idle pooled connection to a worker may be reused. Keep it below
+    /// the workers' own keep-alive timeout (Node: 5 s) so the proxy closes first.
+    pub pool_idle_timeout: Duration,
+    /// Idle pooled connections kept per worker.
+    pub pool_max_idle: usize,
+    /// After shutdown is requested: how long in-flight requests and tunnels may
+    /// finish before they are cut.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for HttpProxyConfig {
+    fn default() -> Self {
+        Self {
+            no_backend_wait: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(5),
+            max_header_bytes: 64 * 1024,
+            header_read_timeout: Duration::from_secs(30),
+            response_header_timeout: Duration::from_secs(60),
+            pool_idle_timeout: Duration::from_secs(4),
+            pool_max_idle: 64,
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Attempts per request, counting replays on stale keep-alive connections.
+const MAX_ATTEMPTS: usize = 8;
+
+type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// State shared by every connection of one `serve_http`.
+struct Ctx {
+    routes: Arc<RouteTable>,
+    cfg: HttpProxyConfig,
+    /// Cut tunnels when the shutdown grace is over.
+    hard_stop: CancellationToken,
+    tracker: TaskTracker,
+}
+
+/// Serves HTTP/1.1 on `listener`, forwarding each request to a worker in `routes`,
+/// until `shutdown` is cancelled. Then it stops accepting, lets open connections
+/// finish their current request (idle keep-alive connections close at once), cuts
+/// whatever is left after `cfg.shutdown_grace`, and returns.
+///
+/// Run it inside a span that names the app; every connection task inherits it.
+pub async fn serve_http(
+    listener: TcpListener,
+    routes: Arc<RouteTable>,
+    cfg: HttpProxyConfig,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let ctx = Arc::new(Ctx {
+        routes,
+        cfg,
+        hard_stop: CancellationToken::new(),
+        tracker: tracker.clone(),
+    });
+    let mut server = server_http1::Builder::new();
+    server
+        .timer(TokioTimer::new())
+        .header_read_timeout(ctx.cfg.header_read_timeout)
+        .max_header_size(ctx.cfg.max_header_bytes)
+        .max_buf_size(ctx.cfg.max_header_bytes.max(8192) * 2);
+    loop {
+        let (stream, peer) = tokio::select! {
+            () = shutdown.cancelled() => break,
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(err) => {
+                    accept_backoff(&err).await;
+                    continue;
+                }
+            },
+        };
+        let _ = stream.set_nodelay(true);
+        let local = stream.local_addr().ok();
+        let ctx = Arc::clone(&ctx);
+        let shutdown = shutdown.clone();
+        let conn = server.serve_connection(
+            TokioIo::new(stream),
+            service_fn({
+                let ctx = Arc::clone(&ctx);
+                move |req| {
+                    let ctx = Arc::clone(&ctx);
+                    async move { Ok::<_, Infallible>(proxy_request(req, &ctx, peer, local).await) }
+                }
+            }),
+        );
+        tracker.spawn(
+            async move {
+                let conn = conn.with_upgrades();
+                tokio::pin!(conn);
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    () = shutdown.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        tokio::select! {
+                            r = conn.as_mut() => r,
+                            () = ctx.hard_stop.cancelled() => Ok(()),
+                        }
+                    }
+                };
+                if let Err(err) = result {
+                    tracing::debug!(cause = %err, "client connection ended with error");
+                }
+            }
+            .instrument(tracing::debug_span!("client", %peer)),
+        );
+    }
+    drain_tasks(&tracker, &ctx.hard_stop, ctx.cfg.shutdown_grace).await;
+}
+
+/// Waits for `tracker`'s tasks, cutting them after `grace`.
+pub(crate) async fn drain_tasks(
+    tracker: &TaskTracker,
+    hard_stop: &CancellationToken,
+    grace: Duration,
+) {
+    tracker.close();
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        tracing::info!(
+            open = tracker.len(),
+            "shutdown grace passed; closing connections"
+        );
+        hard_stop.cancel();
+        tracker.wait().await;
+    }
+}
+
+/// Accept errors are mostly about one connection (reset before accept) and can be
+/// ignored; running out of file descriptors would spin, so pause briefly then.
+pub(crate) async fn accept_backoff(err: &std::io::Error) {
+    tracing::warn!(cause = %err, "accept failed");
+    if matches!(
+        err.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    ) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// What went wrong with one attempt to send a request.
+enum SendFailure {
+    /// The request never left: here it is back.
+    NotSent(Box<Request<UpstreamBody>>),
+    /// The worker did not start a response in time.
+    Timeout,
+    /// Reading the client's request body failed (the client went away).
+    ClientBody(hyper::Error),
+    /// Anything else from the worker's side.
+    Upstream(hyper::Error),
+}
+
+async fn proxy_request(
+    mut req: Request<Incoming>,
+    ctx: &Ctx,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+) -> Response<ProxyBody> {
+    let upgrade = is_upgrade(req.headers());
+    let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+    let (parts, body) = req.into_parts();
+    let method = parts.method.clone();
+    let body_empty = body.is_end_stream();
+    // A replay needs nothing from the client beyond the head.
+    let replayable = !upgrade && body_empty && method.is_idempotent();
+
+    let mut headers = parts.headers;
+    let client_host = host_of(&parts.uri, &headers, local);
+    let upgrade_to = headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut headers);
+    if let (true, Some(to)) = (upgrade, upgrade_to) {
+        // The one case where the hop-by-hop handshake must reach the worker.
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, to);
+    }
+    if let Some(host) = &client_host {
+        headers.insert(header::HOST, host.clone());
+    }
+    add_forwarded(&mut headers, peer, client_host.as_ref());
+    let uri = origin_form(&parts.uri);
+
+    let (done_tx, done_rx) = watch::channel(false);
+    let template = |body: UpstreamBody| {
+        let mut r = Request::new(body);
+        *r.method_mut() = method.clone();
+        *r.uri_mut() = uri.clone();
+        *r.version_mut() = Version::HTTP_11;
+        *r.headers_mut() = headers.clone();
+        r
+    };
+    let mut pending = Some(template(
+        RequestBody {
+            inner: body,
+            done: Some(done_tx),
+        }
+        .boxed_unsync(),
+    ));
+
+    let deadline = Instant::now() + ctx.cfg.no_backend_wait;
+    let mut failed: Vec<WorkerId> = Vec::new();
+    for _ in 0..MAX_ATTEMPTS {
+        let Some(lease) = ctx.routes.acquire(&failed, deadline).await else {
+            return if failed.is_empty() {
+                tracing::warn!(%method, "no routable worker");
+                error_response(StatusCode::SERVICE_UNAVAILABLE, "no worker available\n")
+            } else {
+                error_response(StatusCode::BAD_GATEWAY, "no worker reachable\n")
+            };
+        };
+        let backend = Arc::clone(lease.backend());
+        let span = tracing::debug_span!("request", worker = %backend.id, %method);
+        let pooled = if upgrade {
+            None
+        } else {
+            backend.pool.take(ctx.cfg.pool_idle_timeout)
+        };
+        let mut conn = match pooled {
+            Some(c) => c,
+            None => {
+                match connect(backend.addr, ctx.cfg.connect_timeout, upgrade).await {
+                    Ok(c) => c,
+                    Err(err) => {
+                        backend.record_error();
+                        span.in_scope(|| tracing::warn!(cause = %err, "connect failed; trying another worker"));
+                        failed.push(backend.id);
+                        continue;
+                    }
+                }
+            }
+        };
+        if conn.reused
+            && !matches!(
+                tokio::time::timeout(ctx.cfg.connect_timeout, conn.sender.ready()).await,
+                Ok(Ok(()))
+            )
+        {
+            continue;
+        }
+        let request = match pending.take() {
+            Some(r) => r,
+            None => template(empty_body()),
+        };
+        match send(
+            &mut conn,
+            request,
+            done_rx.clone(),
+            ctx.cfg.response_header_timeout,
+        )
+        .instrument(span.clone())
+        .await
+        {
+            Ok(resp) => {
+                return if let (Some(on_client), StatusCode::SWITCHING_PROTOCOLS) =
+                    (client_upgrade, resp.status())
+                {
+                    tunnel(resp, on_client, conn, lease, ctx, span)
+                } else {
+                    relay(resp, conn, lease, ctx, !upgrade)
+                };
+            }
+            Err(SendFailure::NotSent(back)) => {
+                pending = Some(*back);
+            }
+            Err(SendFailure::Upstream(err))
+                if conn.reused
+                    && replayable
+                    && (err.is_incomplete_message() || err.is_closed() || err.is_canceled()) =>
+            {
+                span.in_scope(
+                    || tracing::debug!(cause = %err, "stale keep-alive connection; replaying"),
+                );
+            }
+            Err(SendFailure::Timeout) => {
+                backend.record_error();
+                span.in_scope(|| tracing::warn!("worker did not respond in time"));
+                return error_response(StatusCode::GATEWAY_TIMEOUT, "worker timed out\n");
+            }
+            Err(SendFailure::ClientBody(err)) => {
+                span.in_scope(|| tracing::debug!(cause = %err, "client request body failed"));
+                return error_response(StatusCode::BAD_REQUEST, "request body incomplete\n");
+            }
+            Err(SendFailure::Upstream(err)) => {
+                backend.record_error();
+                span.in_scope(|| tracing::warn!(cause = %err, "worker failed the request"));
+                return error_response(StatusCode::BAD_GATEWAY, "bad gateway\n");
+            }
+        }
+    }
+    error_response(StatusCode::BAD_GATEWAY, "no worker reachable\n")
+}
+
+/// Sends one request, bounding the wait for the response head by `timeout` counted
+/// from when the request body is complete (a slow upload is not a slow worker).
+async fn send(
+    conn: &mut UpstreamConn,
+    request: Request<UpstreamBody>,
+    mut body_done: watch::Receiver<bool>,
+    timeout: Duration,
+) -> Result<Response<Incoming>, SendFailure> {
+    let body_already_done = request.body().is_end_stream();
+    let response = conn.sender.try_send_request(request);
+    tokio::pin!(response);
+    let outcome = if body_already_done {
+        tokio::time::timeout(timeout, response).await
+    } else {
+        let first = tokio::select! {
+            r = response.as_mut() => Some(r),
+            // The guard `wait_for` returns is not Send: drop it inside the branch.
+            _ = async { body_done.wait_for(|done| *done).await.is_ok() } => None,
+        };
+        match first {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(timeout, response).await,
+        }
+    };
+    match outcome {
+        Err(_) => Err(SendFailure::Timeout),
+        Ok(Ok(resp)) => Ok(resp),
+        Ok(Err(mut err)) => match err.take_message() {
+            Some(req) => Err(SendFailure::NotSent(Box::new(req))),
+            None => {
+                let err = err.into_error();
+                if err.is_user() {
+                    Err(SendFailure::ClientBody(err))
+                } else {
+                    Err(SendFailure::Upstream(err))
+                }
+            }
+        },
+    }
+}
+
+/// Passes a worker's response to the client, streaming its body, and finishes the
+/// request's accounting when the body ends.
+fn relay(
+    resp: Response<Incoming>,
+    conn: UpstreamConn,
+    lease: Lease,
+    ctx: &Ctx,
+    poolable: bool,
+) -> Response<ProxyBody> {
+    let keep_alive = poolable && response_keeps_alive(&resp);
+    let (mut parts, body) = resp.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    parts.version = Version::HTTP_11;
+    let body = ResponseBody {
+        inner: body,
+        finish: Some(Finish {
+            conn,
+            lease,
+            keep_alive,
+            pool_max: ctx.cfg.pool_max_idle,
+        }),
+    };
+    Response::from_parts(parts, body.boxed_unsync())
+}
+
+/// Answers the client's upgrade with the worker's 101 and joins the two upgraded
+/// connections in a task that holds the request's lease until either side closes.
+fn tunnel(
+    mut resp: Response<Incoming>,
+    on_client: hyper::upgrade::OnUpgrade,
+    conn: UpstreamConn,
+    lease: Lease,
+    ctx: &Ctx,
+    span: tracing::Span,
+) -> Response<ProxyBody> {
+    let on_upstream = hyper::upgrade::on(&mut resp);
+    let hard_stop = ctx.hard_stop.clone();
+    ctx.tracker.spawn(
+        async move {
+            let (client, upstream) = match tokio::join!(on_client, on_upstream) {
+                (Ok(c), Ok(u)) => (c, u),
+                (c, u) => {
+                    tracing::debug!(
+                        client_ok = c.is_ok(),
+                        upstream_ok = u.is_ok(),
+                        "upgrade failed"
+                    );
+                    return;
+                }
+            };
+            let mut client = TokioIo::new(client);
+            let mut upstream = TokioIo::new(upstream);
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match r {
+                    Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
+                    Err(err) => tracing::debug!(cause = %err, "tunnel failed"),
+                },
+                () = hard_stop.cancelled() => tracing::debug!("tunnel cut at shutdown"),
+            }
+            drop(conn);
+            drop(lease);
+        }
+        .instrument(span),
+    );
+    let (mut parts, _) = resp.into_parts();
+    let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
+    strip_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+    if let Some(u) = upgrade_to {
+        parts.headers.insert(header::UPGRADE, u);
+    }
+    parts.version = Version::HTTP_11;
+    Response::from_parts(parts, empty_body())
+}
+
+fn empty_body() -> UnsyncBoxBody<Bytes, hyper::Error> {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBody> {
+    let mut resp = Response::new(
+        Full::new(Bytes::from_static(msg.as_bytes()))
+            .map_err(|never| match never {})
+            .boxed_unsync(),
+    );
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Whether `Connection` lists `token` (case-insensitive, comma-separated).
+fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
+}
+
+/// Whether the worker will accept another request on this connection.
+fn response_keeps_alive(resp: &Response<Incoming>) -> bool {
+    let h = resp.headers();
+    match resp.version() {
+        Version::HTTP_11 => !connection_has(h, "close"),
+        Version::HTTP_10 => connection_has(h, "keep-alive") && !connection_has(h, "close"),
+        _ => false,
+    }
+}
+
+/// Removes the headers that describe one connection rather than the message
+/// (RFC 9110 §7.6.1): those named in `Connection`, and the well-known ones. `TE` is
+/// kept only as `TE: trailers`, the one value meaningful end to end.
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// The host the client asked for: the authority of an absolute-form target wins over
+/// `Host` (RFC 9112 §3.2.2); an HTTP/1.0 client may send neither, and the worker
+/// still needs one, so fall back to the address the client connected to.
+fn host_of(uri: &Uri, headers: &HeaderMap, local: Option<SocketAddr>) -> Option<HeaderValue> {
+    if let Some(auth) = uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+            return Some(v);
+        }
+    }
+    if let Some(h) = headers.get(header::HOST) {
+        return Some(h.clone());
+    }
+    local.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
+}
+
+fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) if uri.authority().is_some() => Uri::from(pq.clone()),
+        _ => uri.clone(),
+    }
+}
+
+/// Adds X-Forwarded-For (appended to any list already present), X-Forwarded-Proto
+/// and X-Forwarded-Host (kept if a proxy in front of us already set them), and an
+/// RFC 7239 `Forwarded` element.
+fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
+    let ip = peer.ip().to_canonical();
+    let prior: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    let xff = if prior.is_empty() {
+        ip.to_string()
+    } else {
+        format!("{}, {ip}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if let Some(h) = host {
+        if !headers.contains_key("x-forwarded-host") {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+    }
+    let node = if ip.is_ipv6() {
+        format!("for=\"[{ip}]\"")
+    } else {
+        format!("for={ip}")
+    };
+    let mut element = format!("{node};proto=http");
+    if let Some(h) = host.and_then(|h| h.to_str().ok()) {
+        if !h.contains(['"', '\\']) {
+            element.push_str(&format!(";host=\"{h}\""));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&element) {
+        headers.append(header::FORWARDED, v);
+    }
+}
+
+/// The client's request body on its way to the worker; flags its own end so that the
+/// response-head timer starts only once the upload is done.
+struct RequestBody {
+    inner: Incoming,
+    done: Option<watch::Sender<bool>>,
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
+            if let Some(done) = self.done.take() {
+                let _ = done.send(true);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// What completes a request once its response body has been passed on.
+struct Finish {
+    conn: UpstreamConn,
+    lease: Lease,
+    keep_alive: bool,
+    pool_max: usize,
+}
+
+impl Finish {
+    /// The whole response went through: the connection may serve another request.
+    fn complete(self) {
+        let Finish {
+            conn,
+            lease,
+            keep_alive,
+            pool_max,
+        } = self;
+        if keep_alive {
+            let backend = Arc::clone(lease.backend());
+            backend.pool.put(conn, pool_max, || backend.is_routable());
+        }
+        // Only now does the request stop counting as in flight.
+        drop(lease);
+    }
+}
+
+/// A worker's response body on its way to the client. Ends the request's accounting
+/// when it ends or is dropped (client gone, error): a connection abandoned midway is
+/// closed rather than pooled.
+struct ResponseBody {
+    inner: Incoming,
+    finish: Option<Finish>,
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(None) => {
+                if let Some(f) = self.finish.take() {
+                    f.complete();
+                }
+            }
+            Poll::Ready(Some(Err(err))) => {
+                if let Some(f) = self.finish.take() {
+                    f.lease.backend().record_error();
+                    tracing::warn!(worker = %f.lease.backend().id, cause = %err, "response body failed");
+                }
+            }
+            _ => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl Drop for ResponseBody {
+    fn drop(&mut self) {
+        if let Some(f) = self.finish.take() {
+            // hyper does not poll a body it knows is empty (HEAD, 204, 304, length 0).
+            if self.inner.is_end_stream() {
+                f.complete();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use hyper::Method;
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed_headers() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-secret"),
+        );
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        h.insert(header::TE, HeaderValue::from_static("gzip, trailers;q=1"));
+        h.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        h.insert("x-kept", HeaderValue::from_static("yes"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2, "{h:?}");
+        assert_eq!(h["x-kept"], "yes");
+        assert_eq!(h[header::TE], "trailers");
+    }
+
+    #[test]
+    fn forwarded_headers_append_to_prior_proxies() {
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
+        let host = HeaderValue::from_static("example.com:8080");
+        add_forwarded(&mut h, "[::1]:5000".parse().unwrap(), Some(&host));
+        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
+        assert_eq!(h["x-forwarded-proto"], "http");
+        assert_eq!(h["x-forwarded-host"], "example.com:8080");
+        assert_eq!(
+            h[header::FORWARDED],
+            "for=\"[::1]\";proto=http;host=\"example.com:8080\""
+        );
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let uri: Uri = "http://example.com/a?b=1".parse().unwrap();
+        assert_eq!(origin_form(&uri), "/a?b=1");
+        let h = host_of(&uri, &HeaderMap::new(), None).unwrap();
+        assert_eq!(h, "example.com");
+    }
+
+    #[test]
+    fn method_idempotence_decides_replay() {
+        assert!(Method::GET.is_idempotent());
+        assert!(!Method::POST.is_idempotent());
+    }
+}

@@ -1,0 +1,158 @@
+//! Keep-alive connections from the proxy to one worker.
+//!
+//! We keep our own small pool per backend instead of hyper-util's `Client` because a
+//! drain must close exactly one worker's idle connections at once: a worker that is
+//! signalled while the proxy still holds an idle socket to it may close that socket
+//! just as the proxy sends a request on it. `stop_routing` empties the pool, and a
+//! connection finishing its response on a draining backend is closed, not pooled.
+
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use hyper::client::conn::http1;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpStream;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use super::ProxyError;
+
+/// The body type of requests sent to workers: the client's streamed body, or an empty
+/// one when a body-less request is replayed.
+pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
+
+/// One HTTP/1.1 connection to a worker. Dropping it closes the socket at once (the
+/// connection task is aborted), which is what we want for a request abandoned midway
+/// or a backend being drained.
+#[derive(Debug)]
+pub(crate) struct UpstreamConn {
+    pub(crate) sender: http1::SendRequest<UpstreamBody>,
+    task: AbortHandle,
+    /// Taken from the pool rather than freshly connected: the worker may have closed
+    /// it in the meantime, which is the one failure a replay can fix.
+    pub(crate) reused: bool,
+}
+
+impl Drop for UpstreamConn {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Opens a connection to `addr` within `timeout`. With `upgrades`, the connection can
+/// be handed over to a tunnel after a `101 Switching Protocols`.
+pub(crate) async fn connect(
+    addr: SocketAddr,
+    timeout: Duration,
+    upgrades: bool,
+) -> Result<UpstreamConn, ProxyError> {
+    let stream = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(source)) => return Err(ProxyError::Connect { addr, source }),
+        Err(_) => return Err(ProxyError::ConnectTimeout { addr, timeout }),
+    };
+    // Latency matters more than packet count on loopback.
+    let _ = stream.set_nodelay(true);
+    let (sender, conn) = http1::Builder::new()
+        .handshake(TokioIo::new(stream))
+        .await
+        .map_err(|source| ProxyError::Handshake { addr, source })?;
+    let span = tracing::debug_span!("upstream_conn", %addr);
+    let task = if upgrades {
+        tokio::spawn(
+            async move {
+                if let Err(err) = conn.with_upgrades().await {
+                    tracing::debug!(cause = %err, "upstream connection ended");
+                }
+            }
+            .instrument(span),
+        )
+    } else {
+        tokio::spawn(
+            async move {
+                if let Err(err) = conn.await {
+                    tracing::debug!(cause = %err, "upstream connection ended");
+                }
+            }
+            .instrument(span),
+        )
+    };
+    Ok(UpstreamConn {
+        sender,
+        task: task.abort_handle(),
+        reused: false,
+    })
+}
+
+#[derive(Debug)]
+struct Idle {
+    conn: UpstreamConn,
+    since: Instant,
+}
+
+/// Idle connections of one backend, most recently used last.
+#[derive(Debug, Default)]
+pub(crate) struct Pool {
+    idle: Mutex<Vec<Idle>>,
+}
+
+impl Pool {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        self.idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The most recently used live connection not idle longer than `max_idle`.
+    /// Reusing the newest one keeps the others ageing out, and the newest is the
+    /// least likely to have been closed by the worker's own keep-alive timer.
+    pub(crate) fn take(&self, max_idle: Duration) -> Option<UpstreamConn> {
+        let mut idle = self.lock();
+        // Entries are in return order, so everything before the first fresh one is stale.
+        let now = Instant::now();
+        let fresh_from = idle
+            .iter()
+            .position(|i| now.duration_since(i.since) < max_idle)
+            .unwrap_or(idle.len());
+        let stale: Vec<Idle> = idle.drain(..fresh_from).collect();
+        let mut found = None;
+        while let Some(i) = idle.pop() {
+            if !i.conn.sender.is_closed() {
+                found = Some(i.conn);
+                break;
+            }
+        }
+        drop(idle);
+        drop(stale);
+        found.map(|mut c| {
+            c.reused = true;
+            c
+        })
+    }
+
+    /// Returns a connection whose last response completed. `routable` is evaluated
+    /// under the pool lock, so a concurrent `close_idle` (from `stop_routing`) cannot
+    /// miss a connection put back by a request that finished at the same moment.
+    pub(crate) fn put(&self, conn: UpstreamConn, max: usize, routable: impl Fn() -> bool) {
+        if conn.sender.is_closed() {
+            return;
+        }
+        let mut idle = self.lock();
+        if routable() && idle.len() < max {
+            idle.push(Idle {
+                conn,
+                since: Instant::now(),
+            });
+        }
+    }
+
+    /// Closes every idle connection now.
+    pub(crate) fn close_idle(&self) {
+        let idle = std::mem::take(&mut *self.lock());
+        drop(idle);
+    }
+}

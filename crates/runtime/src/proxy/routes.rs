@@ -1,0 +1,275 @@
+//! The route table: which workers of one app may receive traffic, and how much they
+//! are serving right now.
+//!
+//! The reconcile loop writes it (`add`, `stop_routing`, `remove`) and waits on it
+//! (`drained`); the proxy tasks read it on every request (http) or connection (tcp).
+//! One short `std::sync::Mutex` guards the set of backends; per-backend counters are
+//! atomics so that finishing a request never takes the table lock.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use clusterd_core::plan::WorkerId;
+use serde::Serialize;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::pool::Pool;
+
+/// Per-backend numbers for `clusterd status` and `/metrics`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackendStats {
+    /// The worker behind this backend.
+    pub id: WorkerId,
+    /// Its private address (127.0.0.1:PORT).
+    pub addr: SocketAddr,
+    /// Whether new requests/connections may be sent to it (false while draining).
+    pub routable: bool,
+    /// Requests (http) or connections (tcp) assigned to it and not yet finished.
+    pub inflight: u64,
+    /// Requests or connections ever assigned to it.
+    pub total: u64,
+    /// Failures attributed to it: connect errors, garbage responses, timeouts.
+    pub errors: u64,
+}
+
+/// One worker as seen by the proxy.
+#[derive(Debug)]
+pub(crate) struct Backend {
+    pub(crate) id: WorkerId,
+    pub(crate) addr: SocketAddr,
+    /// Written under the table lock (so that `pick` and `stop_routing` are ordered),
+    /// read without it by the pool.
+    routable: AtomicBool,
+    inflight: AtomicU64,
+    total: AtomicU64,
+    errors: AtomicU64,
+    /// Woken whenever `inflight` drops to zero.
+    idle: Notify,
+    /// Idle keep-alive connections (http mode only).
+    pub(crate) pool: Pool,
+}
+
+impl Backend {
+    pub(crate) fn is_routable(&self) -> bool {
+        self.routable.load(Ordering::Acquire)
+    }
+
+    /// Counts a failure against this backend (shown in `snapshot`).
+    pub(crate) fn record_error(&self) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn stats(&self) -> BackendStats {
+        BackendStats {
+            id: self.id,
+            addr: self.addr,
+            routable: self.is_routable(),
+            inflight: self.inflight.load(Ordering::Acquire),
+            total: self.total.load(Ordering::Relaxed),
+            errors: self.errors.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A unit of work assigned to a backend: while it lives, the backend's `inflight`
+/// count includes it. Dropping it is the only way to finish the work, so a request
+/// that fails, is cancelled or whose client vanishes is still accounted for.
+#[derive(Debug)]
+pub(crate) struct Lease {
+    backend: Arc<Backend>,
+}
+
+impl Lease {
+    pub(crate) fn backend(&self) -> &Arc<Backend> {
+        &self.backend
+    }
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        if self.backend.inflight.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.backend.idle.notify_waiters();
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    backends: BTreeMap<WorkerId, Arc<Backend>>,
+    /// Rotating start index of the least-loaded search, so that ties go round-robin.
+    cursor: usize,
+}
+
+/// The backends of one app, shared (`Arc`) between the reconcile loop and the proxy.
+///
+/// # Guarantees
+/// - After `stop_routing(id)` or `remove(id)` returns, no new request or connection is
+///   assigned to `id`; work assigned before keeps running and keeps counting in
+///   `inflight(id)` until it finishes.
+/// - `drained(id)` resolves only when `inflight(id)` is 0 (or `id` is unknown).
+#[derive(Debug, Default)]
+pub struct RouteTable {
+    inner: Mutex<Inner>,
+    /// Woken when a backend becomes routable, for requests waiting for one.
+    routable_added: Notify,
+}
+
+impl RouteTable {
+    /// An empty table.
+    #[must_use]
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding this lock leaves only counters and a map behind,
+        // which are still consistent enough to keep serving.
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A ready worker: starts receiving traffic. Adding a known id again makes it
+    /// routable again (undoing `stop_routing`) and updates its address.
+    pub fn add(&self, id: WorkerId, addr: SocketAddr) {
+        {
+            let mut inner = self.lock();
+            match inner.backends.get(&id) {
+                Some(b) if b.addr == addr => b.routable.store(true, Ordering::Release),
+                _ => {
+                    let backend = Arc::new(Backend {
+                        id,
+                        addr,
+                        routable: AtomicBool::new(true),
+                        inflight: AtomicU64::new(0),
+                        total: AtomicU64::new(0),
+                        errors: AtomicU64::new(0),
+                        idle: Notify::new(),
+                        pool: Pool::default(),
+                    });
+                    if let Some(old) = inner.backends.insert(id, backend) {
+                        old.routable.store(false, Ordering::Release);
+                        old.pool.close_idle();
+                    }
+                }
+            }
+        }
+        tracing::debug!(worker = %id, %addr, "backend routable");
+        self.routable_added.notify_waiters();
+    }
+
+    /// Draining: the worker gets no new requests or connections, and its idle pooled
+    /// connections are closed now (so that the worker sees no open idle sockets when
+    /// it is signalled). Work in flight continues.
+    pub fn stop_routing(&self, id: WorkerId) {
+        let backend = {
+            let inner = self.lock();
+            let Some(b) = inner.backends.get(&id) else {
+                return;
+            };
+            b.routable.store(false, Ordering::Release);
+            Arc::clone(b)
+        };
+        backend.pool.close_idle();
+        tracing::debug!(worker = %id, inflight = backend.inflight.load(Ordering::Acquire), "backend draining");
+    }
+
+    /// The worker is gone: forget it. Work still in flight holds its own reference
+    /// and finishes (or fails) on its own.
+    pub fn remove(&self, id: WorkerId) {
+        let removed = self.lock().backends.remove(&id);
+        if let Some(b) = removed {
+            b.routable.store(false, Ordering::Release);
+            b.pool.close_idle();
+            tracing::debug!(worker = %id, "backend removed");
+        }
+    }
+
+    /// Requests (http) or connections (tcp) in flight on `id`; 0 if unknown.
+    #[must_use]
+    pub fn inflight(&self, id: WorkerId) -> u64 {
+        self.lock()
+            .backends
+            .get(&id)
+            .map_or(0, |b| b.inflight.load(Ordering::Acquire))
+    }
+
+    /// Resolves once `id` has nothing in flight (at once if it is unknown). The daemon
+    /// calls this after `stop_routing` and signals the worker when it resolves, under
+    /// its own shutdown timeout.
+    pub async fn drained(&self, id: WorkerId) {
+        let Some(backend) = self.lock().backends.get(&id).cloned() else {
+            return;
+        };
+        loop {
+            let notified = backend.idle.notified();
+            tokio::pin!(notified);
+            // Register before checking, so a drop to zero in between is not missed.
+            notified.as_mut().enable();
+            if backend.inflight.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            notified.await;
+        }
+    }
+
+    /// Every backend's numbers, ordered by worker id.
+    #[must_use]
+    pub fn snapshot(&self) -> Vec<BackendStats> {
+        self.lock().backends.values().map(|b| b.stats()).collect()
+    }
+
+    /// Assigns one unit of work to the least-loaded routable backend not in `exclude`
+    /// (ties go round-robin), counting it in flight before the lock is released so
+    /// that concurrent picks see each other.
+    pub(crate) fn pick(&self, exclude: &[WorkerId]) -> Option<Lease> {
+        let mut inner = self.lock();
+        let n = inner.backends.len();
+        if n == 0 {
+            return None;
+        }
+        let start = inner.cursor % n;
+        let mut best: Option<(&Arc<Backend>, u64)> = None;
+        for b in inner
+            .backends
+            .values()
+            .cycle()
+            .skip(start)
+            .take(n)
+            .filter(|b| b.is_routable() && !exclude.contains(&b.id))
+        {
+            let load = b.inflight.load(Ordering::Acquire);
+            if best.is_none_or(|(_, l)| load < l) {
+                best = Some((b, load));
+            }
+        }
+        let backend = Arc::clone(best?.0);
+        // Inside the lock: once `stop_routing` has returned, no pick that saw the
+        // backend as routable can still be about to raise its count.
+        backend.inflight.fetch_add(1, Ordering::AcqRel);
+        backend.total.fetch_add(1, Ordering::Relaxed);
+        inner.cursor = inner.cursor.wrapping_add(1);
+        drop(inner);
+        Some(Lease { backend })
+    }
+
+    /// Like `pick`, but if nothing is routable, waits until `deadline` for a backend
+    /// to appear: during a rollout or restart there can be a moment with no ready
+    /// worker, and a short wait beats an error.
+    pub(crate) async fn acquire(&self, exclude: &[WorkerId], deadline: Instant) -> Option<Lease> {
+        loop {
+            let notified = self.routable_added.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(lease) = self.pick(exclude) {
+                return Some(lease);
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
