@@ -3,3 +3,5 @@
 //! It carries out the planner's actions and reports what happened as events. The one
 //! place `unsafe` is allowed (fd juggling between fork and exec), each block with a
 //! `SAFETY:` comment.
+
+pub mod gitops;
