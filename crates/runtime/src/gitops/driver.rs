@@ -131,7 +131,10 @@ pub async fn run_sync_loop_with(
             last_error.clone_from(&status.error);
         }
         let reply = result.map_err(|e| e.to_string());
-        on_report(SyncReport { status: status.clone(), outcome: reply.as_ref().ok().cloned() });
+        on_report(SyncReport {
+            status: status.clone(),
+            outcome: reply.as_ref().ok().cloned(),
+        });
         for waiter in waiters {
             // The requester may have given up (client timeout); nothing to do then.
             let _ = waiter.send(reply.clone());
@@ -152,6 +155,8 @@ async fn recv_or_pending(trigger: &mut Option<mpsc::Receiver<SyncReply>>) -> Opt
 /// hosts started at different moments get different offsets, which is all a fleet needs,
 /// without a random-number dependency.
 fn jitter(interval: Duration) -> Duration {
-    let nanos = SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let nanos = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     interval.mul_f64(f64::from(nanos % 1000) / 10_000.0)
 }

@@ -81,7 +81,8 @@ pub trait Git: Send + Sync {
     ///
     /// # Errors
     /// The commit is not in the cache, or git fails.
-    fn list_dir(&self, commit: &CommitId, dir: &str) -> Result<Option<Vec<TreeEntry>>, GitOpsError>;
+    fn list_dir(&self, commit: &CommitId, dir: &str)
+        -> Result<Option<Vec<TreeEntry>>, GitOpsError>;
 
     /// The contents of these blobs, in order.
     ///
@@ -131,8 +132,15 @@ impl GitCli {
     /// reveal anything.
     pub fn for_repo(state_dir: &Path, url: &str, timeout: Duration) -> Self {
         let repo = redact_url(url);
-        let dir = state_dir.join("git").join(format!("cache-{:016x}.git", fnv1a(repo.as_bytes())));
-        GitCli { dir, timeout, repo, raw_url: url.to_owned() }
+        let dir = state_dir
+            .join("git")
+            .join(format!("cache-{:016x}.git", fnv1a(repo.as_bytes())));
+        GitCli {
+            dir,
+            timeout,
+            repo,
+            raw_url: url.to_owned(),
+        }
     }
 
     /// The bare cache repository's path.
@@ -171,7 +179,12 @@ impl GitCli {
     ///
     /// git runs in its own process group so a timeout kills ssh and any helper it
     /// started, not just git itself.
-    fn run(&self, mut cmd: Command, op: &'static str, stdin: Option<&[u8]>) -> Result<Vec<u8>, GitOpsError> {
+    fn run(
+        &self,
+        mut cmd: Command,
+        op: &'static str,
+        stdin: Option<&[u8]>,
+    ) -> Result<Vec<u8>, GitOpsError> {
         let output = self.run_status(&mut cmd, op, stdin)?;
         if output.0.success() {
             Ok(output.1)
@@ -184,7 +197,11 @@ impl GitCli {
         let text = String::from_utf8_lossy(stderr);
         let text = text.trim();
         let text = if text.is_empty() { "no message" } else { text };
-        GitOpsError::Git { op, repo: self.repo.clone(), stderr: scrub(text, &self.raw_url) }
+        GitOpsError::Git {
+            op,
+            repo: self.repo.clone(),
+            stderr: scrub(text, &self.raw_url),
+        }
     }
 
     fn run_status(
@@ -193,10 +210,14 @@ impl GitCli {
         op: &'static str,
         stdin: Option<&[u8]>,
     ) -> Result<(std::process::ExitStatus, Vec<u8>, Vec<u8>), GitOpsError> {
-        cmd.stdin(if stdin.is_some() { Stdio::piped() } else { Stdio::null() })
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0);
+        cmd.stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0);
         let mut child = cmd.spawn().map_err(|error| GitOpsError::Spawn { error })?;
         let pgid = child.id().cast_signed();
         let timed_out = AtomicBool::new(false);
@@ -240,7 +261,11 @@ impl GitCli {
             (status, out.join().unwrap_or_default(), err)
         });
         if timed_out.load(Ordering::SeqCst) {
-            return Err(GitOpsError::Timeout { op, repo: self.repo.clone(), timeout: self.timeout });
+            return Err(GitOpsError::Timeout {
+                op,
+                repo: self.repo.clone(),
+                timeout: self.timeout,
+            });
         }
         let status = status.map_err(|error| GitOpsError::Spawn { error })?;
         tracing::trace!(op, code = status.code(), "git finished");
@@ -262,10 +287,16 @@ impl GitCli {
 
     fn fetch_refspec(&self, url: &str, refspec: &str) -> Result<(), GitOpsError> {
         let mut cmd = self.command();
-        cmd.args(["fetch", "--quiet", "--no-tags", "--no-write-fetch-head", "--force"])
-            .arg("--end-of-options")
-            .arg(OsString::from(url))
-            .arg(refspec);
+        cmd.args([
+            "fetch",
+            "--quiet",
+            "--no-tags",
+            "--no-write-fetch-head",
+            "--force",
+        ])
+        .arg("--end-of-options")
+        .arg(OsString::from(url))
+        .arg(refspec);
         self.run(cmd, "fetch", None).map(drop)
     }
 }
@@ -306,29 +337,53 @@ impl Git for GitCli {
         self.fetch_refspec(url, &format!("+{git_ref}:{FETCHED_REF}"))?;
         self.rev_parse(&format!("{FETCHED_REF}^{{commit}}"))?
             .map(CommitId)
-            .ok_or_else(|| GitOpsError::Protocol { op: "fetch", detail: format!("{git_ref} does not name a commit") })
+            .ok_or_else(|| GitOpsError::Protocol {
+                op: "fetch",
+                detail: format!("{git_ref} does not name a commit"),
+            })
     }
 
-    fn list_dir(&self, commit: &CommitId, dir: &str) -> Result<Option<Vec<TreeEntry>>, GitOpsError> {
-        let spec = if dir.is_empty() { format!("{commit}^{{tree}}") } else { format!("{commit}:{dir}") };
-        // `^{tree}` also rejects a path that exists but is a file.
-        let Some(tree) = self.rev_parse(&format!("{spec}^{{tree}}"))? else {
-            if self.rev_parse(&format!("{commit}^{{commit}}"))?.is_none() {
-                return Err(GitOpsError::Protocol { op: "ls-tree", detail: format!("commit {commit} is not in the cache") });
-            }
+    fn list_dir(
+        &self,
+        commit: &CommitId,
+        dir: &str,
+    ) -> Result<Option<Vec<TreeEntry>>, GitOpsError> {
+        if self.rev_parse(&format!("{commit}^{{commit}}"))?.is_none() {
+            return Err(GitOpsError::Protocol {
+                op: "ls-tree",
+                detail: format!("commit {commit} is not in the cache"),
+            });
+        }
+        // `rev:path` takes everything after the colon as the path, so `^{tree}` cannot be
+        // appended to it; resolve the id, then check it is a tree and not a file.
+        let spec = if dir.is_empty() {
+            format!("{commit}^{{tree}}")
+        } else {
+            format!("{commit}:{dir}")
+        };
+        let Some(tree) = self.rev_parse(&spec)? else {
             return Ok(None);
         };
+        let mut cmd = self.command();
+        cmd.args(["cat-file", "-t", &tree]);
+        if self.run(cmd, "cat-file", None)?.trim_ascii() != b"tree" {
+            return Ok(None);
+        }
         let mut cmd = self.command();
         cmd.args(["ls-tree", "-z", &tree]);
         let out = self.run(cmd, "ls-tree", None)?;
         let mut entries = Vec::new();
         for record in out.split(|b| *b == 0).filter(|r| !r.is_empty()) {
             // "<mode> SP <type> SP <id> TAB <name>"
-            let bad = || GitOpsError::Protocol { op: "ls-tree", detail: String::from_utf8_lossy(record).into_owned() };
+            let bad = || GitOpsError::Protocol {
+                op: "ls-tree",
+                detail: String::from_utf8_lossy(record).into_owned(),
+            };
             let tab = record.iter().position(|b| *b == b'\t').ok_or_else(bad)?;
             let meta = std::str::from_utf8(&record[..tab]).map_err(|_| bad())?;
             let mut fields = meta.split(' ');
-            let (Some(mode), Some(_kind), Some(id)) = (fields.next(), fields.next(), fields.next()) else {
+            let (Some(mode), Some(_kind), Some(id)) = (fields.next(), fields.next(), fields.next())
+            else {
                 return Err(bad());
             };
             let Ok(name) = std::str::from_utf8(&record[tab + 1..]) else {
@@ -341,7 +396,11 @@ impl Git for GitCli {
                 "040000" => EntryKind::Dir,
                 _ => EntryKind::Other,
             };
-            entries.push(TreeEntry { name: name.to_owned(), kind, id: ObjectId(id.to_owned()) });
+            entries.push(TreeEntry {
+                name: name.to_owned(),
+                kind,
+                id: ObjectId(id.to_owned()),
+            });
         }
         Ok(Some(entries))
     }
@@ -385,13 +444,22 @@ impl Git for GitCli {
 /// Parses `git cat-file --batch` output: per object a header `<id> <type> <size>\n`, the
 /// content, and a `\n`; a missing object is `<id> missing\n`.
 fn parse_batch(mut out: &[u8], expected: usize) -> Result<Vec<Vec<u8>>, GitOpsError> {
-    let bad = |detail: String| GitOpsError::Protocol { op: "cat-file", detail };
+    let bad = |detail: String| GitOpsError::Protocol {
+        op: "cat-file",
+        detail,
+    };
     let mut blobs = Vec::with_capacity(expected);
     while blobs.len() < expected {
-        let nl = out.iter().position(|b| *b == b'\n').ok_or_else(|| bad("truncated header".into()))?;
-        let header = std::str::from_utf8(&out[..nl]).map_err(|_| bad("header is not UTF-8".into()))?;
+        let nl = out
+            .iter()
+            .position(|b| *b == b'\n')
+            .ok_or_else(|| bad("truncated header".into()))?;
+        let header =
+            std::str::from_utf8(&out[..nl]).map_err(|_| bad("header is not UTF-8".into()))?;
         let fields: Vec<&str> = header.split(' ').collect();
-        let [_, kind, size] = fields.as_slice() else { return Err(bad(header.to_owned())) };
+        let [_, kind, size] = fields.as_slice() else {
+            return Err(bad(header.to_owned()));
+        };
         if *kind != "blob" {
             return Err(bad(format!("expected a blob, got {header}")));
         }
@@ -414,7 +482,9 @@ fn is_full_hex_id(s: &str) -> bool {
 /// FNV-1a, 64 bit: a stable name for the cache dir (std's hasher is not guaranteed
 /// stable across Rust releases, and a new name would mean a needless re-clone).
 fn fnv1a(bytes: &[u8]) -> u64 {
-    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    })
 }
 
 #[cfg(test)]
@@ -425,7 +495,10 @@ mod tests {
     fn parses_cat_file_batch() {
         let out = b"aa blob 3\nabc\nbb blob 0\n\n";
         let ids = [ObjectId("aa".into()), ObjectId("bb".into())];
-        assert_eq!(parse_batch(out, ids.len()).unwrap(), vec![b"abc".to_vec(), Vec::new()]);
+        assert_eq!(
+            parse_batch(out, ids.len()).unwrap(),
+            vec![b"abc".to_vec(), Vec::new()]
+        );
         assert!(parse_batch(b"aa missing\n", 1).is_err());
     }
 

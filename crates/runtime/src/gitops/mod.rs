@@ -255,7 +255,11 @@ pub enum GitOpsError {
 
 impl GitOpsError {
     pub(crate) fn io(action: &'static str, path: &Path, error: std::io::Error) -> Self {
-        GitOpsError::Io { action, path: path.to_path_buf(), error }
+        GitOpsError::Io {
+            action,
+            path: path.to_path_buf(),
+            error,
+        }
     }
 }
 
@@ -276,7 +280,9 @@ pub fn redact_url(text: &str) -> String {
         // The authority ends at the first '/', whitespace or quote; userinfo is whatever
         // precedes its last '@' (a password may itself contain '@' when unencoded).
         let end = tail
-            .find(|c: char| c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '\'' || c == '"')
+            .find(|c: char| {
+                c == '/' || c == '?' || c == '#' || c.is_whitespace() || c == '\'' || c == '"'
+            })
             .unwrap_or(tail.len());
         let authority = &tail[..end];
         match authority.rfind('@') {
@@ -292,15 +298,21 @@ pub fn redact_url(text: &str) -> String {
 /// The secrets inside a URL's userinfo, for scrubbing text that might quote them outside
 /// a URL (some git versions echo the user name alone in prompts or errors).
 pub(crate) fn url_secrets(url: &str) -> Vec<String> {
-    let Some(pos) = url.find("://") else { return Vec::new() };
+    let Some(pos) = url.find("://") else {
+        return Vec::new();
+    };
     let tail = &url[pos + 3..];
     let end = tail.find('/').unwrap_or(tail.len());
-    let Some(at) = tail[..end].rfind('@') else { return Vec::new() };
+    let Some(at) = tail[..end].rfind('@') else {
+        return Vec::new();
+    };
     let userinfo = &tail[..at];
     // `user:password` -> the password; a lone `token@` -> the token. A plain login name
     // next to a password is not secret, and scrubbing a short word like `git` everywhere
     // would mangle the message.
-    let secret = userinfo.split_once(':').map_or(userinfo, |(_, password)| password);
+    let secret = userinfo
+        .split_once(':')
+        .map_or(userinfo, |(_, password)| password);
     if secret.len() >= 4 {
         vec![secret.to_owned()]
     } else {
@@ -324,13 +336,18 @@ pub(crate) fn scrub(text: &str, url: &str) -> String {
 /// # Errors
 /// [`GitOpsError::BadPath`] for an absolute path, a `..`, or a non-UTF-8 component.
 pub fn normalize_git_path(path: &Path) -> Result<String, GitOpsError> {
-    let bad = |why| GitOpsError::BadPath { path: path.display().to_string(), why };
+    let bad = |why| GitOpsError::BadPath {
+        path: path.display().to_string(),
+        why,
+    };
     let mut parts = Vec::new();
     for component in path.components() {
         match component {
             Component::Normal(p) => parts.push(p.to_str().ok_or_else(|| bad("not UTF-8"))?),
             Component::CurDir => {}
-            Component::RootDir | Component::Prefix(_) => return Err(bad("must be relative to the repository root")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(bad("must be relative to the repository root"))
+            }
             Component::ParentDir => return Err(bad("must not contain ..")),
         }
     }
@@ -352,22 +369,37 @@ mod tests {
 
     #[test]
     fn redacts_userinfo_in_urls_and_text() {
-        assert_eq!(redact_url("https://u:p4ss@example.com/r.git"), "https://example.com/r.git");
-        assert_eq!(redact_url("https://ghp_tok@github.com/o/r"), "https://github.com/o/r");
-        assert_eq!(redact_url("git@github.com:o/r.git"), "git@github.com:o/r.git");
+        assert_eq!(
+            redact_url("https://u:p4ss@example.com/r.git"),
+            "https://example.com/r.git"
+        );
+        assert_eq!(
+            redact_url("https://ghp_tok@github.com/o/r"),
+            "https://github.com/o/r"
+        );
+        assert_eq!(
+            redact_url("git@github.com:o/r.git"),
+            "git@github.com:o/r.git"
+        );
         assert_eq!(redact_url("file:///srv/repo.git"), "file:///srv/repo.git");
         assert_eq!(
             redact_url("fatal: unable to access 'https://a:b@h:8443/x/': 403"),
             "fatal: unable to access 'https://h:8443/x/': 403"
         );
         assert_eq!(redact_url("https://a:b@c@h/x"), "https://h/x");
-        assert_eq!(scrub("git s3cret-token said no", "https://git:s3cret-token@h/x"), "git *** said no");
+        assert_eq!(
+            scrub("git s3cret-token said no", "https://git:s3cret-token@h/x"),
+            "git *** said no"
+        );
     }
 
     #[test]
     fn normalizes_git_paths() {
         assert_eq!(normalize_git_path(Path::new(".")).unwrap(), "");
-        assert_eq!(normalize_git_path(Path::new("./hosts/web1/")).unwrap(), "hosts/web1");
+        assert_eq!(
+            normalize_git_path(Path::new("./hosts/web1/")).unwrap(),
+            "hosts/web1"
+        );
         assert!(normalize_git_path(Path::new("/etc")).is_err());
         assert!(normalize_git_path(Path::new("a/../b")).is_err());
     }

@@ -110,12 +110,24 @@ pub fn sync_once(git: &dyn Git, cfg: &GitOpsConfig) -> Result<SyncOutcome, GitOp
     let current = read_current(apps_dir)?;
 
     if desired.is_empty() {
-        let shown_path = if path.is_empty() { ".".to_owned() } else { path.clone() };
+        let shown_path = if path.is_empty() {
+            ".".to_owned()
+        } else {
+            path.clone()
+        };
         if !current.is_empty() {
-            check_empty_allowed(git, cfg, &path, &commit, entries.as_deref())
-                .map_err(|why| GitOpsError::RefuseEmpty { path: shown_path, commit: commit.short().to_owned(), why })?;
+            check_empty_allowed(git, cfg, &path, &commit, entries.as_deref()).map_err(|why| {
+                GitOpsError::RefuseEmpty {
+                    path: shown_path,
+                    commit: commit.short().to_owned(),
+                    why,
+                }
+            })?;
         } else if entries.is_none() {
-            return Err(GitOpsError::PathMissing { path: shown_path, commit: commit.short().to_owned() });
+            return Err(GitOpsError::PathMissing {
+                path: shown_path,
+                commit: commit.short().to_owned(),
+            });
         }
     }
 
@@ -248,7 +260,9 @@ fn read_current(apps_dir: &Path) -> Result<BTreeMap<String, Option<Vec<u8>>>, Gi
     let entries = fs::read_dir(apps_dir).map_err(|e| GitOpsError::io("read", apps_dir, e))?;
     for entry in entries {
         let entry = entry.map_err(|e| GitOpsError::io("read", apps_dir, e))?;
-        let Ok(name) = entry.file_name().into_string() else { continue };
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
         if !is_manifest_name(&name) || entry.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
@@ -277,9 +291,15 @@ fn write_marker(cfg: &GitOpsConfig, path: &str) -> Result<(), GitOpsError> {
 /// Removes temp files a crash left behind (they are hidden, so harmless, but they would
 /// pile up).
 fn sweep_temp_files(dir: &Path) {
-    let Ok(entries) = fs::read_dir(dir) else { return };
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
     for entry in entries.flatten() {
-        if entry.file_name().to_str().is_some_and(|n| n.starts_with(TEMP_PREFIX)) {
+        if entry
+            .file_name()
+            .to_str()
+            .is_some_and(|n| n.starts_with(TEMP_PREFIX))
+        {
             let _ = fs::remove_file(entry.path());
         }
     }
@@ -292,7 +312,11 @@ fn write_atomic(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), GitOpsError>
     let temp = dir.join(format!("{TEMP_PREFIX}{}-{name}.tmp", std::process::id()));
     let _ = fs::remove_file(&temp);
     let write = || -> std::io::Result<()> {
-        let mut file = OpenOptions::new().write(true).create_new(true).mode(0o644).open(&temp)?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&temp)?;
         file.write_all(bytes)?;
         file.sync_all()?;
         fs::rename(&temp, &target)
