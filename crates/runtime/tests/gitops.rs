@@ -2,6 +2,7 @@
 //! work clone). Only `file://` URLs: no test ever contacts a network address.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -163,6 +164,18 @@ fn add_change_delete_follow_the_commit() {
             && marker.contains("path: apps")
     );
     assert_eq!(read_applied(&fx.state).unwrap().commit, c1);
+    // The cache may hold other hosts' manifests: root-only.
+    let mode = std::fs::metadata(fx.state.join("git"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o700);
+    // Manifests are never group- or world-writable (the daemon refuses those as root).
+    let mode = std::fs::metadata(fx.apps.join("web.yaml"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o022, 0);
     assert_eq!(
         SyncStatus::initial(&fx.cfg("main", "apps"))
             .commit

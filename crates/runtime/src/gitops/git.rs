@@ -111,6 +111,8 @@ pub trait Git: Send + Sync {
 /// `docs/gitops.md` recommends a credential helper instead).
 #[derive(Debug, Clone)]
 pub struct GitCli {
+    /// The daemon's state dir (the cache lives in its private `git/` subdirectory).
+    state_dir: PathBuf,
     /// The bare cache repository.
     dir: PathBuf,
     /// Deadline per git command.
@@ -136,6 +138,7 @@ impl GitCli {
             .join("git")
             .join(format!("cache-{:016x}.git", fnv1a(repo.as_bytes())));
         GitCli {
+            state_dir: state_dir.to_path_buf(),
             dir,
             timeout,
             repo,
@@ -152,6 +155,7 @@ impl GitCli {
         if self.dir.join("HEAD").is_file() {
             return Ok(());
         }
+        super::private_git_dir(&self.state_dir)?;
         std::fs::create_dir_all(&self.dir).map_err(|e| GitOpsError::io("create", &self.dir, e))?;
         let mut cmd = self.command_without_dir();
         cmd.args(["init", "--bare", "--quiet"]).arg(&self.dir);

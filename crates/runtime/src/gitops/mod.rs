@@ -263,6 +263,26 @@ impl GitOpsError {
     }
 }
 
+/// Creates `<state_dir>/git` with mode 0700 (and fixes the mode if it exists). The state
+/// dir itself must stay traversable (workers that run as another user reach the notify
+/// socket there), but the cache holds the whole repository, which may include other
+/// hosts' manifests and their environment: readable by root only.
+pub(crate) fn private_git_dir(state_dir: &Path) -> Result<PathBuf, GitOpsError> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = state_dir.join("git");
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|e| GitOpsError::io("create", &dir, e))?;
+    let meta = std::fs::metadata(&dir).map_err(|e| GitOpsError::io("stat", &dir, e))?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| GitOpsError::io("chmod", &dir, e))?;
+    }
+    Ok(dir)
+}
+
 /// Strips credentials from every URL in `text`: `https://user:token@host/x` becomes
 /// `https://host/x`.
 ///

@@ -172,8 +172,7 @@ pub fn sync_once(git: &dyn Git, cfg: &GitOpsConfig) -> Result<SyncOutcome, GitOp
     };
     if read_applied(&cfg.state_dir).as_ref() != Some(&record) {
         let bytes = serde_json::to_vec_pretty(&record).unwrap_or_default();
-        let dir = cfg.state_dir.join("git");
-        fs::create_dir_all(&dir).map_err(|e| GitOpsError::io("create", &dir, e))?;
+        let dir = super::private_git_dir(&cfg.state_dir)?;
         write_atomic(&dir, "applied.json", &bytes)?;
         sync_dir(&dir);
     }
