@@ -507,3 +507,26 @@ async fn the_loop_syncs_at_start_and_on_demand() {
         .unwrap()
         .unwrap();
 }
+
+#[test]
+fn a_hung_git_is_killed_at_the_timeout() {
+    let fx = Fixture::new();
+    // An ssh "transport" that never answers: git hands the host to this command instead
+    // of ssh, so nothing is resolved or contacted. `#` comments out the arguments git adds.
+    let url = "ssh://deploy:hunter2secret@clusterd-test.invalid/fleet.git";
+    let cfg = GitOpsConfig::new(url, "main", "apps", &fx.apps, &fx.state);
+    let git = GitCli::for_repo(&cfg.state_dir, url, Duration::from_millis(500))
+        .env("GIT_SSH_COMMAND", "sleep 30 #");
+    let started = std::time::Instant::now();
+    let err = sync_once(&git, &cfg).unwrap_err();
+    assert!(
+        matches!(err, GitOpsError::Timeout { op: "fetch", .. }),
+        "{err}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert!(!err.to_string().contains("hunter2secret"), "{err}");
+}

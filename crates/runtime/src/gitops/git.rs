@@ -121,6 +121,8 @@ pub struct GitCli {
     repo: String,
     /// The raw URL, only to scrub its secrets out of git's stderr.
     raw_url: String,
+    /// Extra environment for every git command.
+    env: Vec<(String, String)>,
 }
 
 /// Local ref names in the cache: `fetched` is the tip of the last fetch, `applied` pins
@@ -143,7 +145,17 @@ impl GitCli {
             timeout,
             repo,
             raw_url: url.to_owned(),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets an environment variable for every git command this backend runs, e.g.
+    /// `GIT_SSH_COMMAND` for a deploy key, without changing the daemon's own environment
+    /// (which every worker inherits).
+    #[must_use]
+    pub fn env(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
+        self.env.push((key.into(), value.into()));
+        self
     }
 
     /// The bare cache repository's path.
@@ -170,6 +182,7 @@ impl GitCli {
             .env("LC_ALL", "C")
             .env_remove("GIT_DIR")
             .env_remove("GIT_WORK_TREE");
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         cmd
     }
 
