@@ -15,6 +15,7 @@
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 
 pub mod error;
+pub mod gitops;
 pub mod ipc;
 pub mod limits;
 pub mod listener;
