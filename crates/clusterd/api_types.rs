@@ -139,15 +139,6 @@ pub struct Event {
     pub message: String,
 }
 
-/// Answer of `POST /v1/apps/{name}/reload`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ReloadAccepted {
-    /// App.
-    pub app: String,
-    /// The generation every worker must reach.
-    pub generation: u64,
-}
-
 /// Error body of the API.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {

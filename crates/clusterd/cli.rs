@@ -186,7 +186,11 @@ struct ConnArgs {
 
 impl ConnArgs {
     fn client(&self) -> Client {
-        Client::new(self.socket.clone().unwrap_or_else(|| Paths::defaults().socket))
+        Client::new(
+            self.socket
+                .clone()
+                .unwrap_or_else(|| Paths::defaults().socket),
+        )
     }
 }
 
@@ -252,13 +256,17 @@ pub fn run() -> ExitCode {
     // The shim must not pay for clap or anything else: it runs between fork and the app.
     let mut args = std::env::args_os();
     if args.nth(1).is_some_and(|a| a == "__exec") {
-        return clusterd_runtime::shim::run(std::env::args_os().skip(2).collect());
+        clusterd_runtime::shim::run_shim(std::env::args_os().skip(2));
     }
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
-            return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
+            return if e.use_stderr() {
+                ExitCode::from(2)
+            } else {
+                ExitCode::SUCCESS
+            };
         }
     };
     match dispatch(cli.command) {
@@ -273,26 +281,52 @@ pub fn run() -> ExitCode {
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Daemon(args) => daemon::run(args),
-        Command::Status { app, output: fmt, conn } => output::status(&conn.client(), app.as_deref(), fmt),
-        Command::Reload { app, all, no_wait, timeout, conn } => {
+        Command::Status {
+            app,
+            output: fmt,
+            conn,
+        } => output::status(&conn.client(), app.as_deref(), fmt),
+        Command::Reload {
+            app,
+            all,
+            no_wait,
+            timeout,
+            conn,
+        } => {
             let timeout = parse_duration_arg(&timeout)?;
             output::reload(&conn.client(), app.as_deref(), all, no_wait, timeout)
         }
         Command::Validate { files } => output::validate(&files),
-        Command::Apply { files, apps_dir } => {
-            output::apply(&files, &apps_dir.unwrap_or_else(|| Paths::defaults().apps_dir))
+        Command::Apply { files, apps_dir } => output::apply(
+            &files,
+            &apps_dir.unwrap_or_else(|| Paths::defaults().apps_dir),
+        ),
+        Command::Diff { files, apps_dir } => output::diff(
+            &files,
+            &apps_dir.unwrap_or_else(|| Paths::defaults().apps_dir),
+        ),
+        Command::Logs {
+            app,
+            instance,
+            follow,
+            tail,
+            log_dir,
+            conn,
+        } => output::logs(
+            &conn.client(),
+            log_dir.as_deref(),
+            &app,
+            instance,
+            follow,
+            tail,
+        ),
+        Command::Events { app, follow, conn } => {
+            output::events(&conn.client(), app.as_deref(), follow)
         }
-        Command::Diff { files, apps_dir } => {
-            output::diff(&files, &apps_dir.unwrap_or_else(|| Paths::defaults().apps_dir))
-        }
-        Command::Logs { app, instance, follow, tail, log_dir, conn } => {
-            output::logs(&conn.client(), log_dir.as_deref(), &app, instance, follow, tail)
-        }
-        Command::Events { app, follow, conn } => output::events(&conn.client(), app.as_deref(), follow),
         Command::Sync { conn } => output::sync(&conn.client()),
-        Command::Export { target: ExportTarget::Kubernetes { files, image } } => {
-            output::export_kubernetes(&files, image.as_deref())
-        }
+        Command::Export {
+            target: ExportTarget::Kubernetes { files, image },
+        } => output::export_kubernetes(&files, image.as_deref()),
         Command::Exec { .. } => unreachable!("handled before clap"),
     }
 }
@@ -323,7 +357,9 @@ pub fn expand_manifest_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> 
 
 /// A manifest file name: `*.yaml`/`*.yml`, not hidden, not an editor's temp file.
 pub fn is_manifest_name(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else { return false };
+    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+        return false;
+    };
     !name.starts_with('.')
         && !name.ends_with('~')
         && (name.ends_with(".yaml") || name.ends_with(".yml"))

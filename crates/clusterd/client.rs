@@ -12,6 +12,9 @@ use tokio::net::UnixStream;
 
 use crate::api_types::ApiError;
 
+/// Receives each chunk of a streamed body; returning false stops the stream.
+type ChunkSink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
+
 /// A connection target; each call opens its own connection (the CLI makes few calls).
 #[derive(Debug, Clone)]
 pub struct Client {
@@ -44,21 +47,29 @@ impl Client {
 
     /// Streams a newline-delimited response, calling `on_line` per line until it
     /// returns false or the daemon closes the stream.
-    pub fn stream_lines(&self, path: &str, mut on_line: impl FnMut(&str) -> bool) -> anyhow::Result<()> {
+    pub fn stream_lines(
+        &self,
+        path: &str,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> anyhow::Result<()> {
         let rt = runtime()?;
         rt.block_on(async {
             let mut pending = Vec::new();
             let (status, rest) = self
-                .request(Method::GET, path, Some(&mut |chunk: &[u8]| {
-                    pending.extend_from_slice(chunk);
-                    while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
-                        let line: Vec<u8> = pending.drain(..=pos).collect();
-                        if !on_line(String::from_utf8_lossy(&line).trim_end()) {
-                            return false;
+                .request(
+                    Method::GET,
+                    path,
+                    Some(&mut |chunk: &[u8]| {
+                        pending.extend_from_slice(chunk);
+                        while let Some(pos) = pending.iter().position(|&b| b == b'\n') {
+                            let line: Vec<u8> = pending.drain(..=pos).collect();
+                            if !on_line(String::from_utf8_lossy(&line).trim_end()) {
+                                return false;
+                            }
                         }
-                    }
-                    true
-                }))
+                        true
+                    }),
+                )
                 .await?;
             if !status.is_success() {
                 return decode::<serde_json::Value>(status, &rest).map(|_| ());
@@ -71,11 +82,14 @@ impl Client {
         &self,
         method: Method,
         path: &str,
-        mut on_chunk: Option<&mut dyn FnMut(&[u8]) -> bool>,
+        mut on_chunk: Option<&mut ChunkSink<'_>>,
     ) -> anyhow::Result<(StatusCode, Vec<u8>)> {
-        let stream = UnixStream::connect(&self.socket)
-            .await
-            .map_err(|_| anyhow!("cannot reach clusterd at {}: is the daemon running?", self.socket.display()))?;
+        let stream = UnixStream::connect(&self.socket).await.map_err(|_| {
+            anyhow!(
+                "cannot reach clusterd at {}: is the daemon running?",
+                self.socket.display()
+            )
+        })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("control API handshake")?;
@@ -87,7 +101,10 @@ impl Client {
             .uri(path)
             .header(hyper::header::HOST, "clusterd")
             .body(Empty::<Bytes>::new())?;
-        let resp = sender.send_request(req).await.context("control API request")?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .context("control API request")?;
         let status = resp.status();
         let mut body = resp.into_body();
         let mut collected = Vec::new();
@@ -109,7 +126,10 @@ impl Client {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_current_thread().enable_all().build().context("tokio runtime")
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")
 }
 
 fn decode<T: DeserializeOwned>(status: StatusCode, body: &[u8]) -> anyhow::Result<T> {

@@ -41,7 +41,8 @@ fn to_yaml<T: serde::Serialize>(value: &T) -> anyhow::Result<String> {
 
 fn table() -> Table {
     let mut t = Table::new();
-    t.load_preset(presets::NOTHING).set_content_arrangement(ContentArrangement::Disabled);
+    t.load_preset(presets::NOTHING)
+        .set_content_arrangement(ContentArrangement::Disabled);
     t
 }
 
@@ -51,20 +52,33 @@ fn print_apps(apps: &[AppStatus]) {
         return;
     }
     let mut t = table();
-    t.set_header(["APP", "MODE", "READY", "RESTARTS", "REVISION", "LISTEN", "AGE", "PHASE"]);
+    t.set_header([
+        "APP", "MODE", "READY", "RESTARTS", "REVISION", "LISTEN", "AGE", "PHASE",
+    ]);
     for a in apps {
-        let mode = a.listen.first().map_or_else(|| "-".to_string(), |l| l.mode.clone());
+        let mode = a
+            .listen
+            .first()
+            .map_or_else(|| "-".to_string(), |l| l.mode.clone());
         let listen = if a.listen.is_empty() {
             "-".to_string()
         } else {
-            a.listen.iter().map(|l| l.address.clone()).collect::<Vec<_>>().join(",")
+            a.listen
+                .iter()
+                .map(|l| l.address.clone())
+                .collect::<Vec<_>>()
+                .join(",")
         };
         t.add_row([
             a.name.clone(),
             mode,
             format!("{}/{}", a.ready, a.desired),
             a.restarts.to_string(),
-            if a.revision.is_empty() { "-".into() } else { a.revision.clone() },
+            if a.revision.is_empty() {
+                "-".into()
+            } else {
+                a.revision.clone()
+            },
             listen,
             age(a.age_secs),
             a.phase.clone(),
@@ -81,12 +95,29 @@ fn print_apps(apps: &[AppStatus]) {
 fn print_app(a: &AppStatus) {
     println!("App:       {}", a.name);
     println!("Phase:     {}", a.phase);
-    println!("Revision:  {} (generation {})", if a.revision.is_empty() { "-" } else { &a.revision }, a.generation);
+    println!(
+        "Revision:  {} (generation {})",
+        if a.revision.is_empty() {
+            "-"
+        } else {
+            &a.revision
+        },
+        a.generation
+    );
     println!("Ready:     {}/{}", a.ready, a.desired);
     println!("Restarts:  {}", a.restarts);
     println!("Source:    {}", a.source);
     for l in &a.listen {
-        println!("Listen:    {} {} ({}{})", l.address, l.protocol, l.mode, l.name.as_ref().map(|n| format!(", {n}")).unwrap_or_default());
+        println!(
+            "Listen:    {} {} ({}{})",
+            l.address,
+            l.protocol,
+            l.mode,
+            l.name
+                .as_ref()
+                .map(|n| format!(", {n}"))
+                .unwrap_or_default()
+        );
     }
     if let Some(c) = &a.cgroup {
         println!("Cgroup:    {c}");
@@ -96,7 +127,18 @@ fn print_app(a: &AppStatus) {
     }
     println!();
     let mut t = table();
-    t.set_header(["INSTANCE", "PID", "STATE", "REVISION", "RESTARTS", "UPTIME", "CPU", "RSS", "INFLIGHT", "LAST EXIT"]);
+    t.set_header([
+        "INSTANCE",
+        "PID",
+        "STATE",
+        "REVISION",
+        "RESTARTS",
+        "UPTIME",
+        "CPU",
+        "RSS",
+        "INFLIGHT",
+        "LAST EXIT",
+    ]);
     for i in &a.instances {
         t.add_row([
             i.index.to_string(),
@@ -104,8 +146,13 @@ fn print_app(a: &AppStatus) {
             i.state.clone(),
             i.revision.clone(),
             i.restarts.to_string(),
-            if i.pid.is_some() { age(i.uptime_secs) } else { "-".into() },
-            i.cpu_percent.map_or_else(|| "-".into(), |c| format!("{c:.1}%")),
+            if i.pid.is_some() {
+                age(i.uptime_secs)
+            } else {
+                "-".into()
+            },
+            i.cpu_percent
+                .map_or_else(|| "-".into(), |c| format!("{c:.1}%")),
             i.rss_bytes.map_or_else(|| "-".into(), human_bytes),
             i.inflight.map_or_else(|| "-".into(), |n| n.to_string()),
             i.last_exit.clone().unwrap_or_else(|| "-".into()),
@@ -135,7 +182,13 @@ fn human_bytes(n: u64) -> String {
 
 /// `clusterd reload APP|--all [--no-wait]`: exit 0 when every worker was replaced, 1
 /// when the rollout failed (the old workers keep serving), 2 when the daemon is away.
-pub fn reload(client: &Client, app: Option<&str>, all: bool, no_wait: bool, timeout: Duration) -> anyhow::Result<ExitCode> {
+pub fn reload(
+    client: &Client,
+    app: Option<&str>,
+    all: bool,
+    no_wait: bool,
+    timeout: Duration,
+) -> anyhow::Result<ExitCode> {
     let path = match (app, all) {
         (Some(name), _) => format!("/v1/apps/{name}/reload"),
         (None, true) => "/v1/reload".to_string(),
@@ -169,7 +222,9 @@ pub fn reload(client: &Client, app: Option<&str>, all: bool, no_wait: bool, time
             let replaced = a
                 .instances
                 .iter()
-                .filter(|i| i.state == "Ready" && i.generation >= generation && i.revision == a.revision)
+                .filter(|i| {
+                    i.state == "Ready" && i.generation >= generation && i.revision == a.revision
+                })
                 .count();
             let line = format!("{name}: {replaced}/{} replaced", a.desired);
             if line != last {
@@ -177,7 +232,10 @@ pub fn reload(client: &Client, app: Option<&str>, all: bool, no_wait: bool, time
                 last = line;
             }
             let done = a.phase == "Available"
-                && a.instances.iter().filter(|i| i.pid.is_some()).all(|i| i.generation >= generation && i.state == "Ready");
+                && a.instances
+                    .iter()
+                    .filter(|i| i.pid.is_some())
+                    .all(|i| i.generation >= generation && i.state == "Ready");
             if done {
                 println!("{name}: rollout complete");
                 break;
@@ -186,8 +244,16 @@ pub fn reload(client: &Client, app: Option<&str>, all: bool, no_wait: bool, time
                 println!("{name}: superseded by a newer reload");
                 break;
             }
-            if matches!(a.phase.as_str(), "Degraded" | "CrashLoopBackOff" | "Invalid") && a.error.is_some() {
-                eprintln!("{name}: rollout failed ({}): {}", a.phase, a.error.unwrap_or_default());
+            if matches!(
+                a.phase.as_str(),
+                "Degraded" | "CrashLoopBackOff" | "Invalid"
+            ) && a.error.is_some()
+            {
+                eprintln!(
+                    "{name}: rollout failed ({}): {}",
+                    a.phase,
+                    a.error.unwrap_or_default()
+                );
                 eprintln!("{name}: the previous workers keep serving; fix the app and run `clusterd reload {name}` again");
                 failed = true;
                 break;
@@ -200,14 +266,23 @@ pub fn reload(client: &Client, app: Option<&str>, all: bool, no_wait: bool, time
             std::thread::sleep(Duration::from_millis(200));
         }
     }
-    Ok(if failed { ExitCode::from(1) } else { ExitCode::SUCCESS })
+    Ok(if failed {
+        ExitCode::from(1)
+    } else {
+        ExitCode::SUCCESS
+    })
 }
 
 /// `clusterd validate FILE...`: 0 when every file is valid, 1 otherwise.
 pub fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let files = read_manifests(paths)?;
     let report = load(&files);
-    let mut lines: Vec<String> = report.errors.values().flatten().map(ToString::to_string).collect();
+    let mut lines: Vec<String> = report
+        .errors
+        .values()
+        .flatten()
+        .map(ToString::to_string)
+        .collect();
     lines.sort();
     lines.dedup();
     for line in &lines {
@@ -215,7 +290,12 @@ pub fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     }
     if lines.is_empty() {
         for (name, app) in &report.apps {
-            eprintln!("{}: {name} ok (revision {}, {} instances)", app.source.display(), app.revision, app.replicas);
+            eprintln!(
+                "{}: {name} ok (revision {}, {} instances)",
+                app.source.display(),
+                app.revision,
+                app.replicas
+            );
         }
         Ok(ExitCode::SUCCESS)
     } else {
@@ -227,7 +307,8 @@ fn read_manifests(paths: &[PathBuf]) -> anyhow::Result<Vec<clusterd_core::load::
     expand_manifest_paths(paths)?
         .into_iter()
         .map(|path| {
-            let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
             Ok(clusterd_core::load::ManifestFile { path, bytes })
         })
         .collect()
@@ -238,7 +319,13 @@ fn cpus() -> u32 {
 }
 
 fn load(files: &[clusterd_core::load::ManifestFile]) -> clusterd_core::load::LoadReport {
-    clusterd_core::load::load(files, &clusterd_core::load::LoadContext { cpus: cpus(), incumbents: Default::default() })
+    clusterd_core::load::load(
+        files,
+        &clusterd_core::load::LoadContext {
+            cpus: cpus(),
+            incumbents: Default::default(),
+        },
+    )
 }
 
 /// Marker written by GitOps sync: the apps dir belongs to git, not to `apply`.
@@ -254,12 +341,18 @@ pub fn apply(paths: &[PathBuf], apps_dir: &Path) -> anyhow::Result<ExitCode> {
     }
     let files = read_manifests(paths)?;
     if files.is_empty() {
-        bail!("no manifest files (*.yaml, *.yml) found in {}", display_paths(paths));
+        bail!(
+            "no manifest files (*.yaml, *.yml) found in {}",
+            display_paths(paths)
+        );
     }
     // Validate the result as the daemon will see it: the apps dir with these files in.
     let candidate = overlay(apps_dir, &files)?;
     let report = load(&candidate);
-    let ours: Vec<PathBuf> = files.iter().map(|f| apps_dir.join(file_name(&f.path))).collect();
+    let ours: Vec<PathBuf> = files
+        .iter()
+        .map(|f| apps_dir.join(file_name(&f.path)))
+        .collect();
     let mut bad = false;
     for d in report.errors.values().flatten() {
         if ours.contains(&d.file) || files.iter().any(|f| f.path == d.file) {
@@ -271,7 +364,8 @@ pub fn apply(paths: &[PathBuf], apps_dir: &Path) -> anyhow::Result<ExitCode> {
         eprintln!("nothing applied");
         return Ok(ExitCode::from(1));
     }
-    std::fs::create_dir_all(apps_dir).with_context(|| format!("creating {}", apps_dir.display()))?;
+    std::fs::create_dir_all(apps_dir)
+        .with_context(|| format!("creating {}", apps_dir.display()))?;
     for f in &files {
         let dest = apps_dir.join(file_name(&f.path));
         write_atomically(&dest, &f.bytes)?;
@@ -285,21 +379,34 @@ fn file_name(path: &Path) -> PathBuf {
 }
 
 fn display_paths(paths: &[PathBuf]) -> String {
-    paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+    paths
+        .iter()
+        .map(|p| p.display().to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The apps dir as it would be after installing `files` (same file names replaced).
-fn overlay(apps_dir: &Path, files: &[clusterd_core::load::ManifestFile]) -> anyhow::Result<Vec<clusterd_core::load::ManifestFile>> {
+fn overlay(
+    apps_dir: &Path,
+    files: &[clusterd_core::load::ManifestFile],
+) -> anyhow::Result<Vec<clusterd_core::load::ManifestFile>> {
     let mut out: Vec<clusterd_core::load::ManifestFile> = Vec::new();
     if apps_dir.is_dir() {
         for existing in read_manifests(&[apps_dir.to_path_buf()])? {
-            if !files.iter().any(|f| file_name(&f.path) == file_name(&existing.path)) {
+            if !files
+                .iter()
+                .any(|f| file_name(&f.path) == file_name(&existing.path))
+            {
                 out.push(existing);
             }
         }
     }
     for f in files {
-        out.push(clusterd_core::load::ManifestFile { path: apps_dir.join(file_name(&f.path)), bytes: f.bytes.clone() });
+        out.push(clusterd_core::load::ManifestFile {
+            path: apps_dir.join(file_name(&f.path)),
+            bytes: f.bytes.clone(),
+        });
     }
     Ok(out)
 }
@@ -308,22 +415,46 @@ fn overlay(apps_dir: &Path, files: &[clusterd_core::load::ManifestFile]) -> anyh
 /// daemon's watcher) sees the old file or the new one, never half of one.
 pub fn write_atomically(dest: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     let dir = dest.parent().unwrap_or(Path::new("."));
-    let tmp = dir.join(format!(".{}.tmp-{}", file_name(dest).display(), std::process::id()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        file_name(dest).display(),
+        std::process::id()
+    ));
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(bytes)?;
     f.sync_all()?;
     drop(f);
-    std::fs::rename(&tmp, dest).with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
+    std::fs::rename(&tmp, dest)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dest.display()))?;
     if let Ok(d) = std::fs::File::open(dir) {
         let _ = d.sync_all();
     }
     Ok(())
 }
 
+fn view(
+    apps: &std::collections::BTreeMap<clusterd_core::plan::AppName, clusterd_core::LoadedApp>,
+) -> Vec<clusterd_core::diff::AppView<'_>> {
+    apps.values()
+        .map(|a| clusterd_core::diff::AppView {
+            name: &a.name.0,
+            source: &a.source,
+            spec: &a.spec,
+            replicas: a.replicas,
+            revision: &a.revision.0,
+        })
+        .collect()
+}
+
 /// `clusterd diff -f FILE|DIR`: 0 no change, 1 changes, 2 error.
 pub fn diff(paths: &[PathBuf], apps_dir: &Path) -> anyhow::Result<ExitCode> {
     let files = read_manifests(paths)?;
-    let installed = if apps_dir.is_dir() { read_manifests(&[apps_dir.to_path_buf()])? } else { Vec::new() };
+    let installed = if apps_dir.is_dir() {
+        read_manifests(&[apps_dir.to_path_buf()])?
+    } else {
+        Vec::new()
+    };
     let before = load(&installed);
     let after = load(&overlay(apps_dir, &files)?);
     let mut errors = false;
@@ -334,17 +465,6 @@ pub fn diff(paths: &[PathBuf], apps_dir: &Path) -> anyhow::Result<ExitCode> {
     if errors {
         return Ok(ExitCode::from(2));
     }
-    let view = |apps: &std::collections::BTreeMap<_, clusterd_core::LoadedApp>| -> Vec<clusterd_core::diff::AppView<'_>> {
-        apps.values()
-            .map(|a| clusterd_core::diff::AppView {
-                name: &a.name.0,
-                source: &a.source,
-                spec: &a.spec,
-                replicas: a.replicas,
-                revision: &a.revision.0,
-            })
-            .collect()
-    };
     let changes = clusterd_core::diff::diff(&view(&before.apps), &view(&after.apps));
     print!("{}", changes.render());
     Ok(ExitCode::from(changes.exit_code()))
@@ -370,13 +490,23 @@ pub fn export_kubernetes(paths: &[PathBuf], image: Option<&str>) -> anyhow::Resu
             replicas: a.replicas,
         })
         .collect();
-    let yaml = clusterd_core::export::kubernetes::export(&apps, &clusterd_core::export::kubernetes::ExportOptions { image })?;
+    let yaml = clusterd_core::export::kubernetes::export(
+        &apps,
+        &clusterd_core::export::kubernetes::ExportOptions { image },
+    )?;
     print!("{yaml}");
     Ok(ExitCode::SUCCESS)
 }
 
 /// `clusterd logs APP [--instance N] [-f] [--tail N]`.
-pub fn logs(client: &Client, log_dir: Option<&Path>, app: &str, instance: Option<u32>, follow: bool, tail: usize) -> anyhow::Result<ExitCode> {
+pub fn logs(
+    client: &Client,
+    log_dir: Option<&Path>,
+    app: &str,
+    instance: Option<u32>,
+    follow: bool,
+    tail: usize,
+) -> anyhow::Result<ExitCode> {
     let dir = match log_dir {
         Some(d) => d.to_path_buf(),
         None => {
@@ -384,7 +514,60 @@ pub fn logs(client: &Client, log_dir: Option<&Path>, app: &str, instance: Option
             PathBuf::from(info.log_dir)
         }
     };
-    clusterd_runtime::logs::print_logs(&dir, app, instance, tail, follow).map_err(Into::into).map(|()| ExitCode::SUCCESS)
+    print_logs(&dir, app, instance, tail, follow)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Prints the last `tail` lines of each instance's log (across rotated files), each line
+/// prefixed with `app[index]`, then with `follow` keeps printing new lines.
+fn print_logs(
+    dir: &Path,
+    app: &str,
+    instance: Option<u32>,
+    tail: usize,
+    follow: bool,
+) -> anyhow::Result<()> {
+    use clusterd_runtime::logs;
+    let files: Vec<(u32, PathBuf)> = logs::instance_logs(dir, app)
+        .into_iter()
+        .filter(|(i, _)| instance.is_none_or(|want| want == *i))
+        .collect();
+    if files.is_empty() {
+        bail!(
+            "no logs for {app}{} in {}",
+            instance
+                .map(|i| format!(" instance {i}"))
+                .unwrap_or_default(),
+            dir.display()
+        );
+    }
+    let mut out = std::io::stdout().lock();
+    for (index, path) in &files {
+        for line in logs::tail(path, tail)? {
+            writeln!(out, "{app}[{index}] {line}")?;
+        }
+    }
+    out.flush()?;
+    drop(out);
+    if !follow {
+        return Ok(());
+    }
+    let mut followers: Vec<(u32, logs::Follower)> = files
+        .iter()
+        .map(|(i, p)| (*i, logs::Follower::from_end(p.clone())))
+        .collect();
+    loop {
+        let mut any = false;
+        for (index, f) in &mut followers {
+            for line in f.poll()? {
+                any = true;
+                println!("{app}[{index}] {line}");
+            }
+        }
+        if !any {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
 }
 
 /// `clusterd events [APP] [-f]`.
@@ -404,7 +587,15 @@ pub fn events(client: &Client, app: Option<&str>, follow: bool) -> anyhow::Resul
                 (Some(a), None) => a.clone(),
                 _ => "clusterd".to_string(),
             };
-            writeln!(stdout, "{}  {:<16} {:<15} {}", e.time, who, e.kind, e.message.replace('\n', "\n    ")).is_ok()
+            writeln!(
+                stdout,
+                "{}  {:<16} {:<15} {}",
+                e.time,
+                who,
+                e.kind,
+                e.message.replace('\n', "\n    ")
+            )
+            .is_ok()
                 && stdout.flush().is_ok()
         } else {
             true

@@ -93,7 +93,9 @@ async fn route(
     let ask = |r: ApiRequest| ask(&loop_tx, r);
     match (req.method(), segments.as_slice()) {
         (&Method::GET, ["v1", "apps"]) => reply(ask(ApiRequest::Status(None)).await),
-        (&Method::GET, ["v1", "apps", name]) => reply(ask(ApiRequest::Status(Some((*name).to_string()))).await),
+        (&Method::GET, ["v1", "apps", name]) => {
+            reply(ask(ApiRequest::Status(Some((*name).to_string()))).await)
+        }
         (&Method::POST, ["v1", "apps", name, "reload"]) => {
             reply(ask(ApiRequest::Reload(Some((*name).to_string()))).await)
         }
@@ -102,7 +104,9 @@ async fn route(
         (&Method::GET, ["metrics"]) => reply(ask(ApiRequest::Metrics).await),
         (&Method::GET, ["v1", "daemon"]) => reply(ask(ApiRequest::Info).await),
         (&Method::GET, ["v1", "events"]) => events_response(&events, &query, shutdown),
-        (_, ["v1", ..] | ["metrics"]) => error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed"),
+        (_, ["v1", ..] | ["metrics"]) => {
+            error(StatusCode::METHOD_NOT_ALLOWED, "method not allowed")
+        }
         _ => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {path}")),
     }
 }
@@ -120,7 +124,10 @@ fn reply(answer: Option<ApiReply>) -> Response<Body> {
             .header("content-type", "text/plain; version=0.0.4")
             .body(Full::new(Bytes::from(text)).boxed())
             .unwrap_or_else(|_| Response::new(Full::new(Bytes::new()).boxed())),
-        None => error(StatusCode::SERVICE_UNAVAILABLE, "the daemon is shutting down"),
+        None => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the daemon is shutting down",
+        ),
     }
 }
 
@@ -135,12 +142,19 @@ fn json(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
 
 /// A JSON error body.
 pub fn error(status: StatusCode, message: &str) -> Response<Body> {
-    let value = serde_json::to_value(ApiError { error: message.to_string() }).unwrap_or_default();
+    let value = serde_json::to_value(ApiError {
+        error: message.to_string(),
+    })
+    .unwrap_or_default();
     json(status, &value)
 }
 
 fn query_param<'a>(query: &'a str, key: &str) -> Option<&'a str> {
-    query.split('&').filter_map(|kv| kv.split_once('=')).find(|(k, _)| *k == key).map(|(_, v)| v)
+    query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
 }
 
 /// `GET /v1/events[?app=NAME][&follow=1]`: newline-delimited JSON, the kept history
@@ -156,25 +170,28 @@ fn events_response(events: &EventLog, query: &str, shutdown: CancellationToken) 
         history.extend_from_slice(&line(e));
     }
     let state = (Some(Bytes::from(history)), receiver, keep, shutdown);
-    let stream = futures_util::stream::unfold(state, |(mut first, mut receiver, keep, shutdown)| async move {
-        if let Some(chunk) = first.take() {
-            return Some((Ok(Frame::data(chunk)), (None, receiver, keep, shutdown)));
-        }
-        let rx = receiver.as_mut()?;
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                received = rx.recv() => match received {
-                    Ok(e) if keep(&e) => {
-                        let chunk = Bytes::from(line(&e));
-                        return Some((Ok(Frame::data(chunk)), (None, receiver, keep, shutdown)));
-                    }
-                    Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
-                    Err(broadcast::error::RecvError::Closed) => return None,
-                },
+    let stream = futures_util::stream::unfold(
+        state,
+        |(mut first, mut receiver, keep, shutdown)| async move {
+            if let Some(chunk) = first.take() {
+                return Some((Ok(Frame::data(chunk)), (None, receiver, keep, shutdown)));
             }
-        }
-    });
+            let rx = receiver.as_mut()?;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    received = rx.recv() => match received {
+                        Ok(e) if keep(&e) => {
+                            let chunk = Bytes::from(line(&e));
+                            return Some((Ok(Frame::data(chunk)), (None, receiver, keep, shutdown)));
+                        }
+                        Ok(_) | Err(broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    },
+                }
+            }
+        },
+    );
     Response::builder()
         .header("content-type", "application/x-ndjson")
         .body(BodyExt::boxed(StreamBody::new(stream)))

@@ -28,13 +28,22 @@ impl EventLog {
     /// An empty log.
     pub fn new() -> Self {
         let (tx, _) = broadcast::channel(1024);
-        EventLog { inner: Arc::new(Mutex::new(Ring { seq: 0, events: VecDeque::new() })), tx }
+        EventLog {
+            inner: Arc::new(Mutex::new(Ring {
+                seq: 0,
+                events: VecDeque::new(),
+            })),
+            tx,
+        }
     }
 
     /// Records an event and mirrors it to the daemon's own log.
     pub fn push(&self, app: Option<&str>, instance: Option<u32>, kind: &str, message: String) {
         tracing::info!(app = app.unwrap_or("-"), instance, kind, "{message}");
-        let mut ring = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut ring = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         ring.seq += 1;
         let event = Event {
             seq: ring.seq,
@@ -53,7 +62,10 @@ impl EventLog {
 
     /// Everything kept, oldest first.
     pub fn snapshot(&self) -> Vec<Event> {
-        let ring = self.inner.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ring = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         ring.events.iter().cloned().collect()
     }
 

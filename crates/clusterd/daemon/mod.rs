@@ -64,6 +64,8 @@ pub enum Msg {
     Api(api::ApiRequest, oneshot::Sender<api::ApiReply>),
     /// SIGTERM or SIGINT: drain everything and exit.
     Shutdown,
+    /// Nothing in particular: look again (a drain finished, a timer in a helper task).
+    Wake,
 }
 
 /// Resolved daemon configuration.
@@ -95,7 +97,8 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         socket: args.socket.unwrap_or(defaults.socket),
         state_dir: args.state_dir.unwrap_or(defaults.state_dir),
         log_dir: args.log_dir.unwrap_or(defaults.log_dir),
-        cpus: std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
+        cpus: std::thread::available_parallelism()
+            .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
         rescan_every: Duration::from_secs(10),
     };
     for dir in [&config.apps_dir, &config.state_dir, &config.log_dir] {
@@ -125,10 +128,15 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             None
         }
     };
-    let api_task = tokio::spawn(api::serve(control, tx.clone(), events.clone(), shutdown.clone()));
+    let api_task = tokio::spawn(api::serve(
+        control,
+        tx.clone(),
+        events.clone(),
+        shutdown.clone(),
+    ));
     spawn_signal_handler(tx.clone());
 
-    let controller = reconcile::Controller::new(config.clone(), tx.clone(), events, shutdown.clone())?;
+    let controller = reconcile::Controller::new(config.clone(), tx.clone(), events)?;
     tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, "clusterd started");
     notify_systemd_ready();
     controller.run(rx).await;
@@ -143,7 +151,10 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 fn spawn_signal_handler(tx: mpsc::UnboundedSender<Msg>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
@@ -157,7 +168,9 @@ fn spawn_signal_handler(tx: mpsc::UnboundedSender<Msg>) {
 
 /// Tells systemd (Type=notify) that the daemon is up; a no-op elsewhere.
 fn notify_systemd_ready() {
-    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else { return };
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
     let sock = match std::os::unix::net::UnixDatagram::unbound() {
         Ok(s) => s,
         Err(_) => return,
@@ -180,7 +193,10 @@ fn init_logging(format: LogFormat) {
     let filter = EnvFilter::try_from_env("CLUSTERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Under systemd the journal adds timestamps; elsewhere keep them.
     let under_journal = std::env::var_os("JOURNAL_STREAM").is_some();
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(false);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(false);
     match (format, under_journal) {
         (LogFormat::Json, _) => builder.json().init(),
         (LogFormat::Text, true) => builder.without_time().init(),

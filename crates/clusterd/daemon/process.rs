@@ -3,6 +3,7 @@
 //! the reconcile loop decided and reports back through `Msg`.
 
 use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -10,11 +11,20 @@ use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use clusterd_core::load::LoadedApp;
-use clusterd_core::model::{AppSpec, CommandLine, ListenMode, Listener, LivenessKind, Protocol, ReadinessKind};
+use clusterd_core::model::{
+    AppSpec, CommandLine, ListenMode, Listener, LivenessKind, Protocol, ReadinessKind,
+};
+use clusterd_core::plan::ExitReason;
 use clusterd_core::plan::{AppName, Template, WorkerId};
+use clusterd_runtime::limits::{CgroupLimits, CgroupTree};
 use clusterd_runtime::listener::BoundListener;
+use clusterd_runtime::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use clusterd_runtime::procfs::{self, GroupUsage};
 use clusterd_runtime::proxy::{self, RouteTable};
+use clusterd_runtime::shim::ShimCommand;
+use clusterd_runtime::spawn::{
+    spawn_worker, ExitReason as RtExit, InheritedListener, WorkerProcess, WorkerSpec,
+};
 use http_body_util::Empty;
 use hyper_util::rt::TokioIo;
 use tokio::sync::mpsc;
@@ -33,7 +43,12 @@ pub struct ListenKey {
 
 impl ListenKey {
     fn of(l: &Listener) -> Self {
-        ListenKey { address: l.address.clone(), port: l.port, protocol: l.protocol, mode: l.mode }
+        ListenKey {
+            address: l.address.clone(),
+            port: l.port,
+            protocol: l.protocol,
+            mode: l.mode,
+        }
     }
 }
 
@@ -56,16 +71,27 @@ impl ListenerSet {
     ///
     /// # Errors
     /// The first socket that cannot be bound; nothing of this call stays bound then.
-    pub fn ensure(&mut self, app: &AppName, listens: &[Listener], _rt: &Runtime) -> anyhow::Result<()> {
+    pub fn ensure(
+        &mut self,
+        app: &AppName,
+        listens: &[Listener],
+        _rt: &Runtime,
+    ) -> anyhow::Result<()> {
         let mut added = Vec::new();
         for l in listens {
             let key = ListenKey::of(l);
-            if self.entries.iter().any(|e| e.key == key) || added.iter().any(|e: &ListenerEntry| e.key == key) {
+            if self.entries.iter().any(|e| e.key == key)
+                || added.iter().any(|e: &ListenerEntry| e.key == key)
+            {
                 continue;
             }
             let addr = socket_addr(&l.address, l.port)?;
-            let bound = BoundListener::bind(addr, l.protocol, clusterd_runtime::listener::DEFAULT_BACKLOG)
-                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({}): {e}", l.address))?;
+            let bound = BoundListener::bind(
+                addr,
+                l.protocol,
+                clusterd_runtime::listener::DEFAULT_BACKLOG,
+            )
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({}): {e}", l.address))?;
             let (routes, proxy) = match l.mode {
                 ListenMode::Inherit => (None, CancellationToken::new()),
                 mode => {
@@ -78,14 +104,29 @@ impl ListenerSet {
                     let task_cancel = cancel.clone();
                     let _g = span.enter();
                     if mode == ListenMode::Http {
-                        tokio::spawn(proxy::serve_http(listener, task_routes, proxy::HttpProxyConfig::default(), task_cancel));
+                        tokio::spawn(proxy::serve_http(
+                            listener,
+                            task_routes,
+                            proxy::HttpProxyConfig::default(),
+                            task_cancel,
+                        ));
                     } else {
-                        tokio::spawn(proxy::serve_tcp(listener, task_routes, proxy::TcpProxyConfig::default(), task_cancel));
+                        tokio::spawn(proxy::serve_tcp(
+                            listener,
+                            task_routes,
+                            proxy::TcpProxyConfig::default(),
+                            task_cancel,
+                        ));
                     }
                     (Some(routes), cancel)
                 }
             };
-            added.push(ListenerEntry { key, bound, routes, proxy });
+            added.push(ListenerEntry {
+                key,
+                bound,
+                routes,
+                proxy,
+            });
         }
         self.entries.extend(added);
         Ok(())
@@ -107,7 +148,12 @@ impl ListenerSet {
     /// Starts sending traffic to the worker on its private ports.
     pub fn route(&self, id: WorkerId, ports: &[(ListenKey, u16)]) {
         for (key, port) in ports {
-            if let Some(routes) = self.entries.iter().find(|e| &e.key == key).and_then(|e| e.routes.as_ref()) {
+            if let Some(routes) = self
+                .entries
+                .iter()
+                .find(|e| &e.key == key)
+                .and_then(|e| e.routes.as_ref())
+            {
                 routes.add(id, SocketAddr::from(([127, 0, 0, 1], *port)));
             }
         }
@@ -129,12 +175,20 @@ impl ListenerSet {
 
     /// Requests or connections in flight to the worker, over every proxied listener.
     pub fn inflight(&self, id: WorkerId) -> u64 {
-        self.entries.iter().filter_map(|e| e.routes.as_ref()).map(|r| r.inflight(id)).sum()
+        self.entries
+            .iter()
+            .filter_map(|e| e.routes.as_ref())
+            .map(|r| r.inflight(id))
+            .sum()
     }
 
     /// Resolves when nothing is in flight to the worker any more.
     pub fn drained(&self, id: WorkerId) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let tables: Vec<Arc<RouteTable>> = self.entries.iter().filter_map(|e| e.routes.clone()).collect();
+        let tables: Vec<Arc<RouteTable>> = self
+            .entries
+            .iter()
+            .filter_map(|e| e.routes.clone())
+            .collect();
         async move {
             for t in tables {
                 t.drained(id).await;
@@ -150,7 +204,10 @@ impl ListenerSet {
     /// `address:port` as actually bound.
     pub fn bound_address(&self, l: &Listener) -> Option<String> {
         let key = ListenKey::of(l);
-        self.entries.iter().find(|e| e.key == key).map(|e| e.bound.local_addr().to_string())
+        self.entries
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.bound.local_addr().to_string())
     }
 
     /// Closes sockets no spec in `keep` uses any more.
@@ -175,7 +232,9 @@ impl ListenerSet {
 
 fn socket_addr(address: &str, port: u32) -> anyhow::Result<SocketAddr> {
     let port = u16::try_from(port)?;
-    let ip: std::net::IpAddr = address.parse().map_err(|_| anyhow::anyhow!("`{address}` is not an IP address"))?;
+    let ip: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| anyhow::anyhow!("`{address}` is not an IP address"))?;
     Ok(SocketAddr::new(ip, port))
 }
 
@@ -224,13 +283,15 @@ pub struct WorkerProc {
     pub cgroup_note: Option<String>,
     probes: CancellationToken,
     last_usage: Option<(Instant, GroupUsage)>,
-    handle: clusterd_runtime::spawn::WorkerHandle,
+    handle: WorkerProcess,
 }
 
 impl WorkerProc {
     /// Starts liveness probing once the worker takes traffic.
     pub fn on_ready(&mut self, rt: &Runtime, app: &AppName, id: WorkerId, spec: Option<&AppSpec>) {
-        let Some(liveness) = spec.and_then(|s| s.liveness.clone()) else { return };
+        let Some(liveness) = spec.and_then(|s| s.liveness.clone()) else {
+            return;
+        };
         let port = self.ports.first().map(|(_, p)| *p);
         let tx = rt.tx.clone();
         let cancel = self.probes.child_token();
@@ -252,7 +313,9 @@ impl WorkerProc {
     /// Sends `signal` (a name like `SIGINT`) to the worker's process group.
     pub fn signal(&self, signal: &str) {
         // Names were normalized to the `SIGTERM` form when the manifest was loaded.
-        let sig = signal.parse::<nix::sys::signal::Signal>().unwrap_or(nix::sys::signal::Signal::SIGTERM);
+        let sig = signal
+            .parse::<nix::sys::signal::Signal>()
+            .unwrap_or(nix::sys::signal::Signal::SIGTERM);
         if let Err(e) = self.handle.signal(sig) {
             tracing::warn!(pid = self.pid, error = %e, "signal");
         }
@@ -267,7 +330,9 @@ impl WorkerProc {
 
     /// Samples CPU and memory of the process group.
     pub fn sample(&mut self) {
-        let Ok(pgid) = i32::try_from(self.pid) else { return };
+        let Ok(pgid) = i32::try_from(self.pid) else {
+            return;
+        };
         let usage = procfs::group_usage(pgid);
         let now = Instant::now();
         if let Some((then, before)) = &self.last_usage {
@@ -283,40 +348,64 @@ pub struct Runtime {
     tx: mpsc::UnboundedSender<Msg>,
     log_dir: PathBuf,
     notify_path: PathBuf,
+    notify_registry: Registry,
+    reports: mpsc::Sender<WorkerReport>,
     ports: std::sync::Mutex<PortAllocator>,
-    _notify: clusterd_runtime::notify::NotifySocket,
+    cgroups: Result<CgroupTree, String>,
 }
 
 impl Runtime {
-    /// Binds the notify socket in the state dir and starts forwarding `READY=1`.
+    /// Binds the notify socket in the state dir and starts forwarding `READY=1` (and
+    /// Node IPC `ready`) to the loop.
     ///
     /// # Errors
     /// When the notify socket cannot be bound.
     pub fn new(config: &Config, tx: mpsc::UnboundedSender<Msg>) -> anyhow::Result<Self> {
         let notify_path = config.state_dir.join("notify.sock");
-        let (notify, mut messages) = clusterd_runtime::notify::NotifySocket::bind(&notify_path)?;
+        let notify = NotifySocket::bind(&notify_path)?;
+        let notify_registry = notify.registry();
+        let (reports, mut rx) = mpsc::channel::<WorkerReport>(256);
+        notify.spawn(reports.clone());
         let forward = tx.clone();
         tokio::spawn(async move {
-            while let Some(m) = messages.recv().await {
-                if m.ready {
-                    let _ = forward.send(Msg::NotifyReady { pgid: m.pgid });
+            while let Some(r) = rx.recv().await {
+                if r.message == WorkerMessage::Ready {
+                    if let Ok(pgid) = u32::try_from(r.pgid) {
+                        let _ = forward.send(Msg::NotifyReady { pgid });
+                    }
                 }
             }
         });
+        let cgroups = CgroupTree::detect().map_err(|e| e.to_string());
+        if let Err(e) = &cgroups {
+            tracing::info!(reason = %e, "cgroup backstop unavailable; memory limits are enforced by sampling only");
+        }
         Ok(Runtime {
             tx,
             log_dir: config.log_dir.clone(),
             notify_path,
+            notify_registry,
+            reports,
             ports: std::sync::Mutex::new(PortAllocator::default()),
-            _notify: notify,
+            cgroups,
         })
+    }
+
+    fn release_ports(&self, ports: &[(ListenKey, u16)]) {
+        let mut alloc = self
+            .ports
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for (_, p) in ports {
+            alloc.release(*p);
+        }
     }
 
     /// Starts a worker for `index` of `app` from `loaded` (the template's spec).
     ///
     /// # Errors
     /// When the process cannot be started (bad command, user, working dir...).
-    pub fn spawn(
+    pub async fn spawn(
         &self,
         app: &AppName,
         id: WorkerId,
@@ -325,85 +414,45 @@ impl Runtime {
         loaded: &LoadedApp,
         listeners: &ListenerSet,
     ) -> anyhow::Result<WorkerProc> {
-        let _span = tracing::info_span!("spawn", app = %app, instance = index).entered();
         let spec = &loaded.spec;
-        let mut env: BTreeMap<String, String> = spec.env.clone();
+        let mut extra_env: BTreeMap<String, String> = BTreeMap::new();
         let mut ports = Vec::new();
         {
-            let mut alloc = self.ports.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for (i, l) in spec.listen.iter().enumerate().filter(|(_, l)| l.mode != ListenMode::Inherit) {
+            let mut alloc = self
+                .ports
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for l in spec.listen.iter().filter(|l| l.mode != ListenMode::Inherit) {
                 let port = alloc.allocate()?;
-                if i == 0 || !env.contains_key("PORT") {
-                    env.insert("PORT".into(), port.to_string());
-                }
+                extra_env
+                    .entry("PORT".into())
+                    .or_insert_with(|| port.to_string());
                 if let Some(name) = &l.name {
-                    env.insert(format!("PORT_{}", env_suffix(name)), port.to_string());
+                    extra_env.insert(format!("PORT_{}", env_suffix(name)), port.to_string());
                 }
                 ports.push((ListenKey::of(l), port));
             }
         }
-        let argv: Vec<String> = match &spec.command {
-            CommandLine::Argv(a) => a.clone(),
-            CommandLine::Shell(s) => shell_words::split(s)?,
-        };
-        let argv = argv.iter().map(|a| expand_vars(a, &env)).collect();
-        let inherit = listeners.inherit_fds(&spec.listen);
-        let request = clusterd_runtime::spawn::SpawnRequest {
-            app: app.0.clone(),
-            index,
-            revision: template.revision.0.clone(),
-            argv,
-            cwd: spec.working_dir.clone(),
-            env,
-            listeners: inherit.iter().map(|(b, n)| (*b, n.clone())).collect(),
-            notify_socket: Some(self.notify_path.clone()),
-            ipc: spec.readiness.kind == Some(ReadinessKind::Ipc),
-            user: spec.user.clone(),
-            group: spec.group.clone(),
-            limits: spec.limits.clone(),
-            log_dir: self.log_dir.clone(),
-            shim: clusterd_runtime::shim::ShimCommand::current_exe(),
-        };
-        let spawned = match clusterd_runtime::spawn::spawn_worker(request) {
-            Ok(s) => s,
+        let result = self
+            .start(app, index, template, spec, listeners, extra_env, &ports)
+            .await;
+        let (process, ipc, cgroup_note) = match result {
+            Ok(r) => r,
             Err(e) => {
-                let mut alloc = self.ports.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-                for (_, p) in &ports {
-                    alloc.release(*p);
-                }
-                return Err(e.into());
+                self.release_ports(&ports);
+                return Err(e);
             }
         };
-        let pid = spawned.pid();
+        let pid = u32::try_from(process.pid()).unwrap_or_default();
+        if let Some(ipc) = ipc {
+            ipc.forward(process.pid(), self.reports.clone());
+        }
         let probes = CancellationToken::new();
-        self.watch_worker(app, id, spawned.exit, spawned.ipc_ready);
-        if let (Some(kind @ (ReadinessKind::Tcp | ReadinessKind::Http)), Some((_, port))) = (spec.readiness.kind, ports.first()) {
-            let path = spec.readiness.path.clone().unwrap_or_else(|| "/".into());
-            let period = spec.readiness.period.0;
-            let tx = self.tx.clone();
-            let app = app.clone();
-            let cancel = probes.clone();
-            let addr = SocketAddr::from(([127, 0, 0, 1], *port));
-            tokio::spawn(async move {
-                let probe = async {
-                    loop {
-                        let ok = if kind == ReadinessKind::Http {
-                            http_probe(addr, &path, period.max(Duration::from_secs(1))).await.is_ok()
-                        } else {
-                            tcp_probe(addr, period.max(Duration::from_secs(1))).await.is_ok()
-                        };
-                        if ok {
-                            let _ = tx.send(Msg::Ready { app, id });
-                            return;
-                        }
-                        tokio::time::sleep(period).await;
-                    }
-                };
-                tokio::select! {
-                    () = cancel.cancelled() => {}
-                    () = probe => {}
-                }
-            });
+        self.watch_exit(app, id, process.clone());
+        if let (Some(kind @ (ReadinessKind::Tcp | ReadinessKind::Http)), Some((_, port))) =
+            (spec.readiness.kind, ports.first())
+        {
+            self.probe_readiness(app, id, kind, spec, *port, probes.clone());
         }
         Ok(WorkerProc {
             pid,
@@ -413,44 +462,152 @@ impl Runtime {
             ports,
             cpu_percent: None,
             rss: None,
-            cgroup_note: spawned.cgroup_note,
+            cgroup_note,
             probes,
             last_usage: None,
-            handle: spawned.handle,
+            handle: process,
         })
     }
 
-    fn watch_worker(
+    #[allow(clippy::too_many_arguments)]
+    async fn start(
+        &self,
+        app: &AppName,
+        index: u32,
+        template: &Template,
+        spec: &AppSpec,
+        listeners: &ListenerSet,
+        extra_env: BTreeMap<String, String>,
+        ports: &[(ListenKey, u16)],
+    ) -> anyhow::Result<(
+        WorkerProcess,
+        Option<clusterd_runtime::ipc::IpcChannel>,
+        Option<String>,
+    )> {
+        let _ = ports;
+        let mut all_env = spec.env.clone();
+        all_env.extend(extra_env.clone());
+        let argv: Vec<String> = match &spec.command {
+            CommandLine::Argv(a) => a.clone(),
+            CommandLine::Shell(s) => shell_words::split(s)?,
+        };
+        let argv = argv
+            .iter()
+            .map(|a| OsString::from(expand_vars(a, &all_env)))
+            .collect();
+        let mut ws = WorkerSpec::new(
+            app.clone(),
+            index,
+            template.revision.clone(),
+            argv,
+            ShimCommand::current_exe(),
+        );
+        ws.cwd.clone_from(&spec.working_dir);
+        ws.env = spec.env.clone();
+        ws.extra_env = extra_env;
+        for (bound, name) in listeners.inherit_fds(&spec.listen) {
+            ws.listeners.push(InheritedListener {
+                name,
+                fd: bound.inherit_fd()?,
+            });
+        }
+        ws.notify_socket = Some(self.notify_path.clone());
+        ws.ipc = spec.readiness.kind == Some(ReadinessKind::Ipc);
+        ws.user.clone_from(&spec.user);
+        ws.group.clone_from(&spec.group);
+        ws.rlimits = (&spec.limits).into();
+        ws.log_dir = Some(self.log_dir.clone());
+        let cgroup_note = match (
+            &self.cgroups,
+            spec.limits.memory.is_some() || spec.limits.cpu.is_some(),
+        ) {
+            (_, false) => None,
+            (Err(reason), true) => Some(format!(
+                "unavailable ({reason}); memory limit enforced by sampling"
+            )),
+            (Ok(tree), true) => {
+                let limits = CgroupLimits {
+                    memory_max: spec
+                        .limits
+                        .memory
+                        .map(|m| clusterd_runtime::limits::memory_backstop(m.0)),
+                    cpus: spec.limits.cpu.map(|c| c.0),
+                };
+                match tree.create_worker_cgroup(
+                    &app.0,
+                    &format!("{}-{}", index, template.revision),
+                    limits,
+                ) {
+                    Ok(path) => {
+                        let note = format!("active ({})", path.display());
+                        ws.cgroup = Some(path);
+                        Some(note)
+                    }
+                    Err(e) => Some(format!(
+                        "unavailable ({e}); memory limit enforced by sampling"
+                    )),
+                }
+            }
+        };
+        let spawned = spawn_worker(ws).await?;
+        Ok((spawned.process, spawned.ipc, cgroup_note))
+    }
+
+    fn probe_readiness(
         &self,
         app: &AppName,
         id: WorkerId,
-        exit: clusterd_runtime::spawn::ExitFuture,
-        ipc_ready: Option<tokio::sync::oneshot::Receiver<()>>,
+        kind: ReadinessKind,
+        spec: &AppSpec,
+        port: u16,
+        cancel: CancellationToken,
     ) {
+        let path = spec.readiness.path.clone().unwrap_or_else(|| "/".into());
+        let period = spec.readiness.period.0;
         let tx = self.tx.clone();
-        let app_for_exit = app.clone();
+        let app = app.clone();
+        let addr = SocketAddr::from(([127, 0, 0, 1], port));
+        let attempt_timeout = period.max(Duration::from_secs(1));
         tokio::spawn(async move {
-            let reason = exit.await;
-            let _ = tx.send(Msg::Exited { app: app_for_exit, id, reason });
-        });
-        if let Some(ready) = ipc_ready {
-            let tx = self.tx.clone();
-            let app = app.clone();
-            tokio::spawn(async move {
-                if ready.await.is_ok() {
-                    let _ = tx.send(Msg::Ready { app, id });
+            let probe = async {
+                loop {
+                    let ok = if kind == ReadinessKind::Http {
+                        http_probe(addr, &path, attempt_timeout).await.is_ok()
+                    } else {
+                        tcp_probe(addr, attempt_timeout).await.is_ok()
+                    };
+                    if ok {
+                        let _ = tx.send(Msg::Ready { app, id });
+                        return;
+                    }
+                    tokio::time::sleep(period).await;
                 }
-            });
-        }
+            };
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = probe => {}
+            }
+        });
     }
 
-    /// Returns the worker's private ports to the pool.
+    fn watch_exit(&self, app: &AppName, id: WorkerId, process: WorkerProcess) {
+        let tx = self.tx.clone();
+        let app = app.clone();
+        tokio::spawn(async move {
+            let reason = match process.wait().await {
+                RtExit::Code(c) => ExitReason::Code(c),
+                RtExit::Signal(s) => ExitReason::Signal(s),
+                RtExit::Unknown => ExitReason::Unknown,
+            };
+            let _ = tx.send(Msg::Exited { app, id, reason });
+        });
+    }
+
+    /// Returns the worker's private ports to the pool and stops its probes.
     pub fn release(&self, worker: &WorkerProc) {
         worker.probes.cancel();
-        let mut alloc = self.ports.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
-        for (_, p) in &worker.ports {
-            alloc.release(*p);
-        }
+        self.notify_registry.remove(worker.handle.pid());
+        self.release_ports(&worker.ports);
     }
 
     /// Rotates the app's logs that passed their size limit.
@@ -465,7 +622,7 @@ impl Runtime {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             fut.await;
-            let _ = tx.send(Msg::ManifestsChanged);
+            let _ = tx.send(Msg::Wake);
         });
     }
 }
@@ -479,7 +636,7 @@ fn expand_vars(arg: &str, env: &BTreeMap<String, String>) -> String {
     while let Some(pos) = rest.find("$(") {
         if rest[..pos].ends_with('$') {
             out.push_str(&rest[..pos]);
-            out.push_str("(");
+            out.push('(');
             rest = &rest[pos + 2..];
             continue;
         }
@@ -502,20 +659,32 @@ fn expand_vars(arg: &str, env: &BTreeMap<String, String>) -> String {
 
 /// `PORT_<NAME>`: upper case, `-` to `_`.
 fn env_suffix(name: &str) -> String {
-    name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' }).collect()
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }
 
 async fn tcp_probe(addr: SocketAddr, timeout: Duration) -> Result<(), String> {
     match tokio::time::timeout(timeout, tokio::net::TcpStream::connect(addr)).await {
         Ok(Ok(_)) => Ok(()),
         Ok(Err(e)) => Err(format!("tcp connect to {addr}: {e}")),
-        Err(_) => Err(format!("tcp connect to {addr}: timed out after {timeout:?}")),
+        Err(_) => Err(format!(
+            "tcp connect to {addr}: timed out after {timeout:?}"
+        )),
     }
 }
 
 async fn http_probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), String> {
     let attempt = async {
-        let stream = tokio::net::TcpStream::connect(addr).await.map_err(|e| format!("connect {addr}: {e}"))?;
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .map_err(|e| format!("connect {addr}: {e}"))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| format!("http {addr}: {e}"))?;
@@ -527,7 +696,10 @@ async fn http_probe(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(
             .header("user-agent", "clusterd-probe")
             .body(Empty::<Bytes>::new())
             .map_err(|e| e.to_string())?;
-        let resp = sender.send_request(req).await.map_err(|e| format!("GET {path}: {e}"))?;
+        let resp = sender
+            .send_request(req)
+            .await
+            .map_err(|e| format!("GET {path}: {e}"))?;
         let status = resp.status();
         if status.is_success() || status.is_redirection() {
             Ok(())
@@ -555,9 +727,16 @@ async fn liveness_loop(
         let timeout = l.timeout.0;
         let result = match (l.kind, port) {
             (LivenessKind::Http, Some(p)) => {
-                http_probe(SocketAddr::from(([127, 0, 0, 1], p)), l.path.as_deref().unwrap_or("/"), timeout).await
+                http_probe(
+                    SocketAddr::from(([127, 0, 0, 1], p)),
+                    l.path.as_deref().unwrap_or("/"),
+                    timeout,
+                )
+                .await
             }
-            (LivenessKind::Tcp, Some(p)) => tcp_probe(SocketAddr::from(([127, 0, 0, 1], p)), timeout).await,
+            (LivenessKind::Tcp, Some(p)) => {
+                tcp_probe(SocketAddr::from(([127, 0, 0, 1], p)), timeout).await
+            }
             (LivenessKind::Exec, _) => exec_probe(l.command.as_ref(), &env, timeout).await,
             (_, None) => Err("no private port to probe".to_string()),
         };
@@ -565,21 +744,40 @@ async fn liveness_loop(
             Ok(()) => (true, String::new()),
             Err(e) => (false, e),
         };
-        if tx.send(Msg::Liveness { app: app.clone(), id, ok, detail }).is_err() {
+        if tx
+            .send(Msg::Liveness {
+                app: app.clone(),
+                id,
+                ok,
+                detail,
+            })
+            .is_err()
+        {
             return;
         }
     }
 }
 
-async fn exec_probe(command: Option<&CommandLine>, env: &BTreeMap<String, String>, timeout: Duration) -> Result<(), String> {
+async fn exec_probe(
+    command: Option<&CommandLine>,
+    env: &BTreeMap<String, String>,
+    timeout: Duration,
+) -> Result<(), String> {
     let argv = match command {
         Some(CommandLine::Argv(a)) => a.clone(),
         Some(CommandLine::Shell(s)) => shell_words::split(s).map_err(|e| e.to_string())?,
         None => return Err("no command".into()),
     };
-    let Some((program, args)) = argv.split_first() else { return Err("empty command".into()) };
+    let Some((program, args)) = argv.split_first() else {
+        return Err("empty command".into());
+    };
     let mut cmd = tokio::process::Command::new(program);
-    cmd.args(args).envs(env).stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).kill_on_drop(true);
+    cmd.args(args)
+        .envs(env)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true);
     match tokio::time::timeout(timeout, async { cmd.status().await }).await {
         Ok(Ok(s)) if s.success() => Ok(()),
         Ok(Ok(s)) => Err(format!("`{program}` {s}")),

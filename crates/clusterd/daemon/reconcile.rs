@@ -14,12 +14,12 @@ use std::time::{Duration, Instant, SystemTime};
 use clusterd_core::load::{LoadContext, LoadedApp, ManifestFile};
 use clusterd_core::model::{ListenMode, ReadinessKind};
 use clusterd_core::plan::{
-    self, Action, AppName, Desired, DesiredApp, ExitReason, Observed, ReadinessGate, Template, WorkerId,
+    self, Action, AppName, Desired, DesiredApp, ExitReason, Observed, ReadinessGate, Template,
+    WorkerId,
 };
 use hyper::StatusCode;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
-use tokio_util::sync::CancellationToken;
 
 use super::api::{ApiReply, ApiRequest};
 use super::events::EventLog;
@@ -58,7 +58,6 @@ pub struct Controller {
     config: Config,
     tx: mpsc::UnboundedSender<Msg>,
     events: EventLog,
-    shutdown: CancellationToken,
     apps: BTreeMap<AppName, AppState>,
     observed: Observed,
     next_worker_id: u64,
@@ -79,14 +78,12 @@ impl Controller {
         config: Config,
         tx: mpsc::UnboundedSender<Msg>,
         events: EventLog,
-        shutdown: CancellationToken,
     ) -> anyhow::Result<Self> {
         let runtime = process::Runtime::new(&config, tx.clone())?;
         Ok(Controller {
             config,
             tx,
             events,
-            shutdown,
             apps: BTreeMap::new(),
             observed: Observed::default(),
             next_worker_id: 1,
@@ -104,9 +101,10 @@ impl Controller {
         let mut rescan = tokio::time::interval(self.config.rescan_every);
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let wake_at = self.reconcile();
+            let wake_at = self.reconcile().await;
             if self.shutting_down.is_some() && self.apps.values().all(|a| a.workers.is_empty()) {
-                self.events.push(None, None, "stopped", "every worker has stopped".into());
+                self.events
+                    .push(None, None, "stopped", "every worker has stopped".into());
                 return;
             }
             let sleep_until = wake_at
@@ -147,7 +145,12 @@ impl Controller {
                     }
                 }
             }
-            Msg::Liveness { app, id, ok, detail } => {
+            Msg::Liveness {
+                app,
+                id,
+                ok,
+                detail,
+            } => {
                 if let Some(o) = self.observed.apps.get_mut(&app) {
                     if let Some(w) = o.workers.get_mut(&id) {
                         if ok {
@@ -155,15 +158,22 @@ impl Controller {
                         } else {
                             w.liveness_failures += 1;
                             let index = w.index;
-                            self.events.push(Some(&app.0), Some(index), "liveness-failed", detail);
+                            self.events
+                                .push(Some(&app.0), Some(index), "liveness-failed", detail);
                         }
                     }
                 }
             }
             Msg::Api(request, reply) => self.answer(request, reply),
+            Msg::Wake => {}
             Msg::Shutdown => {
                 if self.shutting_down.is_none() {
-                    self.events.push(None, None, "shutdown", "draining every app before exit".into());
+                    self.events.push(
+                        None,
+                        None,
+                        "shutdown",
+                        "draining every app before exit".into(),
+                    );
                     self.shutting_down = Some(now);
                 }
             }
@@ -172,7 +182,10 @@ impl Controller {
 
     fn find_by_pgid(&self, pgid: u32) -> Option<(AppName, WorkerId)> {
         self.apps.values().find_map(|a| {
-            a.workers.iter().find(|(_, w)| w.pid == pgid).map(|(id, _)| (a.name.clone(), *id))
+            a.workers
+                .iter()
+                .find(|(_, w)| w.pid == pgid)
+                .map(|(id, _)| (a.name.clone(), *id))
         })
     }
 
@@ -188,27 +201,50 @@ impl Controller {
                 return;
             }
         };
-        let mut paths: Vec<PathBuf> = entries.filter_map(Result::ok).map(|e| e.path()).filter(|p| is_manifest_name(p)).collect();
+        let mut paths: Vec<PathBuf> = entries
+            .filter_map(Result::ok)
+            .map(|e| e.path())
+            .filter(|p| is_manifest_name(p))
+            .collect();
         paths.sort();
         for path in paths {
-            let Ok(meta) = std::fs::metadata(&path) else { continue };
+            let Ok(meta) = std::fs::metadata(&path) else {
+                continue;
+            };
             if !meta.is_file() {
                 continue;
             }
-            if meta.modified().ok().and_then(|m| m.elapsed().ok()).is_some_and(|age| age < Duration::from_millis(500)) {
+            if meta
+                .modified()
+                .ok()
+                .and_then(|m| m.elapsed().ok())
+                .is_some_and(|age| age < Duration::from_millis(500))
+            {
                 fresh_write = true;
             }
             match std::fs::read(&path) {
                 Ok(bytes) => files.push(ManifestFile { path, bytes }),
-                Err(e) => tracing::warn!(error = %e, file = %path.display(), "cannot read manifest"),
+                Err(e) => {
+                    tracing::warn!(error = %e, file = %path.display(), "cannot read manifest")
+                }
             }
         }
         let incumbents = self
             .apps
             .values()
-            .filter_map(|a| a.current.as_ref().map(|c| (a.name.clone(), c.source.clone())))
+            .filter_map(|a| {
+                a.current
+                    .as_ref()
+                    .map(|c| (a.name.clone(), c.source.clone()))
+            })
             .collect();
-        let report = clusterd_core::load::load(&files, &LoadContext { cpus: self.config.cpus, incumbents });
+        let report = clusterd_core::load::load(
+            &files,
+            &LoadContext {
+                cpus: self.config.cpus,
+                incumbents,
+            },
+        );
         if !report.errors.is_empty() && fresh_write {
             // An editor may still be writing: judge the file once it has settled, so a
             // half-written manifest never shows up as Invalid or rolls anything.
@@ -230,47 +266,85 @@ impl Controller {
         for (key, diagnostics) in report.errors {
             let name = AppName(key);
             seen.push(name.clone());
-            let text = diagnostics.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n");
-            let source = diagnostics.first().map(|d| d.file.clone()).unwrap_or_default();
-            let app = self.apps.entry(name.clone()).or_insert_with(|| AppState::new(name.clone(), source));
+            let text = diagnostics
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("\n");
+            let source = diagnostics
+                .first()
+                .map(|d| d.file.clone())
+                .unwrap_or_default();
+            let app = self
+                .apps
+                .entry(name.clone())
+                .or_insert_with(|| AppState::new(name.clone(), source));
             app.removed = false;
             if app.error.as_deref() != Some(&text) {
-                self.events.push(Some(&name.0), None, "invalid", format!("manifest rejected, keeping the last good revision:\n{text}"));
+                self.events.push(
+                    Some(&name.0),
+                    None,
+                    "invalid",
+                    format!("manifest rejected, keeping the last good revision:\n{text}"),
+                );
                 app.error = Some(text);
             }
         }
         for app in self.apps.values_mut() {
             if !seen.contains(&app.name) && !app.removed {
                 app.removed = true;
-                self.events.push(Some(&app.name.0), None, "removed", format!("{} is gone: draining every worker", app.source.display()));
+                self.events.push(
+                    Some(&app.name.0),
+                    None,
+                    "removed",
+                    format!("{} is gone: draining every worker", app.source.display()),
+                );
             }
         }
     }
 
     fn accept_manifest(&mut self, name: AppName, loaded: Arc<LoadedApp>) {
-        let app = self.apps.entry(name.clone()).or_insert_with(|| AppState::new(name.clone(), loaded.source.clone()));
+        let app = self
+            .apps
+            .entry(name.clone())
+            .or_insert_with(|| AppState::new(name.clone(), loaded.source.clone()));
         app.removed = false;
         app.error = None;
         app.source = loaded.source.clone();
-        let unchanged = app.current.as_ref().is_some_and(|c| c.spec == loaded.spec && c.replicas == loaded.replicas);
+        let unchanged = app
+            .current
+            .as_ref()
+            .is_some_and(|c| c.spec == loaded.spec && c.replicas == loaded.replicas);
         if unchanged {
             return;
         }
         // Bind (or keep) the new revision's sockets before accepting it: a port that
         // cannot be bound must not take down the running revision.
-        if let Err(e) = app.listeners.ensure(&name, &loaded.spec.listen, &self.runtime) {
+        if let Err(e) = app
+            .listeners
+            .ensure(&name, &loaded.spec.listen, &self.runtime)
+        {
             let msg = e.to_string();
             if app.runtime_error.as_deref() != Some(&msg) {
-                self.events.push(Some(&name.0), None, "listen-failed", msg.clone());
+                self.events
+                    .push(Some(&name.0), None, "listen-failed", msg.clone());
             }
             app.runtime_error = Some(msg);
             return;
         }
         app.runtime_error = None;
         let what = match &app.current {
-            None => format!("revision {} ({} instances)", loaded.revision, loaded.replicas),
-            Some(c) if c.revision != loaded.revision => format!("revision {} -> {}: rolling replacement", c.revision, loaded.revision),
-            Some(c) if c.replicas != loaded.replicas => format!("scale {} -> {}", c.replicas, loaded.replicas),
+            None => format!(
+                "revision {} ({} instances)",
+                loaded.revision, loaded.replicas
+            ),
+            Some(c) if c.revision != loaded.revision => format!(
+                "revision {} -> {}: rolling replacement",
+                c.revision, loaded.revision
+            ),
+            Some(c) if c.replicas != loaded.replicas => {
+                format!("scale {} -> {}", c.replicas, loaded.replicas)
+            }
             Some(_) => "settings changed (no worker replaced)".to_string(),
         };
         self.events.push(Some(&name.0), None, "manifest", what);
@@ -284,30 +358,32 @@ impl Controller {
             return desired;
         }
         for app in self.apps.values() {
-            let (Some(current), false) = (&app.current, app.removed) else { continue };
-            desired.apps.insert(app.name.clone(), desired_app(current, app.generation));
+            let (Some(current), false) = (&app.current, app.removed) else {
+                continue;
+            };
+            desired
+                .apps
+                .insert(app.name.clone(), desired_app(current, app.generation));
         }
         desired
     }
 
     /// Plans and acts until the planner has nothing more to say; returns when to wake.
-    fn reconcile(&mut self) -> Option<Instant> {
+    async fn reconcile(&mut self) -> Option<Instant> {
         let mut wake_at = None;
         for _ in 0..MAX_ROUNDS {
             let now = Instant::now();
             self.refresh_inflight();
             let desired = self.desired();
+            self.observed.record_desired(&desired);
             let plan = plan::plan(&desired, &self.observed, now);
             wake_at = plan.wake_at;
             if plan.actions.is_empty() {
                 break;
             }
             for action in plan.actions {
-                self.execute(action, now);
+                self.execute(action, now).await;
             }
-        }
-        for app in self.observed.apps.values_mut() {
-            app.note_progress(Instant::now());
         }
         self.collect_garbage();
         if let Some(started) = self.shutting_down {
@@ -323,30 +399,72 @@ impl Controller {
 
     fn refresh_inflight(&mut self) {
         for app in self.apps.values() {
-            let Some(observed) = self.observed.apps.get_mut(&app.name) else { continue };
+            let Some(observed) = self.observed.apps.get_mut(&app.name) else {
+                continue;
+            };
             for (id, w) in &mut observed.workers {
                 w.inflight = app.listeners.inflight(*id);
             }
         }
     }
 
-    fn execute(&mut self, action: Action, now: Instant) {
+    async fn execute(&mut self, action: Action, now: Instant) {
         match &action {
-            Action::Spawn { app, index, template } => {
-                self.spawn(app, *index, template, now);
+            Action::Spawn {
+                app,
+                index,
+                template,
+            } => {
+                self.spawn(app, *index, template, now).await;
                 return;
+            }
+            Action::MarkAvailable { app, template } => {
+                let first = self
+                    .observed
+                    .apps
+                    .get(app)
+                    .and_then(|o| o.last_good.as_ref())
+                    != Some(template);
+                if first {
+                    self.events.push(
+                        Some(&app.0),
+                        None,
+                        "available",
+                        format!(
+                            "every instance ready at {}",
+                            plan::describe_template(template)
+                        ),
+                    );
+                }
             }
             Action::MarkReady { app, worker } => {
                 if let Some(a) = self.apps.get_mut(app) {
                     if let Some(w) = a.workers.get_mut(worker) {
                         a.listeners.route(*worker, &w.ports);
-                        w.on_ready(&self.runtime, app, *worker, a.specs.get(&w.template.revision).map(|s| &s.spec));
+                        w.on_ready(
+                            &self.runtime,
+                            app,
+                            *worker,
+                            a.specs.get(&w.template.revision).map(|s| &s.spec),
+                        );
                         let ms = w.spawned.elapsed().map_or(0, |d| d.as_millis());
-                        self.events.push(Some(&app.0), Some(w.index), "ready", format!("pid {} ready after {ms} ms (revision {})", w.pid, w.template.revision));
+                        self.events.push(
+                            Some(&app.0),
+                            Some(w.index),
+                            "ready",
+                            format!(
+                                "pid {} ready after {ms} ms (revision {})",
+                                w.pid, w.template.revision
+                            ),
+                        );
                     }
                 }
             }
-            Action::Drain { app, worker, reason } => {
+            Action::Drain {
+                app,
+                worker,
+                reason,
+            } => {
                 if let Some(a) = self.apps.get_mut(app) {
                     a.listeners.stop_routing(*worker);
                     if a.listeners.has_proxy() {
@@ -355,7 +473,12 @@ impl Controller {
                     }
                     if let Some(w) = a.workers.get_mut(worker) {
                         w.stop_probes();
-                        self.events.push(Some(&app.0), Some(w.index), "drain", format!("pid {} draining: {reason:?}", w.pid));
+                        self.events.push(
+                            Some(&app.0),
+                            Some(w.index),
+                            "drain",
+                            format!("pid {} draining: {reason:?}", w.pid),
+                        );
                     }
                 }
             }
@@ -367,7 +490,12 @@ impl Controller {
                             |s| s.spec.shutdown.signal.0.clone(),
                         );
                         w.signal(&signal);
-                        self.events.push(Some(&app.0), Some(w.index), "signal", format!("{signal} to process group {}", w.pid));
+                        self.events.push(
+                            Some(&app.0),
+                            Some(w.index),
+                            "signal",
+                            format!("{signal} to process group {}", w.pid),
+                        );
                     }
                 }
             }
@@ -375,12 +503,32 @@ impl Controller {
                 if let Some(a) = self.apps.get(app) {
                     if let Some(w) = a.workers.get(worker) {
                         w.kill();
-                        self.events.push(Some(&app.0), Some(w.index), "kill", format!("SIGKILL to process group {}: shutdown timeout passed", w.pid));
+                        self.events.push(
+                            Some(&app.0),
+                            Some(w.index),
+                            "kill",
+                            format!(
+                                "SIGKILL to process group {}: shutdown timeout passed",
+                                w.pid
+                            ),
+                        );
                     }
                 }
             }
-            Action::FailRollout { app, template, reason } => {
-                self.events.push(Some(&app.0), None, "rollout-failed", format!("revision {} (generation {}): {reason}; the previous workers keep serving", template.revision, template.generation));
+            Action::FailRollout {
+                app,
+                template,
+                reason,
+            } => {
+                self.events.push(
+                    Some(&app.0),
+                    None,
+                    "rollout-failed",
+                    format!(
+                        "revision {} (generation {}): {reason}; the previous workers keep serving",
+                        template.revision, template.generation
+                    ),
+                );
             }
         }
         if let Some(o) = self.observed.apps.get_mut(action_app(&action)) {
@@ -388,32 +536,50 @@ impl Controller {
         }
     }
 
-    fn spawn(&mut self, name: &AppName, index: u32, template: &Template, now: Instant) {
+    async fn spawn(&mut self, name: &AppName, index: u32, template: &Template, now: Instant) {
         let id = WorkerId(self.next_worker_id);
         self.next_worker_id += 1;
-        let Some(app) = self.apps.get_mut(name) else { return };
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
         let Some(spec) = app.specs.get(&template.revision).cloned() else {
             tracing::error!(app = %name, revision = %template.revision, "no spec for revision");
             return;
         };
-        let result = self.runtime.spawn(name, id, index, template, &spec, &app.listeners);
+        let result = self
+            .runtime
+            .spawn(name, id, index, template, &spec, &app.listeners)
+            .await;
         let observed = self.observed.apps.entry(name.clone()).or_default();
         match result {
             Ok(worker) => {
-                self.events.push(Some(&name.0), Some(index), "spawn", format!("pid {} (revision {}, generation {})", worker.pid, template.revision, template.generation));
+                self.events.push(
+                    Some(&name.0),
+                    Some(index),
+                    "spawn",
+                    format!(
+                        "pid {} (revision {}, generation {})",
+                        worker.pid, template.revision, template.generation
+                    ),
+                );
                 observed.record_spawn(id, index, template.clone(), now);
                 app.workers.insert(id, worker);
             }
             Err(e) => {
-                self.events.push(Some(&name.0), Some(index), "spawn-failed", e.to_string());
+                self.events
+                    .push(Some(&name.0), Some(index), "spawn-failed", e.to_string());
                 observed.record_spawn_failed(index, template.clone(), now);
             }
         }
     }
 
     fn on_exit(&mut self, name: &AppName, id: WorkerId, reason: ExitReason, now: Instant) {
-        let Some(app) = self.apps.get_mut(name) else { return };
-        let Some(worker) = app.workers.remove(&id) else { return };
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let Some(worker) = app.workers.remove(&id) else {
+            return;
+        };
         app.listeners.remove(id);
         self.runtime.release(&worker);
         let planned = self
@@ -424,16 +590,26 @@ impl Controller {
             .is_some_and(|w| w.drain.is_some());
         let how = describe_exit(reason);
         let kind = if planned { "stopped" } else { "exit" };
-        self.events.push(Some(&name.0), Some(worker.index), kind, format!("pid {} {how}", worker.pid));
+        self.events.push(
+            Some(&name.0),
+            Some(worker.index),
+            kind,
+            format!("pid {} {how}", worker.pid),
+        );
+        let stable_after = app.current.as_ref().map_or(plan::MIN_STABLE_RUN, |c| {
+            plan::stable_after(&c.spec.restart.backoff)
+        });
         if let Some(o) = self.observed.apps.get_mut(name) {
-            o.record_exit(id, reason, now);
+            o.record_exit(id, reason, now, stable_after);
         }
     }
 
     /// Samples CPU and memory, and rotates logs. Memory feeds the planner's limit rule.
     fn sample(&mut self) {
         for app in self.apps.values_mut() {
-            let Some(observed) = self.observed.apps.get_mut(&app.name) else { continue };
+            let Some(observed) = self.observed.apps.get_mut(&app.name) else {
+                continue;
+            };
             for (id, w) in &mut app.workers {
                 w.sample();
                 if let Some(o) = observed.workers.get_mut(id) {
@@ -457,23 +633,47 @@ impl Controller {
         for name in gone {
             if let Some(app) = self.apps.remove(&name) {
                 app.listeners.close();
-                self.events.push(Some(&name.0), None, "forgotten", "every worker stopped; sockets closed".into());
+                self.events.push(
+                    Some(&name.0),
+                    None,
+                    "forgotten",
+                    "every worker stopped; sockets closed".into(),
+                );
             }
             self.observed.apps.remove(&name);
         }
         for app in self.apps.values_mut() {
-            let live: Vec<plan::Revision> = app.workers.values().map(|w| w.template.revision.clone()).collect();
+            let live: Vec<plan::Revision> = app
+                .workers
+                .values()
+                .map(|w| w.template.revision.clone())
+                .collect();
             let current = app.current.as_ref().map(|c| c.revision.clone());
-            let last_good = self.observed.apps.get(&app.name).and_then(|o| o.last_good.as_ref()).map(|t| t.revision.clone());
-            app.specs.retain(|rev, _| live.contains(rev) || Some(rev) == current.as_ref() || Some(rev) == last_good.as_ref());
-            let keep: Vec<_> = app.specs.values().flat_map(|s| s.spec.listen.clone()).collect();
+            let last_good = self
+                .observed
+                .apps
+                .get(&app.name)
+                .and_then(|o| o.last_good.as_ref())
+                .map(|t| t.revision.clone());
+            app.specs.retain(|rev, _| {
+                live.contains(rev)
+                    || Some(rev) == current.as_ref()
+                    || Some(rev) == last_good.as_ref()
+            });
+            let keep: Vec<_> = app
+                .specs
+                .values()
+                .flat_map(|s| s.spec.listen.clone())
+                .collect();
             app.listeners.retain(&keep);
         }
     }
 
     fn answer(&mut self, request: ApiRequest, reply: oneshot::Sender<ApiReply>) {
         let answer = match request {
-            ApiRequest::Status(None) => ApiReply::Json(StatusCode::OK, json!(self.status_report(None))),
+            ApiRequest::Status(None) => {
+                ApiReply::Json(StatusCode::OK, json!(self.status_report(None)))
+            }
             ApiRequest::Status(Some(name)) => {
                 let report = self.status_report(Some(&name));
                 match report.apps.into_iter().next() {
@@ -507,18 +707,31 @@ impl Controller {
                 match self.apps.get(&name) {
                     Some(a) if a.current.is_some() && !a.removed => vec![name],
                     Some(_) => {
-                        return ApiReply::Json(StatusCode::CONFLICT, json!({"error": format!("{} has no valid manifest to reload", name)}))
+                        return ApiReply::Json(
+                            StatusCode::CONFLICT,
+                            json!({"error": format!("{} has no valid manifest to reload", name)}),
+                        )
                     }
                     None => return not_found(&name.0),
                 }
             }
-            None => self.apps.values().filter(|a| a.current.is_some() && !a.removed).map(|a| a.name.clone()).collect(),
+            None => self
+                .apps
+                .values()
+                .filter(|a| a.current.is_some() && !a.removed)
+                .map(|a| a.name.clone())
+                .collect(),
         };
         let mut accepted = Vec::new();
         for name in names {
             if let Some(app) = self.apps.get_mut(&name) {
                 app.generation += 1;
-                self.events.push(Some(&name.0), None, "reload", format!("rolling restart requested (generation {})", app.generation));
+                self.events.push(
+                    Some(&name.0),
+                    None,
+                    "reload",
+                    format!("rolling restart requested (generation {})", app.generation),
+                );
                 accepted.push(json!({"app": name.0, "generation": app.generation}));
             }
         }
@@ -532,7 +745,14 @@ impl Controller {
             .apps
             .values()
             .filter(|a| only.is_none_or(|n| n == a.name.0))
-            .map(|a| status::app_status(a, desired.apps.get(&a.name), self.observed.apps.get(&a.name), now))
+            .map(|a| {
+                status::app_status(
+                    a,
+                    desired.apps.get(&a.name),
+                    self.observed.apps.get(&a.name),
+                    now,
+                )
+            })
             .collect();
         crate::api_types::StatusReport { apps, sync: None }
     }
@@ -560,11 +780,16 @@ fn desired_app(current: &LoadedApp, generation: u64) -> DesiredApp {
     let spec = &current.spec;
     let readiness = match spec.readiness.kind {
         None | Some(ReadinessKind::None) => ReadinessGate::Immediate,
-        Some(ReadinessKind::Delay) => ReadinessGate::Delay(spec.readiness.delay.map_or(Duration::ZERO, |d| d.0)),
+        Some(ReadinessKind::Delay) => {
+            ReadinessGate::Delay(spec.readiness.delay.map_or(Duration::ZERO, |d| d.0))
+        }
         Some(_) => ReadinessGate::Reported,
     };
     DesiredApp {
-        template: Template { revision: current.revision.clone(), generation },
+        template: Template {
+            revision: current.revision.clone(),
+            generation,
+        },
         replicas: current.replicas,
         rollout: spec.rollout,
         readiness,
@@ -584,7 +809,8 @@ fn action_app(action: &Action) -> &AppName {
         | Action::Drain { app, .. }
         | Action::Signal { app, .. }
         | Action::Kill { app, .. }
-        | Action::FailRollout { app, .. } => app,
+        | Action::FailRollout { app, .. }
+        | Action::MarkAvailable { app, .. } => app,
     }
 }
 
@@ -593,13 +819,18 @@ pub fn describe_exit(reason: ExitReason) -> String {
     match reason {
         ExitReason::Code(c) => format!("exited with code {c}"),
         ExitReason::Signal(s) => {
-            let name = nix::sys::signal::Signal::try_from(s).map_or_else(|_| format!("signal {s}"), |s| s.as_str().to_string());
+            let name = nix::sys::signal::Signal::try_from(s)
+                .map_or_else(|_| format!("signal {s}"), |s| s.as_str().to_string());
             format!("killed by {name}")
         }
         ExitReason::SpawnFailed => "could not be started".to_string(),
+        ExitReason::Unknown => "exited (status unknown: adopted worker)".to_string(),
     }
 }
 
 fn not_found(name: &str) -> ApiReply {
-    ApiReply::Json(StatusCode::NOT_FOUND, json!({"error": format!("no app named {name}")}))
+    ApiReply::Json(
+        StatusCode::NOT_FOUND,
+        json!({"error": format!("no app named {name}")}),
+    )
 }

@@ -11,14 +11,26 @@ use super::rfc3339;
 use crate::api_types::{AppStatus, InstanceStatus, ListenStatus, StatusReport};
 
 /// One app's status.
-pub fn app_status(app: &AppState, desired: Option<&DesiredApp>, observed: Option<&ObservedApp>, now: Instant) -> AppStatus {
+pub fn app_status(
+    app: &AppState,
+    desired: Option<&DesiredApp>,
+    observed: Option<&ObservedApp>,
+    now: Instant,
+) -> AppStatus {
     let empty = ObservedApp::default();
     let observed = observed.unwrap_or(&empty);
     let (phase, reason) = plan::phase(desired, observed, now);
     let (phase, error) = if let Some(e) = &app.error {
         (Phase::Invalid, Some(e.clone()))
     } else if let Some(e) = &app.runtime_error {
-        (if app.current.is_some() { phase } else { Phase::Degraded }, Some(e.clone()))
+        (
+            if app.current.is_some() {
+                phase
+            } else {
+                Phase::Degraded
+            },
+            Some(e.clone()),
+        )
     } else if app.current.is_none() && !app.removed {
         (Phase::Pending, reason)
     } else {
@@ -33,7 +45,10 @@ pub fn app_status(app: &AppState, desired: Option<&DesiredApp>, observed: Option
                 .iter()
                 .map(|l| ListenStatus {
                     name: l.name.clone(),
-                    address: app.listeners.bound_address(l).unwrap_or_else(|| format!("{}:{}", l.address, l.port)),
+                    address: app
+                        .listeners
+                        .bound_address(l)
+                        .unwrap_or_else(|| format!("{}:{}", l.address, l.port)),
                     mode: format!("{:?}", l.mode).to_lowercase(),
                     protocol: format!("{:?}", l.protocol).to_lowercase(),
                 })
@@ -59,12 +74,16 @@ pub fn app_status(app: &AppState, desired: Option<&DesiredApp>, observed: Option
                 generation: w.template.generation,
                 restarts: slot.map_or(0, |s| s.restarts),
                 started: proc_.map(|p| rfc3339(p.spawned)),
-                uptime_secs: proc_.and_then(|p| p.spawned.elapsed().ok()).map_or(0, |d| d.as_secs()),
+                uptime_secs: proc_
+                    .and_then(|p| p.spawned.elapsed().ok())
+                    .map_or(0, |d| d.as_secs()),
                 cpu_percent: proc_.and_then(|p| p.cpu_percent),
                 rss_bytes: w.rss,
                 inflight: app.listeners.has_proxy().then_some(w.inflight),
                 port: proc_.and_then(|p| p.ports.first().map(|(_, port)| *port)),
-                last_exit: slot.and_then(|s| s.last_exit.as_ref()).map(|(_, r, _)| describe_exit(*r)),
+                last_exit: slot
+                    .and_then(|s| s.last_exit.as_ref())
+                    .map(|(_, r, _)| describe_exit(*r)),
             }
         })
         .collect();
@@ -75,12 +94,21 @@ pub fn app_status(app: &AppState, desired: Option<&DesiredApp>, observed: Option
                 continue;
             }
             if let Some(slot) = observed.slots.get(&index) {
-                let state = if matches!(d.restart.policy, clusterd_core::model::RestartPolicy::Never) { "Exited" } else { "Backoff" };
+                let state =
+                    if matches!(d.restart.policy, clusterd_core::model::RestartPolicy::Never) {
+                        "Exited"
+                    } else {
+                        "Backoff"
+                    };
                 instances.push(InstanceStatus {
                     index,
                     pid: None,
                     state: state.to_string(),
-                    revision: slot.last_exit.as_ref().map(|(_, _, t)| t.revision.0.clone()).unwrap_or_default(),
+                    revision: slot
+                        .last_exit
+                        .as_ref()
+                        .map(|(_, _, t)| t.revision.0.clone())
+                        .unwrap_or_default(),
                     generation: slot.last_exit.as_ref().map_or(0, |(_, _, t)| t.generation),
                     restarts: slot.restarts,
                     started: None,
@@ -98,16 +126,33 @@ pub fn app_status(app: &AppState, desired: Option<&DesiredApp>, observed: Option
     AppStatus {
         name: app.name.0.clone(),
         phase: format!("{phase:?}"),
-        revision: app.current.as_ref().map(|c| c.revision.0.clone()).unwrap_or_default(),
+        revision: app
+            .current
+            .as_ref()
+            .map(|c| c.revision.0.clone())
+            .unwrap_or_default(),
         generation: app.generation,
         desired: app.current.as_ref().map_or(0, |c| c.replicas),
-        ready: u32::try_from(observed.workers.values().filter(|w| w.state == WorkerState::Ready).count()).unwrap_or(u32::MAX),
+        ready: u32::try_from(
+            observed
+                .workers
+                .values()
+                .filter(|w| w.state == WorkerState::Ready)
+                .count(),
+        )
+        .unwrap_or(u32::MAX),
         restarts: observed.slots.values().map(|s| s.restarts).sum(),
         error,
         listen,
         source: app.source.display().to_string(),
-        age_secs: SystemTime::now().duration_since(app.first_seen).map_or(0, |d| d.as_secs()),
-        cgroup: app.workers.values().next().and_then(|w| w.cgroup_note.clone()),
+        age_secs: SystemTime::now()
+            .duration_since(app.first_seen)
+            .map_or(0, |d| d.as_secs()),
+        cgroup: app
+            .workers
+            .values()
+            .next()
+            .and_then(|w| w.cgroup_note.clone()),
         instances,
     }
 }
@@ -117,25 +162,48 @@ pub fn metrics(report: &StatusReport) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# HELP clusterd_app_desired_instances Resolved instance count.\n# TYPE clusterd_app_desired_instances gauge");
     for a in &report.apps {
-        let _ = writeln!(out, "clusterd_app_desired_instances{{app=\"{}\"}} {}", a.name, a.desired);
+        let _ = writeln!(
+            out,
+            "clusterd_app_desired_instances{{app=\"{}\"}} {}",
+            a.name, a.desired
+        );
     }
     let _ = writeln!(out, "# HELP clusterd_app_ready_instances Instances in state Ready.\n# TYPE clusterd_app_ready_instances gauge");
     for a in &report.apps {
-        let _ = writeln!(out, "clusterd_app_ready_instances{{app=\"{}\"}} {}", a.name, a.ready);
+        let _ = writeln!(
+            out,
+            "clusterd_app_ready_instances{{app=\"{}\"}} {}",
+            a.name, a.ready
+        );
     }
     let _ = writeln!(out, "# HELP clusterd_app_restarts_total Unplanned worker exits.\n# TYPE clusterd_app_restarts_total counter");
     for a in &report.apps {
-        let _ = writeln!(out, "clusterd_app_restarts_total{{app=\"{}\"}} {}", a.name, a.restarts);
+        let _ = writeln!(
+            out,
+            "clusterd_app_restarts_total{{app=\"{}\"}} {}",
+            a.name, a.restarts
+        );
     }
-    let _ = writeln!(out, "# HELP clusterd_app_phase 1 for the app's current phase.\n# TYPE clusterd_app_phase gauge");
+    let _ = writeln!(
+        out,
+        "# HELP clusterd_app_phase 1 for the app's current phase.\n# TYPE clusterd_app_phase gauge"
+    );
     for a in &report.apps {
-        let _ = writeln!(out, "clusterd_app_phase{{app=\"{}\",phase=\"{}\"}} 1", a.name, a.phase);
+        let _ = writeln!(
+            out,
+            "clusterd_app_phase{{app=\"{}\",phase=\"{}\"}} 1",
+            a.name, a.phase
+        );
     }
     let _ = writeln!(out, "# HELP clusterd_instance_inflight Requests or connections in flight through the daemon.\n# TYPE clusterd_instance_inflight gauge");
     for a in &report.apps {
         for i in &a.instances {
             if let (Some(n), Some(pid)) = (i.inflight, i.pid) {
-                let _ = writeln!(out, "clusterd_instance_inflight{{app=\"{}\",instance=\"{}\",pid=\"{pid}\"}} {n}", a.name, i.index);
+                let _ = writeln!(
+                    out,
+                    "clusterd_instance_inflight{{app=\"{}\",instance=\"{}\",pid=\"{pid}\"}} {n}",
+                    a.name, i.index
+                );
             }
         }
     }
@@ -143,7 +211,11 @@ pub fn metrics(report: &StatusReport) -> String {
     for a in &report.apps {
         for i in &a.instances {
             if let (Some(n), Some(pid)) = (i.rss_bytes, i.pid) {
-                let _ = writeln!(out, "clusterd_instance_rss_bytes{{app=\"{}\",instance=\"{}\",pid=\"{pid}\"}} {n}", a.name, i.index);
+                let _ = writeln!(
+                    out,
+                    "clusterd_instance_rss_bytes{{app=\"{}\",instance=\"{}\",pid=\"{pid}\"}} {n}",
+                    a.name, i.index
+                );
             }
         }
     }

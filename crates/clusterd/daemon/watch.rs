@@ -23,8 +23,10 @@ pub struct Watch {
 /// When inotify cannot watch the directory (missing, or `max_user_watches` reached);
 /// the periodic rescan still works then, so the caller may log and go on.
 pub fn watch(dir: &Path, tx: mpsc::UnboundedSender<Msg>) -> notify::Result<Watch> {
-    let mut debouncer = new_debouncer(Duration::from_millis(150), None, move |res: DebounceEventResult| {
-        match res {
+    let mut debouncer = new_debouncer(
+        Duration::from_millis(150),
+        None,
+        move |res: DebounceEventResult| match res {
             Ok(events) if events.is_empty() => {}
             Ok(_) => {
                 let _ = tx.send(Msg::ManifestsChanged);
@@ -35,8 +37,10 @@ pub fn watch(dir: &Path, tx: mpsc::UnboundedSender<Msg>) -> notify::Result<Watch
                 }
                 let _ = tx.send(Msg::ManifestsChanged);
             }
-        }
-    })?;
+        },
+    )?;
     debouncer.watch(dir, RecursiveMode::NonRecursive)?;
-    Ok(Watch { _debouncer: Box::new(debouncer) })
+    Ok(Watch {
+        _debouncer: Box::new(debouncer),
+    })
 }

@@ -574,6 +574,7 @@ pub(crate) fn describe_exit(reason: ExitReason) -> String {
         ExitReason::Code(code) => format!("exited with code {code}"),
         ExitReason::Signal(sig) => format!("was killed by signal {sig}"),
         ExitReason::SpawnFailed => "failed to start".to_owned(),
+        ExitReason::Unknown => "exited (status unknown: adopted worker)".to_owned(),
     }
 }
 

@@ -273,6 +273,9 @@ pub enum ExitReason {
     Signal(i32),
     /// The spawn itself failed (exec error, bad user...).
     SpawnFailed,
+    /// The worker was adopted after a daemon restart, so it is not our child and its
+    /// exit status went to its real parent. Counted as a failure.
+    Unknown,
 }
 
 impl ExitReason {
