@@ -1,1 +1,10 @@
-//! End-to-end tests: the real binary against real worker processes.
+//! End-to-end tests: the real `clusterd` binary against real worker processes, on
+//! 127.0.0.1, OS-chosen ports and temp dirs. Every process a test starts is stopped by
+//! the harness (the daemon with SIGTERM then SIGKILL, and every worker process group the
+//! daemon reported), even when the test fails.
+
+#[path = "e2e/support.rs"]
+mod support;
+
+#[path = "e2e/smoke.rs"]
+mod smoke;

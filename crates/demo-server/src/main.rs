@@ -4,7 +4,11 @@
 //! `LISTEN_PID` = its own pid, as clusterd's inherit mode passes it), `PORT` on
 //! 127.0.0.1 (http/tcp modes), or `--port N` (0 = any; the address is printed).
 //! Sends `READY=1` when `NOTIFY_SOCKET` is set. On SIGINT/SIGTERM it stops accepting,
-//! finishes the requests in flight, and exits 0.
+//! answers each keep-alive connection's next request with `Connection: close`, closes
+//! connections that stay idle for `DEMO_LINGER_MS` (default 1000), and exits 0. Closing
+//! an idle keep-alive connection at once would race with a client already sending on it
+//! (the client sees EPIPE/ECONNRESET); letting busy connections end after a response is
+//! how a well-behaved server drains.
 //!
 //! Endpoints: `/` (pid and instance), `/slow?ms=N`, `/healthz` (200, or 500 after
 //! `/fail-health`; `/heal` undoes it), `/grow?mb=N` (allocates and holds memory).
@@ -16,7 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::convert::Infallible;
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -37,6 +41,10 @@ struct State {
     health_failing: Cell<bool>,
     /// Memory held by `/grow`.
     held: RefCell<Vec<Vec<u8>>>,
+    /// Set on SIGINT/SIGTERM: every response then closes its connection.
+    draining: Cell<bool>,
+    /// When the last request arrived, to close idle connections only once idle.
+    last_request: Cell<Instant>,
 }
 
 fn main() {
@@ -95,6 +103,8 @@ async fn run() -> i32 {
         crash_after: env_num("DEMO_CRASH_AFTER"),
         health_failing: Cell::new(false),
         held: RefCell::new(Vec::new()),
+        draining: Cell::new(false),
+        last_request: Cell::new(Instant::now()),
     });
     println!(
         "demo-server pid {} listening on {addr} ({source})",
@@ -115,7 +125,17 @@ async fn run() -> i32 {
                 let _ = stream.set_nodelay(true);
                 let state = Rc::clone(&state);
                 let conn = http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service_fn(move |req| handle(Rc::clone(&state), req)));
+                    .serve_connection(TokioIo::new(stream), service_fn(move |req| {
+                        let state = Rc::clone(&state);
+                        async move {
+                            state.last_request.set(Instant::now());
+                            let mut resp = handle(Rc::clone(&state), req).await?;
+                            if state.draining.get() {
+                                resp.headers_mut().insert(hyper::header::CONNECTION, hyper::header::HeaderValue::from_static("close"));
+                            }
+                            Ok::<_, Infallible>(resp)
+                        }
+                    }));
                 let conn = graceful.watch(conn);
                 tokio::task::spawn_local(async move {
                     let _ = conn.await;
@@ -132,6 +152,16 @@ async fn run() -> i32 {
         state.pid,
         graceful.count()
     );
+    state.draining.set(true);
+    let linger = Duration::from_millis(env_num("DEMO_LINGER_MS").unwrap_or(1000));
+    state.last_request.set(Instant::now());
+    loop {
+        let idle = state.last_request.get().elapsed();
+        if graceful.count() == 0 || idle >= linger {
+            break;
+        }
+        tokio::time::sleep((linger - idle).min(Duration::from_millis(20))).await;
+    }
     graceful.shutdown().await;
     println!("demo-server pid {}: drained, exiting", state.pid);
     0

@@ -1,0 +1,59 @@
+//! The shortest path through the product: manifest in, workers serving, reload, gone.
+
+use std::time::Duration;
+
+use crate::support::*;
+
+#[test]
+fn manifest_drop_serves_reloads_without_loss_and_removal_closes_the_port() {
+    let d = Daemon::start();
+    let port = free_port();
+    d.write_manifest("web.yaml", &demo_manifest("web", port, 2, ""));
+    let app = d.wait_phase("web", "Available", Duration::from_secs(20));
+    assert_eq!(app["ready"], 2);
+    let before = d.ready_pids("web");
+    assert_eq!(before.len(), 2);
+    let (status, body) = http_get(local(port), "/").unwrap();
+    assert_eq!(status, 200, "{body}");
+
+    let load = Load::start(local(port), "/", 4, true);
+    load.wait_for(50);
+    let out = d.cli(&["reload", "web"]);
+    assert!(
+        out.status.success(),
+        "reload failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("2/2 replaced"));
+    load.wait_for(50);
+    let stats = load.stop();
+    assert_eq!(
+        (stats.failed, stats.non2xx),
+        (0, 0),
+        "lost requests during reload: {:?}",
+        stats.errors
+    );
+    let after = d.ready_pids("web");
+    assert_eq!(after.len(), 2);
+    assert!(
+        before.iter().all(|p| !after.contains(p)),
+        "old pids {before:?} still serving: {after:?}"
+    );
+    for p in &before {
+        eventually(Duration::from_secs(10), "old worker gone", || {
+            (!alive(*p)).then_some(())
+        });
+    }
+
+    d.remove_manifest("web.yaml");
+    eventually(Duration::from_secs(20), "app forgotten", || {
+        d.app("web").is_none().then_some(())
+    });
+    assert!(
+        std::net::TcpStream::connect(local(port)).is_err(),
+        "port still open after removal"
+    );
+    for p in &after {
+        assert!(!alive(*p), "worker {p} survived the app's removal");
+    }
+}

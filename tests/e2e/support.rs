@@ -1,0 +1,489 @@
+//! The e2e harness: a daemon in a temp dir, manifest helpers, CLI calls, waiting for
+//! conditions (never bare sleeps), and a load generator that classifies every request.
+
+#![allow(dead_code)]
+
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The clusterd binary under test.
+pub fn clusterd_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_clusterd"))
+}
+
+/// The demo-server binary, built on first use (it is another package of the workspace,
+/// so cargo does not build it for this test target by itself).
+pub fn demo_server() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(|| {
+        let dir = clusterd_bin().parent().expect("target dir").to_path_buf();
+        let path = dir.join("demo-server");
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.args(["build", "-p", "demo-server"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"));
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("cargo build -p demo-server");
+        assert!(status.success(), "building demo-server failed");
+        assert!(path.exists(), "{} missing after build", path.display());
+        path
+    })
+    .clone()
+}
+
+/// A port that was free a moment ago (the tiny race is acceptable in tests: a clash
+/// makes the test fail loudly, never pass wrongly).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Polls `cond` every 20 ms until it holds or `timeout` passes.
+pub fn eventually<T>(timeout: Duration, what: &str, mut cond: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = cond() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A running daemon in its own temp dir.
+pub struct Daemon {
+    pub dir: tempfile::TempDir,
+    pub apps_dir: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_dir: PathBuf,
+    child: Option<Child>,
+    /// Every worker pid ever seen in status, so Drop can kill what is left.
+    seen_pids: Arc<Mutex<Vec<i32>>>,
+    extra_args: Vec<String>,
+}
+
+impl Daemon {
+    /// Starts a daemon with an empty apps dir.
+    pub fn start() -> Daemon {
+        Daemon::start_with(&[])
+    }
+
+    /// Starts a daemon with extra arguments (e.g. `--git-repo ...`).
+    pub fn start_with(extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().unwrap();
+        let apps_dir = dir.path().join("apps");
+        std::fs::create_dir_all(&apps_dir).unwrap();
+        let mut d = Daemon {
+            socket: dir.path().join("clusterd.sock"),
+            state_dir: dir.path().join("state"),
+            log_dir: dir.path().join("logs"),
+            apps_dir,
+            dir,
+            child: None,
+            seen_pids: Arc::default(),
+            extra_args: extra.iter().map(ToString::to_string).collect(),
+        };
+        d.spawn();
+        d
+    }
+
+    /// (Re)starts the daemon process on the same dirs.
+    pub fn spawn(&mut self) {
+        use std::os::unix::process::CommandExt;
+        let log = std::fs::File::create(self.dir.path().join(format!(
+            "daemon-{}.log",
+            Instant::now().elapsed().as_nanos()
+        )))
+        .unwrap();
+        let mut cmd = Command::new(clusterd_bin());
+        cmd.arg("daemon")
+            .arg("--apps-dir")
+            .arg(&self.apps_dir)
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--log-dir")
+            .arg(&self.log_dir)
+            .args(&self.extra_args)
+            .env("CLUSTERD_LOG", "info,clusterd=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log.try_clone().unwrap())
+            .process_group(0);
+        self.child = Some(cmd.spawn().expect("start clusterd daemon"));
+        let socket = self.socket.clone();
+        eventually(
+            Duration::from_secs(20),
+            "the daemon's control socket",
+            || {
+                std::os::unix::net::UnixStream::connect(&socket)
+                    .ok()
+                    .map(|_| ())
+            },
+        );
+    }
+
+    /// The daemon's pid.
+    pub fn pid(&self) -> i32 {
+        self.child
+            .as_ref()
+            .map(|c| c.id() as i32)
+            .expect("daemon running")
+    }
+
+    /// Everything the daemon wrote to stderr (for assertion messages).
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for e in std::fs::read_dir(self.dir.path()).unwrap().flatten() {
+            if e.file_name().to_string_lossy().starts_with("daemon-") {
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
+    /// Writes a manifest atomically (temp file + rename, like an editor or `apply`).
+    pub fn write_manifest(&self, file: &str, yaml: &str) {
+        let tmp = self.apps_dir.join(format!(".{file}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.apps_dir.join(file)).unwrap();
+    }
+
+    /// Deletes a manifest.
+    pub fn remove_manifest(&self, file: &str) {
+        std::fs::remove_file(self.apps_dir.join(file)).unwrap();
+    }
+
+    /// Runs `clusterd ARGS` against this daemon.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(clusterd_bin())
+            .args(args)
+            .env("CLUSTERD_SOCKET", &self.socket)
+            .output()
+            .expect("run clusterd")
+    }
+
+    /// `clusterd status -o json`, parsed; remembers worker pids for cleanup.
+    pub fn status(&self) -> Value {
+        let out = self.cli(&["status", "-o", "json"]);
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let mut seen = self.seen_pids.lock().unwrap();
+        for app in v["apps"].as_array().into_iter().flatten() {
+            for i in app["instances"].as_array().into_iter().flatten() {
+                if let Some(pid) = i["pid"].as_i64() {
+                    if !seen.contains(&(pid as i32)) {
+                        seen.push(pid as i32);
+                    }
+                }
+            }
+        }
+        v
+    }
+
+    /// One app's status object, if present.
+    pub fn app(&self, name: &str) -> Option<Value> {
+        self.status()["apps"]
+            .as_array()?
+            .iter()
+            .find(|a| a["name"] == name)
+            .cloned()
+    }
+
+    /// Waits until `name` is in `phase` and returns its status.
+    pub fn wait_phase(&self, name: &str, phase: &str, timeout: Duration) -> Value {
+        eventually(timeout, &format!("{name} to be {phase}"), || {
+            self.app(name).filter(|a| a["phase"] == phase)
+        })
+    }
+
+    /// Pids of the app's instances in state Ready, sorted by index.
+    pub fn ready_pids(&self, name: &str) -> Vec<i32> {
+        let Some(app) = self.app(name) else {
+            return Vec::new();
+        };
+        let mut v: Vec<(u64, i32)> = app["instances"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["state"] == "Ready")
+            .filter_map(|i| Some((i["index"].as_u64()?, i["pid"].as_i64()? as i32)))
+            .collect();
+        v.sort_unstable();
+        v.into_iter().map(|(_, p)| p).collect()
+    }
+
+    /// SIGTERM and wait for a clean exit; returns the exit status.
+    pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = killpg(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+                return child.wait().ok();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// SIGKILL the daemon only (its workers keep running).
+    pub fn kill_daemon(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                let _ = self.status();
+            }));
+            self.stop();
+        }
+        for pid in self.seen_pids.lock().unwrap().iter() {
+            let _ = killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+        }
+    }
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+/// A blocking HTTP GET with a fresh connection; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf)?;
+    let status = buf
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = buf
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// Counts of a load run.
+#[derive(Debug, Default, Clone)]
+pub struct LoadStats {
+    pub ok: u64,
+    pub non2xx: u64,
+    pub failed: u64,
+    /// First few failures, for the assertion message.
+    pub errors: Vec<String>,
+}
+
+/// A closed-loop HTTP/1.1 load: `concurrency` clients, each sending GET `path` in a loop,
+/// on keep-alive connections (`keepalive`) or a new connection per request.
+pub struct Load {
+    stop: Arc<AtomicBool>,
+    threads: Vec<std::thread::JoinHandle<LoadStats>>,
+    pub sent: Arc<AtomicU64>,
+}
+
+impl Load {
+    /// Starts the load.
+    pub fn start(addr: SocketAddr, path: &str, concurrency: usize, keepalive: bool) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let threads = (0..concurrency)
+            .map(|_| {
+                let stop = stop.clone();
+                let sent = sent.clone();
+                let path = path.to_string();
+                std::thread::spawn(move || client_loop(addr, &path, keepalive, &stop, &sent))
+            })
+            .collect();
+        Load {
+            stop,
+            threads,
+            sent,
+        }
+    }
+
+    /// Waits until at least `n` more requests were sent (proves the load is flowing).
+    pub fn wait_for(&self, n: u64) {
+        let start = self.sent.load(Ordering::Relaxed);
+        eventually(Duration::from_secs(30), "load to flow", || {
+            (self.sent.load(Ordering::Relaxed) >= start + n).then_some(())
+        });
+    }
+
+    /// Stops and sums up.
+    pub fn stop(self) -> LoadStats {
+        self.stop.store(true, Ordering::Relaxed);
+        let mut total = LoadStats::default();
+        for t in self.threads {
+            let s = t.join().unwrap();
+            total.ok += s.ok;
+            total.non2xx += s.non2xx;
+            total.failed += s.failed;
+            for e in s.errors {
+                if total.errors.len() < 10 {
+                    total.errors.push(e);
+                }
+            }
+        }
+        total
+    }
+}
+
+fn client_loop(
+    addr: SocketAddr,
+    path: &str,
+    keepalive: bool,
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+) -> LoadStats {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let mut stats = LoadStats::default();
+    let mut conn: Option<BufReader<std::net::TcpStream>> = None;
+    while !stop.load(Ordering::Relaxed) {
+        let result = (|| -> std::io::Result<u16> {
+            if conn.is_none() {
+                let s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
+                s.set_read_timeout(Some(Duration::from_secs(30)))?;
+                s.set_nodelay(true)?;
+                conn = Some(BufReader::new(s));
+            }
+            let c = conn.as_mut().unwrap();
+            let close = if keepalive {
+                ""
+            } else {
+                "Connection: close\r\n"
+            };
+            write!(
+                c.get_mut(),
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\n{close}\r\n"
+            )?;
+            let mut line = String::new();
+            if c.read_line(&mut line)? == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "closed before the status line",
+                ));
+            }
+            let status: u16 = line
+                .split_whitespace()
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            let mut length = None;
+            let mut server_close = false;
+            loop {
+                line.clear();
+                if c.read_line(&mut line)? == 0 {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "closed in the headers",
+                    ));
+                }
+                let l = line.trim_end();
+                if l.is_empty() {
+                    break;
+                }
+                let lower = l.to_ascii_lowercase();
+                if let Some(v) = lower.strip_prefix("content-length:") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+                if lower.starts_with("connection:") && lower.contains("close") {
+                    server_close = true;
+                }
+            }
+            match length {
+                Some(n) => {
+                    let mut body = vec![0; n];
+                    c.read_exact(&mut body)?;
+                }
+                None => {
+                    let mut rest = Vec::new();
+                    c.read_to_end(&mut rest)?;
+                    server_close = true;
+                }
+            }
+            if !keepalive || server_close {
+                conn = None;
+            }
+            Ok(status)
+        })();
+        sent.fetch_add(1, Ordering::Relaxed);
+        match result {
+            Ok(s) if (200..300).contains(&s) => stats.ok += 1,
+            Ok(s) => {
+                stats.non2xx += 1;
+                if stats.errors.len() < 10 {
+                    stats.errors.push(format!("status {s}"));
+                }
+            }
+            Err(e) => {
+                conn = None;
+                stats.failed += 1;
+                if stats.errors.len() < 10 {
+                    stats.errors.push(e.to_string());
+                }
+            }
+        }
+    }
+    stats
+}
+
+/// A manifest for demo-server in inherit mode on `port`.
+pub fn demo_manifest(name: &str, port: u16, instances: u32, extra_env: &str) -> String {
+    format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: [\"{}\"]\n  instances: {instances}\n  env:\n    DEMO: \"1\"\n{extra_env}  listen:\n    - port: {port}\n      address: 127.0.0.1\n      mode: inherit\n  readiness: {{type: notify, timeout: 10s}}\n  shutdown: {{signal: SIGTERM, timeout: 10s}}\n  restart: {{backoff: {{initial: 100ms, max: 2s}}}}\n",
+        demo_server().display()
+    )
+}
+
+/// The app's public address.
+pub fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+/// Reads a file as a string, or "" if missing.
+pub fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_default()
+}
