@@ -14,10 +14,14 @@
 use std::collections::BTreeMap;
 use std::io::ErrorKind;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// Set when the run should end: at the deadline, or on SIGINT/SIGTERM.
+static STOP: AtomicBool = AtomicBool::new(false);
 
 struct Args {
     addr: SocketAddr,
@@ -32,7 +36,7 @@ struct Args {
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen [--mode keepalive|close] [-c CONNS] [-d SECS] [--threads N] [--timeout SECS] http://HOST:PORT/PATH"
+        "usage: loadgen [--mode keepalive|close] [-c CONNS] [-d SECS (0: until SIGINT/SIGTERM)] [--threads N] [--timeout SECS] http://HOST:PORT/PATH"
     );
     std::process::exit(2)
 }
@@ -206,7 +210,7 @@ async fn read_response(
     }
 }
 
-async fn client(args: std::sync::Arc<Args>, start: Instant, deadline: Instant) -> Stats {
+async fn client(args: std::sync::Arc<Args>, start: Instant) -> Stats {
     let mut st = Stats::default();
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: clusterd-loadgen\r\n{}\r\n",
@@ -217,7 +221,7 @@ async fn client(args: std::sync::Arc<Args>, start: Instant, deadline: Instant) -
     .into_bytes();
     let mut conn: Option<TcpStream> = None;
     let mut buf = Vec::with_capacity(16 * 1024);
-    while Instant::now() < deadline {
+    while !STOP.load(Ordering::Relaxed) {
         let t0 = Instant::now();
         let tsec = (t0 - start).as_secs_f64();
         let reused = conn.is_some();
@@ -296,9 +300,26 @@ fn main() {
     .expect("tokio runtime");
     let (all, elapsed) = rt.block_on(async {
         let start = Instant::now();
-        let deadline = start + args.duration;
-        let tasks: Vec<_> =
-            (0..args.connections).map(|_| tokio::spawn(client(args.clone(), start, deadline))).collect();
+        let dur = args.duration;
+        tokio::spawn(async move {
+            use tokio::signal::unix::{signal, SignalKind};
+            let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+            let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+            let timer = async {
+                if dur.is_zero() {
+                    std::future::pending::<()>().await
+                } else {
+                    tokio::time::sleep(dur).await
+                }
+            };
+            tokio::select! {
+                _ = timer => {}
+                _ = term.recv() => {}
+                _ = int.recv() => {}
+            }
+            STOP.store(true, Ordering::Relaxed);
+        });
+        let tasks: Vec<_> = (0..args.connections).map(|_| tokio::spawn(client(args.clone(), start))).collect();
         let mut all = Vec::new();
         for t in tasks {
             all.push(t.await.expect("client task"));
