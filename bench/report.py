@@ -80,12 +80,12 @@ def throughput_table(res, agg, mode):
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {s: i for i, s in enumerate(NAMES)}
+    skipped = {}
     for key in sorted(agg, key=lambda k: (k[1] != "node", k[2], order.get(k[0], 99))):
         system, app, n = key
         g = agg[key]
         if g["not_run"]:
-            lines.append(f"| {NAMES.get(system, system)} | {APPS.get(app, app)} | {n} | not run: {g['not_run']} |"
-                         " | | | | | |")
+            skipped.setdefault(g["not_run"], []).append(f"{NAMES.get(system, system)} ({APPS.get(app, app)}, N={n})")
             continue
         d = g[mode]
         if not d:
@@ -104,7 +104,11 @@ def throughput_table(res, agg, mode):
             f"| {NAMES.get(system, system)} | {APPS.get(app, app)} | {n} | {cell(d['rps'])} | {cell(d['p50'], f2)} |"
             f" {cell(d['p99'], f2)} | {sup_cell} | {errs} | {f2(r_lim) + 'x' if r_lim else '—'} |"
             f" {f2(r_pm2) + 'x' if r_pm2 else '—'} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + not_run_note(skipped)
+
+
+def not_run_note(skipped):
+    return "".join(f"\n\n**Not run:** {', '.join(v)} — {why}" for why, v in skipped.items())
 
 
 def reload_table(res):
@@ -118,13 +122,14 @@ def reload_table(res):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {s: i for i, s in enumerate(NAMES)}
+    skipped = {}
     for key in sorted(groups, key=lambda k: (k[1] != "node", k[2], order.get(k[0], 99))):
         rows = groups[key]
         system, app, path = key
         name = f"{NAMES.get(system, system)} | {APPS.get(app, app)} | `{path}`"
         nr = [r for r in rows if "not_run" in r]
         if nr:
-            lines.append(f"| {name} | not run: {nr[0]['not_run']} | | | | | |")
+            skipped.setdefault(nr[0]["not_run"], []).append(f"{NAMES.get(system, system)} ({APPS.get(app, app)}, `{path}`)")
             continue
         good = [r for r in rows if "error" not in r]
         if not good:
@@ -139,7 +144,7 @@ def reload_table(res):
         lines.append(
             f"| {name} | {len(good)} x {good[0]['reloads']} | {cell([r['failed_per_reload'] for r in good], f2)} |"
             f" {kinds_s} | {sum(r['non2xx'] for r in good)} | {f2(med(walls))} | {cell([r['rps'] for r in good])} |")
-    return "\n".join(lines)
+    return "\n".join(lines) + not_run_note(skipped)
 
 
 def control_section(res):
