@@ -54,10 +54,18 @@ fn parse_args() -> Args {
         match a.as_str() {
             "-c" | "--connections" => connections = val().parse().unwrap_or_else(|_| usage()),
             "-d" | "--duration" => {
-                duration = val().trim_end_matches('s').parse().unwrap_or_else(|_| usage())
+                duration = val()
+                    .trim_end_matches('s')
+                    .parse()
+                    .unwrap_or_else(|_| usage())
             }
             "--threads" | "-t" => threads = val().parse().unwrap_or_else(|_| usage()),
-            "--timeout" => timeout = val().trim_end_matches('s').parse().unwrap_or_else(|_| usage()),
+            "--timeout" => {
+                timeout = val()
+                    .trim_end_matches('s')
+                    .parse()
+                    .unwrap_or_else(|_| usage())
+            }
             "--mode" => {
                 keepalive = match val().as_str() {
                     "keepalive" | "keep-alive" => true,
@@ -76,7 +84,11 @@ fn parse_args() -> Args {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
-    let hostport = if hostport.contains(':') { hostport.to_string() } else { format!("{hostport}:80") };
+    let hostport = if hostport.contains(':') {
+        hostport.to_string()
+    } else {
+        format!("{hostport}:80")
+    };
     let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
         .ok()
         .and_then(|mut a| a.next())
@@ -141,7 +153,11 @@ async fn read_response(
     let (status, body_len, chunked, close, hdr_end) = loop {
         let n = s.read(&mut tmp).await.map_err(|e| ("read", Some(e)))?;
         if n == 0 {
-            return Err(if buf.is_empty() { ("eof_before_response", None) } else { ("eof_in_response", None) });
+            return Err(if buf.is_empty() {
+                ("eof_before_response", None)
+            } else {
+                ("eof_in_response", None)
+            });
         }
         buf.extend_from_slice(&tmp[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 32];
@@ -154,9 +170,14 @@ async fn read_response(
                 let mut close = resp.version == Some(0);
                 for h in resp.headers.iter() {
                     if h.name.eq_ignore_ascii_case("content-length") {
-                        len = std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok());
+                        len = std::str::from_utf8(h.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse::<usize>().ok());
                     } else if h.name.eq_ignore_ascii_case("transfer-encoding") {
-                        chunked = h.value.windows(7).any(|w| w.eq_ignore_ascii_case(b"chunked"));
+                        chunked = h
+                            .value
+                            .windows(7)
+                            .any(|w| w.eq_ignore_ascii_case(b"chunked"));
                     } else if h.name.eq_ignore_ascii_case("connection") {
                         let v = String::from_utf8_lossy(h.value).to_ascii_lowercase();
                         if v.contains("close") {
@@ -216,7 +237,11 @@ async fn client(args: std::sync::Arc<Args>, start: Instant) -> Stats {
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: clusterd-loadgen\r\n{}\r\n",
         args.path,
         args.host,
-        if args.keepalive { "" } else { "Connection: close\r\n" }
+        if args.keepalive {
+            ""
+        } else {
+            "Connection: close\r\n"
+        }
     )
     .into_bytes();
     let mut conn: Option<TcpStream> = None;
@@ -229,14 +254,23 @@ async fn client(args: std::sync::Arc<Args>, start: Instant) -> Stats {
             let mut s = match conn.take() {
                 Some(s) => s,
                 None => {
-                    let s = TcpStream::connect(args.addr).await.map_err(|e| io_kind(&e, "connect"))?;
+                    let s = TcpStream::connect(args.addr)
+                        .await
+                        .map_err(|e| io_kind(&e, "connect"))?;
                     let _ = s.set_nodelay(true);
                     s
                 }
             };
             s.write_all(&req).await.map_err(|e| io_kind(&e, "write"))?;
             match read_response(&mut s, &mut buf).await {
-                Ok(Outcome::Response(code, keep)) => Ok((code, if keep && args.keepalive { Some(s) } else { None })),
+                Ok(Outcome::Response(code, keep)) => Ok((
+                    code,
+                    if keep && args.keepalive {
+                        Some(s)
+                    } else {
+                        None
+                    },
+                )),
                 Err((kind, e)) => Err(match e {
                     Some(e) => io_kind(&e, "read"),
                     None => kind,
@@ -293,9 +327,14 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 fn main() {
     let args = std::sync::Arc::new(parse_args());
     let rt = if args.threads == 1 {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
     } else {
-        tokio::runtime::Builder::new_multi_thread().worker_threads(args.threads).enable_all().build()
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(args.threads)
+            .enable_all()
+            .build()
     }
     .expect("tokio runtime");
     let (all, elapsed) = rt.block_on(async {
@@ -319,7 +358,9 @@ fn main() {
             }
             STOP.store(true, Ordering::Relaxed);
         });
-        let tasks: Vec<_> = (0..args.connections).map(|_| tokio::spawn(client(args.clone(), start))).collect();
+        let tasks: Vec<_> = (0..args.connections)
+            .map(|_| tokio::spawn(client(args.clone(), start)))
+            .collect();
         let mut all = Vec::new();
         for t in tasks {
             all.push(t.await.expect("client task"));

@@ -6,6 +6,7 @@ mod api;
 mod events;
 mod process;
 mod reconcile;
+mod state;
 mod status;
 mod watch;
 

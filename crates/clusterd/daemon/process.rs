@@ -42,6 +42,11 @@ pub struct ListenKey {
 }
 
 impl ListenKey {
+    /// Address and port, for the saved state.
+    pub fn address_port(&self) -> (String, u32) {
+        (self.address.clone(), self.port)
+    }
+
     fn of(l: &Listener) -> Self {
         ListenKey {
             address: l.address.clone(),
@@ -75,7 +80,7 @@ impl ListenerSet {
         &mut self,
         app: &AppName,
         listens: &[Listener],
-        _rt: &Runtime,
+        adopted: &[i32],
     ) -> anyhow::Result<()> {
         let mut added = Vec::new();
         for l in listens {
@@ -86,12 +91,25 @@ impl ListenerSet {
                 continue;
             }
             let addr = socket_addr(&l.address, l.port)?;
-            let bound = BoundListener::bind(
-                addr,
-                l.protocol,
-                clusterd_runtime::listener::DEFAULT_BACKLOG,
-            )
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({}): {e}", l.address))?;
+            // Workers adopted from a previous daemon still hold an inherit-mode socket:
+            // take that very socket back rather than binding (which would fail anyway).
+            let recovered = if l.mode == ListenMode::Inherit && !adopted.is_empty() {
+                BoundListener::recover_from(adopted, addr, l.protocol).unwrap_or_else(|e| {
+                    tracing::warn!(app = %app, error = %e, "cannot recover the listener from adopted workers");
+                    None
+                })
+            } else {
+                None
+            };
+            let bound = match recovered {
+                Some(b) => b,
+                None => BoundListener::bind(
+                    addr,
+                    l.protocol,
+                    clusterd_runtime::listener::DEFAULT_BACKLOG,
+                )
+                .map_err(|e| anyhow::anyhow!("cannot listen on {addr} ({}): {e}", l.address))?,
+            };
             let (routes, proxy) = match l.mode {
                 ListenMode::Inherit => (None, CancellationToken::new()),
                 mode => {
@@ -287,6 +305,11 @@ pub struct WorkerProc {
 }
 
 impl WorkerProc {
+    /// Start time (clock ticks since boot), recorded so a restarted daemon can verify it.
+    pub fn start_time(&self) -> u64 {
+        self.handle.start_time()
+    }
+
     /// Starts liveness probing once the worker takes traffic.
     pub fn on_ready(&mut self, rt: &Runtime, app: &AppName, id: WorkerId, spec: Option<&AppSpec>) {
         let Some(liveness) = spec.and_then(|s| s.liveness.clone()) else {
@@ -601,6 +624,52 @@ impl Runtime {
             };
             let _ = tx.send(Msg::Exited { app, id, reason });
         });
+    }
+
+    /// Takes over a worker of a previous daemon (already verified by
+    /// [`clusterd_runtime::spawn::adopt`]): its ports, readiness reports and exit.
+    pub fn adopt(
+        &self,
+        app: &AppName,
+        id: WorkerId,
+        saved: &super::state::SavedWorker,
+        process: WorkerProcess,
+        listens: &[Listener],
+    ) -> WorkerProc {
+        let mut ports = Vec::new();
+        {
+            let mut alloc = self
+                .ports
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (address, port, private) in &saved.ports {
+                if let Some(l) = listens
+                    .iter()
+                    .find(|l| &l.address == address && l.port == *port)
+                {
+                    alloc.in_use.insert(*private);
+                    ports.push((ListenKey::of(l), *private));
+                }
+            }
+        }
+        self.notify_registry.insert(process.pid());
+        self.watch_exit(app, id, process.clone());
+        WorkerProc {
+            pid: u32::try_from(process.pid()).unwrap_or_default(),
+            index: saved.index,
+            template: Template {
+                revision: clusterd_core::plan::Revision(saved.revision.clone()),
+                generation: saved.generation,
+            },
+            spawned: SystemTime::now(),
+            ports,
+            cpu_percent: None,
+            rss: None,
+            cgroup_note: None,
+            probes: CancellationToken::new(),
+            last_usage: None,
+            handle: process,
+        }
     }
 
     /// Returns the worker's private ports to the pool and stops its probes.

@@ -24,7 +24,7 @@ use tokio::sync::{mpsc, oneshot};
 use super::api::{ApiReply, ApiRequest};
 use super::events::EventLog;
 use super::process::{self, ListenerSet, WorkerProc};
-use super::{status, Config, Msg};
+use super::{state, status, Config, Msg};
 use crate::cli::is_manifest_name;
 
 /// Per-app state that is not the planner's business: manifests, sockets, processes.
@@ -65,6 +65,12 @@ pub struct Controller {
     shutting_down: Option<Instant>,
     /// A manifest failed to parse while it was still being written: look again soon.
     settle_until: Option<Instant>,
+    /// Workers of a previous daemon, verified and waiting for their app's manifest.
+    adoptions: BTreeMap<AppName, Vec<(state::SavedWorker, clusterd_runtime::spawn::WorkerProcess)>>,
+    /// Generations saved by the previous daemon.
+    saved_generations: BTreeMap<AppName, u64>,
+    /// What was last written to the state file (to write only on change).
+    last_saved: Option<state::Saved>,
 }
 
 const MAX_ROUNDS: usize = 16;
@@ -80,6 +86,27 @@ impl Controller {
         events: EventLog,
     ) -> anyhow::Result<Self> {
         let runtime = process::Runtime::new(&config, tx.clone())?;
+        let saved = state::load(&config.state_dir);
+        let mut adoptions: BTreeMap<AppName, Vec<_>> = BTreeMap::new();
+        for w in saved.workers.into_iter().filter(|w| w.ready) {
+            let app = AppName(w.app.clone());
+            match clusterd_runtime::spawn::adopt(&app, w.index, w.pid, w.start_time) {
+                Ok(process) => adoptions.entry(app).or_default().push((w, process)),
+                Err(e) => {
+                    events.push(
+                        Some(&w.app),
+                        Some(w.index),
+                        "adopt-skipped",
+                        format!("pid {}: {e}", w.pid),
+                    );
+                }
+            }
+        }
+        let saved_generations = saved
+            .apps
+            .into_iter()
+            .map(|a| (AppName(a.name), a.generation))
+            .collect();
         Ok(Controller {
             config,
             tx,
@@ -90,12 +117,16 @@ impl Controller {
             runtime,
             shutting_down: None,
             settle_until: None,
+            adoptions,
+            saved_generations,
+            last_saved: None,
         })
     }
 
     /// Runs until shutdown has drained every worker.
     pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) {
         self.rescan();
+        self.adopt_pending();
         let mut stats = tokio::time::interval(Duration::from_secs(2));
         stats.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut rescan = tokio::time::interval(self.config.rescan_every);
@@ -105,6 +136,7 @@ impl Controller {
             if self.shutting_down.is_some() && self.apps.values().all(|a| a.workers.is_empty()) {
                 self.events
                     .push(None, None, "stopped", "every worker has stopped".into());
+                state::clear(&self.config.state_dir);
                 return;
             }
             let sleep_until = wake_at
@@ -304,6 +336,11 @@ impl Controller {
     }
 
     fn accept_manifest(&mut self, name: AppName, loaded: Arc<LoadedApp>) {
+        let adopted_pids: Vec<i32> = self
+            .adoptions
+            .get(&name)
+            .map(|v| v.iter().map(|(w, _)| w.pid).collect())
+            .unwrap_or_default();
         let app = self
             .apps
             .entry(name.clone())
@@ -322,7 +359,7 @@ impl Controller {
         // cannot be bound must not take down the running revision.
         if let Err(e) = app
             .listeners
-            .ensure(&name, &loaded.spec.listen, &self.runtime)
+            .ensure(&name, &loaded.spec.listen, &adopted_pids)
         {
             let msg = e.to_string();
             if app.runtime_error.as_deref() != Some(&msg) {
@@ -350,6 +387,93 @@ impl Controller {
         self.events.push(Some(&name.0), None, "manifest", what);
         app.specs.insert(loaded.revision.clone(), loaded.clone());
         app.current = Some(loaded);
+    }
+
+    /// Takes over the previous daemon's workers: Ready at once (they were serving), routed
+    /// again in proxy modes, and replaced by the planner like any other worker if their
+    /// revision is no longer the desired one.
+    fn adopt_pending(&mut self) {
+        let now = Instant::now();
+        for (name, workers) in std::mem::take(&mut self.adoptions) {
+            let generation = self.saved_generations.get(&name).copied().unwrap_or(0);
+            let app = self.apps.entry(name.clone()).or_insert_with(|| {
+                let mut a = AppState::new(name.clone(), PathBuf::new());
+                // The manifest is gone: drain what we adopt.
+                a.removed = true;
+                a
+            });
+            app.generation = app.generation.max(generation);
+            let listens = app
+                .current
+                .as_ref()
+                .map(|c| c.spec.listen.clone())
+                .unwrap_or_default();
+            for (saved, process) in workers {
+                let id = WorkerId(self.next_worker_id);
+                self.next_worker_id += 1;
+                let worker = self.runtime.adopt(&name, id, &saved, process, &listens);
+                app.listeners.route(id, &worker.ports);
+                self.events.push(
+                    Some(&name.0),
+                    Some(saved.index),
+                    "adopted",
+                    format!(
+                        "pid {} (revision {}) from the previous daemon",
+                        saved.pid, saved.revision
+                    ),
+                );
+                self.observed
+                    .apps
+                    .entry(name.clone())
+                    .or_default()
+                    .record_adopted(id, saved.index, worker.template.clone(), now);
+                app.workers.insert(id, worker);
+            }
+        }
+    }
+
+    /// Writes the live workers down for a future daemon (see `state`).
+    fn persist(&mut self) {
+        if self.shutting_down.is_some() {
+            return;
+        }
+        let mut saved = state::Saved::default();
+        for app in self.apps.values() {
+            saved.apps.push(state::SavedApp {
+                name: app.name.0.clone(),
+                generation: app.generation,
+            });
+            let observed = self.observed.apps.get(&app.name);
+            for (id, w) in &app.workers {
+                let ready = observed
+                    .and_then(|o| o.workers.get(id))
+                    .is_some_and(|o| o.state == clusterd_core::plan::WorkerState::Ready);
+                saved.workers.push(state::SavedWorker {
+                    app: app.name.0.clone(),
+                    index: w.index,
+                    pid: i32::try_from(w.pid).unwrap_or_default(),
+                    start_time: w.start_time(),
+                    revision: w.template.revision.0.clone(),
+                    generation: w.template.generation,
+                    ready,
+                    ports: w
+                        .ports
+                        .iter()
+                        .map(|(k, p)| {
+                            let (a, port) = k.address_port();
+                            (a, port, *p)
+                        })
+                        .collect(),
+                });
+            }
+        }
+        saved
+            .workers
+            .sort_by_key(|w| (w.app.clone(), w.index, w.pid));
+        if self.last_saved.as_ref() != Some(&saved) {
+            state::store(&self.config.state_dir, &saved);
+            self.last_saved = Some(saved);
+        }
     }
 
     fn desired(&self) -> Desired {
@@ -386,6 +510,7 @@ impl Controller {
             }
         }
         self.collect_garbage();
+        self.persist();
         if let Some(started) = self.shutting_down {
             // A worker that ignores even SIGKILL's reaping must not keep the daemon forever.
             let hard = started + Duration::from_secs(3600);

@@ -12,7 +12,7 @@
 //!   turn it non-blocking and accept on it: [`BoundListener::proxy_listener`].
 
 use std::net::{SocketAddr, TcpListener};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 use socket2::{Domain, Protocol as SockProtocol, SockAddr, Socket, Type};
 
@@ -126,6 +126,75 @@ impl BoundListener {
         Ok(listener)
     }
 
+    /// Takes back the listening socket for `addr` from a worker adopted after a daemon
+    /// restart, so the new daemon holds the very same socket (and its accept queue) as
+    /// the workers: rebinding is impossible while they listen on it, and a new socket
+    /// would split the queue.
+    ///
+    /// The socket is found by inode (`/proc/net/{tcp,tcp6,udp,udp6}` lists the listener's
+    /// inode; `/proc/<pid>/fd` shows which fd of the worker is that socket, whatever its
+    /// number after the app's own dups) and copied with `pidfd_getfd(2)` (Linux 5.6;
+    /// needs ptrace rights over the worker: the same user, or root).
+    ///
+    /// Returns `Ok(None)` when none of `pids` holds such a socket.
+    ///
+    /// # Errors
+    /// When a socket is found but cannot be copied.
+    pub fn recover_from(
+        pids: &[i32],
+        addr: SocketAddr,
+        protocol: Protocol,
+    ) -> Result<Option<Self>> {
+        let inodes = listening_inodes(addr, protocol);
+        if inodes.is_empty() {
+            return Ok(None);
+        }
+        for &pid in pids {
+            let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+                continue;
+            };
+            for entry in dir.flatten() {
+                let Ok(target) = std::fs::read_link(entry.path()) else {
+                    continue;
+                };
+                let target = target.to_string_lossy();
+                let Some(inode) = target
+                    .strip_prefix("socket:[")
+                    .and_then(|t| t.strip_suffix(']'))
+                else {
+                    continue;
+                };
+                if !inodes.iter().any(|i| i == inode) {
+                    continue;
+                }
+                let Some(fd_num) = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|n| n.parse::<RawFd>().ok())
+                else {
+                    continue;
+                };
+                let fd = pidfd_getfd(pid, fd_num)
+                    .ctx(|| format!("pidfd_getfd({pid}, {fd_num}) for {addr}"))?;
+                let socket = socket2::Socket::from(fd);
+                // Keep our copy blocking (shared flag; see the module docs) and private.
+                let _ = socket.set_nonblocking(false);
+                let local_addr = socket
+                    .local_addr()
+                    .ok()
+                    .and_then(|a| a.as_socket())
+                    .unwrap_or(addr);
+                tracing::info!(%local_addr, pid, fd = fd_num, "listener recovered from an adopted worker");
+                return Ok(Some(BoundListener {
+                    fd: socket.into(),
+                    local_addr,
+                    protocol,
+                }));
+            }
+        }
+        Ok(None)
+    }
+
     /// Whether the socket is currently in non-blocking mode (for checks and tests).
     pub fn is_nonblocking(&self) -> Result<bool> {
         fd_is_nonblocking(self.fd.as_fd())
@@ -192,4 +261,47 @@ mod tests {
         let p = l.proxy_listener().unwrap();
         assert!(p.accept().is_err()); // WouldBlock, not a hang
     }
+}
+
+/// Inodes of sockets bound to `addr` (listening, for TCP) per `/proc/net/*`.
+fn listening_inodes(addr: SocketAddr, protocol: Protocol) -> Vec<String> {
+    let files: &[&str] = match protocol {
+        Protocol::Tcp => &["/proc/net/tcp", "/proc/net/tcp6"],
+        Protocol::Udp => &["/proc/net/udp", "/proc/net/udp6"],
+    };
+    let port = format!("{:04X}", addr.port());
+    let mut out = Vec::new();
+    for file in files {
+        let Ok(text) = std::fs::read_to_string(file) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            if cols.len() < 10 {
+                continue;
+            }
+            let local_port = cols[1].rsplit(':').next().unwrap_or("");
+            // 0A = LISTEN for TCP; UDP sockets are 07 (unconnected).
+            let state_ok = match protocol {
+                Protocol::Tcp => cols[3] == "0A",
+                Protocol::Udp => true,
+            };
+            if local_port == port && state_ok {
+                out.push(cols[9].to_string());
+            }
+        }
+    }
+    out
+}
+
+fn pidfd_getfd(pid: i32, target: RawFd) -> std::io::Result<OwnedFd> {
+    let pidfd = crate::spawn::pidfd_open(pid).ok_or_else(std::io::Error::last_os_error)?;
+    // SAFETY: pidfd_getfd takes plain integers (an fd we own, an fd number in the target,
+    // flags 0) and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just created this descriptor (close-on-exec) for us alone.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }

@@ -1,0 +1,83 @@
+//! What the daemon writes down so that a restarted daemon adopts the workers of the
+//! previous one instead of starting new ones (apps keep serving across a daemon crash
+//! or upgrade). Only facts a new daemon can verify are kept: pids with their start
+//! times (checked against /proc so a reused pid is never adopted), the template each
+//! worker runs, its index and private ports.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// The file, in the state dir.
+pub fn path(state_dir: &Path) -> PathBuf {
+    state_dir.join("workers.json")
+}
+
+/// Everything saved.
+#[derive(Debug, Default, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Saved {
+    /// Per app: its reload generation (so adopted workers count as current).
+    pub apps: Vec<SavedApp>,
+    /// Live workers.
+    pub workers: Vec<SavedWorker>,
+}
+
+/// One app.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedApp {
+    /// Name.
+    pub name: String,
+    /// Reload generation.
+    pub generation: u64,
+}
+
+/// One worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedWorker {
+    /// App.
+    pub app: String,
+    /// Instance index.
+    pub index: u32,
+    /// Process (and group) id.
+    pub pid: i32,
+    /// Start time in clock ticks since boot (/proc/<pid>/stat field 22).
+    pub start_time: u64,
+    /// Revision it runs.
+    pub revision: String,
+    /// Generation it was started for.
+    pub generation: u64,
+    /// It was Ready (only Ready workers are adopted; others are left to exit).
+    pub ready: bool,
+    /// Private ports, `(listener address, listener port, private port)`.
+    pub ports: Vec<(String, u32, u16)>,
+}
+
+/// Reads the file; a missing or unreadable file means nothing to adopt.
+pub fn load(state_dir: &Path) -> Saved {
+    let p = path(state_dir);
+    match std::fs::read(&p) {
+        Ok(bytes) => serde_json::from_slice(&bytes).unwrap_or_else(|e| {
+            tracing::warn!(file = %p.display(), error = %e, "ignoring unreadable worker state");
+            Saved::default()
+        }),
+        Err(_) => Saved::default(),
+    }
+}
+
+/// Writes the file atomically.
+pub fn store(state_dir: &Path, saved: &Saved) {
+    let p = path(state_dir);
+    let tmp = state_dir.join(".workers.json.tmp");
+    let result = serde_json::to_vec_pretty(saved)
+        .map_err(std::io::Error::other)
+        .and_then(|bytes| std::fs::write(&tmp, bytes))
+        .and_then(|()| std::fs::rename(&tmp, &p));
+    if let Err(e) = result {
+        tracing::warn!(file = %p.display(), error = %e, "cannot save worker state");
+    }
+}
+
+/// Removes the file (clean shutdown: nothing left to adopt).
+pub fn clear(state_dir: &Path) {
+    let _ = std::fs::remove_file(path(state_dir));
+}
