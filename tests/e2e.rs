@@ -11,3 +11,6 @@ mod smoke;
 
 #[path = "e2e/daemon.rs"]
 mod daemon;
+
+#[path = "e2e/cli.rs"]
+mod cli;
