@@ -60,7 +60,13 @@ fn validate_accepts_the_example_manifests() {
     let mut args = vec!["validate"];
     args.extend(files.iter().map(String::as_str));
     let out = clusterd(&args);
-    assert_eq!(out.status.code(), Some(0), "{}{}", stdout(&out), stderr(&out));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&out),
+        stderr(&out)
+    );
     assert_eq!(stdout(&out), "", "errors printed for valid manifests");
 }
 
@@ -88,7 +94,10 @@ fn validate_prints_the_snapshot_lines_and_exits_1() {
     for line in &all_expected {
         assert!(text.lines().any(|l| l == line), "missing: {line}\n{text}");
     }
-    for line in text.lines().filter(|l| !all_expected.iter().any(|e| e == l)) {
+    for line in text
+        .lines()
+        .filter(|l| !all_expected.iter().any(|e| e == l))
+    {
         assert!(line.contains("is also defined at"), "unexpected: {line}");
     }
 }
@@ -104,7 +113,11 @@ fn usage_errors_exit_2() {
     ] {
         let out = clusterd(args);
         assert_eq!(out.status.code(), Some(2), "{args:?}: {}", stderr(&out));
-        assert!(stderr(&out).starts_with("error:"), "{args:?}: {}", stderr(&out));
+        assert!(
+            stderr(&out).starts_with("error:"),
+            "{args:?}: {}",
+            stderr(&out)
+        );
         assert_no_panic(&out);
     }
     assert_eq!(clusterd(&["--help"]).status.code(), Some(0));
@@ -158,8 +171,16 @@ fn status_in_every_format_and_per_app_instances() {
     let json: Value = serde_json::from_slice(&d.cli(&["status", "-o", "json"]).stdout).unwrap();
     let web = &json["apps"][0];
     for key in [
-        "name", "phase", "revision", "desired", "ready", "restarts", "error", "listen",
-        "source", "instances",
+        "name",
+        "phase",
+        "revision",
+        "desired",
+        "ready",
+        "restarts",
+        "error",
+        "listen",
+        "source",
+        "instances",
     ] {
         assert!(web.get(key).is_some(), "status JSON lacks {key}: {web:#}");
     }
@@ -175,7 +196,13 @@ fn status_in_every_format_and_per_app_instances() {
 
     // YAML: the same fields.
     let yaml = stdout(&d.cli(&["status", "-o", "yaml"]));
-    for needle in ["apps:", "name: web", "phase: Available", "desired: 2", "instances:"] {
+    for needle in [
+        "apps:",
+        "name: web",
+        "phase: Available",
+        "desired: 2",
+        "instances:",
+    ] {
         assert!(yaml.contains(needle), "{needle} not in\n{yaml}");
     }
 
@@ -221,7 +248,11 @@ fn status_in_every_format_and_per_app_instances() {
     }
     let missing = d.cli(&["status", "nope"]);
     assert!(!missing.status.success());
-    assert!(stderr(&missing).contains("no app named nope"), "{}", stderr(&missing));
+    assert!(
+        stderr(&missing).contains("no app named nope"),
+        "{}",
+        stderr(&missing)
+    );
 }
 
 #[test]
@@ -249,8 +280,13 @@ fn events_show_spawn_ready_and_drain_with_times() {
         assert!(cells[1].starts_with("web"), "{line}");
         kinds.push(cells[2].to_string());
     }
-    for kind in ["manifest", "spawn", "ready", "reload", "drain", "signal", "stopped"] {
-        assert!(kinds.iter().any(|k| k == kind), "no {kind} event in\n{text}");
+    for kind in [
+        "manifest", "spawn", "ready", "reload", "drain", "signal", "stopped",
+    ] {
+        assert!(
+            kinds.iter().any(|k| k == kind),
+            "no {kind} event in\n{text}"
+        );
     }
     let spawn = kinds.iter().position(|k| k == "spawn").unwrap();
     let ready = kinds.iter().position(|k| k == "ready").unwrap();
@@ -282,10 +318,17 @@ fn logs_tail_and_instance() {
          chatty[1] line 28 of 1\nchatty[1] line 29 of 1\nchatty[1] line 30 of 1\n"
     );
     let out = d.cli(&["logs", "chatty", "--instance", "1", "--tail", "2"]);
-    assert_eq!(stdout(&out), "chatty[1] line 29 of 1\nchatty[1] line 30 of 1\n");
+    assert_eq!(
+        stdout(&out),
+        "chatty[1] line 29 of 1\nchatty[1] line 30 of 1\n"
+    );
     let out = d.cli(&["logs", "chatty", "--instance", "7"]);
     assert!(!out.status.success());
-    assert!(stderr(&out).contains("no logs for chatty instance 7"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no logs for chatty instance 7"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 /// A valid manifest, padded with comments to `size` bytes so a non-atomic write would
@@ -308,7 +351,10 @@ fn apply_writes_atomically_and_refuses_bad_input() {
     std::fs::create_dir_all(&apps).unwrap();
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src).unwrap();
-    let versions = [padded_manifest(2, 600_000, 'a'), padded_manifest(3, 700_000, 'b')];
+    let versions = [
+        padded_manifest(2, 600_000, 'a'),
+        padded_manifest(3, 700_000, 'b'),
+    ];
     let dest = apps.join("web.yaml");
 
     // A reader that must only ever see a whole version (or no file yet).
@@ -364,9 +410,19 @@ fn apply_writes_atomically_and_refuses_bad_input() {
         "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: api\nspec:\n  command: [x]\n  instnaces: 2\n",
     )
     .unwrap();
-    let out = clusterd(&["apply", "-f", bad.to_str().unwrap(), "--apps-dir", apps.to_str().unwrap()]);
+    let out = clusterd(&[
+        "apply",
+        "-f",
+        bad.to_str().unwrap(),
+        "--apps-dir",
+        apps.to_str().unwrap(),
+    ]);
     assert_eq!(out.status.code(), Some(1));
-    assert!(stderr(&out).contains("api.yaml:7:3: unknown field `instnaces`"), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("api.yaml:7:3: unknown field `instnaces`"),
+        "{}",
+        stderr(&out)
+    );
     assert!(stderr(&out).contains("nothing applied"));
     assert_eq!(listing(&apps), ["web.yaml"]);
 
@@ -410,12 +466,22 @@ fn diff_exit_codes_and_what_it_names() {
     };
 
     let same = run(&diff_manifest(2, "hunter2-old"));
-    assert_eq!(same.status.code(), Some(0), "{}{}", stdout(&same), stderr(&same));
+    assert_eq!(
+        same.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&same),
+        stderr(&same)
+    );
     assert!(stdout(&same).contains("no changes"), "{}", stdout(&same));
 
     let scaled = run(&diff_manifest(4, "hunter2-old"));
     assert_eq!(scaled.status.code(), Some(1));
-    assert!(stdout(&scaled).contains("~ web: scaled 2 -> 4"), "{}", stdout(&scaled));
+    assert!(
+        stdout(&scaled).contains("~ web: scaled 2 -> 4"),
+        "{}",
+        stdout(&scaled)
+    );
 
     let rolled = run(&diff_manifest(2, "hunter2-new"));
     assert_eq!(rolled.status.code(), Some(1));
@@ -429,7 +495,11 @@ fn diff_exit_codes_and_what_it_names() {
 
     let invalid = run("apiVersion: clusterd/v1\nkind: App\nmetadata: {name: web}\nspec: {command: [x], instances: lots}\n");
     assert_eq!(invalid.status.code(), Some(2), "{}", stdout(&invalid));
-    assert!(stderr(&invalid).contains("web.yaml:4:"), "{}", stderr(&invalid));
+    assert!(
+        stderr(&invalid).contains("web.yaml:4:"),
+        "{}",
+        stderr(&invalid)
+    );
 
     // diff never writes.
     assert_eq!(
@@ -446,7 +516,11 @@ fn export_kubernetes_of_the_examples() {
     let out = clusterd(&args);
     assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
     let text = stdout(&out);
-    assert_eq!(text.matches("kind: Deployment").count(), files.len(), "{text}");
+    assert_eq!(
+        text.matches("kind: Deployment").count(),
+        files.len(),
+        "{text}"
+    );
     assert_eq!(text.matches("kind: Service").count(), files.len(), "{text}");
     let bad = clusterd(&["export", "kubernetes", "tests/fixtures/invalid/typo.yaml"]);
     assert_eq!(bad.status.code(), Some(1));

@@ -119,9 +119,8 @@ fn scale_up_keeps_workers_and_scale_down_drains_the_highest_indexes() {
 
     d.write_manifest("web.yaml", &demo_manifest("web", port, 1, ""));
     let one = eventually(T, "scaled down to 1", || {
-        d.app("web").filter(|a| {
-            a["phase"] == "Available" && a["instances"].as_array().unwrap().len() == 1
-        })
+        d.app("web")
+            .filter(|a| a["phase"] == "Available" && a["instances"].as_array().unwrap().len() == 1)
     });
     assert_eq!(one["revision"], revision);
     assert_eq!(instance_pids(&one), first[..1], "index 0 must stay");
@@ -167,11 +166,10 @@ fn crash_loop_backs_off_with_growing_gaps() {
         assert!(w[1] > w[0], "backoff did not grow: {gaps:?}");
     }
     assert!(gaps[3] > gaps[0] * 3, "backoff not exponential: {gaps:?}");
-    let last_exit = app["instances"][0]["last_exit"].as_str().unwrap_or_default();
-    assert!(
-        last_exit.contains('3'),
-        "exit code not recorded: {app:#}"
-    );
+    let last_exit = app["instances"][0]["last_exit"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(last_exit.contains('3'), "exit code not recorded: {app:#}");
 }
 
 #[test]
@@ -318,10 +316,17 @@ fn sigterm_drains_everything_exits_0_and_removes_the_socket() {
     d.write_manifest("api.yaml", &demo_manifest("api", free_port(), 1, ""));
     d.wait_phase("web", "Available", T);
     d.wait_phase("api", "Available", T);
-    let pids: Vec<i32> = ["web", "api"].iter().flat_map(|a| d.ready_pids(a)).collect();
+    let pids: Vec<i32> = ["web", "api"]
+        .iter()
+        .flat_map(|a| d.ready_pids(a))
+        .collect();
     assert_eq!(pids.len(), 3);
     for p in &pids {
-        assert_eq!(group_members(*p), vec![*p], "worker {p} leads its own group");
+        assert_eq!(
+            group_members(*p),
+            vec![*p],
+            "worker {p} leads its own group"
+        );
     }
     let daemon = d.pid();
 
@@ -349,7 +354,11 @@ fn editor_temp_files_and_partial_writes_cause_no_rollout() {
 
     // What vim and emacs leave next to the file: a changed manifest that must be ignored.
     let other = demo_manifest("web", port, 3, "    V: \"swap\"\n");
-    std::fs::write(d.apps_dir.join(".web.yaml.swp"), b"\x00\x01b0VIM 9.0\x00garbage").unwrap();
+    std::fs::write(
+        d.apps_dir.join(".web.yaml.swp"),
+        b"\x00\x01b0VIM 9.0\x00garbage",
+    )
+    .unwrap();
     std::fs::write(d.apps_dir.join("web.yaml~"), &other).unwrap();
     std::fs::write(d.apps_dir.join(".#web.yaml"), &other).unwrap();
 
@@ -375,10 +384,16 @@ fn editor_temp_files_and_partial_writes_cause_no_rollout() {
     let now = d.app("web").unwrap();
     assert_eq!(now["revision"], app["revision"]);
     assert_eq!(now["desired"], 2);
-    assert_eq!(d.ready_pids("web"), pids, "a temp file or partial write rolled workers");
+    assert_eq!(
+        d.ready_pids("web"),
+        pids,
+        "a temp file or partial write rolled workers"
+    );
     let kinds: Vec<String> = d.event_kinds("web")[seq_before..].to_vec();
     assert!(
-        !kinds.iter().any(|k| k == "invalid" || k == "spawn" || k == "manifest"),
+        !kinds
+            .iter()
+            .any(|k| k == "invalid" || k == "spawn" || k == "manifest"),
         "spurious events: {kinds:?}"
     );
 }
@@ -511,8 +526,7 @@ fn python_worker_notifies_readiness_and_sees_the_socket_activation_env() {
 
 #[test]
 fn gunicorn_serves_the_inherited_socket_and_reloads_without_loss() {
-    let Some(gunicorn) = require_tool(&repo_root().join(".venv/bin/gunicorn"), "gunicorn")
-    else {
+    let Some(gunicorn) = require_tool(&repo_root().join(".venv/bin/gunicorn"), "gunicorn") else {
         return;
     };
     let d = Daemon::start();
@@ -579,5 +593,8 @@ def app(environ, start_response):
     );
     let after = instance_pids(&d.wait_phase("gunicorn", "Available", T));
     assert_eq!(after.len(), 2);
-    assert!(before.iter().all(|b| !after.contains(b)), "{before:?} {after:?}");
+    assert!(
+        before.iter().all(|b| !after.contains(b)),
+        "{before:?} {after:?}"
+    );
 }

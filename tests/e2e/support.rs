@@ -680,7 +680,13 @@ pub fn instance_pids(app: &Value) -> Vec<(u64, i32)> {
 }
 
 /// An inherit-mode manifest for any command (argv as YAML flow list items).
-pub fn inherit_manifest(name: &str, port: u16, instances: &str, argv: &[&str], extra: &str) -> String {
+pub fn inherit_manifest(
+    name: &str,
+    port: u16,
+    instances: &str,
+    argv: &[&str],
+    extra: &str,
+) -> String {
     let argv: Vec<String> = argv
         .iter()
         .map(|a| serde_json::to_string(a).unwrap())
