@@ -598,3 +598,19 @@ def app(environ, start_response):
         "{before:?} {after:?}"
     );
 }
+
+#[test]
+fn relative_daemon_paths_work_for_workers_in_another_directory() {
+    // `clusterd daemon --state-dir state ...` from a shell: the workers run in the
+    // manifest's directory, so NOTIFY_SOCKET and friends must not be relative.
+    let d = Daemon::start_relative();
+    let port = free_port();
+    d.write_manifest("web.yaml", &demo_manifest("web", port, 1, ""));
+    let app = d.wait_phase("web", "Available", T);
+    let pid = instance_pids(&app)[0].1;
+    let notify = proc_env(pid, "NOTIFY_SOCKET").unwrap();
+    assert!(notify.starts_with('/') || notify.starts_with('@'), "{notify}");
+    assert!(d.log_dir.join("web/web-0.log").exists());
+    let out = d.cli(&["logs", "web", "--tail", "1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

@@ -77,6 +77,8 @@ pub struct Daemon {
     /// Every worker pid ever seen in status, so Drop can kill what is left.
     seen_pids: Arc<Mutex<Vec<i32>>>,
     extra_args: Vec<String>,
+    /// Start the daemon in its dir with relative paths (as a user typing them would).
+    relative_paths: bool,
 }
 
 impl Daemon {
@@ -99,7 +101,18 @@ impl Daemon {
             child: None,
             seen_pids: Arc::default(),
             extra_args: extra.iter().map(ToString::to_string).collect(),
+            relative_paths: false,
         };
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon whose working directory is its temp dir and whose `--apps-dir`,
+    /// `--socket`, `--state-dir` and `--log-dir` are given as relative paths.
+    pub fn start_relative() -> Daemon {
+        let mut d = Daemon::start_with(&[]);
+        d.stop();
+        d.relative_paths = true;
         d.spawn();
         d
     }
@@ -113,16 +126,25 @@ impl Daemon {
         )))
         .unwrap();
         let mut cmd = Command::new(clusterd_bin());
+        let root = self.dir.path();
+        let path = |p: &Path| -> PathBuf {
+            if self.relative_paths {
+                p.strip_prefix(root).unwrap_or(p).to_path_buf()
+            } else {
+                p.to_path_buf()
+            }
+        };
         cmd.arg("daemon")
             .arg("--apps-dir")
-            .arg(&self.apps_dir)
+            .arg(path(&self.apps_dir))
             .arg("--socket")
-            .arg(&self.socket)
+            .arg(path(&self.socket))
             .arg("--state-dir")
-            .arg(&self.state_dir)
+            .arg(path(&self.state_dir))
             .arg("--log-dir")
-            .arg(&self.log_dir)
+            .arg(path(&self.log_dir))
             .args(&self.extra_args)
+            .current_dir(root)
             .env("CLUSTERD_LOG", "info,clusterd=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
