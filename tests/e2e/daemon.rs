@@ -375,6 +375,20 @@ fn editor_temp_files_and_partial_writes_cause_no_rollout() {
     std::thread::sleep(Duration::from_millis(80)); // the gap between the two halves IS the test
     f.write_all(&good.as_bytes()[cut..]).unwrap();
     drop(f);
+    // And a first half that is a valid manifest on its own (no readiness, no shutdown:
+    // another revision): only the watcher's debounce keeps it from rolling out, so the
+    // rest follows quickly.
+    let cut = good.find("  readiness:").unwrap();
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(d.apps_dir.join("web.yaml"))
+        .unwrap();
+    f.write_all(&good.as_bytes()[..cut]).unwrap();
+    f.flush().unwrap();
+    std::thread::sleep(Duration::from_millis(20)); // the gap between the two halves IS the test
+    f.write_all(&good.as_bytes()[cut..]).unwrap();
+    drop(f);
 
     // A marker manifest written after all of that is accepted only by a rescan that
     // read the whole dir after our writes (a rescan that meets a half-written file
@@ -609,8 +623,15 @@ fn relative_daemon_paths_work_for_workers_in_another_directory() {
     let app = d.wait_phase("web", "Available", T);
     let pid = instance_pids(&app)[0].1;
     let notify = proc_env(pid, "NOTIFY_SOCKET").unwrap();
-    assert!(notify.starts_with('/') || notify.starts_with('@'), "{notify}");
+    assert!(
+        notify.starts_with('/') || notify.starts_with('@'),
+        "{notify}"
+    );
     assert!(d.log_dir.join("web/web-0.log").exists());
     let out = d.cli(&["logs", "web", "--tail", "1"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
