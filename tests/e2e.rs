@@ -8,3 +8,9 @@ mod support;
 
 #[path = "e2e/smoke.rs"]
 mod smoke;
+
+#[path = "e2e/daemon.rs"]
+mod daemon;
+
+#[path = "e2e/cli.rs"]
+mod cli;

@@ -277,13 +277,12 @@ pub fn reload(
 pub fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let files = read_manifests(paths)?;
     let report = load(&files);
-    let mut lines: Vec<String> = report
-        .errors
-        .values()
-        .flatten()
-        .map(ToString::to_string)
-        .collect();
-    lines.sort();
+    // In file order, then position order (line 4 before line 10), as the snapshots are.
+    let mut diagnostics: Vec<_> = report.errors.values().flatten().collect();
+    diagnostics.sort_by(|a, b| {
+        (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message))
+    });
+    let mut lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
     lines.dedup();
     for line in &lines {
         println!("{line}");

@@ -77,6 +77,8 @@ pub struct Daemon {
     /// Every worker pid ever seen in status, so Drop can kill what is left.
     seen_pids: Arc<Mutex<Vec<i32>>>,
     extra_args: Vec<String>,
+    /// Start the daemon in its dir with relative paths (as a user typing them would).
+    relative_paths: bool,
 }
 
 impl Daemon {
@@ -99,7 +101,18 @@ impl Daemon {
             child: None,
             seen_pids: Arc::default(),
             extra_args: extra.iter().map(ToString::to_string).collect(),
+            relative_paths: false,
         };
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon whose working directory is its temp dir and whose `--apps-dir`,
+    /// `--socket`, `--state-dir` and `--log-dir` are given as relative paths.
+    pub fn start_relative() -> Daemon {
+        let mut d = Daemon::start_with(&[]);
+        d.stop();
+        d.relative_paths = true;
         d.spawn();
         d
     }
@@ -113,16 +126,25 @@ impl Daemon {
         )))
         .unwrap();
         let mut cmd = Command::new(clusterd_bin());
+        let root = self.dir.path();
+        let path = |p: &Path| -> PathBuf {
+            if self.relative_paths {
+                p.strip_prefix(root).unwrap_or(p).to_path_buf()
+            } else {
+                p.to_path_buf()
+            }
+        };
         cmd.arg("daemon")
             .arg("--apps-dir")
-            .arg(&self.apps_dir)
+            .arg(path(&self.apps_dir))
             .arg("--socket")
-            .arg(&self.socket)
+            .arg(path(&self.socket))
             .arg("--state-dir")
-            .arg(&self.state_dir)
+            .arg(path(&self.state_dir))
             .arg("--log-dir")
-            .arg(&self.log_dir)
+            .arg(path(&self.log_dir))
             .args(&self.extra_args)
+            .current_dir(root)
             .env("CLUSTERD_LOG", "info,clusterd=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -486,4 +508,213 @@ pub fn local(port: u16) -> SocketAddr {
 /// Reads a file as a string, or "" if missing.
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// The repository root (where `manifests/` and `tests/fixtures/` live).
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A third-party tool a test needs: `Some(path)` if it is there; otherwise prints SKIP
+/// and returns `None`, or fails when `CLUSTERD_REQUIRE_TOOLS=1` (CI).
+pub fn require_tool(path: &Path, test: &str) -> Option<PathBuf> {
+    if path.exists() {
+        return Some(path.to_path_buf());
+    }
+    assert!(
+        std::env::var_os("CLUSTERD_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+        "{test}: {} is missing and CLUSTERD_REQUIRE_TOOLS=1 (run .ci/run to create it)",
+        path.display()
+    );
+    eprintln!(
+        "SKIP {test}: {} is missing (run .ci/run, or python3 -m venv .venv && .venv/bin/pip install gunicorn==23.0.0)",
+        path.display()
+    );
+    None
+}
+
+/// A one-shot HTTP/1.1 request to the daemon's control socket; returns (status, body),
+/// with a chunked body decoded.
+pub fn api_request(socket: &Path, method: &str, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(socket)?;
+    s.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: clusterd\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let raw = String::from_utf8_lossy(&raw).into_owned();
+    let (head, body) = raw.split_once("\r\n\r\n").unwrap_or((&raw, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let chunked = head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked");
+    let body = if chunked {
+        decode_chunked(body)
+    } else {
+        body.to_string()
+    };
+    Ok((status, body))
+}
+
+fn decode_chunked(mut rest: &str) -> String {
+    let mut out = String::new();
+    while let Some((size, after)) = rest.split_once("\r\n") {
+        let Ok(n) = usize::from_str_radix(size.trim(), 16) else {
+            break;
+        };
+        if n == 0 || after.len() < n {
+            break;
+        }
+        out.push_str(&after[..n]);
+        rest = after[n..].strip_prefix("\r\n").unwrap_or(&after[n..]);
+    }
+    out
+}
+
+impl Daemon {
+    /// `GET /v1/events?app=APP`: the event history, oldest first (JSON objects).
+    pub fn events(&self, app: &str) -> Vec<Value> {
+        let (status, body) =
+            api_request(&self.socket, "GET", &format!("/v1/events?app={app}")).unwrap();
+        assert_eq!(status, 200, "events: {body}");
+        body.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).expect("event JSON"))
+            .collect()
+    }
+
+    /// The kinds of the app's events, oldest first.
+    pub fn event_kinds(&self, app: &str) -> Vec<String> {
+        self.events(app)
+            .iter()
+            .map(|e| e["kind"].as_str().unwrap_or_default().to_string())
+            .collect()
+    }
+
+    /// Follows `GET /v1/events?app=APP&follow=1`, stamping each event with the moment
+    /// it arrived (event times have second precision; arrival instants measure gaps).
+    pub fn follow_events(&self, app: &str) -> EventFollower {
+        use std::io::{BufRead, BufReader, Write};
+        let mut s = std::os::unix::net::UnixStream::connect(&self.socket).unwrap();
+        write!(
+            s,
+            "GET /v1/events?app={app}&follow=1 HTTP/1.1\r\nHost: clusterd\r\n\r\n"
+        )
+        .unwrap();
+        let events: Arc<Mutex<Vec<(Instant, Value)>>> = Arc::default();
+        let sink = events.clone();
+        let reader = s.try_clone().unwrap();
+        std::thread::spawn(move || {
+            // Chunk framing lines are skipped: every event is one JSON object per line.
+            for line in BufReader::new(reader).lines() {
+                let Ok(line) = line else { return };
+                let line = line.trim();
+                if line.starts_with('{') {
+                    if let Ok(v) = serde_json::from_str::<Value>(line) {
+                        sink.lock().unwrap().push((Instant::now(), v));
+                    }
+                }
+            }
+        });
+        EventFollower { events, stream: s }
+    }
+}
+
+/// Events received so far by [`Daemon::follow_events`]; dropping it closes the stream.
+pub struct EventFollower {
+    events: Arc<Mutex<Vec<(Instant, Value)>>>,
+    stream: std::os::unix::net::UnixStream,
+}
+
+impl EventFollower {
+    /// Arrival instants of the events of `kind`.
+    pub fn instants(&self, kind: &str) -> Vec<Instant> {
+        self.events
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|(_, e)| e["kind"] == kind)
+            .map(|(t, _)| *t)
+            .collect()
+    }
+
+    /// Every event so far with its arrival instant.
+    pub fn all(&self) -> Vec<(Instant, Value)> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+impl Drop for EventFollower {
+    fn drop(&mut self) {
+        let _ = self.stream.shutdown(std::net::Shutdown::Both);
+    }
+}
+
+/// Every live process whose process group is `pgid` (scans /proc; zombies excluded).
+pub fn group_members(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // After the `(comm)`: state ppid pgrp ...
+        let Some((_, rest)) = stat.rsplit_once(") ") else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() != Some(&"Z") && fields.get(2) == Some(&pgid.to_string().as_str()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// A variable of a live process's environment (as it was at exec).
+pub fn proc_env(pid: i32, name: &str) -> Option<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    raw.split(|b| *b == 0).find_map(|kv| {
+        let kv = String::from_utf8_lossy(kv);
+        kv.strip_prefix(&format!("{name}="))
+            .map(ToString::to_string)
+    })
+}
+
+/// (index, pid) of every instance of an app status object that has a pid, sorted.
+pub fn instance_pids(app: &Value) -> Vec<(u64, i32)> {
+    let mut v: Vec<(u64, i32)> = app["instances"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|i| Some((i["index"].as_u64()?, i["pid"].as_i64()? as i32)))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
+/// An inherit-mode manifest for any command (argv as YAML flow list items).
+pub fn inherit_manifest(
+    name: &str,
+    port: u16,
+    instances: &str,
+    argv: &[&str],
+    extra: &str,
+) -> String {
+    let argv: Vec<String> = argv
+        .iter()
+        .map(|a| serde_json::to_string(a).unwrap())
+        .collect();
+    format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: [{}]\n  instances: {instances}\n  listen:\n    - name: {name}\n      port: {port}\n      address: 127.0.0.1\n      mode: inherit\n  shutdown: {{signal: SIGTERM, timeout: 10s}}\n{extra}",
+        argv.join(", ")
+    )
 }

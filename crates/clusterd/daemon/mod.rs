@@ -93,11 +93,14 @@ pub struct Config {
 pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
     init_logging(args.log_format);
     let defaults = Paths::defaults();
+    // Absolute paths: workers run in their manifest's directory (NOTIFY_SOCKET lives in
+    // the state dir), and `clusterd logs` reads the log dir from another working dir.
+    let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
     let config = Config {
-        apps_dir: args.apps_dir.unwrap_or(defaults.apps_dir),
-        socket: args.socket.unwrap_or(defaults.socket),
-        state_dir: args.state_dir.unwrap_or(defaults.state_dir),
-        log_dir: args.log_dir.unwrap_or(defaults.log_dir),
+        apps_dir: absolute(args.apps_dir.unwrap_or(defaults.apps_dir)),
+        socket: absolute(args.socket.unwrap_or(defaults.socket)),
+        state_dir: absolute(args.state_dir.unwrap_or(defaults.state_dir)),
+        log_dir: absolute(args.log_dir.unwrap_or(defaults.log_dir)),
         cpus: std::thread::available_parallelism()
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
         rescan_every: Duration::from_secs(10),
