@@ -57,3 +57,55 @@ fn manifest_drop_serves_reloads_without_loss_and_removal_closes_the_port() {
         assert!(!alive(*p), "worker {p} survived the app's removal");
     }
 }
+
+#[test]
+fn daemon_sigkill_and_restart_adopts_inherit_workers_while_they_keep_serving() {
+    let mut d = Daemon::start();
+    let port = free_port();
+    d.write_manifest("web.yaml", &demo_manifest("web", port, 2, ""));
+    d.wait_phase("web", "Available", Duration::from_secs(20));
+    let before = d.ready_pids("web");
+
+    // New connection per request: every request must find the port open and a worker.
+    let load = Load::start(local(port), "/", 4, false);
+    load.wait_for(50);
+    d.kill_daemon();
+    load.wait_for(200); // served with no daemon at all
+    d.spawn();
+    let app = d.wait_phase("web", "Available", Duration::from_secs(20));
+    load.wait_for(50);
+    let stats = load.stop();
+    assert_eq!(
+        (stats.failed, stats.non2xx),
+        (0, 0),
+        "requests lost across the daemon restart: {:?}",
+        stats.errors
+    );
+    assert_eq!(
+        d.ready_pids("web"),
+        before,
+        "the new daemon must adopt, not replace: {app}"
+    );
+    let events = String::from_utf8_lossy(&d.cli(&["events", "web"]).stdout).to_string();
+    assert!(events.contains("adopted"), "{events}");
+
+    // The adopted workers are fully managed: a reload replaces them without loss.
+    let load = Load::start(local(port), "/", 4, true);
+    load.wait_for(50);
+    let out = d.cli(&["reload", "web"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    load.wait_for(50);
+    let stats = load.stop();
+    assert_eq!((stats.failed, stats.non2xx), (0, 0), "{:?}", stats.errors);
+    let after = d.ready_pids("web");
+    assert!(before.iter().all(|p| !after.contains(p)));
+    for p in &before {
+        eventually(Duration::from_secs(15), "adopted worker stopped", || {
+            (!alive(*p)).then_some(())
+        });
+    }
+}

@@ -177,8 +177,8 @@ impl BoundListener {
                 let fd = pidfd_getfd(pid, fd_num)
                     .ctx(|| format!("pidfd_getfd({pid}, {fd_num}) for {addr}"))?;
                 let socket = socket2::Socket::from(fd);
-                // Keep our copy blocking (shared flag; see the module docs) and private.
-                let _ = socket.set_nonblocking(false);
+                // Leave O_NONBLOCK alone: it belongs to the open file description the
+                // workers use, and an event-loop worker set it for itself.
                 let local_addr = socket
                     .local_addr()
                     .ok()
@@ -227,42 +227,6 @@ fn protocol_name(p: Protocol) -> &'static str {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn binds_port_zero_blocking() {
-        let l = BoundListener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        assert_ne!(l.local_addr().port(), 0);
-        assert!(!l.is_nonblocking().unwrap());
-        let _c = std::net::TcpStream::connect(l.local_addr()).unwrap();
-    }
-
-    #[test]
-    fn ipv6_any_accepts_ipv4() {
-        let Ok(l) = BoundListener::bind_tcp("[::]:0".parse().unwrap()) else {
-            return; // no IPv6 on this host
-        };
-        let port = l.local_addr().port();
-        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    }
-
-    #[test]
-    fn udp_binds() {
-        let l = BoundListener::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
-        assert_eq!(l.protocol(), Protocol::Udp);
-        assert_ne!(l.local_addr().port(), 0);
-    }
-
-    #[test]
-    fn proxy_listener_is_nonblocking() {
-        let l = BoundListener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
-        let p = l.proxy_listener().unwrap();
-        assert!(p.accept().is_err()); // WouldBlock, not a hang
-    }
-}
-
 /// Inodes of sockets bound to `addr` (listening, for TCP) per `/proc/net/*`.
 fn listening_inodes(addr: SocketAddr, protocol: Protocol) -> Vec<String> {
     let files: &[&str] = match protocol {
@@ -304,4 +268,40 @@ fn pidfd_getfd(pid: i32, target: RawFd) -> std::io::Result<OwnedFd> {
     }
     // SAFETY: the kernel just created this descriptor (close-on-exec) for us alone.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn binds_port_zero_blocking() {
+        let l = BoundListener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_ne!(l.local_addr().port(), 0);
+        assert!(!l.is_nonblocking().unwrap());
+        let _c = std::net::TcpStream::connect(l.local_addr()).unwrap();
+    }
+
+    #[test]
+    fn ipv6_any_accepts_ipv4() {
+        let Ok(l) = BoundListener::bind_tcp("[::]:0".parse().unwrap()) else {
+            return; // no IPv6 on this host
+        };
+        let port = l.local_addr().port();
+        std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    }
+
+    #[test]
+    fn udp_binds() {
+        let l = BoundListener::bind_udp("127.0.0.1:0".parse().unwrap()).unwrap();
+        assert_eq!(l.protocol(), Protocol::Udp);
+        assert_ne!(l.local_addr().port(), 0);
+    }
+
+    #[test]
+    fn proxy_listener_is_nonblocking() {
+        let l = BoundListener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+        let p = l.proxy_listener().unwrap();
+        assert!(p.accept().is_err()); // WouldBlock, not a hang
+    }
 }
