@@ -8,3 +8,6 @@ mod support;
 
 #[path = "e2e/smoke.rs"]
 mod smoke;
+
+#[path = "e2e/proxy.rs"]
+mod proxy;

@@ -77,6 +77,8 @@ pub struct Daemon {
     /// Every worker pid ever seen in status, so Drop can kill what is left.
     seen_pids: Arc<Mutex<Vec<i32>>>,
     extra_args: Vec<String>,
+    /// Extra environment for the daemon process.
+    extra_env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -99,7 +101,20 @@ impl Daemon {
             child: None,
             seen_pids: Arc::default(),
             extra_args: extra.iter().map(ToString::to_string).collect(),
+            extra_env: Vec::new(),
         };
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon with extra environment (e.g. proxy timeouts).
+    pub fn start_env(env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::start_with(&[]);
+        d.stop();
+        d.extra_env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
         d.spawn();
         d
     }
@@ -124,6 +139,7 @@ impl Daemon {
             .arg(&self.log_dir)
             .args(&self.extra_args)
             .env("CLUSTERD_LOG", "info,clusterd=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log.try_clone().unwrap())
@@ -486,4 +502,97 @@ pub fn local(port: u16) -> SocketAddr {
 /// Reads a file as a string, or "" if missing.
 pub fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_default()
+}
+
+/// A manifest for `command` (a YAML flow sequence or string) in http or tcp `mode` on
+/// `port`, with tcp readiness; `extra` is appended to `spec` (indented two spaces).
+pub fn proxied_manifest(
+    name: &str,
+    port: u16,
+    mode: &str,
+    instances: u32,
+    command: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: {command}\n  instances: {instances}\n  listen:\n    - port: {port}\n      address: 127.0.0.1\n      mode: {mode}\n  readiness: {{type: tcp, period: 50ms, timeout: 10s}}\n  restart: {{backoff: {{initial: 100ms, max: 2s}}}}\n{extra}"
+    )
+}
+
+/// demo-server in http mode (it reads `PORT`); `env` lines go under `spec.env`.
+pub fn demo_http_manifest(name: &str, port: u16, instances: u32, env: &str, extra: &str) -> String {
+    let env = if env.is_empty() {
+        String::new()
+    } else {
+        format!("  env:\n{env}")
+    };
+    proxied_manifest(
+        name,
+        port,
+        "http",
+        instances,
+        &format!("[\"{}\"]", demo_server().display()),
+        &format!("{env}{extra}"),
+    )
+}
+
+impl Daemon {
+    /// The app's events (`GET /v1/events?app=NAME`), as JSON objects.
+    pub fn events(&self, app: &str) -> Vec<Value> {
+        api_get(&self.socket, &format!("/v1/events?app={app}"))
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter(Value::is_object)
+            .collect()
+    }
+
+    /// Instances of the app (status JSON), whatever their state.
+    pub fn instances(&self, name: &str) -> Vec<Value> {
+        self.app(name)
+            .and_then(|a| a["instances"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The private port of the Ready worker with `pid` (http/tcp modes).
+    pub fn private_port(&self, name: &str, pid: i32) -> u16 {
+        self.instances(name)
+            .iter()
+            .find(|i| i["pid"].as_i64() == Some(i64::from(pid)))
+            .and_then(|i| i["port"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or_else(|| panic!("no private port for pid {pid}"))
+    }
+}
+
+/// A raw HTTP/1.0 GET on the control socket (so the body is never chunked); returns the
+/// body ("" on error).
+pub fn api_get(socket: &Path, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: clusterd\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// VmRSS of a process in KiB (0 when it is gone).
+pub fn rss_kib(pid: i32) -> u64 {
+    read(Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A worker script file in `dir`, for interpreters (`node FILE`, `python3 FILE`).
+pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
 }
