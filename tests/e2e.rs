@@ -11,3 +11,6 @@ mod smoke;
 
 #[path = "e2e/proxy.rs"]
 mod proxy;
+
+#[path = "e2e/safety.rs"]
+mod safety;

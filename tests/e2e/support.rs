@@ -328,6 +328,8 @@ pub struct LoadStats {
     pub ok: u64,
     pub non2xx: u64,
     pub failed: u64,
+    /// Of `failed`: connections the kernel refused (nobody listening).
+    pub refused: u64,
     /// First few failures, for the assertion message.
     pub errors: Vec<String>,
 }
@@ -377,6 +379,7 @@ impl Load {
             total.ok += s.ok;
             total.non2xx += s.non2xx;
             total.failed += s.failed;
+            total.refused += s.refused;
             for e in s.errors {
                 if total.errors.len() < 10 {
                     total.errors.push(e);
@@ -477,6 +480,9 @@ fn client_loop(
             Err(e) => {
                 conn = None;
                 stats.failed += 1;
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    stats.refused += 1;
+                }
                 if stats.errors.len() < 10 {
                     stats.errors.push(e.to_string());
                 }
