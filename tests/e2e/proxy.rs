@@ -520,7 +520,9 @@ fn status_shows_requests_in_flight_per_worker() {
 fn raw_exchange(port: u16, bytes: &[u8]) -> String {
     let mut s = TcpStream::connect(local(port)).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    s.write_all(bytes).unwrap();
+    // The proxy may answer and close before it has read everything (an oversized
+    // head): a failed write is part of the answer, not a test error.
+    let _ = s.write_all(bytes);
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     String::from_utf8_lossy(&out).to_string()

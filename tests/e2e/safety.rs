@@ -87,7 +87,10 @@ fn broken_revision_fails_closed(mode: Mode, breakage: Breakage) {
     let d = Daemon::start();
     let port = free_port();
     // http mode needs `env:` for the linger switch; inherit mode's manifest has one.
-    d.write_manifest("app.yaml", &manifest(mode, port, "    DEMO_REV: \"good\"\n"));
+    d.write_manifest(
+        "app.yaml",
+        &manifest(mode, port, "    DEMO_REV: \"good\"\n"),
+    );
     let good = d.wait_phase("app", "Available", Duration::from_secs(20));
     let old_rev = good["revision"].as_str().unwrap().to_string();
     let old = d.ready_pids("app");
