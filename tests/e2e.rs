@@ -14,3 +14,8 @@ mod daemon;
 
 #[path = "e2e/cli.rs"]
 mod cli;
+#[path = "e2e/proxy.rs"]
+mod proxy;
+
+#[path = "e2e/safety.rs"]
+mod safety;

@@ -79,6 +79,8 @@ pub struct Daemon {
     extra_args: Vec<String>,
     /// Start the daemon in its dir with relative paths (as a user typing them would).
     relative_paths: bool,
+    /// Extra environment for the daemon process.
+    extra_env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -102,6 +104,7 @@ impl Daemon {
             seen_pids: Arc::default(),
             extra_args: extra.iter().map(ToString::to_string).collect(),
             relative_paths: false,
+            extra_env: Vec::new(),
         };
         d.spawn();
         d
@@ -113,6 +116,18 @@ impl Daemon {
         let mut d = Daemon::start_with(&[]);
         d.stop();
         d.relative_paths = true;
+        d.spawn();
+        d
+    }
+
+    /// Starts a daemon with extra environment (e.g. proxy timeouts).
+    pub fn start_env(env: &[(&str, &str)]) -> Daemon {
+        let mut d = Daemon::start_with(&[]);
+        d.stop();
+        d.extra_env = env
+            .iter()
+            .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+            .collect();
         d.spawn();
         d
     }
@@ -146,6 +161,7 @@ impl Daemon {
             .args(&self.extra_args)
             .current_dir(root)
             .env("CLUSTERD_LOG", "info,clusterd=debug")
+            .envs(self.extra_env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log.try_clone().unwrap())
@@ -334,6 +350,8 @@ pub struct LoadStats {
     pub ok: u64,
     pub non2xx: u64,
     pub failed: u64,
+    /// Of `failed`: connections the kernel refused (nobody listening).
+    pub refused: u64,
     /// First few failures, for the assertion message.
     pub errors: Vec<String>,
 }
@@ -383,6 +401,7 @@ impl Load {
             total.ok += s.ok;
             total.non2xx += s.non2xx;
             total.failed += s.failed;
+            total.refused += s.refused;
             for e in s.errors {
                 if total.errors.len() < 10 {
                     total.errors.push(e);
@@ -483,6 +502,9 @@ fn client_loop(
             Err(e) => {
                 conn = None;
                 stats.failed += 1;
+                if e.kind() == std::io::ErrorKind::ConnectionRefused {
+                    stats.refused += 1;
+                }
                 if stats.errors.len() < 10 {
                     stats.errors.push(e.to_string());
                 }
@@ -717,4 +739,88 @@ pub fn inherit_manifest(
         "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: [{}]\n  instances: {instances}\n  listen:\n    - name: {name}\n      port: {port}\n      address: 127.0.0.1\n      mode: inherit\n  shutdown: {{signal: SIGTERM, timeout: 10s}}\n{extra}",
         argv.join(", ")
     )
+}
+
+/// A manifest for `command` (a YAML flow sequence or string) in http or tcp `mode` on
+/// `port`, with tcp readiness; `extra` is appended to `spec` (indented two spaces).
+pub fn proxied_manifest(
+    name: &str,
+    port: u16,
+    mode: &str,
+    instances: u32,
+    command: &str,
+    extra: &str,
+) -> String {
+    format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: {command}\n  instances: {instances}\n  listen:\n    - port: {port}\n      address: 127.0.0.1\n      mode: {mode}\n  readiness: {{type: tcp, period: 50ms, timeout: 10s}}\n  restart: {{backoff: {{initial: 100ms, max: 2s}}}}\n{extra}"
+    )
+}
+
+/// demo-server in http mode (it reads `PORT`); `env` lines go under `spec.env`.
+pub fn demo_http_manifest(name: &str, port: u16, instances: u32, env: &str, extra: &str) -> String {
+    let env = if env.is_empty() {
+        String::new()
+    } else {
+        format!("  env:\n{env}")
+    };
+    proxied_manifest(
+        name,
+        port,
+        "http",
+        instances,
+        &format!("[\"{}\"]", demo_server().display()),
+        &format!("{env}{extra}"),
+    )
+}
+
+impl Daemon {
+    /// Instances of the app (status JSON), whatever their state.
+    pub fn instances(&self, name: &str) -> Vec<Value> {
+        self.app(name)
+            .and_then(|a| a["instances"].as_array().cloned())
+            .unwrap_or_default()
+    }
+
+    /// The private port of the Ready worker with `pid` (http/tcp modes).
+    pub fn private_port(&self, name: &str, pid: i32) -> u16 {
+        self.instances(name)
+            .iter()
+            .find(|i| i["pid"].as_i64() == Some(i64::from(pid)))
+            .and_then(|i| i["port"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or_else(|| panic!("no private port for pid {pid}"))
+    }
+}
+
+/// A raw HTTP/1.0 GET on the control socket (so the body is never chunked); returns the
+/// body ("" on error).
+pub fn api_get(socket: &Path, path: &str) -> String {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else {
+        return String::new();
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let _ = write!(s, "GET {path} HTTP/1.0\r\nHost: clusterd\r\n\r\n");
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let text = String::from_utf8_lossy(&buf).to_string();
+    text.split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default()
+}
+
+/// VmRSS of a process in KiB (0 when it is gone).
+pub fn rss_kib(pid: i32) -> u64 {
+    read(Path::new(&format!("/proc/{pid}/status")))
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A worker script file in `dir`, for interpreters (`node FILE`, `python3 FILE`).
+pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path
 }

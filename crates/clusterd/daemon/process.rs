@@ -125,7 +125,7 @@ impl ListenerSet {
                         tokio::spawn(proxy::serve_http(
                             listener,
                             task_routes,
-                            proxy::HttpProxyConfig::default(),
+                            http_proxy_config(),
                             task_cancel,
                         ));
                     } else {
@@ -246,6 +246,27 @@ impl ListenerSet {
             e.proxy.cancel();
         }
     }
+}
+
+/// The http proxy's bounds: the defaults, with the client-facing timeouts tunable through
+/// the daemon's environment (`CLUSTERD_PROXY_HEADER_TIMEOUT_MS`: slowloris and keep-alive
+/// idle bound; `CLUSTERD_PROXY_NO_BACKEND_WAIT_MS`: how long a request waits for a ready
+/// worker before a 503), so operators and tests can tighten them.
+fn http_proxy_config() -> proxy::HttpProxyConfig {
+    let ms = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    let mut cfg = proxy::HttpProxyConfig::default();
+    if let Some(d) = ms("CLUSTERD_PROXY_HEADER_TIMEOUT_MS") {
+        cfg.header_read_timeout = d;
+    }
+    if let Some(d) = ms("CLUSTERD_PROXY_NO_BACKEND_WAIT_MS") {
+        cfg.no_backend_wait = d;
+    }
+    cfg
 }
 
 fn socket_addr(address: &str, port: u32) -> anyhow::Result<SocketAddr> {
