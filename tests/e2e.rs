@@ -19,3 +19,6 @@ mod proxy;
 
 #[path = "e2e/safety.rs"]
 mod safety;
+
+#[path = "e2e/gitops.rs"]
+mod gitops;

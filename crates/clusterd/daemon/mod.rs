@@ -67,6 +67,8 @@ pub enum Msg {
     Shutdown,
     /// Nothing in particular: look again (a drain finished, a timer in a helper task).
     Wake,
+    /// A GitOps sync attempt finished.
+    Synced(Box<clusterd_runtime::gitops::SyncReport>),
 }
 
 /// Resolved daemon configuration.
@@ -84,6 +86,8 @@ pub struct Config {
     pub cpus: u32,
     /// Periodic full rescan, a backstop for missed inotify events.
     pub rescan_every: Duration,
+    /// GitOps: follow a git repository into the apps dir.
+    pub git: Option<clusterd_runtime::gitops::GitOpsConfig>,
 }
 
 /// Runs the daemon until SIGTERM/SIGINT, then drains every app and exits 0.
@@ -104,7 +108,21 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         cpus: std::thread::available_parallelism()
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
         rescan_every: Duration::from_secs(10),
+        git: None,
     };
+    let mut config = config;
+    if let Some(repo) = args.git_repo {
+        let path = args.git_path.unwrap_or_default();
+        let mut git = clusterd_runtime::gitops::GitOpsConfig::new(
+            repo,
+            args.git_ref,
+            path,
+            config.apps_dir.clone(),
+            config.state_dir.clone(),
+        );
+        git.interval = crate::cli::parse_duration_arg(&args.git_interval)?;
+        config.git = Some(git);
+    }
     for dir in [&config.apps_dir, &config.state_dir, &config.log_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -140,7 +158,20 @@ async fn serve(config: Config) -> anyhow::Result<()> {
     ));
     spawn_signal_handler(tx.clone());
 
-    let controller = reconcile::Controller::new(config.clone(), tx.clone(), events)?;
+    let sync_trigger = config.git.clone().map(|git| {
+        let (trigger_tx, trigger_rx) = mpsc::channel(8);
+        let report_tx = tx.clone();
+        tokio::spawn(clusterd_runtime::gitops::run_sync_loop(
+            git,
+            trigger_rx,
+            move |report| {
+                let _ = report_tx.send(Msg::Synced(Box::new(report)));
+            },
+            shutdown.clone(),
+        ));
+        trigger_tx
+    });
+    let controller = reconcile::Controller::new(config.clone(), tx.clone(), events, sync_trigger)?;
     tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, "clusterd started");
     notify_systemd_ready();
     controller.run(rx).await;

@@ -71,6 +71,10 @@ pub struct Controller {
     saved_generations: BTreeMap<AppName, u64>,
     /// What was last written to the state file (to write only on change).
     last_saved: Option<state::Saved>,
+    /// GitOps: asks the sync loop for a sync now (`POST /v1/sync`).
+    sync_trigger: Option<mpsc::Sender<clusterd_runtime::gitops::SyncReply>>,
+    /// GitOps: the status JSON's `sync` block.
+    sync: Option<clusterd_runtime::gitops::SyncStatus>,
 }
 
 const MAX_ROUNDS: usize = 16;
@@ -84,6 +88,7 @@ impl Controller {
         config: Config,
         tx: mpsc::UnboundedSender<Msg>,
         events: EventLog,
+        sync_trigger: Option<mpsc::Sender<clusterd_runtime::gitops::SyncReply>>,
     ) -> anyhow::Result<Self> {
         let runtime = process::Runtime::new(&config, tx.clone())?;
         let saved = state::load(&config.state_dir);
@@ -107,7 +112,12 @@ impl Controller {
             .into_iter()
             .map(|a| (AppName(a.name), a.generation))
             .collect();
+        let sync = config
+            .git
+            .as_ref()
+            .map(clusterd_runtime::gitops::SyncStatus::initial);
         Ok(Controller {
+            sync,
             config,
             tx,
             events,
@@ -120,6 +130,7 @@ impl Controller {
             adoptions,
             saved_generations,
             last_saved: None,
+            sync_trigger,
         })
     }
 
@@ -198,6 +209,40 @@ impl Controller {
             }
             Msg::Api(request, reply) => self.answer(request, reply),
             Msg::Wake => {}
+            Msg::Synced(report) => {
+                if let Some(outcome) = report.outcome.as_ref().filter(|o| !o.is_noop()) {
+                    let mut parts = Vec::new();
+                    for (what, files) in [
+                        ("added", &outcome.added),
+                        ("changed", &outcome.changed),
+                        ("removed", &outcome.removed),
+                    ] {
+                        if !files.is_empty() {
+                            parts.push(format!("{what} {}", files.join(", ")));
+                        }
+                    }
+                    self.events.push(
+                        None,
+                        None,
+                        "sync",
+                        format!(
+                            "applied commit {}: {}",
+                            outcome.commit.short(),
+                            parts.join("; ")
+                        ),
+                    );
+                    self.rescan();
+                }
+                if let (Some(e), false) = (
+                    &report.status.error,
+                    self.sync
+                        .as_ref()
+                        .is_some_and(|s| s.error == report.status.error),
+                ) {
+                    self.events.push(None, None, "sync-failed", e.clone());
+                }
+                self.sync = Some(report.status);
+            }
             Msg::Shutdown => {
                 if self.shutting_down.is_none() {
                     self.events.push(
@@ -807,10 +852,42 @@ impl Controller {
                 }
             }
             ApiRequest::Reload(target) => self.reload(target),
-            ApiRequest::Sync => ApiReply::Json(
-                StatusCode::CONFLICT,
-                json!({"error": "this daemon does not follow a git repository (start it with --git-repo)"}),
-            ),
+            ApiRequest::Sync => {
+                let Some(trigger) = self.sync_trigger.clone() else {
+                    let _ = reply.send(ApiReply::Json(
+                        StatusCode::CONFLICT,
+                        json!({"error": "this daemon does not follow a git repository (start it with --git-repo)"}),
+                    ));
+                    return;
+                };
+                // A fetch can take as long as the git timeout: answer from a task so the
+                // loop keeps reconciling meanwhile.
+                tokio::spawn(async move {
+                    let (tx, rx) = oneshot::channel();
+                    let answer = if trigger.send(tx).await.is_err() {
+                        ApiReply::Json(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            json!({"error": "the sync loop has stopped"}),
+                        )
+                    } else {
+                        match rx.await {
+                            Ok(Ok(o)) => ApiReply::Json(
+                                StatusCode::OK,
+                                json!({"commit": o.commit.0, "added": o.added, "changed": o.changed, "removed": o.removed}),
+                            ),
+                            Ok(Err(e)) => {
+                                ApiReply::Json(StatusCode::BAD_GATEWAY, json!({"error": e}))
+                            }
+                            Err(_) => ApiReply::Json(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                json!({"error": "the sync loop has stopped"}),
+                            ),
+                        }
+                    };
+                    let _ = reply.send(answer);
+                });
+                return;
+            }
             ApiRequest::Metrics => ApiReply::Text(status::metrics(&self.status_report(None))),
             ApiRequest::Info => ApiReply::Json(
                 StatusCode::OK,
@@ -879,7 +956,14 @@ impl Controller {
                 )
             })
             .collect();
-        crate::api_types::StatusReport { apps, sync: None }
+        let sync = self.sync.as_ref().map(|s| crate::api_types::SyncStatus {
+            repo: s.repo.clone(),
+            git_ref: s.git_ref.clone(),
+            commit: s.commit.clone(),
+            error: s.error.clone(),
+            at: s.at.map(super::rfc3339),
+        });
+        crate::api_types::StatusReport { apps, sync }
     }
 }
 
