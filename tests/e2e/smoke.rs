@@ -109,3 +109,30 @@ fn daemon_sigkill_and_restart_adopts_inherit_workers_while_they_keep_serving() {
         });
     }
 }
+
+#[test]
+fn as_root_a_manifest_writable_by_others_is_refused_and_the_running_app_kept() {
+    use std::os::unix::fs::PermissionsExt;
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: StrictModes only applies when the daemon runs as root");
+        return;
+    }
+    let d = Daemon::start();
+    let port = free_port();
+    d.write_manifest("web.yaml", &demo_manifest("web", port, 1, ""));
+    d.wait_phase("web", "Available", Duration::from_secs(20));
+    let pids = d.ready_pids("web");
+    let path = d.apps_dir.join("web.yaml");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let app = d.wait_phase("web", "Invalid", Duration::from_secs(20));
+    let error = app["error"].as_str().unwrap();
+    assert!(error.contains("chmod go-w"), "{error}");
+    assert_eq!(
+        d.ready_pids("web"),
+        pids,
+        "a refused manifest must not touch running workers"
+    );
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    d.wait_phase("web", "Available", Duration::from_secs(20));
+    assert_eq!(d.ready_pids("web"), pids);
+}
