@@ -127,13 +127,23 @@ pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
     let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(runtime_threads(config.cpus))
         .enable_all()
         .thread_name("clusterd")
         .build()
         .context("tokio runtime")?;
     rt.block_on(serve(config))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Threads of the daemon's runtime: `CLUSTERD_THREADS`, or one per usable CPU (at most
+/// 4). The daemon is mostly idle; only the http/tcp proxies need more than one.
+fn runtime_threads(cpus: u32) -> usize {
+    std::env::var("CLUSTERD_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|n| *n >= 1)
+        .unwrap_or_else(|| cpus.clamp(1, 4) as usize)
 }
 
 async fn serve(config: Config) -> anyhow::Result<()> {
