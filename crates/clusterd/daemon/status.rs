@@ -160,64 +160,79 @@ pub fn app_status(
 /// Prometheus text exposition of the status.
 pub fn metrics(report: &StatusReport) -> String {
     let mut out = String::new();
-    let _ = writeln!(out, "# HELP clusterd_app_desired_instances Resolved instance count.\n# TYPE clusterd_app_desired_instances gauge");
-    for a in &report.apps {
-        let _ = writeln!(
-            out,
-            "clusterd_app_desired_instances{{app=\"{}\"}} {}",
-            a.name, a.desired
-        );
-    }
-    let _ = writeln!(out, "# HELP clusterd_app_ready_instances Instances in state Ready.\n# TYPE clusterd_app_ready_instances gauge");
-    for a in &report.apps {
-        let _ = writeln!(
-            out,
-            "clusterd_app_ready_instances{{app=\"{}\"}} {}",
-            a.name, a.ready
-        );
-    }
-    let _ = writeln!(out, "# HELP clusterd_app_restarts_total Unplanned worker exits.\n# TYPE clusterd_app_restarts_total counter");
-    for a in &report.apps {
-        let _ = writeln!(
-            out,
-            "clusterd_app_restarts_total{{app=\"{}\"}} {}",
-            a.name, a.restarts
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP clusterd_app_phase 1 for the app's current phase.\n# TYPE clusterd_app_phase gauge"
+    let mut family = |name: &str, kind: &str, help: &str, samples: Vec<(String, String)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{{{labels}}} {value}");
+        }
+    };
+    let per_app = |f: &dyn Fn(&crate::api_types::AppStatus) -> String| -> Vec<(String, String)> {
+        report
+            .apps
+            .iter()
+            .map(|a| (format!("app=\"{}\"", a.name), f(a)))
+            .collect()
+    };
+    let per_instance =
+        |f: &dyn Fn(&crate::api_types::InstanceStatus) -> Option<u64>| -> Vec<(String, String)> {
+            report
+                .apps
+                .iter()
+                .flat_map(|a| a.instances.iter().map(move |i| (a, i)))
+                .filter_map(|(a, i)| {
+                    let pid = i.pid?;
+                    let value = f(i)?;
+                    Some((
+                        format!("app=\"{}\",instance=\"{}\",pid=\"{pid}\"", a.name, i.index),
+                        value.to_string(),
+                    ))
+                })
+                .collect()
+        };
+    family(
+        "clusterd_app_desired_instances",
+        "gauge",
+        "Resolved instance count.",
+        per_app(&|a| a.desired.to_string()),
     );
-    for a in &report.apps {
-        let _ = writeln!(
-            out,
-            "clusterd_app_phase{{app=\"{}\",phase=\"{}\"}} 1",
-            a.name, a.phase
-        );
-    }
-    let _ = writeln!(out, "# HELP clusterd_instance_inflight Requests or connections in flight through the daemon.\n# TYPE clusterd_instance_inflight gauge");
-    for a in &report.apps {
-        for i in &a.instances {
-            if let (Some(n), Some(pid)) = (i.inflight, i.pid) {
-                let _ = writeln!(
-                    out,
-                    "clusterd_instance_inflight{{app=\"{}\",instance=\"{}\",pid=\"{pid}\"}} {n}",
-                    a.name, i.index
-                );
-            }
-        }
-    }
-    let _ = writeln!(out, "# HELP clusterd_instance_rss_bytes Resident memory of the worker's process group.\n# TYPE clusterd_instance_rss_bytes gauge");
-    for a in &report.apps {
-        for i in &a.instances {
-            if let (Some(n), Some(pid)) = (i.rss_bytes, i.pid) {
-                let _ = writeln!(
-                    out,
-                    "clusterd_instance_rss_bytes{{app=\"{}\",instance=\"{}\",pid=\"{pid}\"}} {n}",
-                    a.name, i.index
-                );
-            }
-        }
-    }
+    family(
+        "clusterd_app_ready_instances",
+        "gauge",
+        "Instances in state Ready.",
+        per_app(&|a| a.ready.to_string()),
+    );
+    family(
+        "clusterd_app_restarts_total",
+        "counter",
+        "Unplanned worker exits.",
+        per_app(&|a| a.restarts.to_string()),
+    );
+    family(
+        "clusterd_app_phase",
+        "gauge",
+        "1 for the app's current phase.",
+        report
+            .apps
+            .iter()
+            .map(|a| {
+                (
+                    format!("app=\"{}\",phase=\"{}\"", a.name, a.phase),
+                    "1".to_string(),
+                )
+            })
+            .collect(),
+    );
+    family(
+        "clusterd_instance_inflight",
+        "gauge",
+        "Requests or connections in flight through the daemon.",
+        per_instance(&|i| i.inflight),
+    );
+    family(
+        "clusterd_instance_rss_bytes",
+        "gauge",
+        "Resident memory of the worker's process group.",
+        per_instance(&|i| i.rss_bytes),
+    );
     out
 }
