@@ -372,12 +372,8 @@ impl WorkerProc {
         }
     }
 
-    /// Samples CPU and memory of the process group.
-    pub fn sample(&mut self) {
-        let Ok(pgid) = i32::try_from(self.pid) else {
-            return;
-        };
-        let usage = procfs::group_usage(pgid);
+    /// Records a sample of the worker's process group (from one /proc pass for all).
+    pub fn sample(&mut self, usage: GroupUsage) {
         let now = Instant::now();
         if let Some((then, before)) = &self.last_usage {
             self.cpu_percent = Some(procfs::cpu_percent(before, &usage, now - *then));

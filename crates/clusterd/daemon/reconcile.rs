@@ -779,12 +779,17 @@ impl Controller {
 
     /// Samples CPU and memory, and rotates logs. Memory feeds the planner's limit rule.
     fn sample(&mut self) {
+        if self.apps.values().all(|a| a.workers.is_empty()) {
+            return;
+        }
+        let usage = clusterd_runtime::procfs::usage_by_group();
         for app in self.apps.values_mut() {
             let Some(observed) = self.observed.apps.get_mut(&app.name) else {
                 continue;
             };
             for (id, w) in &mut app.workers {
-                w.sample();
+                let pgid = i32::try_from(w.pid).unwrap_or_default();
+                w.sample(usage.get(&pgid).copied().unwrap_or_default());
                 if let Some(o) = observed.workers.get_mut(id) {
                     o.rss = w.rss;
                 }

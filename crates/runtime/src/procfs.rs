@@ -124,6 +124,35 @@ pub fn group_usage(pgid: i32) -> GroupUsage {
     usage
 }
 
+/// [`group_usage`] for every process group at once, from a single pass over /proc.
+/// The daemon samples all its workers together: one pass per sample, instead of one
+/// per worker (which grew with workers × processes and burned a CPU at 500 workers).
+pub fn usage_by_group() -> std::collections::HashMap<i32, GroupUsage> {
+    let mut out: std::collections::HashMap<i32, GroupUsage> = std::collections::HashMap::new();
+    let page = page_size();
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Some(st) = stat(pid) else { continue };
+        if st.state == 'Z' {
+            continue;
+        }
+        let usage = out.entry(st.pgid).or_default();
+        usage.processes += 1;
+        usage.cpu_ticks += st.utime + st.stime;
+        usage.rss_bytes += st.rss_pages * page;
+    }
+    out
+}
+
 /// Pids of the live members of process group `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let Ok(dir) = fs::read_dir("/proc") else {
