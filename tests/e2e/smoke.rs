@@ -13,6 +13,15 @@ fn manifest_drop_serves_reloads_without_loss_and_removal_closes_the_port() {
     assert_eq!(app["ready"], 2);
     let before = d.ready_pids("web");
     assert_eq!(before.len(), 2);
+    let metrics = api_get(&d.socket, "/metrics");
+    assert!(
+        metrics.contains("clusterd_app_ready_instances{app=\"web\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("clusterd_app_phase{app=\"web\",phase=\"Available\"} 1"),
+        "{metrics}"
+    );
     let (status, body) = http_get(local(port), "/").unwrap();
     assert_eq!(status, 200, "{body}");
 
