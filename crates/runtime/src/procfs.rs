@@ -100,28 +100,7 @@ pub struct GroupUsage {
 
 /// Sums CPU time and RSS over every process whose process group is `pgid`.
 pub fn group_usage(pgid: i32) -> GroupUsage {
-    let mut usage = GroupUsage::default();
-    let page = page_size();
-    let Ok(dir) = fs::read_dir("/proc") else {
-        return usage;
-    };
-    for entry in dir.flatten() {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|s| s.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        let Some(st) = stat(pid) else { continue };
-        if st.pgid != pgid || st.state == 'Z' {
-            continue;
-        }
-        usage.processes += 1;
-        usage.cpu_ticks += st.utime + st.stime;
-        usage.rss_bytes += st.rss_pages * page;
-    }
-    usage
+    usage_by_group().remove(&pgid).unwrap_or_default()
 }
 
 /// [`group_usage`] for every process group at once, from a single pass over /proc.
