@@ -63,8 +63,10 @@ pub struct Controller {
     next_worker_id: u64,
     runtime: process::Runtime,
     shutting_down: Option<Instant>,
-    /// A manifest failed to parse while it was still being written: look again soon.
+    /// A manifest was still being written: look again at this time.
     settle_until: Option<Instant>,
+    /// Since when changes have been held back waiting for quiet files.
+    settling_since: Option<Instant>,
     /// Workers of a previous daemon, verified and waiting for their app's manifest.
     adoptions: BTreeMap<AppName, Vec<(state::SavedWorker, clusterd_runtime::spawn::WorkerProcess)>>,
     /// Generations saved by the previous daemon.
@@ -82,6 +84,10 @@ pub struct Controller {
 }
 
 const MAX_ROUNDS: usize = 16;
+/// A changed manifest is applied once its file has been unchanged this long.
+const QUIET_CHANGE: Duration = Duration::from_millis(250);
+/// An invalid manifest is reported once its file has been unchanged this long.
+const QUIET_ERROR: Duration = Duration::from_millis(500);
 
 impl Controller {
     /// Prepares the loop (notify socket, log dir).
@@ -131,6 +137,7 @@ impl Controller {
             runtime,
             shutting_down: None,
             settle_until: None,
+            settling_since: None,
             adoptions,
             saved_generations,
             last_saved: None,
@@ -279,7 +286,9 @@ impl Controller {
     fn rescan(&mut self) {
         let now = Instant::now();
         let mut files = Vec::new();
-        let mut fresh_write = false;
+        // Age of the most recently written manifest: a write younger than the quiet
+        // period may be the first half of an edit.
+        let mut newest_age: Option<Duration> = None;
         let entries = match std::fs::read_dir(&self.config.apps_dir) {
             Ok(e) => e,
             Err(e) => {
@@ -300,13 +309,8 @@ impl Controller {
             if !meta.is_file() {
                 continue;
             }
-            if meta
-                .modified()
-                .ok()
-                .and_then(|m| m.elapsed().ok())
-                .is_some_and(|age| age < Duration::from_millis(500))
-            {
-                fresh_write = true;
+            if let Some(age) = meta.modified().ok().and_then(|m| m.elapsed().ok()) {
+                newest_age = Some(newest_age.map_or(age, |n| n.min(age)));
             }
             match std::fs::read(&path) {
                 Ok(bytes) => files.push(ManifestFile { path, bytes }),
@@ -334,17 +338,36 @@ impl Controller {
         if nix::unistd::geteuid().is_root() {
             refuse_insecure(&mut report, &self.config.apps_dir);
         }
-        if !report.errors.is_empty() && fresh_write {
-            // An editor may still be writing: judge the file once it has settled, so a
-            // half-written manifest never shows up as Invalid or rolls anything.
-            self.settle_until = Some(now + Duration::from_millis(600));
-            let tx = self.tx.clone();
-            tokio::spawn(async move {
-                tokio::time::sleep(Duration::from_millis(600)).await;
-                let _ = tx.send(Msg::ManifestsChanged);
-            });
-            return;
+        // An editor (or `cat >`) may still be writing. A half-written file can be invalid
+        // or, worse, a valid but different manifest: judge a change only once the files
+        // have been quiet for a moment, so a partial write never shows up as Invalid or
+        // rolls anything. Bounded, so a file rewritten forever is still judged.
+        let changes = report.apps.iter().any(|(n, l)| {
+            self.apps
+                .get(n)
+                .and_then(|a| a.current.as_ref())
+                .is_none_or(|c| c.spec != l.spec || c.replicas != l.replicas)
+        });
+        let quiet = if report.errors.is_empty() {
+            QUIET_CHANGE
+        } else {
+            QUIET_ERROR
+        };
+        let settling_for = self.settling_since.map_or(Duration::ZERO, |t| now - t);
+        if let Some(age) = newest_age.filter(|a| *a < quiet) {
+            if (changes || !report.errors.is_empty()) && settling_for < Duration::from_secs(5) {
+                let wait = quiet - age + Duration::from_millis(20);
+                self.settling_since.get_or_insert(now);
+                self.settle_until = Some(now + wait);
+                let tx = self.tx.clone();
+                tokio::spawn(async move {
+                    tokio::time::sleep(wait).await;
+                    let _ = tx.send(Msg::ManifestsChanged);
+                });
+                return;
+            }
         }
+        self.settling_since = None;
         self.settle_until = None;
 
         let mut seen = Vec::new();
@@ -574,7 +597,7 @@ impl Controller {
             let hard = started + Duration::from_secs(3600);
             wake_at = Some(wake_at.map_or(hard, |w| w.min(hard)));
         }
-        if let Some(settle) = self.settle_until {
+        if let Some(settle) = self.settle_until.filter(|s| *s > Instant::now()) {
             wake_at = Some(wake_at.map_or(settle, |w| w.min(settle)));
         }
         wake_at
