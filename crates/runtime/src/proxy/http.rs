@@ -328,14 +328,25 @@ async fn proxy_request(
             Err(SendFailure::NotSent(back)) => {
                 pending = Some(*back);
             }
+            // An idempotent request without a body whose connection closed before any
+            // response came may be sent again (RFC 9110 §9.2.2): on a reused connection
+            // that is the keep-alive race; on a fresh one the worker is going away, so
+            // the replay goes to another worker.
             Err(SendFailure::Upstream(err))
-                if conn.reused
-                    && replayable
+                if replayable
                     && (err.is_incomplete_message() || err.is_closed() || err.is_canceled()) =>
             {
-                span.in_scope(
-                    || tracing::debug!(cause = %err, "stale keep-alive connection; replaying"),
-                );
+                if conn.reused {
+                    span.in_scope(
+                        || tracing::debug!(cause = %err, "stale keep-alive connection; replaying"),
+                    );
+                } else {
+                    backend.record_error();
+                    failed.push(backend.id);
+                    span.in_scope(
+                        || tracing::warn!(cause = %err, "worker closed a fresh connection; replaying on another worker"),
+                    );
+                }
             }
             Err(SendFailure::Timeout) => {
                 backend.record_error();
