@@ -226,22 +226,7 @@ fn reload_under_new_connection_per_request_load_loses_nothing() {
     let before = d.ready_pids("web");
 
     // /slow keeps requests in flight while workers are signalled.
-    let load = Load::start(local(port), "/slow?ms=100", 8, false);
-    load.wait_for(40);
-    let out = d.cli(&["reload", "web"]);
-    assert!(
-        out.status.success(),
-        "reload failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    load.wait_for(40);
-    let stats = load.stop();
-    assert_eq!(
-        (stats.failed, stats.non2xx),
-        (0, 0),
-        "lost requests: {:?}",
-        stats.errors
-    );
+    let stats = d.reload_under("web", Load::start(local(port), "/slow?ms=100", 8, false));
     assert!(stats.ok >= 80, "{stats:?}");
     let after = d.ready_pids("web");
     assert!(before.iter().all(|p| !after.contains(p)));
@@ -589,22 +574,7 @@ def app(environ, start_response):
         "gunicorn bound its default port instead of the inherited socket: {log}"
     );
 
-    let load = Load::start(local(port), "/", 4, false);
-    load.wait_for(40);
-    let out = d.cli(&["reload", "gunicorn"]);
-    assert!(
-        out.status.success(),
-        "reload failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    load.wait_for(40);
-    let stats = load.stop();
-    assert_eq!(
-        (stats.failed, stats.non2xx),
-        (0, 0),
-        "lost requests: {:?}",
-        stats.errors
-    );
+    d.reload_under("gunicorn", Load::start(local(port), "/", 4, false));
     let after = instance_pids(&d.wait_phase("gunicorn", "Available", T));
     assert_eq!(after.len(), 2);
     assert!(

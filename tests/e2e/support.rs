@@ -824,3 +824,26 @@ pub fn script(dir: &Path, name: &str, text: &str) -> PathBuf {
     std::fs::write(&path, text).unwrap();
     path
 }
+
+impl Daemon {
+    /// `clusterd reload APP` while `load` is flowing: asserts the reload succeeded and
+    /// that not one request failed or got a non-2xx answer; returns the load's counts.
+    pub fn reload_under(&self, app: &str, load: Load) -> LoadStats {
+        load.wait_for(40);
+        let out = self.cli(&["reload", app]);
+        assert!(
+            out.status.success(),
+            "reload failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        load.wait_for(40);
+        let stats = load.stop();
+        assert_eq!(
+            (stats.failed, stats.non2xx),
+            (0, 0),
+            "lost requests: {:?}",
+            stats.errors
+        );
+        stats
+    }
+}
