@@ -93,6 +93,8 @@ mod fixtures;
 mod proptests;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod reloads;
 
 pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
 pub use decide::plan;
