@@ -92,9 +92,9 @@ mod fixtures;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
-mod tests;
-#[cfg(test)]
 mod reloads;
+#[cfg(test)]
+mod tests;
 
 pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
 pub use decide::plan;

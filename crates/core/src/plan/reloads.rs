@@ -121,6 +121,12 @@ fn a_reload_during_a_rollout_ends_at_the_reloaded_template() {
     step(&mut w);
     reload(&mut w);
     assert_converged(&mut w);
-    assert_eq!(w.d().template, Template { generation: 1, ..tpl("b") });
+    assert_eq!(
+        w.d().template,
+        Template {
+            generation: 1,
+            ..tpl("b")
+        }
+    );
     let _ = app();
 }
