@@ -47,7 +47,7 @@ impl EventLog {
         ring.seq += 1;
         let event = Event {
             seq: ring.seq,
-            time: rfc3339(SystemTime::now()),
+            time: rfc3339_millis(SystemTime::now()),
             app: app.map(str::to_string),
             instance,
             kind: kind.to_string(),
@@ -75,7 +75,34 @@ impl EventLog {
     }
 }
 
-/// RFC 3339 in UTC with second precision.
+/// RFC 3339 in UTC with second precision (status: start times).
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// RFC 3339 in UTC with millisecond precision (event times): a rollout's drain, signal
+/// and exit happen within one second, and an operator reading events after an incident
+/// needs their order and the gaps between them.
+pub fn rfc3339_millis(t: SystemTime) -> String {
+    humantime::format_rfc3339_millis(t).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use super::{rfc3339_millis, EventLog};
+
+    #[test]
+    fn event_times_have_millisecond_resolution() {
+        let t = UNIX_EPOCH + Duration::from_millis(1_764_601_200_123);
+        assert_eq!(rfc3339_millis(t), "2025-12-01T15:00:00.123Z");
+        let t = UNIX_EPOCH + Duration::from_secs(1_764_601_200);
+        assert_eq!(rfc3339_millis(t), "2025-12-01T15:00:00.000Z");
+        let log = EventLog::new();
+        log.push(Some("web"), Some(0), "spawn", "pid 1".into());
+        let time = &log.snapshot()[0].time;
+        assert_eq!(time.len(), "2025-12-01T15:00:00.000Z".len(), "{time}");
+        assert!(time.ends_with('Z') && time.as_bytes()[19] == b'.', "{time}");
+    }
 }

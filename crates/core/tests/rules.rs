@@ -336,3 +336,38 @@ fn non_utf8_is_an_error_with_a_position() {
         ["bin.yaml:2:4: file is not UTF-8 text (expected a YAML manifest)"]
     );
 }
+
+/// execve(2) refuses one `NAME=value` over 128 KiB and arguments plus environment over
+/// a quarter of the stack limit: such a manifest could never start a worker (issue 18).
+#[test]
+fn env_too_large_to_exec_is_rejected_where_it_is() {
+    let big = "x".repeat(140_000);
+    let got = check(&with_spec(&format!(
+        "  env:\n    SMALL: y\n    BIG: {big}\n"
+    )));
+    assert_eq!(
+        got,
+        vec!["/srv/apps/web.yaml:9:10: `BIG=...` is 140004 bytes, more than the 131071 bytes execve accepts for one variable (expected a shorter value; pass large data in a file)"]
+    );
+    // Just under the limit for one variable is fine.
+    let fits = "x".repeat(131_071 - "FITS=".len());
+    assert_eq!(
+        check(&with_spec(&format!("  env:\n    FITS: {fits}\n"))),
+        Vec::<String>::new()
+    );
+
+    // Many variables each under the limit, together over what execve accepts (one
+    // manifest file is at most 1 MiB, but YAML aliases repeat a value).
+    let chunk = "y".repeat(120_000);
+    let mut env = format!("  env:\n    V0: &v {chunk}\n");
+    for i in 1..16 {
+        env.push_str(&format!("    V{i}: *v\n"));
+    }
+    let got = check(&with_spec(&env));
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].starts_with("/srv/apps/web.yaml:8:5: command and env take 1920")
+            && got[0].contains("more than the 1835008 bytes a manifest may use"),
+        "{got:#?}"
+    );
+}

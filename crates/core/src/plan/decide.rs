@@ -14,7 +14,6 @@ use super::{
     Action, AppName, Desired, DesiredApp, DrainPolicy, DrainReason, ExitReason, Observed,
     ObservedApp, Plan, ReadinessGate, Template, Worker, WorkerId, WorkerState,
 };
-use crate::model::RestartPolicy;
 
 impl DesiredApp {
     /// How this app's workers are stopped.
@@ -548,12 +547,7 @@ impl<'a> AppPlanner<'a> {
         };
         match &slot.last_exit {
             Some((at, _, template)) if slot.restart_pending && template == target => {
-                let forbidden = match d.restart.policy {
-                    RestartPolicy::Always => false,
-                    RestartPolicy::OnFailure => !slot.last_exit_failed,
-                    RestartPolicy::Never => true,
-                };
-                if empty && forbidden {
+                if empty && slot.restart_forbidden(d.restart.policy) {
                     return SpawnGate::Blocked;
                 }
                 let due = *at + backoff_delay(&d.restart.backoff, slot.consecutive_failures);
