@@ -87,6 +87,8 @@ struct AppPlanner<'a> {
     policy: DrainPolicy,
     /// Spawns decided in this plan (no id yet, so not in `obs`).
     spawned: usize,
+    /// Their indexes.
+    spawned_at: Vec<u32>,
     actions: Vec<Action>,
     wake_at: Option<Instant>,
 }
@@ -109,6 +111,7 @@ impl<'a> AppPlanner<'a> {
             now,
             policy,
             spawned: 0,
+            spawned_at: Vec::new(),
             actions: Vec::new(),
             wake_at: None,
         }
@@ -154,6 +157,7 @@ impl<'a> AppPlanner<'a> {
     }
 
     fn spawn(&mut self, index: u32, template: Template) {
+        self.spawned_at.push(index);
         self.emit(Action::Spawn {
             app: self.app.clone(),
             index,
@@ -182,9 +186,18 @@ impl<'a> AppPlanner<'a> {
         }
         self.readiness(d);
         self.crashed_rollout(d);
+        let failed = self.failed(d);
         self.normalize(d);
         self.trim_surge(d);
         self.fill(d);
+        if self.failed(d) != failed {
+            // This plan drained the last fallback of a failed rollout, so the failure no
+            // longer blocks: decide again with the new targets now rather than in the
+            // next plan (idempotence).
+            self.normalize(d);
+            self.trim_surge(d);
+            self.fill(d);
+        }
         self.available(d);
     }
 
@@ -499,7 +512,10 @@ impl<'a> AppPlanner<'a> {
                     && (w.state == WorkerState::Starting
                         || (w.state == WorkerState::Ready && d.unhealthy(w).is_none()))
             });
-            if settled || Self::predecessor(&here, &target).is_some() {
+            if settled
+                || Self::predecessor(&here, &target).is_some()
+                || self.spawned_at.contains(&index)
+            {
                 continue;
             }
             let serving: Vec<WorkerId> = here.iter().map(|w| w.id).collect();

@@ -289,9 +289,10 @@ impl Sim {
         if !spawned {
             prop_assert!(
                 again.actions.is_empty(),
-                "not idempotent: {:?} then {:?}",
+                "not idempotent: {:?} then {:?} from {:?}",
                 p.actions,
-                again.actions
+                again.actions,
+                summary(&before)
             );
         }
         let did = !p.actions.is_empty();
