@@ -149,9 +149,10 @@ fn staging_path(path: &Path) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Copies `from` to a new file `to`, catching up with what was appended meanwhile;
-/// returns the bytes copied. `std::io::copy` between files uses `copy_file_range`,
-/// which shares the blocks on filesystems that can (btrfs, XFS with reflink).
+/// Copies `from` to a new file `to`, catching up (a few rounds at most, so a writer
+/// faster than the copy cannot keep it going) with what was appended meanwhile; returns
+/// the bytes copied. `std::io::copy` between files uses `copy_file_range`, which shares
+/// the blocks on filesystems that can (btrfs, XFS with reflink).
 fn copy_log(from: &Path, to: &Path) -> std::io::Result<u64> {
     let mut src = File::open(from)?;
     let mut dst = OpenOptions::new()
@@ -160,13 +161,14 @@ fn copy_log(from: &Path, to: &Path) -> std::io::Result<u64> {
         .mode(0o640)
         .open(to)?;
     let mut copied = 0;
-    loop {
+    for _ in 0..4 {
         let n = std::io::copy(&mut src, &mut dst)?;
         if n == 0 {
-            return Ok(copied);
+            break;
         }
         copied += n;
     }
+    Ok(copied)
 }
 
 fn remove_if_exists(path: &Path) -> Result<()> {

@@ -89,6 +89,9 @@ struct AppPlanner<'a> {
     spawned: usize,
     /// Their indexes.
     spawned_at: Vec<u32>,
+    /// Ready workers (below `replicas`) when the plan began: the planner never takes
+    /// the count below `min(this, replicas - maxUnavailable)`.
+    ready_start: usize,
     actions: Vec<Action>,
     wake_at: Option<Instant>,
 }
@@ -112,6 +115,7 @@ impl<'a> AppPlanner<'a> {
             policy,
             spawned: 0,
             spawned_at: Vec::new(),
+            ready_start: 0,
             actions: Vec::new(),
             wake_at: None,
         }
@@ -178,6 +182,7 @@ impl<'a> AppPlanner<'a> {
 
     fn reconcile(&mut self, d: &DesiredApp) {
         let n = d.replicas;
+        self.ready_start = self.ready_count(n);
         // Scale down: everything at an index >= replicas goes, highest index first.
         let mut beyond = self.ids(|w| w.state != WorkerState::Draining && w.index >= n);
         beyond.reverse();
@@ -370,7 +375,6 @@ impl<'a> AppPlanner<'a> {
     fn normalize(&mut self, d: &DesiredApp) {
         let n = d.replicas;
         let floor = (n as usize).saturating_sub(d.rollout.max_unavailable as usize);
-        let ready_before = self.ready_count(n);
         for index in 0..n {
             let here = self.here(index);
             let Some(target) = self.target(d, &here) else {
@@ -412,7 +416,7 @@ impl<'a> AppPlanner<'a> {
                 // Ready workers go only as far as the ready floor allows (a duplicate is
                 // capacity too); what stays is drained by a later plan.
                 if self.worker(id).state == WorkerState::Ready
-                    && self.ready_count(n) <= ready_before.min(floor)
+                    && self.ready_count(n) <= self.ready_start.min(floor)
                 {
                     continue;
                 }

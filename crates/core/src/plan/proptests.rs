@@ -259,9 +259,11 @@ impl Sim {
         let cap = (n + d.rollout.max_surge) as usize;
         prop_assert!(
             live_count(&self.w, n) <= cap,
-            "{} live > {}",
+            "{} live > {}: {:?} from {:?}",
             live_count(&self.w, n),
-            cap
+            cap,
+            p.actions,
+            summary(&before)
         );
         if let Some(o) = self.w.observed.apps.get(&app()) {
             let mut seen = BTreeSet::new();
