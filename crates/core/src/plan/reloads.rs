@@ -78,6 +78,7 @@ fn fifty_reloads_in_a_burst_coalesce() {
         spawns += step(&mut w);
     }
     spawns += w.run_on(500).spawns;
+    eprintln!("burst: {spawns} spawns");
     assert!((4..=8).contains(&spawns), "{spawns} spawns for 50 reloads");
     assert_converged(&mut w);
 }
@@ -98,6 +99,7 @@ fn fifty_reloads_while_workers_get_ready_coalesce() {
         }
     }
     spawns += w.run_on(500).spawns;
+    eprintln!("interleaved: {spawns} spawns");
     assert!(spawns <= 12, "{spawns} spawns for 50 reloads");
     assert_converged(&mut w);
 }
