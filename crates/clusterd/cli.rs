@@ -355,12 +355,9 @@ pub fn expand_manifest_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> 
     Ok(out)
 }
 
-/// A manifest file name: `*.yaml`/`*.yml`, not hidden, not an editor's temp file.
+/// A manifest file name (the rule lives in core, shared with the daemon and GitOps).
 pub fn is_manifest_name(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    !name.starts_with('.')
-        && !name.ends_with('~')
-        && (name.ends_with(".yaml") || name.ends_with(".yml"))
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(clusterd_core::load::is_manifest_name)
 }

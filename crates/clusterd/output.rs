@@ -328,7 +328,7 @@ fn load(files: &[clusterd_core::load::ManifestFile]) -> clusterd_core::load::Loa
 }
 
 /// Marker written by GitOps sync: the apps dir belongs to git, not to `apply`.
-pub const GIT_MARKER: &str = ".clusterd-git";
+pub use clusterd_core::load::GIT_MARKER;
 
 /// `clusterd apply -f FILE|DIR`.
 pub fn apply(paths: &[PathBuf], apps_dir: &Path) -> anyhow::Result<ExitCode> {

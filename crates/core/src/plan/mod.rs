@@ -95,7 +95,7 @@ mod proptests;
 mod tests;
 
 pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
-pub use decide::plan;
+pub use decide::{plan, plan_app};
 pub use phase::{describe_template, phase};
 
 use std::collections::BTreeMap;
@@ -276,6 +276,22 @@ pub enum ExitReason {
     /// The worker was adopted after a daemon restart, so it is not our child and its
     /// exit status went to its real parent. Counted as a failure.
     Unknown,
+}
+
+/// The one wording of an exit, used by status, events and the planner's reasons:
+/// `exited with code 1`, `killed by SIGKILL`, `could not be started`.
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitReason::Code(c) => write!(f, "exited with code {c}"),
+            ExitReason::Signal(s) => match crate::signal::signal_name(s) {
+                Some(name) => write!(f, "killed by {name}"),
+                None => write!(f, "killed by signal {s}"),
+            },
+            ExitReason::SpawnFailed => f.write_str("could not be started"),
+            ExitReason::Unknown => f.write_str("exited (status unknown: adopted worker)"),
+        }
+    }
 }
 
 impl ExitReason {
