@@ -105,9 +105,28 @@ mod tests {
     fn wire_spelling_is_the_serde_spelling() {
         use EventKind::*;
         for k in [
-            Manifest, Invalid, Removed, ListenFailed, Spawn, SpawnFailed, Ready, Available,
-            Drain, Signal, Kill, Exit, Stopped, RolloutFailed, Reload, LivenessFailed, Adopted,
-            AdoptSkipped, Forgotten, Sync, SyncFailed, Shutdown,
+            Manifest,
+            Invalid,
+            Removed,
+            ListenFailed,
+            Spawn,
+            SpawnFailed,
+            Ready,
+            Available,
+            Drain,
+            Signal,
+            Kill,
+            Exit,
+            Stopped,
+            RolloutFailed,
+            Reload,
+            LivenessFailed,
+            Adopted,
+            AdoptSkipped,
+            Forgotten,
+            Sync,
+            SyncFailed,
+            Shutdown,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));

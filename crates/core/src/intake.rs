@@ -118,7 +118,10 @@ mod tests {
             for age in [0, 1, 249, 250, 10_000] {
                 for held in [0, 1, 2_500, 4_999, 5_000, 9_000] {
                     if let Verdict::Hold(d) = settle(change(write, age, held)) {
-                        assert!(d > Duration::ZERO && d <= MAX_HOLD, "{write:?} {age} {held}");
+                        assert!(
+                            d > Duration::ZERO && d <= MAX_HOLD,
+                            "{write:?} {age} {held}"
+                        );
                     }
                 }
             }
