@@ -257,6 +257,9 @@ impl<E: Effects> Controller<E> {
         }
         if self.next_rotation.is_some_and(|t| t <= now) {
             self.next_rotation = None;
+            for (app, what) in self.effects.repair_listeners() {
+                self.world.on_listener_lost(&app, what, &self.events);
+            }
             for app in self.world.apps.values() {
                 if let (Some(current), false) = (&app.current, app.procs.is_empty()) {
                     self.effects.rotate_logs(&app.name, &current.spec.logs);
