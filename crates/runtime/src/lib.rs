@@ -14,7 +14,10 @@
 //!   checked as the files grow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`effects`]: all of the above behind the one interface the daemon's controller
+//!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
+pub mod effects;
 pub mod error;
 pub mod gitops;
 pub mod ipc;
@@ -25,6 +28,7 @@ pub mod logwatch;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+pub mod quiet_read;
 pub mod shim;
 pub mod spawn;
 
