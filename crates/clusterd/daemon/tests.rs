@@ -422,3 +422,43 @@ async fn an_unreadable_manifest_keeps_the_app_running() {
     );
     assert!(app.current.is_some());
 }
+
+/// Issue 18.10: an exit the restart policy leaves alone is `Exited`, not `Backoff`, and
+/// no restart; a failure under the same policy is `Backoff`, and counts once restarted.
+#[tokio::test]
+async fn an_exit_that_will_not_be_restarted_is_exited_and_no_restart() {
+    let mut h = Harness::new(Fake::default());
+    let text = manifest("web", 2, "").replace("policy: always", "policy: on-failure");
+    h.write("web.yaml", &text, Duration::from_secs(10));
+    h.ctl.start();
+    h.settle().await;
+    for (id, code) in [(1, 0), (2, 3)] {
+        h.ctl.handle(Msg::Report(Report::Exited {
+            app: AppName("web".into()),
+            id: WorkerId(id),
+            reason: ExitReason::Code(code),
+        }));
+    }
+    h.settle().await;
+    let status = |h: &Harness| {
+        let a = &h.ctl.world().apps[&AppName("web".into())];
+        let d = a.desired(false).flatten();
+        super::status::app_status(a, h.ctl.effects(), d.as_ref(), *h.clock.lock().unwrap())
+    };
+    let s = status(&h);
+    let states: Vec<(u32, String, u32)> = s
+        .instances
+        .iter()
+        .map(|i| (i.index, format!("{:?}", i.state), i.restarts))
+        .collect();
+    assert_eq!(
+        states,
+        vec![(0, "Exited".into(), 0), (1, "Backoff".into(), 0)],
+        "{s:?}"
+    );
+    assert_eq!(s.restarts, 0);
+    h.advance(Duration::from_millis(1100));
+    h.settle().await;
+    let s = status(&h);
+    assert_eq!(s.restarts, 1, "the restart of index 1 counts: {s:?}");
+}

@@ -21,6 +21,7 @@ use super::probes;
 use super::{AdoptRequest, Effects, ListenKey, Report, SpawnRequest, Started};
 use crate::limits::{CgroupLimits, CgroupTree};
 use crate::listener::BoundListener;
+use crate::logwatch::LogSizeWatch;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
@@ -65,6 +66,8 @@ impl ListenerSet {
 /// A live worker's OS handles.
 struct Proc {
     handle: WorkerProcess,
+    /// Its instance index: the log file it writes.
+    index: u32,
     ports: Vec<(ListenKey, u16)>,
     /// Readiness and liveness probes; cancelled on drain and exit.
     probes: CancellationToken,
@@ -81,6 +84,10 @@ pub struct LinuxEffects {
     ports_in_use: HashSet<u16>,
     cgroups: Result<CgroupTree, String>,
     tasks: TaskTracker,
+    /// Checks log sizes as workers write them (`None`: inotify unavailable; the periodic
+    /// [`Effects::rotate_logs`] still runs).
+    log_watch: Option<LogSizeWatch>,
+    log_watch_stop: CancellationToken,
 }
 
 impl LinuxEffects {
@@ -108,6 +115,10 @@ impl LinuxEffects {
                 }
             }
         });
+        let log_watch_stop = CancellationToken::new();
+        let log_watch = LogSizeWatch::start(log_watch_stop.clone())
+            .map_err(|e| tracing::warn!(error = %e, "log sizes checked only periodically"))
+            .ok();
         let cgroups = CgroupTree::detect().map_err(|e| e.to_string());
         if let Err(e) = &cgroups {
             tracing::info!(reason = %e, "cgroup backstop unavailable; memory limits are enforced by sampling only");
@@ -122,6 +133,8 @@ impl LinuxEffects {
             ports_in_use: HashSet::new(),
             cgroups,
             tasks,
+            log_watch,
+            log_watch_stop,
         })
     }
 
@@ -137,6 +150,7 @@ impl LinuxEffects {
         for (_, set) in std::mem::take(&mut self.listeners) {
             set.close();
         }
+        self.log_watch_stop.cancel();
         self.tasks.close();
     }
 
@@ -160,6 +174,13 @@ impl LinuxEffects {
         for (_, p) in ports {
             self.ports_in_use.remove(p);
         }
+    }
+
+    /// Whether a live (or draining) worker of `app` writes the log of `index`.
+    fn writes_log(&self, app: &AppName, index: u32) -> bool {
+        self.procs
+            .iter()
+            .any(|((a, _), p)| a == app && p.index == index)
     }
 
     fn watch_exit(&self, app: &AppName, id: WorkerId, process: WorkerProcess) {
@@ -269,6 +290,11 @@ impl LinuxEffects {
         ws.group.clone_from(&spec.group);
         ws.rlimits = (&spec.limits).into();
         ws.log_dir = Some(self.config.log_dir.clone());
+        // Nobody else writes this index's log: rotate it by rename (no copy, works on a
+        // full disk) before the new worker gets it.
+        if !self.writes_log(req.app, req.index) {
+            ws.log_rotate_unshared = Some((&spec.logs).into());
+        }
         let cgroup_note = self.cgroup_for(&req, &mut ws);
         let spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
         Ok((spawned.process, spawned.ipc, cgroup_note))
@@ -461,10 +487,17 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes,
             },
         );
+        if let Some(watch) = &self.log_watch {
+            watch.track(
+                crate::logs::instance_log_path(&self.config.log_dir, &req.app.0, req.index),
+                (&req.spec.spec.logs).into(),
+            );
+        }
         Ok(started)
     }
 
@@ -494,6 +527,7 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes: CancellationToken::new(),
             },
@@ -587,6 +621,15 @@ impl Effects for LinuxEffects {
         let Some(p) = self.procs.remove(&(app.clone(), id)) else {
             return;
         };
+        if !self.writes_log(app, p.index) {
+            if let Some(watch) = &self.log_watch {
+                watch.untrack(crate::logs::instance_log_path(
+                    &self.config.log_dir,
+                    &app.0,
+                    p.index,
+                ));
+            }
+        }
         p.probes.cancel();
         self.notify_registry.remove(p.handle.pid());
         if let Some(set) = self.listeners.get(app) {
@@ -648,6 +691,18 @@ impl Effects for LinuxEffects {
     fn rotate_logs(&mut self, app: &AppName, logs: &Logs) {
         if let Err(e) = crate::logs::rotate_app(&self.config.log_dir, &app.0, logs.into()) {
             tracing::warn!(app = %app, error = %e, "log rotation");
+        }
+        // Keep the size watch's policy current (a `logs` edit touches no worker), and
+        // track workers it has not seen (adopted ones).
+        if let Some(watch) = &self.log_watch {
+            for ((a, _), p) in &self.procs {
+                if a == app {
+                    watch.track(
+                        crate::logs::instance_log_path(&self.config.log_dir, &app.0, p.index),
+                        logs.into(),
+                    );
+                }
+            }
         }
     }
 }
