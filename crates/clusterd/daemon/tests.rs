@@ -462,3 +462,69 @@ async fn an_exit_that_will_not_be_restarted_is_exited_and_no_restart() {
     let s = status(&h);
     assert_eq!(s.restarts, 1, "the restart of index 1 counts: {s:?}");
 }
+
+/// Issue 18.1, through the controller: the first reload's surge worker reports ready and
+/// a second reload arrives before the next reconcile. Before the fix the app stayed at
+/// "Progressing 3/4" with 5 workers for good; now it ends Available with 4.
+#[tokio::test]
+async fn two_reloads_back_to_back_do_not_wedge_the_rollout() {
+    let mut h = Harness::new(Fake::default());
+    let text = manifest("web", 4, "").replace("{type: delay, delay: 0s}", "{type: notify}");
+    h.write("web.yaml", &text, Duration::from_secs(10));
+    h.ctl.start();
+    let web = || AppName("web".into());
+    let reload = |h: &mut Harness| {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        h.ctl.handle(Msg::Api(
+            super::api::ApiRequest::Reload(Some("web".into())),
+            tx,
+        ));
+    };
+    let ready_all = |h: &mut Harness| {
+        for pid in 1001..=1000 + h.ctl.effects().next_pid {
+            h.ctl.handle(Msg::Report(Report::NotifyReady { pgid: pid }));
+        }
+    };
+    h.settle().await;
+    ready_all(&mut h);
+    h.settle().await;
+    assert_eq!(h.phase("web"), Some(Phase::Available));
+    reload(&mut h);
+    h.settle().await;
+    ready_all(&mut h); // the surge worker is ready...
+    reload(&mut h); // ...and the next reload lands in the same reconcile
+    h.settle().await;
+    let mut exited = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        let signalled: Vec<u64> = h
+            .calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::Signal(_, id) | Call::Kill(_, id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for id in signalled {
+            if exited.insert(id) {
+                h.ctl.handle(Msg::Report(Report::Exited {
+                    app: web(),
+                    id: WorkerId(id),
+                    reason: ExitReason::Code(0),
+                }));
+            }
+        }
+        ready_all(&mut h);
+        h.advance(Duration::from_millis(100));
+        h.settle().await;
+        if h.phase("web") == Some(Phase::Available) {
+            break;
+        }
+    }
+    let live = h.ctl.world().apps[&web()].observed.workers.len();
+    assert_eq!(
+        (h.phase("web"), live),
+        (Some(Phase::Available), 4),
+        "{:?}",
+        h.calls()
+    );
+}
