@@ -12,6 +12,7 @@ pub mod export;
 pub mod instances;
 pub mod load;
 pub mod model;
+pub mod net;
 pub mod plan;
 pub mod revision;
 pub mod signal;
