@@ -12,8 +12,10 @@
 //! - [`notify`] and [`ipc`]: readiness from sd_notify and Node's `process.send('ready')`.
 //! - [`logs`]: per-instance log files, rotation, tail and follow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
+//! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 
+pub mod accept;
 pub mod error;
 pub mod gitops;
 pub mod ipc;

@@ -10,10 +10,13 @@
 //! - [`serve_http`]: HTTP/1.1 reverse proxy, balancing *requests*.
 //! - [`serve_tcp`]: L4 proxy, balancing *connections*.
 
+mod guard;
+mod headers;
 mod http;
 mod pool;
 mod routes;
 mod tcp;
+mod timeouts;
 
 use std::net::SocketAddr;
 use std::time::Duration;
