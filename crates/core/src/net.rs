@@ -35,8 +35,7 @@ impl Cidr {
     pub fn contains(&self, ip: IpAddr) -> bool {
         match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
-                mask_bits(u128::from(u32::from(ip)), self.prefix, 32)
-                    == u128::from(u32::from(net))
+                mask_bits(u128::from(u32::from(ip)), self.prefix, 32) == u128::from(u32::from(net))
             }
             (IpAddr::V6(net), IpAddr::V6(ip)) => {
                 mask_bits(u128::from(ip), self.prefix, 128) == u128::from(net)
@@ -138,7 +137,15 @@ mod tests {
 
     #[test]
     fn rejects_bad_ranges_with_a_reason() {
-        for bad in ["", "10.0.0.0/33", "::/129", "10.0.0/8", "x", "10.0.0.0/", "1.2.3.4/a"] {
+        for bad in [
+            "",
+            "10.0.0.0/33",
+            "::/129",
+            "10.0.0/8",
+            "x",
+            "10.0.0.0/",
+            "1.2.3.4/a",
+        ] {
             let e = bad.parse::<Cidr>().unwrap_err().to_string();
             assert!(e.contains("expected an address"), "{bad}: {e}");
         }
@@ -146,7 +153,10 @@ mod tests {
 
     #[test]
     fn displays_the_network() {
-        assert_eq!("10.1.2.3/8".parse::<Cidr>().unwrap().to_string(), "10.0.0.0/8");
+        assert_eq!(
+            "10.1.2.3/8".parse::<Cidr>().unwrap().to_string(),
+            "10.0.0.0/8"
+        );
         assert_eq!("::1".parse::<Cidr>().unwrap().to_string(), "::1/128");
     }
 }

@@ -13,11 +13,11 @@ use std::time::Duration;
 
 use crate::error::ManifestError;
 use crate::instances::{resolve_instances, MAX_INSTANCES};
-use crate::net::Cidr;
 use crate::model::{
     AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind, Protocol,
     ReadinessKind, SignalName,
 };
+use crate::net::Cidr;
 use crate::signal::normalize_signal;
 
 /// The only `apiVersion` this release reads.
@@ -501,7 +501,10 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
         }
         for (j, range) in l.trusted_proxies.iter().enumerate() {
             if let Err(e) = range.parse::<Cidr>() {
-                issues.push(Issue::at(format!("{base}.trustedProxies[{j}]"), e.to_string()));
+                issues.push(Issue::at(
+                    format!("{base}.trustedProxies[{j}]"),
+                    e.to_string(),
+                ));
             }
         }
         if !l.trusted_proxies.is_empty() && l.mode != ListenMode::Http {

@@ -64,7 +64,10 @@ impl AcceptBackoff {
         self.delay = self.next_delay();
         self.unlogged += 1;
         let now = Instant::now();
-        if self.last_log.is_none_or(|t| now.duration_since(t) >= LOG_EVERY) {
+        if self
+            .last_log
+            .is_none_or(|t| now.duration_since(t) >= LOG_EVERY)
+        {
             let fd_exhausted = matches!(
                 err.raw_os_error(),
                 Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
@@ -170,9 +173,8 @@ impl ConnLimiter {
     pub fn global() -> Arc<Self> {
         static GLOBAL: OnceLock<Arc<ConnLimiter>> = OnceLock::new();
         Arc::clone(GLOBAL.get_or_init(|| {
-            let nofile =
-                nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
-                    .map_or(1024, |(soft, _)| soft);
+            let nofile = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map_or(1024, |(soft, _)| soft);
             let (mut total, mut per_client) = Self::caps_for_nofile(nofile);
             let env = |name: &str| {
                 std::env::var(name)

@@ -77,7 +77,9 @@ async fn connect_from(src: [u8; 4], to: SocketAddr) -> TcpStream {
 }
 
 async fn get_on(s: &mut TcpStream) -> String {
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").await.unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = vec![0; 4096];
     let n = tokio::time::timeout(Duration::from_secs(10), s.read(&mut buf))
         .await
@@ -246,7 +248,13 @@ async fn client_cannot_spoof_forwarding_headers() {
     ] {
         assert!(out.contains(&want), "missing {want:?} in {out}");
     }
-    for gone in ["10.6.6.6", "evil.example", "https", "x-real-ip", "true-client-ip"] {
+    for gone in [
+        "10.6.6.6",
+        "evil.example",
+        "https",
+        "x-real-ip",
+        "true-client-ip",
+    ] {
         assert!(!out.contains(gone), "{gone} reached the worker: {out}");
     }
     proxy.stop().await;
@@ -305,11 +313,9 @@ async fn h2c_upgrade_is_not_forwarded_but_websocket_is() {
     assert!(h2c.starts_with("HTTP/1.1 200"), "{h2c}");
     assert!(h2c.ends_with("plain"), "{h2c}");
     let mut ws = TcpStream::connect(proxy.addr).await.unwrap();
-    ws.write_all(
-        b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    ws.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        .await
+        .unwrap();
     let mut buf = [0u8; 64];
     let n = ws.read(&mut buf).await.unwrap();
     assert!(buf[..n].starts_with(b"HTTP/1.1 101"));
@@ -427,7 +433,11 @@ async fn lenient_framing_and_authority_are_refused() {
         let out = raw_exchange(proxy.addr, request.as_bytes()).await;
         assert!(out.starts_with(want), "{request:?} -> {out:?}");
     }
-    assert_eq!(proxy.routes.snapshot()[0].total, 0, "nothing reached a worker");
+    assert_eq!(
+        proxy.routes.snapshot()[0].total,
+        0,
+        "nothing reached a worker"
+    );
     proxy.stop().await;
 }
 

@@ -50,7 +50,10 @@ pub(crate) fn check_request(
     let mut hosts = headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (_, Some(_)) => {
-            return Err(reject(StatusCode::BAD_REQUEST, "more than one Host header\n"));
+            return Err(reject(
+                StatusCode::BAD_REQUEST,
+                "more than one Host header\n",
+            ));
         }
         (Some(host), None) => {
             if !host.to_str().is_ok_and(valid_authority) {
@@ -186,41 +189,150 @@ mod tests {
         h
     }
 
+    /// Method, target, version, header lines, the refusal's status (None: accepted).
+    type Case<'a> = (
+        &'a str,
+        &'a str,
+        Version,
+        &'a [(&'a str, &'a str)],
+        Option<u16>,
+    );
+
     #[test]
     fn request_heads_table() {
         let ok = None;
-        let cases: &[(&str, &str, Version, &[(&str, &str)], Option<u16>)] = &[
+        let cases: &[Case<'_>] = &[
             ("GET", "/", Version::HTTP_11, &[("host", "app.example")], ok),
-            ("GET", "/a?b", Version::HTTP_11, &[("host", "app.example:8080")], ok),
-            ("GET", "/", Version::HTTP_11, &[("host", "127.0.0.1:80")], ok),
+            (
+                "GET",
+                "/a?b",
+                Version::HTTP_11,
+                &[("host", "app.example:8080")],
+                ok,
+            ),
+            (
+                "GET",
+                "/",
+                Version::HTTP_11,
+                &[("host", "127.0.0.1:80")],
+                ok,
+            ),
             ("GET", "/", Version::HTTP_11, &[("host", "[::1]:8080")], ok),
             ("GET", "/", Version::HTTP_11, &[("host", "[::1]")], ok),
             ("GET", "/", Version::HTTP_10, &[], ok),
             ("GET", "http://app.example/x", Version::HTTP_11, &[], ok),
-            ("GET", "https://app.example:443/x", Version::HTTP_11, &[("host", "other")], ok),
+            (
+                "GET",
+                "https://app.example:443/x",
+                Version::HTTP_11,
+                &[("host", "other")],
+                ok,
+            ),
             ("OPTIONS", "*", Version::HTTP_11, &[("host", "a")], ok),
-            ("POST", "/", Version::HTTP_11, &[("host", "a"), ("transfer-encoding", "chunked")], ok),
-            ("POST", "/", Version::HTTP_11, &[("host", "a"), ("transfer-encoding", "Chunked ")], ok),
+            (
+                "POST",
+                "/",
+                Version::HTTP_11,
+                &[("host", "a"), ("transfer-encoding", "chunked")],
+                ok,
+            ),
+            (
+                "POST",
+                "/",
+                Version::HTTP_11,
+                &[("host", "a"), ("transfer-encoding", "Chunked ")],
+                ok,
+            ),
             // Refused.
-            ("CONNECT", "app.example:443", Version::HTTP_11, &[("host", "app.example:443")], Some(405)),
-            ("GET", "evil.example:80", Version::HTTP_11, &[("host", "app")], Some(400)),
-            ("GET", "http://user:pw@app.example/", Version::HTTP_11, &[("host", "app")], Some(400)),
-            ("GET", "ftp://app.example/", Version::HTTP_11, &[("host", "app")], Some(400)),
+            (
+                "CONNECT",
+                "app.example:443",
+                Version::HTTP_11,
+                &[("host", "app.example:443")],
+                Some(405),
+            ),
+            (
+                "GET",
+                "evil.example:80",
+                Version::HTTP_11,
+                &[("host", "app")],
+                Some(400),
+            ),
+            (
+                "GET",
+                "http://user:pw@app.example/",
+                Version::HTTP_11,
+                &[("host", "app")],
+                Some(400),
+            ),
+            (
+                "GET",
+                "ftp://app.example/",
+                Version::HTTP_11,
+                &[("host", "app")],
+                Some(400),
+            ),
             ("GET", "*", Version::HTTP_11, &[("host", "a")], Some(400)),
             ("GET", "/", Version::HTTP_11, &[], Some(400)),
-            ("GET", "/", Version::HTTP_11, &[("host", "a"), ("host", "b")], Some(400)),
-            ("GET", "/", Version::HTTP_11, &[("host", "a"), ("host", "a")], Some(400)),
+            (
+                "GET",
+                "/",
+                Version::HTTP_11,
+                &[("host", "a"), ("host", "b")],
+                Some(400),
+            ),
+            (
+                "GET",
+                "/",
+                Version::HTTP_11,
+                &[("host", "a"), ("host", "a")],
+                Some(400),
+            ),
             ("GET", "/", Version::HTTP_11, &[("host", "a,b")], Some(400)),
             ("GET", "/", Version::HTTP_11, &[("host", "a b")], Some(400)),
             ("GET", "/", Version::HTTP_11, &[("host", "a/b")], Some(400)),
             ("GET", "/", Version::HTTP_11, &[("host", "a@b")], Some(400)),
             ("GET", "/", Version::HTTP_11, &[("host", "")], Some(400)),
-            ("GET", "/", Version::HTTP_11, &[("host", "a:80x")], Some(400)),
+            (
+                "GET",
+                "/",
+                Version::HTTP_11,
+                &[("host", "a:80x")],
+                Some(400),
+            ),
             ("GET", "/", Version::HTTP_11, &[("host", "[::1")], Some(400)),
-            ("GET", "/", Version::HTTP_11, &[("host", "[nope]:80")], Some(400)),
-            ("POST", "/", Version::HTTP_11, &[("host", "a"), ("transfer-encoding", "gzip, chunked")], Some(501)),
-            ("POST", "/", Version::HTTP_11, &[("host", "a"), ("transfer-encoding", "gzip"), ("transfer-encoding", "chunked")], Some(501)),
-            ("POST", "/", Version::HTTP_11, &[("host", "a"), ("transfer-encoding", "chunked, chunked")], Some(501)),
+            (
+                "GET",
+                "/",
+                Version::HTTP_11,
+                &[("host", "[nope]:80")],
+                Some(400),
+            ),
+            (
+                "POST",
+                "/",
+                Version::HTTP_11,
+                &[("host", "a"), ("transfer-encoding", "gzip, chunked")],
+                Some(501),
+            ),
+            (
+                "POST",
+                "/",
+                Version::HTTP_11,
+                &[
+                    ("host", "a"),
+                    ("transfer-encoding", "gzip"),
+                    ("transfer-encoding", "chunked"),
+                ],
+                Some(501),
+            ),
+            (
+                "POST",
+                "/",
+                Version::HTTP_11,
+                &[("host", "a"), ("transfer-encoding", "chunked, chunked")],
+                Some(501),
+            ),
         ];
         for (method, target, version, lines, want) in cases {
             let method: Method = method.parse().unwrap();
@@ -237,9 +349,24 @@ mod tests {
         let ws = vec!["websocket".to_string()];
         let cases: &[(&[(&str, &str)], bool)] = &[
             (&[("connection", "Upgrade"), ("upgrade", "websocket")], true),
-            (&[("connection", "keep-alive, upgrade"), ("upgrade", "WebSocket")], true),
-            (&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")], false),
-            (&[("connection", "upgrade"), ("upgrade", "websocket, h2c")], false),
+            (
+                &[
+                    ("connection", "keep-alive, upgrade"),
+                    ("upgrade", "WebSocket"),
+                ],
+                true,
+            ),
+            (
+                &[
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                    ("upgrade", "h2c"),
+                ],
+                false,
+            ),
+            (
+                &[("connection", "upgrade"), ("upgrade", "websocket, h2c")],
+                false,
+            ),
             (&[("upgrade", "websocket")], false),
             (&[("connection", "upgrade"), ("upgrade", "")], false),
             (&[("connection", "upgrade")], false),

@@ -25,6 +25,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use clusterd_core::net::Cidr;
 use clusterd_core::plan::WorkerId;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
@@ -32,7 +33,6 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1 as server_http1;
 use hyper::service::service_fn;
-use clusterd_core::net::Cidr;
 use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
@@ -129,11 +129,26 @@ impl HttpProxyConfig {
                 .map(Duration::from_millis)
         };
         for (name, field) in [
-            ("CLUSTERD_PROXY_HEADER_TIMEOUT_MS", &mut self.header_read_timeout),
-            ("CLUSTERD_PROXY_NO_BACKEND_WAIT_MS", &mut self.no_backend_wait),
-            ("CLUSTERD_PROXY_RESPONSE_TIMEOUT_MS", &mut self.response_header_timeout),
-            ("CLUSTERD_PROXY_BODY_TIMEOUT_MS", &mut self.body_read_timeout),
-            ("CLUSTERD_PROXY_SEND_TIMEOUT_MS", &mut self.response_write_timeout),
+            (
+                "CLUSTERD_PROXY_HEADER_TIMEOUT_MS",
+                &mut self.header_read_timeout,
+            ),
+            (
+                "CLUSTERD_PROXY_NO_BACKEND_WAIT_MS",
+                &mut self.no_backend_wait,
+            ),
+            (
+                "CLUSTERD_PROXY_RESPONSE_TIMEOUT_MS",
+                &mut self.response_header_timeout,
+            ),
+            (
+                "CLUSTERD_PROXY_BODY_TIMEOUT_MS",
+                &mut self.body_read_timeout,
+            ),
+            (
+                "CLUSTERD_PROXY_SEND_TIMEOUT_MS",
+                &mut self.response_write_timeout,
+            ),
         ] {
             if let Some(d) = ms(name) {
                 *field = d;
@@ -285,8 +300,7 @@ async fn proxy_request(
     peer: SocketAddr,
     local: Option<SocketAddr>,
 ) -> Response<ProxyBody> {
-    if let Err(reject) =
-        guard::check_request(req.method(), req.uri(), req.version(), req.headers())
+    if let Err(reject) = guard::check_request(req.method(), req.uri(), req.version(), req.headers())
     {
         tracing::debug!(status = %reject.status, reason = reject.reason.trim_end(), "request refused");
         return closing(error_response(reject.status, reject.reason));

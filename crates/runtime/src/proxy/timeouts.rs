@@ -73,7 +73,11 @@ impl<S> WriteIdle<S> {
         }
     }
 
-    fn check<T>(&mut self, polled: Poll<io::Result<T>>, cx: &mut Context<'_>) -> Poll<io::Result<T>> {
+    fn check<T>(
+        &mut self,
+        polled: Poll<io::Result<T>>,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<T>> {
         match polled {
             Poll::Pending => {
                 if self.idle.expired(cx) {
@@ -160,7 +164,9 @@ mod tests {
             let mut buf = [0; 16];
             for _ in 0..8 {
                 tokio::time::sleep(Duration::from_secs(50)).await;
-                tokio::io::AsyncReadExt::read_exact(&mut b, &mut buf).await.unwrap();
+                tokio::io::AsyncReadExt::read_exact(&mut b, &mut buf)
+                    .await
+                    .unwrap();
             }
             b
         });
