@@ -6,7 +6,7 @@ client got and what the backend received, as a markdown table for docs/reliabili
     cargo build -p clusterd-runtime --example proxy_bench
     python3 bench/abuse_compare.py target/debug/examples/proxy_bench
 
-Needs `haproxy` and `nginx` (Debian packages; bench/run installs them). Timeouts (60 s
+Needs `haproxy` and `nginx` (Debian packages; installed with apt-get when missing). Timeouts (60 s
 body and send) are not run here: they are the products' documented defaults, and the
 runtime tests prove clusterd's.
 """
@@ -106,7 +106,15 @@ def wait_port(port):
     raise SystemExit(f"nothing listening on {port}")
 
 
+def ensure_tools():
+    import shutil
+    missing = [t for t in ("haproxy", "nginx") if not shutil.which(t)]
+    if missing:
+        subprocess.run(["apt-get", "install", "-y", "-o", "DPkg::Lock::Timeout=600", *missing], check=True)
+
+
 def main():
+    ensure_tools()
     clusterd_proxy = sys.argv[1] if len(sys.argv) > 1 else "target/debug/examples/proxy_bench"
     tmp = tempfile.mkdtemp()
     bport, hport, nport, cport = free_port(), free_port(), free_port(), free_port()

@@ -539,6 +539,7 @@ fn control_socket_at_the_fd_limit_backs_off_instead_of_spinning() {
     std::thread::sleep(Duration::from_secs(2));
     let log = d.log();
     let during = log.lines().filter(|l| l.contains("accept")).count() - before;
+    eprintln!("fd limit: {during} accept-error log lines in 2 s");
     assert!(
         (1..=10).contains(&during),
         "{during} accept-error lines in 2 s:\n{}",
