@@ -517,7 +517,11 @@ fn control_api_survives_a_thousand_random_requests() {
 fn control_socket_at_the_fd_limit_backs_off_instead_of_spinning() {
     let d = Daemon::start();
     let pid = d.pid();
-    let open_fds = || std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
     // Leave the daemon a few fds above what it uses now, then use them up.
     let limit = open_fds() + 8;
     let status = std::process::Command::new("prlimit")
@@ -532,9 +536,11 @@ fn control_socket_at_the_fd_limit_backs_off_instead_of_spinning() {
             held.push(s);
         }
     }
-    eventually(Duration::from_secs(10), "the daemon at its fd limit", || {
-        (open_fds() >= limit).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the daemon at its fd limit",
+        || (open_fds() >= limit).then_some(()),
+    );
     // A window in which a spinning loop logs hundreds of thousands of lines.
     std::thread::sleep(Duration::from_secs(2));
     let log = d.log();

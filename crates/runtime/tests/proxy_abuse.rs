@@ -13,7 +13,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use clusterd_core::plan::WorkerId;
 use clusterd_runtime::accept::ConnLimiter;
-use clusterd_runtime::proxy::HttpProxyConfig;
+use clusterd_runtime::proxy::{HttpProxyConfig, TrustedProxies};
 use http_body_util::BodyExt;
 use hyper::{Request, Response, StatusCode};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -263,7 +263,7 @@ async fn client_cannot_spoof_forwarding_headers() {
 #[tokio::test]
 async fn trusted_proxy_forwarding_headers_are_kept() {
     let proxy = Proxy::http(HttpProxyConfig {
-        trusted_proxies: vec!["127.0.0.0/8".parse().unwrap()],
+        trusted_proxies: TrustedProxies::new(vec!["127.0.0.0/8".parse().unwrap()]),
         ..fast_http()
     })
     .await;

@@ -18,9 +18,9 @@
 //! the client's was consumed. Everything else is a 502 (or 504 on timeout).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -85,7 +85,7 @@ pub struct HttpProxyConfig {
     /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`...)
     /// are believed and appended to; from anyone else they are replaced or removed.
     /// Also exempt from the per-client connection cap (they carry many clients).
-    pub trusted_proxies: Vec<Cidr>,
+    pub trusted_proxies: TrustedProxies,
     /// Upgrade protocols passed through to workers (case-insensitive). Others, such
     /// as `h2c`, are stripped and the request is forwarded as a plain one.
     pub allowed_upgrades: Vec<String>,
@@ -106,7 +106,7 @@ impl Default for HttpProxyConfig {
             shutdown_grace: Duration::from_secs(10),
             body_read_timeout: Duration::from_secs(60),
             response_write_timeout: Duration::from_secs(60),
-            trusted_proxies: Vec::new(),
+            trusted_proxies: TrustedProxies::default(),
             allowed_upgrades: vec!["websocket".to_string()],
             limiter: ConnLimiter::global(),
         }
@@ -156,9 +156,36 @@ impl HttpProxyConfig {
         }
         self
     }
+}
 
-    fn is_trusted(&self, peer: SocketAddr) -> bool {
-        self.trusted_proxies.iter().any(|c| c.contains(peer.ip()))
+/// `listen[].trustedProxies`, shared between the daemon and a running proxy so that a
+/// manifest change applies to the next connection without rebinding the socket.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Arc<RwLock<Arc<[Cidr]>>>);
+
+impl TrustedProxies {
+    /// A list of ranges.
+    #[must_use]
+    pub fn new(ranges: Vec<Cidr>) -> Self {
+        Self(Arc::new(RwLock::new(ranges.into())))
+    }
+
+    /// Replaces the ranges; connections accepted from now on use the new ones.
+    pub fn set(&self, ranges: Vec<Cidr>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ranges.into();
+    }
+
+    /// Whether `ip` is in one of the ranges (decided once per client connection).
+    #[must_use]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|c| c.contains(ip))
     }
 }
 
@@ -219,11 +246,8 @@ pub async fn serve_http(
             },
         };
         backoff.succeeded();
-        let Some(permit) = ctx
-            .cfg
-            .limiter
-            .admit(slot, peer.ip(), ctx.cfg.is_trusted(peer))
-        else {
+        let trusted = ctx.cfg.trusted_proxies.contains(peer.ip());
+        let Some(permit) = ctx.cfg.limiter.admit(slot, peer.ip(), trusted) else {
             continue;
         };
         let _ = stream.set_nodelay(true);
@@ -236,7 +260,12 @@ pub async fn serve_http(
                 let ctx = Arc::clone(&ctx);
                 move |req| {
                     let ctx = Arc::clone(&ctx);
-                    async move { Ok::<_, Infallible>(proxy_request(req, &ctx, peer, local).await) }
+                    let client = Client {
+                        peer,
+                        local,
+                        trusted,
+                    };
+                    async move { Ok::<_, Infallible>(proxy_request(req, &ctx, client).await) }
                 }
             }),
         );
@@ -294,11 +323,23 @@ enum SendFailure {
     Upstream(hyper::Error),
 }
 
+/// Who sent a request: fixed for its client connection.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    /// In `trustedProxies`: its forwarding headers are believed.
+    trusted: bool,
+}
+
 async fn proxy_request(
     mut req: Request<Incoming>,
     ctx: &Ctx,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
+    Client {
+        peer,
+        local,
+        trusted,
+    }: Client,
 ) -> Response<ProxyBody> {
     if let Err(reject) = guard::check_request(req.method(), req.uri(), req.version(), req.headers())
     {
@@ -331,7 +372,7 @@ async fn proxy_request(
             peer,
             local,
             host: client_host.as_ref(),
-            trusted: ctx.cfg.is_trusted(peer),
+            trusted,
         },
     );
     let uri = headers::origin_form(&parts.uri);
