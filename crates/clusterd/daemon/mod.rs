@@ -112,6 +112,7 @@ pub fn run(options: Options) -> anyhow::Result<ExitCode> {
         git.interval = interval;
         config.git = Some(git);
     }
+    clusterd_runtime::quiet_read::ignore_lease_breaks();
     for dir in [&config.apps_dir, &config.state_dir, &config.log_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
