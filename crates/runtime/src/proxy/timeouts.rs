@@ -21,11 +21,14 @@ use tokio::time::{Instant, Sleep};
 pub(crate) struct BodyReadTimeout(pub(crate) Duration);
 
 /// An inactivity timer: armed when an operation first has to wait, disarmed when it
-/// makes progress, fires when the wait lasts `timeout`.
+/// makes progress, fires when the wait lasts `timeout`. The timer is allocated on the
+/// first wait and re-armed in place after that, so a streaming transfer that waits on
+/// every chunk costs no allocation per chunk.
 #[derive(Debug)]
 pub(crate) struct Idle {
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
+    armed: bool,
 }
 
 impl Idle {
@@ -33,22 +36,29 @@ impl Idle {
         Self {
             timeout,
             sleep: None,
+            armed: false,
         }
     }
 
     /// After an operation returned `Pending`: true once the wait has lasted `timeout`
     /// (the timer is registered with `cx`, so the task is woken then).
     pub(crate) fn expired(&mut self, cx: &mut Context<'_>) -> bool {
-        let timeout = self.timeout;
-        let sleep = self
-            .sleep
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(Instant::now() + timeout)));
-        sleep.as_mut().poll(cx).is_ready()
+        if !self.armed {
+            let deadline = Instant::now() + self.timeout;
+            match &mut self.sleep {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.sleep = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+            self.armed = true;
+        }
+        self.sleep
+            .as_mut()
+            .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
     }
 
     /// The operation made progress.
     pub(crate) fn progressed(&mut self) {
-        self.sleep = None;
+        self.armed = false;
     }
 
     pub(crate) fn timeout(&self) -> Duration {
