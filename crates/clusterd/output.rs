@@ -20,7 +20,12 @@ pub fn status(client: &Client, app: Option<&str>, format: Format) -> anyhow::Res
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Yaml => print!("{}", to_yaml(&report)?),
-                Format::Table => print_apps(&report.apps),
+                Format::Table => {
+                    for problem in &report.daemon_errors {
+                        eprintln!("WARNING (daemon): {problem}");
+                    }
+                    print_apps(&report.apps);
+                }
             }
         }
         Some(name) => {
