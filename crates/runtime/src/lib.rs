@@ -13,10 +13,12 @@
 //! - [`logs`]: per-instance log files, rotation, tail and follow; [`logwatch`]: sizes
 //!   checked as the files grow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
+//! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 //! - [`effects`]: all of the above behind the one interface the daemon's controller
 //!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
+pub mod accept;
 pub mod effects;
 pub mod error;
 pub mod gitops;
