@@ -323,6 +323,7 @@ fn load(files: &[clusterd_core::load::ManifestFile]) -> clusterd_core::load::Loa
         &clusterd_core::load::LoadContext {
             cpus: cpus(),
             incumbents: Default::default(),
+            shared_mode_unavailable: None,
         },
     )
 }

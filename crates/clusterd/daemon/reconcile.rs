@@ -333,6 +333,11 @@ impl Controller {
             &LoadContext {
                 cpus: self.config.cpus,
                 incumbents,
+                // Until the spawn path runs shared listeners (issue 12), refuse them rather
+                // than serve them through the tcp proxy.
+                shared_mode_unavailable: Some(
+                    "this daemon's spawn path does not run shared listeners yet".into(),
+                ),
             },
         );
         if nix::unistd::geteuid().is_root() {
