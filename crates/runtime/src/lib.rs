@@ -13,6 +13,8 @@
 //! - [`logs`]: per-instance log files, rotation, tail and follow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
+//!   socket (seccomp user notification set up by the shim).
 
 pub mod error;
 pub mod gitops;
@@ -23,6 +25,7 @@ pub mod logs;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+pub mod seccomp;
 pub mod shim;
 pub mod spawn;
 
