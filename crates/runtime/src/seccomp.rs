@@ -447,9 +447,9 @@ impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
 
     fn handle(&self, notif_fd: BorrowedFd<'_>, n: &libc::seccomp_notif) {
         let tid = n.pid as i32;
-        let reply = if i64::from(n.data.nr) == libc::SYS_bind as i64 {
+        let reply = if libc::c_long::from(n.data.nr) == libc::SYS_bind {
             self.on_bind(notif_fd, n, tid)
-        } else if i64::from(n.data.nr) == libc::SYS_listen as i64 {
+        } else if libc::c_long::from(n.data.nr) == libc::SYS_listen {
             self.on_listen(notif_fd, n, tid)
         } else {
             Reply::Continue

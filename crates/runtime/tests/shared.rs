@@ -456,3 +456,94 @@ func main() {
             .unwrap();
     assert_eq!(seen, want, "every Go worker took connections");
 }
+
+/// A rolling replacement under new-connection load loses nothing: old Node workers that
+/// drain on SIGTERM (`server.close()`, closing only their copy of the socket) are
+/// replaced by new ones, while 4 clients open a new connection per request the whole time.
+/// Connections queued on the shared socket are taken by whichever worker accepts next.
+#[tokio::test]
+async fn replacing_workers_under_load_loses_no_connection() {
+    if !tool_exists("node") {
+        return;
+    }
+    let l = BoundListener::bind_tcp("127.0.0.1:0".parse().unwrap()).unwrap();
+    let events: Events = Arc::default();
+    let app = "const s = require('http').createServer((q, r) => { r.setHeader('connection', 'close'); r.end(String(process.pid)); }).listen(process.env.PORT); process.on('SIGTERM', () => s.close());";
+    let mut old = Vec::new();
+    for i in 0..2 {
+        old.push(start(i, &["node", "-e", app], &[&l], None, &events).await);
+    }
+    all_bound(&old).await;
+    let addr = l.local_addr();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let stop = Arc::clone(&stop);
+            std::thread::spawn(move || {
+                let (mut ok, mut failed) = (0u32, Vec::new());
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    match try_get(addr) {
+                        Ok(_) => ok += 1,
+                        Err(e) => failed.push(e),
+                    }
+                }
+                (ok, failed)
+            })
+        })
+        .collect();
+    // Roll: one new worker up (bound), then one old one drained, twice.
+    let mut new = Vec::new();
+    for (i, o) in old.iter().enumerate() {
+        let w = start(2 + i as u32, &["node", "-e", app], &[&l], None, &events).await;
+        within("new bind", w.bind.first_bind()).await.unwrap();
+        new.push(w);
+        o.spawned
+            .process
+            .signal(nix::sys::signal::Signal::SIGTERM)
+            .unwrap();
+        assert_eq!(
+            within("drained", o.spawned.process.wait()).await,
+            ExitReason::Code(0)
+        );
+    }
+    // Some traffic on the new workers alone, then stop.
+    let served_by_new = tokio::task::spawn_blocking(move || http_body(addr, "/"))
+        .await
+        .unwrap();
+    assert!(pids(&new).contains(&served_by_new), "{served_by_new}");
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut total = 0;
+    let mut failures = Vec::new();
+    for c in clients {
+        let (ok, failed) = c.join().unwrap();
+        total += ok;
+        failures.extend(failed);
+    }
+    assert!(total > 0);
+    assert!(
+        failures.is_empty(),
+        "{} of {} failed: {:?}",
+        failures.len(),
+        total as usize + failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    eprintln!("{total} requests over new connections during the roll, 0 failed");
+}
+
+/// One GET over a new connection, errors as text (for counting failures under load).
+fn try_get(addr: SocketAddr) -> Result<String, String> {
+    use std::io::Write;
+    let mut s = std::net::TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(PATIENCE))
+        .map_err(|e| e.to_string())?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .map_err(|e| format!("write: {e}"))?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)
+        .map_err(|e| format!("read: {e}"))?;
+    if out.starts_with("HTTP/1.1 200") {
+        Ok(out)
+    } else {
+        Err(format!("bad response: {out:?}"))
+    }
+}
