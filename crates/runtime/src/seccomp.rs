@@ -410,6 +410,9 @@ enum Reply {
     Continue,
     /// The call returns 0 without running.
     Success,
+    /// The call fails with this errno without running (installing the socket failed, e.g.
+    /// `EMFILE`): the app sees a failed bind rather than waiting forever.
+    Fail(i32),
     /// The notification went stale (the task died or was interrupted): say nothing.
     Nothing,
 }
@@ -454,15 +457,16 @@ impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
         } else {
             Reply::Continue
         };
-        let (val, flags) = match reply {
+        let (val, flags, error) = match reply {
             Reply::Nothing => return,
-            Reply::Continue => (0, libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32),
-            Reply::Success => (0, 0),
+            Reply::Continue => (0, libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32, 0),
+            Reply::Success => (0, 0, 0),
+            Reply::Fail(errno) => (0, 0, -errno),
         };
         let mut resp = libc::seccomp_notif_resp {
             id: n.id,
             val,
-            error: 0,
+            error,
             flags,
         };
         // SAFETY: NOTIF_SEND reads the response struct, alive across the call.
@@ -516,11 +520,14 @@ impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
                 && family_fits(t.addr, requested, domain)
         });
         let Some(index) = found else {
-            (self.on_event)(BindEvent::Stray(StrayBind {
-                pid,
-                addr: requested,
-                protocol,
-            }));
+            // Not a socket (the kernel answers ENOTSOCK) or not TCP/UDP: nothing to report.
+            if protocol.is_some() {
+                (self.on_event)(BindEvent::Stray(StrayBind {
+                    pid,
+                    addr: requested,
+                    protocol,
+                }));
+            }
             return Reply::Continue;
         };
         let target = &self.targets[index];
@@ -547,8 +554,13 @@ impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
             };
             if r < 0 {
                 let e = std::io::Error::last_os_error();
-                tracing::debug!(pid, fd, error = %e, "installing the shared listener failed");
-                return Reply::Nothing;
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                if errno == libc::ENOENT {
+                    // The task is gone or was interrupted: nobody waits for a reply.
+                    return Reply::Nothing;
+                }
+                tracing::warn!(pid, fd, error = %e, "installing the shared listener into the worker failed; its bind fails");
+                return Reply::Fail(errno);
             }
         }
         let event = BoundEvent {
