@@ -15,7 +15,10 @@
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 //! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
 //!   socket (seccomp user notification set up by the shim).
+//! - [`effects`]: all of the above behind the one interface the daemon's controller
+//!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
+pub mod effects;
 pub mod error;
 pub mod gitops;
 pub mod ipc;
