@@ -24,6 +24,7 @@ use crate::listener::BoundListener;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
+use crate::seccomp::{BindEvent, SharedBind, SharedListener};
 use crate::shim::ShimCommand;
 use crate::spawn::{spawn_worker, InheritedListener, WorkerProcess, WorkerSpec};
 
@@ -68,6 +69,21 @@ struct Proc {
     ports: Vec<(ListenKey, u16)>,
     /// Readiness and liveness probes; cancelled on drain and exit.
     probes: CancellationToken,
+    /// Shared mode: answers the worker's binds for as long as it lives (dropping it
+    /// would make the worker's later binds fail with ENOSYS). `None` for other modes and
+    /// for adopted workers (the previous daemon's notification fd is gone; they already
+    /// hold the socket).
+    _shared: Option<SharedBind>,
+}
+
+/// What [`LinuxEffects::start`] hands back.
+struct StartedProcess {
+    process: WorkerProcess,
+    ipc: Option<crate::ipc::IpcChannel>,
+    cgroup_note: Option<String>,
+    /// Shared mode: the notification fd and the sockets to answer binds with, labelled
+    /// `address:port/protocol` for reports.
+    shared: Option<(std::os::fd::OwnedFd, Vec<SharedListener>, Vec<String>)>,
 }
 
 /// The real host.
@@ -211,26 +227,44 @@ impl LinuxEffects {
         &mut self,
         req: SpawnRequest<'_>,
         ports: &[(ListenKey, u16)],
-    ) -> Result<
-        (
-            WorkerProcess,
-            Option<crate::ipc::IpcChannel>,
-            Option<String>,
-        ),
-        String,
-    > {
+    ) -> Result<StartedProcess, String> {
         let spec = &req.spec.spec;
+        // PORT is the first listener's port that the app binds itself: the private port
+        // of a proxied listener, the public port of a shared one (inherit-mode apps get
+        // fd 3 instead). PORT_<NAME> for each named one.
         let mut extra_env = BTreeMap::new();
-        for (key, port) in ports {
+        let set = self.listeners.get(req.app);
+        let mut shared = Vec::new();
+        let mut shared_labels = Vec::new();
+        for l in &spec.listen {
+            let key = ListenKey::of(l);
+            let entry = set.and_then(|s| s.entries.iter().find(|e| e.key == key));
+            let port = match l.mode {
+                ListenMode::Http | ListenMode::Tcp => {
+                    ports.iter().find(|(k, _)| *k == key).map(|(_, p)| *p)
+                }
+                ListenMode::Shared => {
+                    let Some(e) = entry else {
+                        return Err(format!(
+                            "the shared listener {}:{} is not bound",
+                            l.address, l.port
+                        ));
+                    };
+                    shared.push(SharedListener {
+                        addr: e.bound.local_addr(),
+                        protocol: e.bound.protocol(),
+                        fd: e.bound.inherit_fd().map_err(|e| e.to_string())?,
+                    });
+                    shared_labels.push(format!("{}/{}", e.bound.local_addr(), l.protocol));
+                    Some(e.bound.local_addr().port())
+                }
+                ListenMode::Inherit => None,
+            };
+            let Some(port) = port else { continue };
             extra_env
                 .entry("PORT".to_string())
                 .or_insert_with(|| port.to_string());
-            if let Some(name) = spec
-                .listen
-                .iter()
-                .find(|l| ListenKey::of(l) == *key)
-                .and_then(|l| l.name.as_ref())
-            {
+            if let Some(name) = &l.name {
                 extra_env.insert(format!("PORT_{}", env_suffix(name)), port.to_string());
             }
         }
@@ -265,13 +299,64 @@ impl LinuxEffects {
         }
         ws.notify_socket = Some(self.config.notify_path.clone());
         ws.ipc = spec.readiness.kind == Some(ReadinessKind::Ipc);
+        ws.shared_bind = !shared.is_empty();
         ws.user.clone_from(&spec.user);
         ws.group.clone_from(&spec.group);
         ws.rlimits = (&spec.limits).into();
         ws.log_dir = Some(self.config.log_dir.clone());
         let cgroup_note = self.cgroup_for(&req, &mut ws);
-        let spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
-        Ok((spawned.process, spawned.ipc, cgroup_note))
+        let mut spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
+        let shared = match spawned.seccomp_notif.take() {
+            Some(notif) => Some((notif, shared, shared_labels)),
+            None => None,
+        };
+        Ok(StartedProcess {
+            process: spawned.process,
+            ipc: spawned.ipc,
+            cgroup_note,
+            shared,
+        })
+    }
+
+    /// Starts answering a shared-mode worker's binds; each answered bind is reported
+    /// ([`Report::Bound`]), the first one also as [`Report::Ready`] when the readiness is
+    /// `bind`, and a bind elsewhere as [`Report::StrayBind`].
+    fn answer_binds(
+        &self,
+        req: &SpawnRequest<'_>,
+        notif: std::os::fd::OwnedFd,
+        listeners: Vec<SharedListener>,
+        labels: Vec<String>,
+    ) -> Result<SharedBind, String> {
+        let tx = self.reports.clone();
+        let app = req.app.clone();
+        let id = req.id;
+        let ready_on_bind = req.spec.spec.readiness.kind == Some(ReadinessKind::Bind);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        SharedBind::start(notif, listeners, move |event| match event {
+            BindEvent::Bound(b) => {
+                let _ = tx.send(Report::Bound {
+                    app: app.clone(),
+                    id,
+                    pid: u32::try_from(b.pid).unwrap_or_default(),
+                    listener: labels.get(b.listener).cloned().unwrap_or_default(),
+                });
+                if ready_on_bind && first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    let _ = tx.send(Report::Ready {
+                        app: app.clone(),
+                        id,
+                    });
+                }
+            }
+            BindEvent::Stray(s) => {
+                let _ = tx.send(Report::StrayBind {
+                    app: app.clone(),
+                    id,
+                    message: s.to_string(),
+                });
+            }
+        })
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -294,7 +379,9 @@ impl Effects for LinuxEffects {
                 // Workers adopted from a previous daemon still hold an inherit-mode
                 // socket: take that very socket back rather than binding (which would
                 // fail anyway while they hold it).
-                let recovered = if l.mode == ListenMode::Inherit && !adopted.is_empty() {
+                let recovered = if matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
+                    && !adopted.is_empty()
+                {
                     BoundListener::recover_from(adopted, addr, l.protocol).unwrap_or_else(|e| {
                         tracing::warn!(app = %app, error = %e, "cannot recover the listener from adopted workers");
                         None
@@ -310,7 +397,8 @@ impl Effects for LinuxEffects {
                         })?,
                 };
                 let (routes, proxy) = match l.mode {
-                    ListenMode::Inherit => (None, CancellationToken::new()),
+                    // The workers themselves accept on these; no proxy.
+                    ListenMode::Inherit | ListenMode::Shared => (None, CancellationToken::new()),
                     mode => {
                         let routes = RouteTable::new();
                         let cancel = CancellationToken::new();
@@ -407,7 +495,7 @@ impl Effects for LinuxEffects {
             .spec
             .listen
             .iter()
-            .filter(|l| l.mode != ListenMode::Inherit)
+            .filter(|l| matches!(l.mode, ListenMode::Http | ListenMode::Tcp))
         {
             match self.allocate_port() {
                 Ok(p) => ports.push((ListenKey::of(l), p)),
@@ -417,12 +505,30 @@ impl Effects for LinuxEffects {
                 }
             }
         }
-        let (process, ipc, cgroup_note) = match self.start(req, &ports).await {
+        let StartedProcess {
+            process,
+            ipc,
+            cgroup_note,
+            shared,
+        } = match self.start(req, &ports).await {
             Ok(r) => r,
             Err(e) => {
                 self.release_ports(&ports);
                 return Err(e);
             }
+        };
+        let shared = match shared {
+            Some((notif, listeners, labels)) => {
+                match self.answer_binds(&req, notif, listeners, labels) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        let _ = process.kill();
+                        self.release_ports(&ports);
+                        return Err(format!("cannot answer the worker's binds: {e}"));
+                    }
+                }
+            }
+            None => None,
         };
         let pid = u32::try_from(process.pid()).unwrap_or_default();
         if let Some(ipc) = ipc {
@@ -463,6 +569,7 @@ impl Effects for LinuxEffects {
                 handle: process,
                 ports,
                 probes,
+                _shared: shared,
             },
         );
         Ok(started)
@@ -496,6 +603,7 @@ impl Effects for LinuxEffects {
                 handle: process,
                 ports,
                 probes: CancellationToken::new(),
+                _shared: None,
             },
         );
         Ok(started)
