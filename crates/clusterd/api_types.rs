@@ -129,7 +129,7 @@ pub struct ListenStatus {
     pub name: Option<String>,
     /// `address:port` as bound.
     pub address: String,
-    /// http, tcp or inherit.
+    /// http, tcp, inherit or shared.
     pub mode: ListenMode,
     /// tcp or udp.
     #[serde(default = "tcp")]
