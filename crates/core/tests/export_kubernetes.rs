@@ -123,6 +123,19 @@ spec:
 "#,
         1,
     ),
+    (
+        // shared mode: readiness bind (its default) becomes a tcp probe of the port.
+        r#"
+apiVersion: clusterd/v1
+kind: App
+metadata: {name: shared-node}
+spec:
+  command: [node, server.js]
+  instances: 2
+  listen: [{name: web, port: 8080, mode: shared}]
+"#,
+        2,
+    ),
 ];
 
 fn manifests() -> Vec<AppManifest> {
@@ -340,6 +353,16 @@ fn other_readiness_and_liveness_kinds() {
             &dns["ports"],
             json!([{"name": "dns-tcp", "containerPort": 53, "protocol": "TCP"},
                    {"name": "dns-udp", "containerPort": 53, "protocol": "UDP"}]),
+        ),
+        (
+            "shared mode: bind readiness as a tcp probe",
+            &container(&docs, "shared-node")["readinessProbe"]["tcpSocket"],
+            json!({"port": "web"}),
+        ),
+        (
+            "shared mode: the app binds PORT itself in a pod",
+            &container(&docs, "shared-node")["ports"],
+            json!([{"name": "web", "containerPort": 8080, "protocol": "TCP"}]),
         ),
         (
             "notify approximated by tcp",
