@@ -386,6 +386,7 @@ impl<E: Effects> Controller<E> {
     }
 
     /// Scans the apps dir now and takes in what changed.
+    #[cfg(test)]
     pub(super) fn rescan(&mut self) {
         let now = self.now();
         let scan = self.scan_at(now);

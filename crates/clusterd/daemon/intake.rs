@@ -1,5 +1,11 @@
-//! Reading the apps dir: which manifest files changed, which may be read now (the pure
-//! rule in `clusterd_core::intake`), and the loaded result.
+//! Reading the apps dir: which manifest files changed, which may be read now, and the
+//! loaded result.
+//!
+//! A changed file is read under a read lease (`clusterd_runtime::quiet_read`): if nobody
+//! has it open for writing, what is read is a whole version, taken at once (an atomic
+//! rename or a closed write is picked up with no delay); if someone is writing it, it
+//! waits for the writer's close (bounded). Where leases are unavailable, the pure rule
+//! in `clusterd_core::intake` decides from the watcher's events and the file's age.
 //!
 //! Each file is known by its identity and timestamps (device, inode, size, mtime, ctime):
 //! a file whose stat did not change is not read or parsed again, so a scan of an
@@ -19,6 +25,7 @@ use clusterd_core::intake::{settle, Change, Verdict, WriteState};
 use clusterd_core::load::{is_manifest_name, LoadContext, ManifestFile};
 use clusterd_core::plan::AppName;
 use clusterd_core::{Diagnostic, LoadReport};
+use clusterd_runtime::quiet_read::{read_quiet, QuietRead};
 
 /// The identity and timestamps of a file: equal means unchanged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,7 +83,9 @@ pub struct Intake {
     dir: PathBuf,
     cpus: u32,
     files: BTreeMap<PathBuf, FileEntry>,
-    writes: BTreeMap<PathBuf, WriteState>,
+    /// What the watcher saw last of each file, and for a close, the file's stat just
+    /// after it: a later change with no close of its own is a new, unfinished write.
+    writes: BTreeMap<PathBuf, (WriteState, Option<StatKey>)>,
     /// Names per file from the last load, for `present` and unreadable files.
     names: BTreeMap<PathBuf, Vec<AppName>>,
     /// The last scan found a change that was not loaded yet (it was held back).
@@ -101,7 +110,24 @@ impl Intake {
 
     /// What the watcher saw of a file (see [`WriteState`]).
     pub fn saw(&mut self, path: PathBuf, state: WriteState) {
-        self.writes.insert(path, state);
+        let key = (state == WriteState::Closed)
+            .then(|| std::fs::metadata(&path).ok().map(|m| StatKey::of(&m)))
+            .flatten();
+        self.writes.insert(path, (state, key));
+    }
+
+    /// The write state of `path` now that its stat is `key`: a close only vouches for
+    /// the content it closed.
+    fn write_state(
+        writes: &BTreeMap<PathBuf, (WriteState, Option<StatKey>)>,
+        path: &Path,
+        key: StatKey,
+    ) -> WriteState {
+        match writes.get(path) {
+            Some((WriteState::Closed, Some(closed))) if *closed == key => WriteState::Closed,
+            Some((WriteState::Closed, _)) | None => WriteState::Unknown,
+            Some((state, _)) => *state,
+        }
     }
 
     /// Scans the dir. `incumbents` are the apps running now and their files (a listener
@@ -161,32 +187,58 @@ impl Intake {
                 .and_then(|m| SystemTime::now().duration_since(m).ok())
                 .unwrap_or(Duration::ZERO);
             let held_since = *entry.held_since.get_or_insert(now);
-            let verdict = settle(Change {
-                write: self.writes.get(path).copied().unwrap_or_default(),
-                age,
-                held_for: now.saturating_duration_since(held_since),
-            });
-            match verdict {
-                Verdict::Hold(d) => {
-                    let at = now + d;
-                    hold_until = Some(hold_until.map_or(at, |h: Instant| h.min(at)));
-                    self.dirty = true;
+            let held_for = now.saturating_duration_since(held_since);
+            // Read under a lease: a whole version of the file, or "someone is writing
+            // it" (then its close wakes us). Without leases, the watcher's events and
+            // the file's age decide (clusterd_core::intake).
+            let outcome = match read_quiet(path) {
+                Ok(QuietRead::Whole(bytes)) => Ok(Some(bytes)),
+                Ok(QuietRead::BeingWritten) => {
+                    let verdict = settle(Change {
+                        write: WriteState::Open,
+                        age,
+                        held_for,
+                    });
+                    match verdict {
+                        Verdict::Read => std::fs::read(path).map(Some),
+                        Verdict::Hold(d) => {
+                            hold(&mut hold_until, now + d);
+                            Ok(None)
+                        }
+                    }
                 }
-                Verdict::Read => {
+                Ok(QuietRead::Unchecked(bytes)) => {
+                    let verdict = settle(Change {
+                        write: Self::write_state(&self.writes, path, key),
+                        age,
+                        held_for,
+                    });
+                    match verdict {
+                        Verdict::Read => Ok(Some(bytes)),
+                        Verdict::Hold(d) => {
+                            hold(&mut hold_until, now + d);
+                            Ok(None)
+                        }
+                    }
+                }
+                Err(e) => Err(e),
+            };
+            tracing::debug!(file = %path.display(), held = ?held_for, read = matches!(outcome, Ok(Some(_))), "manifest changed");
+            match outcome {
+                Ok(None) => self.dirty = true,
+                Ok(Some(bytes)) => {
                     entry.held_since = None;
                     scan.reads += 1;
                     self.reads_total += 1;
-                    match std::fs::read(path) {
-                        Ok(bytes) => {
-                            entry.read_key = Some(key);
-                            entry.unreadable = None;
-                            entry.bytes = Some(bytes);
-                        }
-                        Err(e) => {
-                            entry.read_key = None;
-                            entry.unreadable = Some(describe_io(&e));
-                        }
-                    }
+                    entry.read_key = Some(key);
+                    entry.unreadable = None;
+                    entry.bytes = Some(bytes);
+                    changed = true;
+                }
+                Err(e) => {
+                    entry.held_since = None;
+                    entry.read_key = None;
+                    entry.unreadable = Some(describe_io(&e));
                     changed = true;
                 }
             }
@@ -306,6 +358,10 @@ fn peek_names(path: &Path, cpus: u32) -> Vec<AppName> {
         names.push(AppName(stem(path)));
     }
     names
+}
+
+fn hold(until: &mut Option<Instant>, at: Instant) {
+    *until = Some(until.map_or(at, |u| u.min(at)));
 }
 
 fn set_unreadable(entry: &mut FileEntry, why: String, changed: &mut bool) {

@@ -224,8 +224,12 @@ async fn adoption_with_a_fresh_manifest_keeps_workers_and_socket() {
         &h.dir.path().join("state"),
         &saved_workers("web", &rev, &[4001, 4002]),
     );
-    // Written "just now": the intake holds it back for the quiet period.
+    // Still open for writing when the daemon starts: the intake holds it back.
     h.write("web.yaml", &text, Duration::ZERO);
+    let writer = std::fs::File::options()
+        .append(true)
+        .open(h.apps().join("web.yaml"))
+        .unwrap();
     h.ctl.start();
     h.settle().await;
     assert_eq!(
@@ -236,10 +240,9 @@ async fn adoption_with_a_fresh_manifest_keeps_workers_and_socket() {
         ],
         "nothing but adoption may happen while the manifest settles"
     );
-    // The quiet period passes: the manifest is accepted, the socket recovered from the
-    // adopted workers, and nothing is replaced (same revision).
-    std::thread::sleep(clusterd_core::intake::QUIET);
-    h.advance(clusterd_core::intake::QUIET);
+    // The writer closes: the manifest is accepted, the socket recovered from the adopted
+    // workers, and nothing is replaced (same revision).
+    drop(writer);
     h.ctl.rescan();
     h.settle().await;
     assert_eq!(
@@ -291,11 +294,13 @@ async fn unchanged_files_are_never_read_again_and_open_files_wait_for_close() {
         "an unchanged file was read again"
     );
 
-    // An edit in progress (the watcher saw a write, no close yet): held back.
+    // An edit in progress (a writer has the file open, as an editor saving in place):
+    // held back, whatever the watcher said last.
     let path = h.apps().join("web.yaml");
-    std::fs::write(&path, manifest("web", 3, "")).unwrap();
+    let mut writer = std::fs::File::create(&path).unwrap();
+    std::io::Write::write_all(&mut writer, manifest("web", 3, "").as_bytes()).unwrap();
     h.ctl.handle(Msg::Files {
-        files: vec![(path.clone(), Some(WriteState::Open))],
+        files: vec![(path.clone(), Some(WriteState::Closed))],
         dir_gone: false,
     });
     h.ctl.rescan();
@@ -305,7 +310,8 @@ async fn unchanged_files_are_never_read_again_and_open_files_wait_for_close() {
         1,
         "a file still open for writing was read"
     );
-    // The close arrives: read at once, no quiet period.
+    // The writer closes: read at once, no quiet period.
+    drop(writer);
     h.ctl.handle(Msg::Files {
         files: vec![(path, Some(WriteState::Closed))],
         dir_gone: false,

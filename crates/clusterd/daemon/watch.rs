@@ -62,6 +62,7 @@ pub fn watch(dir: &Path, tx: mpsc::UnboundedSender<Msg>) -> notify::Result<Watch
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
         match res {
             Ok(event) => {
+                tracing::debug!(kind = ?event.kind, paths = ?event.paths, "apps dir event");
                 let Some(files) = classify(&event) else {
                     return;
                 };

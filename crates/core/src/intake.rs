@@ -1,4 +1,9 @@
-//! When a changed manifest file may be read: the pure rule behind the daemon's intake.
+//! When a changed manifest file may be read, when the daemon cannot ask the kernel.
+//!
+//! The daemon first tries a read lease, which tells for certain whether anyone has the
+//! file open for writing (see `clusterd_runtime::quiet_read`). Where leases are not
+//! available (some network and overlay filesystems, another user's file), this pure rule
+//! decides from what the watcher saw and the file's age.
 //!
 //! A file can be caught half-written (an editor writing in place, `cat > web.yaml`), and
 //! a half-written manifest can be invalid or, worse, a valid but different app. Holding

@@ -28,6 +28,7 @@ pub mod logs;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+pub mod quiet_read;
 pub mod seccomp;
 pub mod shim;
 pub mod spawn;
