@@ -272,3 +272,57 @@ fn a_worker_binding_another_port_is_reported_and_never_ready() {
             .then_some(())
     });
 }
+
+/// A daemon SIGKILLed and restarted adopts shared-mode workers: they keep serving the
+/// shared socket meanwhile (no request lost), the new daemon recovers that socket from
+/// them and its status still says which pid bound it; a reload then replaces them
+/// through fresh bind answers.
+#[test]
+fn shared_workers_survive_a_daemon_restart_and_are_adopted() {
+    let Some(node) = node() else { return };
+    let mut d = Daemon::start();
+    let script = d.dir.path().join("server.js");
+    std::fs::write(&script, NODE_APP).unwrap();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &shared_manifest(
+            "web",
+            port,
+            2,
+            &[node.to_str().unwrap(), script.to_str().unwrap()],
+            "",
+        ),
+    );
+    d.wait_phase("web", "Available", T);
+    let before = d.ready_pids("web");
+    let load = Load::start(local(port), "/", 4, false);
+    load.wait_for(50);
+    d.kill_daemon();
+    load.wait_for(200); // served with no daemon at all
+    d.spawn();
+    let app = d.wait_phase("web", "Available", T);
+    load.wait_for(50);
+    let stats = load.stop();
+    assert_eq!(
+        (stats.failed, stats.non2xx),
+        (0, 0),
+        "requests lost across the daemon restart: {:?}",
+        stats.errors
+    );
+    assert_eq!(d.ready_pids("web"), before, "adopted, not replaced: {app}");
+    eventually(T, "adopted workers' binds in status", || {
+        let instances = d.instances("web");
+        instances
+            .iter()
+            .all(|i| {
+                let pid = i["pid"].as_i64().unwrap_or(0);
+                i["bound"] == serde_json::json!([format!("127.0.0.1:{port}/tcp by pid {pid}")])
+            })
+            .then_some(())
+    });
+    let stats = d.reload_under("web", Load::start(local(port), "/", 4, false));
+    assert!(stats.ok > 0);
+    let after = d.ready_pids("web");
+    assert!(before.iter().all(|p| !after.contains(p)));
+}

@@ -318,6 +318,67 @@ impl LinuxEffects {
         })
     }
 
+    /// An adopted shared-mode worker bound under the previous daemon, whose answers are
+    /// gone with it: report which of its processes hold which shared socket (found by
+    /// inode in `/proc/<pid>/fd`), so status still says who bound what.
+    /// Called once the app's sockets are bound or recovered (adoption comes first).
+    fn report_adopted_binds(&self, app: &AppName, listens: &[Listener]) {
+        let Some(set) = self.listeners.get(app) else {
+            return;
+        };
+        let shared: Vec<(String, String)> = listens
+            .iter()
+            .filter(|l| l.mode == ListenMode::Shared)
+            .filter_map(|l| {
+                let key = ListenKey::of(l);
+                let e = set.entries.iter().find(|e| e.key == key)?;
+                let link = std::fs::read_link(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&e.bound)
+                ))
+                .ok()?;
+                Some((
+                    link.to_string_lossy().into_owned(),
+                    format!("{}/{}", e.bound.local_addr(), l.protocol),
+                ))
+            })
+            .collect();
+        if shared.is_empty() {
+            return;
+        }
+        let adopted = self
+            .procs
+            .iter()
+            .filter(|((a, _), p)| a == app && p.handle.is_adopted())
+            .map(|((_, id), p)| (*id, p.handle.pid()));
+        for (id, pgid) in adopted {
+            self.report_binds_of(app, id, pgid, &shared);
+        }
+    }
+
+    fn report_binds_of(&self, app: &AppName, id: WorkerId, pgid: i32, shared: &[(String, String)]) {
+        for member in procfs::group_members(pgid) {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{member}/fd")) else {
+                continue;
+            };
+            let links: HashSet<String> = fds
+                .flatten()
+                .filter_map(|f| std::fs::read_link(f.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect();
+            for (socket, label) in shared {
+                if links.contains(socket) {
+                    let _ = self.reports.send(Report::Bound {
+                        app: app.clone(),
+                        id,
+                        pid: u32::try_from(member).unwrap_or_default(),
+                        listener: label.clone(),
+                    });
+                }
+            }
+        }
+    }
+
     /// Starts answering a shared-mode worker's binds; each answered bind is reported
     /// ([`Report::Bound`]), the first one also as [`Report::Ready`] when the readiness is
     /// `bind`, and a bind elsewhere as [`Report::StrayBind`].
@@ -441,7 +502,11 @@ impl Effects for LinuxEffects {
         })();
         match result {
             Ok(()) => {
+                let recovered = !adopted.is_empty() && !added.is_empty();
                 set.entries.extend(added);
+                if recovered {
+                    self.report_adopted_binds(app, listens);
+                }
                 Ok(())
             }
             Err(e) => {
