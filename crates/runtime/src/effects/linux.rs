@@ -306,10 +306,10 @@ impl LinuxEffects {
         ws.log_dir = Some(self.config.log_dir.clone());
         let cgroup_note = self.cgroup_for(&req, &mut ws);
         let mut spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
-        let shared = match spawned.seccomp_notif.take() {
-            Some(notif) => Some((notif, shared, shared_labels)),
-            None => None,
-        };
+        let shared = spawned
+            .seccomp_notif
+            .take()
+            .map(|notif| (notif, shared, shared_labels));
         Ok(StartedProcess {
             process: spawned.process,
             ipc: spawned.ipc,
