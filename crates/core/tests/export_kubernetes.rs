@@ -445,8 +445,8 @@ fn services_map_ports() {
     let docs = documents(&export_all(None));
     assert_eq!(
         docs.len(),
-        11,
-        "six deployments, five services (worker listens on nothing)"
+        13,
+        "seven deployments, six services (worker listens on nothing)"
     );
     let web = find(&docs, "Service", "web");
     assert_eq!(
