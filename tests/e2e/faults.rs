@@ -111,3 +111,74 @@ fn a_port_in_use_keeps_the_app_listed_and_it_starts_once_freed() {
     drop(holder);
     d.wait_phase("web", "Available", T);
 }
+
+/// One worker calling `shutdown(3, SHUT_RD)` on the inherited socket stops it for every
+/// worker. The daemon notices, binds the address anew, replaces every worker, and says
+/// why; connections are accepted again without anyone touching the app.
+#[test]
+fn a_worker_that_shuts_the_shared_socket_down_does_not_kill_the_port() {
+    let d = Daemon::start();
+    let port = free_port();
+    let marker = d.dir.path().join("shut-once");
+    let worker = script(
+        d.dir.path(),
+        "shutter.py",
+        r#"import http.server, os, socket
+s = socket.socket(fileno=3)
+marker = os.environ["MARKER"]
+if not os.path.exists(marker):
+    open(marker, "w").close()
+    s.shutdown(socket.SHUT_RD)
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+        self.wfile.write(b"ok")
+    def log_message(self, *a):
+        pass
+srv = http.server.HTTPServer(("127.0.0.1", 0), H, bind_and_activate=False)
+srv.socket.close()
+srv.socket = s
+srv.serve_forever()
+"#,
+    );
+    d.write_manifest(
+        "web.yaml",
+        &format!(
+            "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: web\nspec:\n  command: [\"python3\", \"{}\"]\n  instances: 2\n  env:\n    MARKER: \"{}\"\n  listen:\n    - port: {port}\n      address: 127.0.0.1\n      mode: inherit\n  readiness: {{type: delay, delay: 0s}}\n  shutdown: {{signal: SIGTERM, timeout: 2s}}\n  restart: {{backoff: {{initial: 100ms, max: 1s}}}}\n",
+            worker.display(),
+            marker.display()
+        ),
+    );
+    eventually(T, "the socket shut down by a worker", || {
+        marker.exists().then_some(())
+    });
+    let back = eventually(Duration::from_secs(40), "the port accepting again", || {
+        http_get(local(port), "/")
+            .ok()
+            .filter(|(code, _)| *code == 200)
+    });
+    assert_eq!(back.1, "ok");
+    let events = String::from_utf8_lossy(&d.cli(&["events", "web"]).stdout).to_string();
+    assert!(events.contains("stopped listening"), "{events}");
+    d.wait_phase("web", "Available", T);
+}
+
+/// `clusterd status` against a stopped daemon gives up with a message instead of hanging.
+#[test]
+fn status_against_a_stopped_daemon_times_out_with_a_message() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let d = Daemon::start();
+    kill(Pid::from_raw(d.pid()), Signal::SIGSTOP).unwrap();
+    let out = std::process::Command::new(clusterd_bin())
+        .args(["status"])
+        .env("CLUSTERD_SOCKET", &d.socket)
+        .env("CLUSTERD_TIMEOUT", "1s")
+        .output()
+        .unwrap();
+    kill(Pid::from_raw(d.pid()), Signal::SIGCONT).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("did not answer within 1s"), "{err}");
+}

@@ -234,4 +234,11 @@ pub trait Effects: Send {
 
     /// Rotates the app's logs that passed their size limit.
     fn rotate_logs(&mut self, app: &AppName, logs: &Logs);
+
+    /// Inherit-mode sockets that stopped listening (a worker shut its copy down, which
+    /// stops it for every worker) are bound anew; returns the apps affected and what
+    /// happened. Their workers still hold the dead socket and must be replaced.
+    fn repair_listeners(&mut self) -> Vec<(AppName, String)> {
+        Vec::new()
+    }
 }
