@@ -326,3 +326,41 @@ fn shared_workers_survive_a_daemon_restart_and_are_adopted() {
     let after = d.ready_pids("web");
     assert!(before.iter().all(|p| !after.contains(p)));
 }
+
+/// `uvicorn app:app --port $(PORT)` unmodified (asyncio, non-blocking socket) as 2 shared
+/// workers: both answer.
+#[test]
+fn uvicorn_port_workers_share_the_socket() {
+    let Some(uvicorn) = require_tool(&repo_root().join(".venv/bin/uvicorn"), "uvicorn") else {
+        return;
+    };
+    let d = Daemon::start();
+    std::fs::write(
+        d.dir.path().join("asgi.py"),
+        r#"import os
+
+async def app(scope, receive, send):
+    assert scope["type"] == "http"
+    body = str(os.getpid()).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"#,
+    )
+    .unwrap();
+    let port = free_port();
+    let yaml = format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: asgi\nspec:\n  command: [\"{}\", asgi:app, --host, 127.0.0.1, --port, \"$(PORT)\", --no-access-log]\n  workingDir: {}\n  instances: 2\n  listen:\n    - {{port: {port}, address: 127.0.0.1, mode: shared}}\n  shutdown: {{signal: SIGTERM, timeout: 10s}}\n",
+        uvicorn.display(),
+        d.dir.path().display()
+    );
+    d.write_manifest("asgi.yaml", &yaml);
+    let app = d.wait_phase("asgi", "Available", T);
+    let want = pids_of(&app);
+    assert_eq!(want.len(), 2);
+    assert_eq!(
+        distinct_pids(port, &want),
+        want,
+        "every uvicorn worker took connections"
+    );
+}
