@@ -496,11 +496,24 @@ impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
         let Some(pid) = tgid_of(tid) else {
             return Reply::Continue;
         };
-        let Some(pidfd) = crate::spawn::pidfd_open(pid) else {
-            return Reply::Continue;
-        };
-        let Ok(theirs) = pidfd_getfd(pidfd.as_fd(), fd) else {
-            return Reply::Continue;
+        let theirs = match crate::spawn::pidfd_open(pid)
+            .ok_or_else(std::io::Error::last_os_error)
+            .and_then(|pidfd| pidfd_getfd(pidfd.as_fd(), fd))
+        {
+            Ok(f) => f,
+            Err(e) => {
+                // EPERM here means no ptrace rights over the worker (Yama ptrace_scope 2
+                // or 3, another user): its bind of the shared port will then fail with
+                // EADDRINUSE, so say why.
+                if self
+                    .targets
+                    .iter()
+                    .any(|t| t.addr.port() == requested.port())
+                {
+                    tracing::warn!(pid, fd, error = %e, "cannot inspect the worker's socket; its bind of the shared port passes through");
+                }
+                return Reply::Continue;
+            }
         };
         // The task is still the one that made the call, so `pid` and the memory read
         // belonged to it (a pid is not reused while its task waits here).
