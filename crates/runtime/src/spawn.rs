@@ -432,7 +432,10 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         fds: pairs.clone(),
         status_fd: Some(status_w.as_raw_fd()),
         set_listen_pid: n > 0,
-        rlimits: spec.rlimits,
+        rlimits: Rlimits {
+            nofile_soft: crate::accept::original_nofile_soft(),
+            ..spec.rlimits
+        },
         cgroup: spec.cgroup.clone(),
         user: spec.user.clone(),
         group: spec.group.clone(),
