@@ -325,6 +325,15 @@ impl<E: Effects> Controller<E> {
                 }
             }
             Report::Ready { app, id } => self.world.on_ready_report(&app, id),
+            Report::Bound {
+                app,
+                id,
+                pid,
+                listener,
+            } => self.world.on_bound(&app, id, pid, listener, &self.events),
+            Report::StrayBind { app, id, message } => {
+                self.world.on_stray_bind(&app, id, message, &self.events);
+            }
             Report::NotifyReady { pgid } => self.world.on_notify_ready(pgid),
             Report::Liveness {
                 app,

@@ -300,6 +300,7 @@ impl Intake {
             &LoadContext {
                 cpus: self.cpus,
                 incumbents,
+                shared_mode_unavailable: clusterd_runtime::seccomp::shared_mode_support().err(),
             },
         );
         refuse(&mut report, &self.dir);
@@ -352,6 +353,7 @@ fn peek_names(path: &Path, cpus: u32) -> Vec<AppName> {
         &LoadContext {
             cpus,
             incumbents: BTreeMap::new(),
+            shared_mode_unavailable: None,
         },
     );
     let mut names: Vec<AppName> = report.apps.into_keys().collect();

@@ -58,6 +58,12 @@ pub fn app_status(
                 .collect()
         })
         .unwrap_or_default();
+    let shared = app.current.as_ref().is_some_and(|c| {
+        c.spec
+            .listen
+            .iter()
+            .any(|l| l.mode == clusterd_core::model::ListenMode::Shared)
+    });
     let mut instances: Vec<InstanceStatus> = observed
         .workers
         .values()
@@ -86,6 +92,7 @@ pub fn app_status(
                 last_exit: slot
                     .and_then(|s| s.last_exit.as_ref())
                     .map(|(_, r, _)| r.to_string()),
+                bound: shared.then(|| proc_.map(|p| p.bound.clone()).unwrap_or_default()),
             }
         })
         .collect();
@@ -119,6 +126,7 @@ pub fn app_status(
                     inflight: None,
                     port: None,
                     last_exit: slot.last_exit.as_ref().map(|(_, r, _)| r.to_string()),
+                    bound: None,
                 });
             }
         }

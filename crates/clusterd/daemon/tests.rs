@@ -181,6 +181,7 @@ fn revision_of(text: &str, path: &Path) -> String {
         &LoadContext {
             cpus: 2,
             incumbents: BTreeMap::new(),
+            shared_mode_unavailable: None,
         },
     );
     report.apps.values().next().unwrap().revision.0.clone()

@@ -182,7 +182,32 @@ fn mode_name(mode: ListenMode) -> &'static str {
         ListenMode::Http => "http",
         ListenMode::Tcp => "tcp",
         ListenMode::Inherit => "inherit",
+        ListenMode::Shared => "shared",
     }
+}
+
+/// Problems of `spec` that depend on the host rather than on the manifest: `mode: shared`
+/// where the runtime found seccomp user notification unusable (`shared_unavailable` is
+/// its reason, naming the kernel). Kept apart from [`validate_manifest`] so an offline
+/// check on another machine judges the manifest alone.
+#[must_use]
+pub fn host_issues(spec: &AppSpec, shared_unavailable: Option<&str>) -> Vec<Issue> {
+    let Some(reason) = shared_unavailable else {
+        return Vec::new();
+    };
+    spec.listen
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.mode == ListenMode::Shared)
+        .map(|(i, _)| {
+            Issue::at(
+                format!("spec.listen[{i}].mode"),
+                format!(
+                    "mode `shared` cannot work on this host: {reason} (expected mode: inherit if the app can take its socket as fd 3, or mode: http)"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Checks one manifest and normalizes its spec.
@@ -327,6 +352,7 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
     let first_mode = spec.listen.first().map(|l| l.mode);
     let kind = spec.readiness.kind.unwrap_or(match first_mode {
         Some(ListenMode::Http | ListenMode::Tcp) => ReadinessKind::Tcp,
+        Some(ListenMode::Shared) => ReadinessKind::Bind,
         Some(ListenMode::Inherit) | None => ReadinessKind::None,
     });
     out.readiness.kind = Some(kind);
@@ -358,6 +384,14 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
                 issues.push(Issue::at(
                     "spec.readiness",
                     "readiness `delay` needs a delay (expected e.g. delay: 2s)",
+                ));
+            }
+        }
+        ReadinessKind::Bind => {
+            if !spec.listen.iter().any(|l| l.mode == ListenMode::Shared) {
+                issues.push(Issue::at(
+                    "spec.readiness.type",
+                    "readiness `bind` needs a listener in shared mode (it fires when the worker binds that port; expected notify, ipc, delay or none, or a listener with mode: shared)",
                 ));
             }
         }
@@ -517,6 +551,9 @@ fn probe_target_problem(what: &str, word: &str, first_mode: Option<ListenMode>) 
         Some(ListenMode::Inherit) => Some(format!(
             "{what} `{word}` cannot be used with an `inherit` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected notify, ipc or delay)"
         )),
+        Some(ListenMode::Shared) => Some(format!(
+            "{what} `{word}` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"
+        )),
         None => Some(format!(
             "{what} `{word}` needs a listener in http or tcp mode to probe, and this app has none (expected notify, ipc, delay or none)"
         )),
@@ -542,11 +579,13 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
                 ),
             ));
         }
-        if l.protocol == Protocol::Udp && l.mode != ListenMode::Inherit {
+        if l.protocol == Protocol::Udp
+            && !matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
+        {
             issues.push(Issue::at(
                 format!("{base}.protocol"),
                 format!(
-                    "protocol udp needs mode inherit (the {} proxy carries TCP only; expected mode: inherit)",
+                    "protocol udp needs mode inherit or shared (the {} proxy carries TCP only; expected mode: inherit or mode: shared)",
                     mode_name(l.mode)
                 ),
             ));

@@ -72,9 +72,49 @@ fn every_rule_reports_where_and_what() {
             vec![],
         ),
         (
-            "udp needs inherit",
+            "udp needs inherit or shared",
             with_spec("  listen:\n    - {port: 53, protocol: udp}\n"),
-            vec!["/srv/apps/web.yaml:8:28: protocol udp needs mode inherit (the http proxy carries TCP only; expected mode: inherit)"],
+            vec!["/srv/apps/web.yaml:8:28: protocol udp needs mode inherit or shared (the http proxy carries TCP only; expected mode: inherit or mode: shared)"],
+        ),
+        (
+            "udp with shared is fine",
+            with_spec("  listen:\n    - {port: 53, mode: shared, protocol: udp}\n"),
+            vec![],
+        ),
+        (
+            "shared tcp and udp on one port",
+            with_spec("  listen:\n    - {port: 53, mode: shared}\n    - {port: 53, mode: shared, protocol: udp}\n"),
+            vec![],
+        ),
+        (
+            "tcp readiness with shared",
+            with_spec("  listen:\n    - {port: 80, mode: shared}\n  readiness:\n    type: tcp\n"),
+            vec!["/srv/apps/web.yaml:10:11: readiness `tcp` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"],
+        ),
+        (
+            "http readiness with shared",
+            with_spec("  listen:\n    - {port: 80, mode: shared}\n  readiness:\n    type: http\n    path: /healthz\n"),
+            vec!["/srv/apps/web.yaml:10:11: readiness `http` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"],
+        ),
+        (
+            "liveness http with shared",
+            with_spec("  listen: [{port: 80, mode: shared}]\n  liveness:\n    type: http\n    path: /live\n"),
+            vec!["/srv/apps/web.yaml:9:11: liveness `http` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"],
+        ),
+        (
+            "bind readiness needs a shared listener",
+            with_spec("  listen:\n    - {port: 80, mode: inherit}\n  readiness:\n    type: bind\n"),
+            vec!["/srv/apps/web.yaml:10:11: readiness `bind` needs a listener in shared mode (it fires when the worker binds that port; expected notify, ipc, delay or none, or a listener with mode: shared)"],
+        ),
+        (
+            "bind readiness with a second, shared listener",
+            with_spec("  listen:\n    - {port: 80}\n    - {port: 81, mode: shared}\n  readiness:\n    type: bind\n"),
+            vec![],
+        ),
+        (
+            "unknown mode",
+            with_spec("  listen:\n    - {port: 80, mode: share}\n"),
+            vec!["/srv/apps/web.yaml:8:24: unknown value `share`, did you mean `shared`?"],
         ),
         (
             "listener name",
@@ -211,7 +251,47 @@ fn ctx(incumbents: &[(&str, &str)]) -> LoadContext {
             .iter()
             .map(|(n, p)| (AppName((*n).to_string()), PathBuf::from(p)))
             .collect(),
+        shared_mode_unavailable: None,
     }
+}
+
+#[test]
+fn shared_mode_defaults_to_bind_readiness() {
+    let yaml = with_spec("  listen: [{port: 8080, mode: shared}]\n");
+    let report = load(&[ManifestFile::new("/srv/apps/web.yaml", yaml)], &ctx(&[]));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let web = &report.apps[&AppName("web".into())];
+    assert_eq!(web.spec.readiness.kind, Some(ReadinessKind::Bind));
+}
+
+/// A host without seccomp user notification rejects `shared` at the listener's mode,
+/// with the runtime's reason; other modes and an offline check (no reason) are unaffected.
+#[test]
+fn shared_mode_on_an_unable_host_is_rejected_with_the_reason() {
+    let yaml = with_spec("  listen:\n    - {port: 8080}\n    - {port: 8081, mode: shared}\n");
+    let host = LoadContext {
+        shared_mode_unavailable: Some(
+            "it needs Linux 5.9 or newer (seccomp user notification with ADDFD), this is Linux 5.4.0".into(),
+        ),
+        ..ctx(&[])
+    };
+    let report = load(
+        &[ManifestFile::new("/srv/apps/web.yaml", yaml.clone())],
+        &host,
+    );
+    assert!(report.apps.is_empty());
+    let lines: Vec<String> = report.errors["web"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        ["/srv/apps/web.yaml:9:26: mode `shared` cannot work on this host: it needs Linux 5.9 or newer (seccomp user notification with ADDFD), this is Linux 5.4.0 (expected mode: inherit if the app can take its socket as fd 3, or mode: http)"]
+    );
+    let inherit = with_spec("  listen: [{port: 8080, mode: inherit}]\n");
+    let report = load(&[ManifestFile::new("/srv/apps/web.yaml", inherit)], &host);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(check(&yaml).is_empty(), "offline validate knows no host");
 }
 
 fn app(name: &str, port: u32) -> String {

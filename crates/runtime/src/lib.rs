@@ -15,6 +15,8 @@
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
+//!   socket (seccomp user notification set up by the shim).
 //! - [`effects`]: all of the above behind the one interface the daemon's controller
 //!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
@@ -31,6 +33,7 @@ pub mod notify;
 pub mod procfs;
 pub mod proxy;
 pub mod quiet_read;
+pub mod seccomp;
 pub mod shim;
 pub mod spawn;
 
