@@ -276,18 +276,14 @@ pub fn reload(
 /// `clusterd validate FILE...`: 0 when every file is valid, 1 otherwise.
 pub fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let files = read_manifests(paths)?;
-    let report = load(&files);
-    // In file order, then position order (line 4 before line 10), as the snapshots are.
-    let mut diagnostics: Vec<_> = report.errors.values().flatten().collect();
-    diagnostics.sort_by(|a, b| {
-        (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message))
-    });
-    let mut lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-    lines.dedup();
-    for line in &lines {
+    // In file order, then position order (line 4 before line 10), as the snapshots are;
+    // warnings (`$PORT` that no shell expands) among them, but only errors fail.
+    let checked = clusterd_core::check_files(&files, cpus());
+    for line in &checked.lines {
         println!("{line}");
     }
-    if lines.is_empty() {
+    if checked.errors == 0 {
+        let report = load(&files);
         for (name, app) in &report.apps {
             eprintln!(
                 "{}: {name} ok (revision {}, {} instances)",

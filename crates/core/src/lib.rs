@@ -13,6 +13,7 @@ pub mod instances;
 pub mod load;
 pub mod model;
 pub mod plan;
+pub mod recover;
 pub mod revision;
 pub mod signal;
 pub mod validate;
@@ -21,5 +22,7 @@ pub mod yaml;
 pub use diagnostic::Diagnostic;
 pub use error::ManifestError;
 pub use instances::resolve_instances;
-pub use load::{load, validate_files, LoadContext, LoadReport, LoadedApp, ManifestFile};
+pub use load::{
+    check_files, load, validate_files, Checked, LoadContext, LoadReport, LoadedApp, ManifestFile,
+};
 pub use revision::revision;
