@@ -102,6 +102,11 @@ pub struct ShimConfig {
     pub group: Option<String>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+    /// Put the worker's stdout and stderr through a pipe to a small logger process that
+    /// writes each line to the log (the shim's stdout) with a timestamp prefix; see
+    /// [`crate::logs`].
+    #[serde(default)]
+    pub timestamps: bool,
 }
 
 /// Builds the full argument list after `program`: leading args, config, argv.
@@ -186,6 +191,11 @@ where
             );
         }
     }
+    if config.timestamps {
+        if let Err(e) = start_logger(status) {
+            fail(status, &format!("starting the log timestamper failed: {e}"));
+        }
+    }
     let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     fail(
         status,
@@ -195,6 +205,71 @@ where
             errno_text(&err)
         ),
     )
+}
+
+/// Starts the log timestamper: a grandchild (so it is never the worker's child, which
+/// apps that reap every child would not expect) that reads a pipe and writes each line,
+/// prefixed with the time it arrived, to what is now stdout (the log file). The shim's
+/// stdout and stderr then become the pipe.
+///
+/// The timestamper stays in the worker's process group and cgroup, ignores the stop
+/// signals (the worker's graceful shutdown must not lose its last words), and exits when
+/// every writer has closed the pipe: with the worker and whatever it left behind. A
+/// SIGKILL of the group takes it down with the worker.
+fn start_logger(status: Option<&OwnedFd>) -> std::io::Result<()> {
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{fork, ForkResult};
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the shim is single-threaded (it starts no thread or runtime), so the child
+    // may do anything the parent could.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(w);
+            // SAFETY: as above; the intermediate child exits at once below.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    if let Some(fd) = status {
+                        // SAFETY: the daemon waits for EOF on this pipe to learn the exec
+                        // happened; the timestamper must not hold it open.
+                        unsafe { libc::close(std::os::fd::AsRawFd::as_raw_fd(fd)) };
+                    }
+                    for sig in [
+                        libc::SIGTERM,
+                        libc::SIGINT,
+                        libc::SIGHUP,
+                        libc::SIGQUIT,
+                        libc::SIGUSR1,
+                        libc::SIGUSR2,
+                        libc::SIGWINCH,
+                        libc::SIGTSTP,
+                    ] {
+                        // SAFETY: SIG_IGN installs no handler.
+                        unsafe { libc::signal(sig, libc::SIG_IGN) };
+                    }
+                    // SAFETY: fds 0 and 2 are ours; the logger reads only `r` and writes
+                    // only fd 1 (the log file).
+                    unsafe {
+                        libc::close(0);
+                        libc::close(2);
+                    }
+                    crate::logs::timestamp_lines(r, std::io::stdout().lock());
+                    std::process::exit(0)
+                }
+                _ => std::process::exit(0),
+            }
+        }
+        ForkResult::Parent { child } => {
+            let _ = waitpid(child, None);
+            drop(r);
+            for target in [1, 2] {
+                // SAFETY: `w` and `target` are valid descriptors of this process.
+                if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&w), target) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reports a setup failure on stderr (the worker's log) and the status pipe, exits 127.

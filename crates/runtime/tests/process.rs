@@ -431,3 +431,31 @@ async fn udp_listener_is_inherited_too() {
     let log = std::fs::read_to_string(&path).unwrap();
     assert!(log.contains("got=hello"), "{log}");
 }
+
+/// A Python worker's print shows up in its log while it runs (stdout is a file, which
+/// Python block-buffers unless PYTHONUNBUFFERED is set), and the manifest can turn the
+/// default off.
+#[tokio::test]
+async fn python_output_reaches_the_log_while_the_worker_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, time\nprint('unbuffered=%r' % os.environ.get('PYTHONUNBUFFERED'))\ntime.sleep(60)\n";
+    let mut s = spec(0, &["python3", "-c", script]);
+    s.log_dir = Some(dir.path().to_path_buf());
+    let w = spawn_worker(s).await.unwrap();
+    let _g = Guard(w.process.clone());
+    let log = w.log_path.clone().unwrap();
+    wait_until("the print in the log", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("unbuffered='1'"))
+    })
+    .await;
+    w.process.kill().unwrap();
+
+    let mut s = spec(1, &["python3", "-c", "import os\nprint('unbuffered=%r' % os.environ.get('PYTHONUNBUFFERED'))"]);
+    s.log_dir = Some(dir.path().to_path_buf());
+    s.env.insert("PYTHONUNBUFFERED".into(), String::new());
+    let w = spawn_worker(s).await.unwrap();
+    let _g = Guard(w.process.clone());
+    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
+    let text = std::fs::read_to_string(w.log_path.unwrap()).unwrap();
+    assert!(text.contains("unbuffered=''"), "{text}");
+}
