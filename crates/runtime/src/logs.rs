@@ -434,13 +434,14 @@ mod tests {
     #[test]
     fn timestamper_prefixes_each_line_and_finishes_the_last() {
         let (r, w) = nix::unistd::pipe().unwrap();
-        let mut w = File::from(w);
-        let big = "x".repeat(MAX_LINE + 10);
-        write!(w, "one\ntwo\n{big}\nthree").unwrap();
-        let writer = std::thread::spawn(move || drop(w));
+        let writer = std::thread::spawn(move || {
+            let mut w = File::from(w);
+            let big = "x".repeat(MAX_LINE + 10);
+            write!(w, "one\ntwo\n{big}\nthree").unwrap();
+        });
         let mut out = Vec::new();
-        writer.join().unwrap();
         timestamp_lines(r, &mut out);
+        writer.join().unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         let texts: Vec<&str> = lines.iter().map(|l| split_timestamp(l).unwrap().1).collect();
