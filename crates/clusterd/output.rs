@@ -594,7 +594,7 @@ impl LogBatch {
         self.lines.is_empty()
     }
 
-    fn print(mut self, out: &mut impl Write, app: &str) -> std::io::Result<()> {
+    fn print(mut self, out: &mut impl std::io::Write, app: &str) -> std::io::Result<()> {
         self.lines
             .sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
         for (_, index, _, shown, text) in &self.lines {

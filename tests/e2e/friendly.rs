@@ -84,15 +84,16 @@ fn control_socket_appears_with_its_final_mode() {
     d.stop();
     let sock_dir = d.dir.path().join("run/clusterd");
     d.socket = sock_dir.join("clusterd.sock");
-    std::fs::create_dir_all(sock_dir.parent().unwrap()).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let mut watcher = notify::recommended_watcher(tx).unwrap();
-    watcher
-        .watch(sock_dir.parent().unwrap(), RecursiveMode::Recursive)
-        .unwrap();
     d.spawn();
     let meta = std::fs::metadata(&sock_dir).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o700, "socket directory mode");
+    d.stop();
+    let _ = std::fs::remove_file(&d.socket);
+    // Now watch the (existing) directory while the daemon binds again.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut watcher = notify::recommended_watcher(tx).unwrap();
+    watcher.watch(&sock_dir, RecursiveMode::NonRecursive).unwrap();
+    d.spawn();
     let meta = std::fs::metadata(&d.socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
     let sock_events: Vec<EventKind> = eventually(T, "the socket's events", || {
