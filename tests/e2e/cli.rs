@@ -327,7 +327,10 @@ fn logs_tail_and_instance() {
             .collect();
         assert_eq!(
             mine,
-            [28, 29, 30].map(|n| format!("chatty[{i}] line {n} of {i}")).iter().collect::<Vec<_>>()
+            [28, 29, 30]
+                .map(|n| format!("chatty[{i}] line {n} of {i}"))
+                .iter()
+                .collect::<Vec<_>>()
         );
     }
     let out = d.cli(&["logs", "chatty", "--instance", "1", "--tail", "2"]);

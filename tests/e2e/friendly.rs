@@ -41,7 +41,12 @@ fn daemon_refuses(dir: &Path, socket: &Path) -> String {
     loop {
         if let Some(status) = child.try_wait().unwrap() {
             let mut err = String::new();
-            child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+            child
+                .stderr
+                .take()
+                .unwrap()
+                .read_to_string(&mut err)
+                .unwrap();
             assert!(!status.success(), "daemon started: {err}");
             return err;
         }
@@ -92,7 +97,9 @@ fn control_socket_appears_with_its_final_mode() {
     // Now watch the (existing) directory while the daemon binds again.
     let (tx, rx) = std::sync::mpsc::channel();
     let mut watcher = notify::recommended_watcher(tx).unwrap();
-    watcher.watch(&sock_dir, RecursiveMode::NonRecursive).unwrap();
+    watcher
+        .watch(&sock_dir, RecursiveMode::NonRecursive)
+        .unwrap();
     d.spawn();
     let meta = std::fs::metadata(&d.socket).unwrap();
     assert_eq!(meta.mode() & 0o777, 0o600, "socket mode");
@@ -119,7 +126,8 @@ fn control_socket_appears_with_its_final_mode() {
 fn control_connections_have_a_header_timeout_and_a_cap() {
     let d = Daemon::start_env(&[("CLUSTERD_CONTROL_HEADER_TIMEOUT", "300ms")]);
     let mut slow = UnixStream::connect(&d.socket).unwrap();
-    slow.write_all(b"GET /v1/apps HTTP/1.1\r\nHost: x\r\n").unwrap();
+    slow.write_all(b"GET /v1/apps HTTP/1.1\r\nHost: x\r\n")
+        .unwrap();
     slow.set_read_timeout(Some(T)).unwrap();
     let mut buf = Vec::new();
     // Closed (EOF), possibly after a 408: never left hanging until our read timeout.
@@ -127,7 +135,11 @@ fn control_connections_have_a_header_timeout_and_a_cap() {
     assert!(r.is_ok(), "the half-sent request was left open: {r:?}");
 
     let d = Daemon::start_env(&[("CLUSTERD_CONTROL_HEADER_TIMEOUT", "60s")]);
-    let fds = |pid: i32| std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count();
+    let fds = |pid: i32| {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
     let base = fds(d.pid());
     let mut idle: Vec<UnixStream> = (0..100)
         .map(|_| UnixStream::connect(&d.socket).unwrap())
@@ -229,12 +241,7 @@ fn untimed(line: &str) -> &str {
 
 fn shown_with_time(line: &str) -> bool {
     let b = line.as_bytes();
-    b.len() > 25
-        && b[4] == b'-'
-        && b[10] == b'T'
-        && b[19] == b'.'
-        && b[23] == b'Z'
-        && b[24] == b' '
+    b.len() > 25 && b[4] == b'-' && b[10] == b'T' && b[19] == b'.' && b[23] == b'Z' && b[24] == b' '
 }
 
 /// `clusterd logs APP` merges the instances in time order, with the time and the

@@ -52,9 +52,7 @@ pub const TIMESTAMP_LEN: usize = 28;
 /// `2026-12-01T17:05:03.123456Z`, the UTC time of `t` (RFC 3339, microseconds).
 #[must_use]
 pub fn format_timestamp(t: std::time::SystemTime) -> String {
-    let d = t
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     let secs = d.as_secs();
     let (days, rem) = (secs / 86_400, secs % 86_400);
     // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
@@ -424,7 +422,10 @@ mod tests {
         let t = std::time::UNIX_EPOCH + Duration::from_micros(1_764_608_703_123_456);
         let s = format_timestamp(t);
         assert_eq!(s, "2025-12-01T17:05:03.123456Z");
-        assert_eq!(format_timestamp(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000000Z");
+        assert_eq!(
+            format_timestamp(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
         let line = format!("{s} hello world");
         assert_eq!(split_timestamp(&line), Some((s.as_str(), "hello world")));
         assert_eq!(split_timestamp("hello"), None);
@@ -444,7 +445,10 @@ mod tests {
         writer.join().unwrap();
         let text = String::from_utf8(out).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        let texts: Vec<&str> = lines.iter().map(|l| split_timestamp(l).unwrap().1).collect();
+        let texts: Vec<&str> = lines
+            .iter()
+            .map(|l| split_timestamp(l).unwrap().1)
+            .collect();
         assert_eq!(texts.len(), 5, "{texts:?}");
         assert_eq!(texts[0], "one");
         assert_eq!(texts[1], "two");

@@ -454,7 +454,14 @@ async fn python_output_reaches_the_log_while_the_worker_runs() {
     assert_eq!(line, "unbuffered='1'");
     w.process.kill().unwrap();
 
-    let mut s = spec(1, &["python3", "-c", "import os\nprint('unbuffered=%r' % os.environ.get('PYTHONUNBUFFERED'))"]);
+    let mut s = spec(
+        1,
+        &[
+            "python3",
+            "-c",
+            "import os\nprint('unbuffered=%r' % os.environ.get('PYTHONUNBUFFERED'))",
+        ],
+    );
     s.log_dir = Some(dir.path().to_path_buf());
     s.env.insert("PYTHONUNBUFFERED".into(), String::new());
     let w = spawn_worker(s).await.unwrap();
