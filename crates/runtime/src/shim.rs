@@ -192,7 +192,7 @@ where
         }
     }
     if config.timestamps {
-        if let Err(e) = start_logger(status) {
+        if let Err(e) = start_logger() {
             fail(status, &format!("starting the log timestamper failed: {e}"));
         }
     }
@@ -207,6 +207,9 @@ where
     )
 }
 
+/// The name (`comm`) of the timestamper process, as `ps` and `/proc/PID/comm` show it.
+pub const TIMESTAMPER_NAME: &str = "clusterd-log";
+
 /// Starts the log timestamper: a grandchild (so it is never the worker's child, which
 /// apps that reap every child would not expect) that reads a pipe and writes each line,
 /// prefixed with the time it arrived, to what is now stdout (the log file). The shim's
@@ -216,7 +219,7 @@ where
 /// signals (the worker's graceful shutdown must not lose its last words), and exits when
 /// every writer has closed the pipe: with the worker and whatever it left behind. A
 /// SIGKILL of the group takes it down with the worker.
-fn start_logger(status: Option<&OwnedFd>) -> std::io::Result<()> {
+fn start_logger() -> std::io::Result<()> {
     use nix::sys::wait::waitpid;
     use nix::unistd::{fork, ForkResult};
     let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
@@ -228,11 +231,25 @@ fn start_logger(status: Option<&OwnedFd>) -> std::io::Result<()> {
             // SAFETY: as above; the intermediate child exits at once below.
             match unsafe { fork() } {
                 Ok(ForkResult::Child) => {
-                    if let Some(fd) = status {
-                        // SAFETY: the daemon waits for EOF on this pipe to learn the exec
-                        // happened; the timestamper must not hold it open.
-                        unsafe { libc::close(std::os::fd::AsRawFd::as_raw_fd(fd)) };
+                    // Keep only the pipe and the log: the daemon waits for EOF on the
+                    // status pipe (and on a Node IPC channel) to learn what the worker
+                    // did, and the listeners belong to the worker alone.
+                    let keep = [1, std::os::fd::AsRawFd::as_raw_fd(&r)];
+                    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+                        .map(|d| {
+                            d.flatten()
+                                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for fd in open.into_iter().filter(|fd| !keep.contains(fd)) {
+                        // SAFETY: closing descriptors this process will never use; the
+                        // directory's own fd may already be gone (EBADF, harmless).
+                        unsafe { libc::close(fd) };
                     }
+                    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+                    // bytes; `ps` then shows what this process is.
+                    unsafe { libc::prctl(libc::PR_SET_NAME, c"clusterd-log".as_ptr()) };
                     for sig in [
                         libc::SIGTERM,
                         libc::SIGINT,
@@ -245,12 +262,6 @@ fn start_logger(status: Option<&OwnedFd>) -> std::io::Result<()> {
                     ] {
                         // SAFETY: SIG_IGN installs no handler.
                         unsafe { libc::signal(sig, libc::SIG_IGN) };
-                    }
-                    // SAFETY: fds 0 and 2 are ours; the logger reads only `r` and writes
-                    // only fd 1 (the log file).
-                    unsafe {
-                        libc::close(0);
-                        libc::close(2);
                     }
                     crate::logs::timestamp_lines(r, std::io::stdout().lock());
                     std::process::exit(0)
