@@ -111,19 +111,23 @@ pub fn timestamp_lines(input: std::os::fd::OwnedFd, mut out: impl std::io::Write
         let stamp = format_timestamp(std::time::SystemTime::now());
         partial.extend_from_slice(&chunk[..n]);
         let mut start = 0;
-        while let Some(i) = partial[start..].iter().position(|&c| c == b'\n') {
+        loop {
+            let rest = &partial[start..];
+            let window = &rest[..rest.len().min(MAX_LINE + 1)];
+            let (take, newline) = match window.iter().position(|&c| c == b'\n') {
+                Some(i) if i <= MAX_LINE => (i + 1, true),
+                _ if rest.len() >= MAX_LINE => (MAX_LINE, false),
+                _ => break,
+            };
             batch.extend_from_slice(stamp.as_bytes());
             batch.push(b' ');
-            batch.extend_from_slice(&partial[start..=start + i]);
-            start += i + 1;
+            batch.extend_from_slice(&rest[..take]);
+            if !newline {
+                batch.push(b'\n');
+            }
+            start += take;
         }
         partial.drain(..start);
-        while partial.len() >= MAX_LINE {
-            batch.extend_from_slice(stamp.as_bytes());
-            batch.push(b' ');
-            batch.extend(partial.drain(..MAX_LINE));
-            batch.push(b'\n');
-        }
         let _ = out.write_all(&batch).and_then(|()| out.flush());
         batch.clear();
     }
