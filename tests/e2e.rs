@@ -28,3 +28,6 @@ mod faults;
 
 #[path = "e2e/shared.rs"]
 mod shared;
+
+#[path = "e2e/friendly.rs"]
+mod friendly;

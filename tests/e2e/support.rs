@@ -680,6 +680,12 @@ impl Drop for EventFollower {
 }
 
 /// Every live process whose process group is `pgid` (scans /proc; zombies excluded).
+/// Whether `pid` is a worker's log timestamper (it shares the worker's process group).
+pub fn is_timestamper(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end() == clusterd_runtime::shim::TIMESTAMPER_NAME)
+}
+
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

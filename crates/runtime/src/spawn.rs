@@ -106,6 +106,9 @@ pub struct WorkerSpec {
     /// copy, works on a full disk; see [`crate::logs::rotate_unshared`]). `None`: leave
     /// rotation to the periodic copytruncate.
     pub log_rotate_unshared: Option<crate::logs::LogPolicy>,
+    /// Prefix each log line with the time it was written (through a timestamper process
+    /// the shim starts; see [`crate::logs`]). On by default; only with a `log_dir`.
+    pub log_timestamps: bool,
     /// How to run the exec shim.
     pub shim: ShimCommand,
 }
@@ -137,6 +140,7 @@ impl WorkerSpec {
             cgroup: None,
             log_dir: None,
             log_rotate_unshared: None,
+            log_timestamps: true,
             shim,
         }
     }
@@ -339,6 +343,15 @@ pub(crate) fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Variables every worker gets unless the manifest's `env` sets them (they override the
+/// daemon's own environment, which workers otherwise inherit).
+///
+/// `PYTHONUNBUFFERED=1`: Python block-buffers stdout when it is not a terminal, and a
+/// worker's stdout is a log file, so `clusterd logs` would show nothing for minutes (or
+/// lose the tail on SIGKILL). Other runtimes (Node, Ruby's `$stdout.sync` aside, Go) write
+/// through already. `env: {PYTHONUNBUFFERED: ""}` restores Python's buffering.
+pub const DEFAULT_ENV: &[(&str, &str)] = &[("PYTHONUNBUFFERED", "1")];
+
 /// Starts a worker through the exec shim.
 ///
 /// Returns once the shim has exec'd the app, or with [`Error::WorkerStart`] carrying the
@@ -452,13 +465,17 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         group: spec.group.clone(),
         cwd: spec.cwd.clone(),
         seccomp_socket: seccomp_child.as_ref().map(AsRawFd::as_raw_fd),
+        timestamps: spec.log_timestamps && log.is_some(),
     };
     let mut cmd = Command::new(&spec.shim.program);
     cmd.args(shim_args(&spec.shim, &config, &spec.argv)?);
     for k in SCRUBBED_ENV {
         cmd.env_remove(k);
     }
-    cmd.envs(&spec.env).envs(&spec.extra_env).envs(env);
+    cmd.envs(DEFAULT_ENV.iter().copied())
+        .envs(&spec.env)
+        .envs(&spec.extra_env)
+        .envs(env);
     cmd.stdin(Stdio::null());
     match &log {
         Some(f) => {
