@@ -246,7 +246,13 @@ async fn proxy_request(
     add_forwarded(&mut headers, peer, client_host.as_ref());
     let uri = origin_form(&parts.uri);
 
-    let (done_tx, done_rx) = watch::channel(false);
+    // Only a request with a body needs to know when the upload ends.
+    let (done_tx, done_rx) = if body_empty {
+        (None, None)
+    } else {
+        let (tx, rx) = watch::channel(false);
+        (Some(tx), Some(rx))
+    };
     let template = |body: UpstreamBody| {
         let mut r = Request::new(body);
         *r.method_mut() = method.clone();
@@ -258,7 +264,7 @@ async fn proxy_request(
     let mut pending = Some(template(
         RequestBody {
             inner: body,
-            done: Some(done_tx),
+            done: done_tx,
         }
         .boxed_unsync(),
     ));
@@ -297,7 +303,7 @@ async fn proxy_request(
         };
         if conn.reused
             && !matches!(
-                tokio::time::timeout(ctx.cfg.connect_timeout, conn.sender.ready()).await,
+                tokio::time::timeout(ctx.cfg.connect_timeout, conn.ready()).await,
                 Ok(Ok(()))
             )
         {
@@ -307,10 +313,15 @@ async fn proxy_request(
             Some(r) => r,
             None => template(empty_body()),
         };
+        let body_done = if request.body().is_end_stream() {
+            None
+        } else {
+            done_rx.clone()
+        };
         match send(
             &mut conn,
             request,
-            done_rx.clone(),
+            body_done,
             ctx.cfg.response_header_timeout,
         )
         .instrument(span.clone())
@@ -322,7 +333,7 @@ async fn proxy_request(
                 {
                     tunnel(resp, on_client, conn, lease, ctx, span)
                 } else {
-                    relay(resp, conn, lease, ctx, !upgrade)
+                    relay(resp, conn, lease, ctx, !upgrade, done_rx)
                 };
             }
             Err(SendFailure::NotSent(back)) => {
@@ -372,23 +383,26 @@ async fn proxy_request(
 async fn send(
     conn: &mut UpstreamConn,
     request: Request<UpstreamBody>,
-    mut body_done: watch::Receiver<bool>,
+    body_done: Option<watch::Receiver<bool>>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, SendFailure> {
-    let body_already_done = request.body().is_end_stream();
     let response = conn.sender.try_send_request(request);
     tokio::pin!(response);
-    let outcome = if body_already_done {
-        tokio::time::timeout(timeout, response).await
-    } else {
-        let first = tokio::select! {
-            r = response.as_mut() => Some(r),
-            // The guard `wait_for` returns is not Send: drop it inside the branch.
-            _ = async { body_done.wait_for(|done| *done).await.is_ok() } => None,
-        };
-        match first {
-            Some(r) => Ok(r),
-            None => tokio::time::timeout(timeout, response).await,
+    let outcome = match body_done {
+        None => tokio::time::timeout(timeout, conn.drive(response)).await,
+        Some(mut body_done) => {
+            let first = {
+                let response = conn.drive(response.as_mut());
+                tokio::select! {
+                    r = response => Some(r),
+                    // The guard `wait_for` returns is not Send: drop it inside the branch.
+                    _ = async { body_done.wait_for(|done| *done).await.is_ok() } => None,
+                }
+            };
+            match first {
+                Some(r) => Ok(r),
+                None => tokio::time::timeout(timeout, conn.drive(response)).await,
+            }
         }
     };
     match outcome {
@@ -416,6 +430,7 @@ fn relay(
     lease: Lease,
     ctx: &Ctx,
     poolable: bool,
+    upload_done: Option<watch::Receiver<bool>>,
 ) -> Response<ProxyBody> {
     let keep_alive = poolable && response_keeps_alive(&resp);
     let (mut parts, body) = resp.into_parts();
@@ -428,6 +443,7 @@ fn relay(
             lease,
             keep_alive,
             pool_max: ctx.cfg.pool_max_idle,
+            upload_done,
         }),
     };
     Response::from_parts(parts, body.boxed_unsync())
@@ -673,6 +689,9 @@ struct Finish {
     lease: Lease,
     keep_alive: bool,
     pool_max: usize,
+    /// Set when the request had a body: a worker may answer before reading all of it,
+    /// and a connection still sending an upload is not idle.
+    upload_done: Option<watch::Receiver<bool>>,
 }
 
 impl Finish {
@@ -683,8 +702,10 @@ impl Finish {
             lease,
             keep_alive,
             pool_max,
+            upload_done,
         } = self;
-        if keep_alive {
+        let upload_over = upload_done.is_none_or(|done| *done.borrow());
+        if keep_alive && upload_over {
             let backend = Arc::clone(lease.backend());
             backend.pool.put(conn, pool_max, || backend.is_routable());
         }
@@ -709,6 +730,11 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        // The worker's connection is driven from here while the body streams: it is
+        // what reads the body off the socket.
+        if let Some(f) = self.finish.as_mut() {
+            f.conn.poll_io(cx);
+        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
