@@ -128,21 +128,29 @@ def proxies_table(res, agg):
         "|---|---|---|---|---|---|---|---|---|",
     ]
     order = {s: i for i, s in enumerate(PROXY_MODE)}
-    keys = sorted((k for k in agg if k[0] in PROXY_MODE and not agg[k]["not_run"]),
-                  key=lambda k: (k[1] != "node", k[1], k[2], PROXY_MODE[k[0]], order[k[0]]))
+    def base(system):
+        return system.split("@")[0]
+
+    def name(system):
+        b, _, variant = system.partition("@")
+        return NAMES.get(b, b) + (f" [{variant}]" if variant else "")
+
+    keys = sorted((k for k in agg if base(k[0]) in PROXY_MODE and not agg[k]["not_run"]),
+                  key=lambda k: (k[1] != "node", k[1], k[2], PROXY_MODE[base(k[0])], order[base(k[0])], k[0]))
     for mode, conn in (("keepalive", "keep-alive"), ("close", "new per request")):
         for key in keys:
             system, app, n = key
             d = agg[key][mode]
             if not d:
                 continue
-            ref = agg.get(("haproxy" if PROXY_MODE[system] == "http" else "haproxy-tcp", app, n), {}).get(mode, {})
+            pmode = PROXY_MODE[base(system)]
+            ref = agg.get(("haproxy" if pmode == "http" else "haproxy-tcp", app, n), {}).get(mode, {})
             rps, cpu = med(d["rps"]), med(d.get("supervisor_cpu_us_per_req", []))
             r_rps = ratio(rps, med(ref.get("rps", [])))
             r_cpu = ratio(cpu, med(ref.get("supervisor_cpu_us_per_req", [])))
-            bold = "**" if system in ("http", "tcp", "http-1t", "tcp-1t") else ""
+            bold = "**" if base(system) in ("http", "tcp", "http-1t", "tcp-1t") else ""
             lines.append(
-                f"| {bold}{NAMES.get(system, system)}{bold} | {PROXY_MODE[system]} | {n} | {conn} | {cell(d['rps'])} |"
+                f"| {bold}{name(system)}{bold} | {pmode} | {n} | {conn} | {cell(d['rps'])} |"
                 f" {cell(d.get('supervisor_cpu_us_per_req', []), f2)} | {f2(r_rps) + 'x' if r_rps else '—'} |"
                 f" {f2(r_cpu) + 'x' if r_cpu else '—'} | {cell(d['p99'], f2)} |")
     if len(lines) == 2:

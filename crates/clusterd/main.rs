@@ -11,6 +11,12 @@ mod output;
 
 use std::process::ExitCode;
 
+/// mimalloc instead of glibc malloc: the http proxy allocates and frees small buffers
+/// and header maps on every request, and glibc's malloc/free/consolidate were ~7% of
+/// the daemon's CPU under load (docs/performance.md).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     cli::run()
 }

@@ -704,8 +704,25 @@ impl Finish {
             pool_max,
             upload_done,
         } = self;
-        let upload_over = upload_done.is_none_or(|done| *done.borrow());
-        if keep_alive && upload_over {
+        let upload_over = upload_done.as_ref().is_none_or(|done| *done.borrow());
+        if keep_alive && !upload_over {
+            // The worker answered before it had the whole upload. Nothing drives this
+            // connection once the response is done, so finish the upload in a task of
+            // its own (rare), then pool it; the request counts as in flight until then.
+            tokio::spawn(
+                async move {
+                    let mut conn = conn;
+                    if conn.ready().await.is_ok() {
+                        let backend = Arc::clone(lease.backend());
+                        backend.pool.put(conn, pool_max, || backend.is_routable());
+                    }
+                    drop(lease);
+                }
+                .in_current_span(),
+            );
+            return;
+        }
+        if keep_alive {
             let backend = Arc::clone(lease.backend());
             backend.pool.put(conn, pool_max, || backend.is_routable());
         }
