@@ -124,8 +124,9 @@ def proxies_table(res, agg):
     """clusterd's http/tcp modes next to HAProxy and nginx in front of the same workers."""
     lines = [
         "| proxy | mode | N | conn | req/s median (min–max) | proxy CPU µs/req median (min–max) |"
-        " req/s × HAProxy | CPU/req × HAProxy | p99 ms |",
-        "|---|---|---|---|---|---|---|---|---|",
+        " req/s × HAProxy 1t | CPU/req × HAProxy 1t | req/s × HAProxy same threads | CPU/req × HAProxy same threads |"
+        " p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = {s: i for i, s in enumerate(PROXY_MODE)}
     def base(system):
@@ -148,11 +149,19 @@ def proxies_table(res, agg):
             rps, cpu = med(d["rps"]), med(d.get("supervisor_cpu_us_per_req", []))
             r_rps = ratio(rps, med(ref.get("rps", [])))
             r_cpu = ratio(cpu, med(ref.get("supervisor_cpu_us_per_req", [])))
+            # Same number of threads: clusterd's default runtime and the "-mt" rows use
+            # one thread per CPU; "-1t", HAProxy and nginx without "-mt" use one.
+            multi = base(system) in ("http", "tcp", "haproxy-mt", "haproxy-tcp-mt", "nginx-mt")
+            peer = ("haproxy" if pmode == "http" else "haproxy-tcp") + ("-mt" if multi else "")
+            ref2 = agg.get((peer, app, n), {}).get(mode, {})
+            s_rps = ratio(rps, med(ref2.get("rps", [])))
+            s_cpu = ratio(cpu, med(ref2.get("supervisor_cpu_us_per_req", [])))
             bold = "**" if base(system) in ("http", "tcp", "http-1t", "tcp-1t") else ""
             lines.append(
                 f"| {bold}{name(system)}{bold} | {pmode} | {n} | {conn} | {cell(d['rps'])} |"
                 f" {cell(d.get('supervisor_cpu_us_per_req', []), f2)} | {f2(r_rps) + 'x' if r_rps else '—'} |"
-                f" {f2(r_cpu) + 'x' if r_cpu else '—'} | {cell(d['p99'], f2)} |")
+                f" {f2(r_cpu) + 'x' if r_cpu else '—'} | {f2(s_rps) + 'x' if s_rps else '—'} |"
+                f" {f2(s_cpu) + 'x' if s_cpu else '—'} | {cell(d['p99'], f2)} |")
     if len(lines) == 2:
         return "(no proxy rows in this run)"
     return "\n".join(lines)
@@ -170,8 +179,11 @@ to the workers: HAProxy `balance leastconn`, `http-reuse always`, `option forwar
 (`mode tcp` for the tcp rows); nginx `least_conn`, `keepalive 64`, `proxy_http_version 1.1`,
 X-Forwarded-For, `proxy_buffering off`. *Proxy CPU* is utime+stime of the proxy's
 processes (nginx: master and workers) over the measurement, divided by the requests
-completed; for clusterd it is the whole daemon. The ratios compare with HAProxy with one
-thread in the same mode (lower CPU and higher req/s is better for clusterd).
+completed; for clusterd it is the whole daemon. The ratios compare with HAProxy in the
+same mode, with one thread ("1t") and with the same number of threads as the row (clusterd's
+runtime has one per CPU unless `CLUSTERD_THREADS=1`); lower CPU and higher req/s are better.
+On a shared, overloaded machine req/s follows the CPU share a process gets, which grows with
+its number of runnable threads: compare req/s at equal threads, and trust CPU/req more.
 
 {proxies_table(res, agg)}
 {PROXY_END}"""
@@ -293,12 +305,18 @@ def write_docs(res, results_rel):
         # A --compare run only replaces the proxies section of the page.
         with open(path) as f:
             old = f.read()
+        section = proxies_section(res, agg, results_rel)
         if PROXY_BEGIN in old and PROXY_END in old:
             head, rest = old.split(PROXY_BEGIN, 1)
-            tail = rest.split(PROXY_END, 1)[1]
-            with open(path, "w") as f:
-                f.write(head + proxies_section(res, agg, results_rel) + tail)
-            return os.path.relpath(path, ROOT)
+            new = head + section + rest.split(PROXY_END, 1)[1]
+        elif "## Reload under load" in old:
+            head, tail = old.split("## Reload under load", 1)
+            new = head + section + "\n\n## Reload under load" + tail
+        else:
+            new = old.rstrip("\n") + "\n\n" + section + "\n"
+        with open(path, "w") as f:
+            f.write(new)
+        return os.path.relpath(path, ROOT)
     m, v, a = res["machine"], res["versions"], res["args"]
     quick = res.get("quick")
     targets = """- clusterd inherit ≥ 0.98x the physical limit;
