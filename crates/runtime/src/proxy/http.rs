@@ -246,13 +246,7 @@ async fn proxy_request(
     add_forwarded(&mut headers, peer, client_host.as_ref());
     let uri = origin_form(&parts.uri);
 
-    // Only a request with a body needs to know when the upload ends.
-    let (done_tx, done_rx) = if body_empty {
-        (None, None)
-    } else {
-        let (tx, rx) = watch::channel(false);
-        (Some(tx), Some(rx))
-    };
+    let (done_tx, done_rx) = watch::channel(false);
     let template = |body: UpstreamBody| {
         let mut r = Request::new(body);
         *r.method_mut() = method.clone();
@@ -264,7 +258,7 @@ async fn proxy_request(
     let mut pending = Some(template(
         RequestBody {
             inner: body,
-            done: done_tx,
+            done: Some(done_tx),
         }
         .boxed_unsync(),
     ));
@@ -303,7 +297,7 @@ async fn proxy_request(
         };
         if conn.reused
             && !matches!(
-                tokio::time::timeout(ctx.cfg.connect_timeout, conn.ready()).await,
+                tokio::time::timeout(ctx.cfg.connect_timeout, conn.sender.ready()).await,
                 Ok(Ok(()))
             )
         {
@@ -313,15 +307,10 @@ async fn proxy_request(
             Some(r) => r,
             None => template(empty_body()),
         };
-        let body_done = if request.body().is_end_stream() {
-            None
-        } else {
-            done_rx.clone()
-        };
         match send(
             &mut conn,
             request,
-            body_done,
+            done_rx.clone(),
             ctx.cfg.response_header_timeout,
         )
         .instrument(span.clone())
@@ -333,7 +322,7 @@ async fn proxy_request(
                 {
                     tunnel(resp, on_client, conn, lease, ctx, span)
                 } else {
-                    relay(resp, conn, lease, ctx, !upgrade, done_rx)
+                    relay(resp, conn, lease, ctx, !upgrade)
                 };
             }
             Err(SendFailure::NotSent(back)) => {
@@ -383,26 +372,23 @@ async fn proxy_request(
 async fn send(
     conn: &mut UpstreamConn,
     request: Request<UpstreamBody>,
-    body_done: Option<watch::Receiver<bool>>,
+    mut body_done: watch::Receiver<bool>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, SendFailure> {
+    let body_already_done = request.body().is_end_stream();
     let response = conn.sender.try_send_request(request);
     tokio::pin!(response);
-    let outcome = match body_done {
-        None => tokio::time::timeout(timeout, conn.drive(response)).await,
-        Some(mut body_done) => {
-            let first = {
-                let response = conn.drive(response.as_mut());
-                tokio::select! {
-                    r = response => Some(r),
-                    // The guard `wait_for` returns is not Send: drop it inside the branch.
-                    _ = async { body_done.wait_for(|done| *done).await.is_ok() } => None,
-                }
-            };
-            match first {
-                Some(r) => Ok(r),
-                None => tokio::time::timeout(timeout, conn.drive(response)).await,
-            }
+    let outcome = if body_already_done {
+        tokio::time::timeout(timeout, response).await
+    } else {
+        let first = tokio::select! {
+            r = response.as_mut() => Some(r),
+            // The guard `wait_for` returns is not Send: drop it inside the branch.
+            _ = async { body_done.wait_for(|done| *done).await.is_ok() } => None,
+        };
+        match first {
+            Some(r) => Ok(r),
+            None => tokio::time::timeout(timeout, response).await,
         }
     };
     match outcome {
@@ -430,7 +416,6 @@ fn relay(
     lease: Lease,
     ctx: &Ctx,
     poolable: bool,
-    upload_done: Option<watch::Receiver<bool>>,
 ) -> Response<ProxyBody> {
     let keep_alive = poolable && response_keeps_alive(&resp);
     let (mut parts, body) = resp.into_parts();
@@ -443,7 +428,6 @@ fn relay(
             lease,
             keep_alive,
             pool_max: ctx.cfg.pool_max_idle,
-            upload_done,
         }),
     };
     Response::from_parts(parts, body.boxed_unsync())
@@ -689,9 +673,6 @@ struct Finish {
     lease: Lease,
     keep_alive: bool,
     pool_max: usize,
-    /// Set when the request had a body: a worker may answer before reading all of it,
-    /// and a connection still sending an upload is not idle.
-    upload_done: Option<watch::Receiver<bool>>,
 }
 
 impl Finish {
@@ -702,26 +683,7 @@ impl Finish {
             lease,
             keep_alive,
             pool_max,
-            upload_done,
         } = self;
-        let upload_over = upload_done.as_ref().is_none_or(|done| *done.borrow());
-        if keep_alive && !upload_over {
-            // The worker answered before it had the whole upload. Nothing drives this
-            // connection once the response is done, so finish the upload in a task of
-            // its own (rare), then pool it; the request counts as in flight until then.
-            tokio::spawn(
-                async move {
-                    let mut conn = conn;
-                    if conn.ready().await.is_ok() {
-                        let backend = Arc::clone(lease.backend());
-                        backend.pool.put(conn, pool_max, || backend.is_routable());
-                    }
-                    drop(lease);
-                }
-                .in_current_span(),
-            );
-            return;
-        }
         if keep_alive {
             let backend = Arc::clone(lease.backend());
             backend.pool.put(conn, pool_max, || backend.is_routable());
@@ -747,11 +709,6 @@ impl Body for ResponseBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        // The worker's connection is driven from here while the body streams: it is
-        // what reads the body off the socket.
-        if let Some(f) = self.finish.as_mut() {
-            f.conn.poll_io(cx);
-        }
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => {
