@@ -280,7 +280,12 @@ pub fn run() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Daemon(args) => daemon::run(args),
+        Command::Daemon(args) => {
+            // Before any worker exists: the daemon becomes a child subreaper, so orphans of
+            // worker trees stay under it (and are reaped), as do all orphans when PID 1.
+            clusterd_runtime::reaper::start()?;
+            daemon::run(args)
+        }
         Command::Status {
             app,
             output: fmt,

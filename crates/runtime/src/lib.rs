@@ -13,6 +13,8 @@
 //! - [`logs`]: per-instance log files, rotation, tail and follow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`tree`] and [`reaper`]: a worker's whole process tree, and the daemon as child
+//!   subreaper reaping every orphan.
 
 pub mod error;
 pub mod gitops;
@@ -23,7 +25,9 @@ pub mod logs;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+pub mod reaper;
 pub mod shim;
 pub mod spawn;
+pub mod tree;
 
 pub use error::{Error, Result};

@@ -132,6 +132,16 @@ pub fn usage_by_group() -> std::collections::HashMap<i32, GroupUsage> {
     out
 }
 
+/// Every pid in /proc (processes, not threads).
+pub fn all_pids() -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
+}
+
 /// Pids of the live members of process group `pgid`.
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let Ok(dir) = fs::read_dir("/proc") else {
