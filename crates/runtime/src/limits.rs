@@ -141,9 +141,9 @@ impl CgroupTree {
     }
 
     /// Creates a fresh `<base>/<app>/<leaf>` with `limits` written, and returns it for
-    /// [`crate::spawn::WorkerSpec::cgroup`]. When a leaf of that name exists and still
-    /// holds processes (two live workers of one index and revision overlap during a
-    /// reload), a suffix makes the new one unique: a leaf is one worker's whole tree.
+    /// [`crate::spawn::WorkerSpec::cgroup`]. When the name is taken (two workers of one
+    /// index and revision overlap during a reload), a suffix makes the new one unique: a
+    /// leaf is one worker's whole tree, never shared.
     pub fn create_worker_cgroup(
         &self,
         app: &str,
@@ -210,11 +210,11 @@ impl CgroupTree {
     }
 }
 
-/// Creates `<dir>/<leaf>`, or `<leaf>.2`, `<leaf>.3`, ... when a live worker holds the
-/// name. A leftover empty cgroup of that name (a worker of an earlier daemon) is removed
-/// and the name reused.
+/// Creates `<dir>/<leaf>`, or `<leaf>.2`, `<leaf>.3`, ... when the name is taken. A taken
+/// name is never reused, not even when it looks empty: `mkdir` is the only atomic claim
+/// (a worker being started by another daemon or task may not have joined it yet).
 fn fresh_leaf(dir: &Path, leaf: &str) -> std::io::Result<PathBuf> {
-    for n in 1u32..1000 {
+    for n in 1u32..10_000 {
         let path = if n == 1 {
             dir.join(leaf)
         } else {
@@ -222,13 +222,7 @@ fn fresh_leaf(dir: &Path, leaf: &str) -> std::io::Result<PathBuf> {
         };
         match fs::create_dir(&path) {
             Ok(()) => return Ok(path),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                let in_use = fs::read_to_string(path.join("cgroup.procs"))
-                    .map_or(true, |p| !p.trim().is_empty());
-                if !in_use && fs::remove_dir(&path).is_ok() && fs::create_dir(&path).is_ok() {
-                    return Ok(path);
-                }
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(e),
         }
     }
@@ -323,7 +317,6 @@ mod tests {
         let a = tree
             .create_worker_cgroup("web", "0-r1", CgroupLimits::default())
             .unwrap();
-        // A test directory has no cgroup.procs: it counts as in use.
         let b = tree
             .create_worker_cgroup("web", "0-r1", CgroupLimits::default())
             .unwrap();

@@ -74,7 +74,10 @@ pub fn start() -> Result<()> {
         .spawn(reap_loop)
         .map_err(|e| Error::io("start the reaper thread", e))?;
     let _ = r.running.set(());
-    tracing::debug!(pid = std::process::id(), "child subreaper: orphans are reaped");
+    tracing::debug!(
+        pid = std::process::id(),
+        "child subreaper: orphans are reaped"
+    );
     Ok(())
 }
 
@@ -127,10 +130,7 @@ fn reap_loop() {
     let mut idle = Duration::from_millis(10);
     loop {
         // Blocks until some child is a zombie (or returns ECHILD at once: no children).
-        let peeked = waitid(
-            Id::All,
-            WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT,
-        );
+        let peeked = waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
         let pid = match peeked {
             Ok(status) => status.pid(),
             Err(nix::errno::Errno::EINTR) => continue,
@@ -200,9 +200,12 @@ fn try_reap(
     if st.state != 'Z' || st.ppid != me {
         return false;
     }
-    let started_by_us = own.is_some_and(|o| st.sid == o.sid && (st.pgid == o.pgid || st.pgid == pid));
+    let started_by_us =
+        own.is_some_and(|o| st.sid == o.sid && (st.pgid == o.pgid || st.pgid == pid));
     if started_by_us {
-        let first = *waiting.entry((pid, st.start_time)).or_insert_with(Instant::now);
+        let first = *waiting
+            .entry((pid, st.start_time))
+            .or_insert_with(Instant::now);
         if first.elapsed() < UNOWNED_AFTER {
             return false;
         }
@@ -226,7 +229,10 @@ fn children(pid: i32) -> Vec<i32> {
             let path = t.path().join("children");
             if let Ok(text) = std::fs::read_to_string(&path) {
                 found_file = true;
-                out.extend(text.split_whitespace().filter_map(|s| s.parse::<i32>().ok()));
+                out.extend(
+                    text.split_whitespace()
+                        .filter_map(|s| s.parse::<i32>().ok()),
+                );
             }
         }
     }

@@ -58,6 +58,7 @@ const SCRUBBED_ENV: &[&str] = &[
     "NODE_CHANNEL_FD",
     "NODE_CHANNEL_SERIALIZATION_MODE",
     "NODE_UNIQUE_ID",
+    crate::tree::TREE_ENV,
 ];
 
 /// A listening socket passed to the worker (inherit mode), in order: the first is fd 3.
@@ -293,7 +294,13 @@ impl WorkerProcess {
             self.inner.tree.signal(sig, group)
         };
         sent |= others > 0;
-        tracing::debug!(pgid, signal = sig.as_str(), sent, others, "signalled worker tree");
+        tracing::debug!(
+            pgid,
+            signal = sig.as_str(),
+            sent,
+            others,
+            "signalled worker tree"
+        );
         Ok(sent)
     }
 
@@ -307,6 +314,7 @@ impl WorkerProcess {
         start_time: u64,
         child: bool,
         cgroup: Option<PathBuf>,
+        mark: Option<&str>,
         span: tracing::Span,
     ) -> Self {
         let (tx, rx) = watch::channel(None);
@@ -315,7 +323,7 @@ impl WorkerProcess {
             start_time,
             child,
             gone: Mutex::new(None),
-            tree: ProcessTree::new(pid, start_time, cgroup),
+            tree: ProcessTree::new(pid, start_time, cgroup, mark),
             killing: AtomicBool::new(false),
             finished: AtomicBool::new(false),
         });
@@ -459,11 +467,13 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
         return Err(Error::InvalidSpec("empty command".into()));
     }
     let span2 = span.clone();
+    let mark = tree_mark();
+    let mark2 = mark.clone();
     let (pid, start_time, ipc_fd, log_path, cgroup) =
-        tokio::task::spawn_blocking(move || span2.in_scope(|| spawn_blocking(spec)))
+        tokio::task::spawn_blocking(move || span2.in_scope(|| spawn_blocking(spec, &mark2)))
             .await
             .map_err(|e| Error::io("spawn task", std::io::Error::other(e)))??;
-    let process = WorkerProcess::start(pid, start_time, true, cgroup, span.clone());
+    let process = WorkerProcess::start(pid, start_time, true, cgroup, Some(&mark), span.clone());
     let ipc = ipc_fd.map(IpcChannel::from_fd).transpose()?;
     span.in_scope(|| tracing::info!(pid, "worker started"));
     Ok(SpawnedWorker {
@@ -475,7 +485,20 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
 
 type Spawned = (i32, u64, Option<OwnedFd>, Option<PathBuf>, Option<PathBuf>);
 
-fn spawn_blocking(mut spec: WorkerSpec) -> Result<Spawned> {
+/// A value unique to one worker for [`crate::tree::TREE_ENV`]: daemon pid, boot-relative
+/// daemon start, and a counter.
+fn tree_mark() -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let me = std::process::id() as i32;
+    format!(
+        "{me}.{}.{}",
+        procfs::start_time(me).unwrap_or(0),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn spawn_blocking(mut spec: WorkerSpec, mark: &str) -> Result<Spawned> {
     let start_err = |message: String| Error::WorkerStart {
         app: spec.app.0.clone(),
         index: spec.index,
@@ -497,7 +520,9 @@ fn spawn_blocking(mut spec: WorkerSpec) -> Result<Spawned> {
         let leaf = format!("{}-{}", spec.index, spec.revision.0);
         match tree.create_worker_cgroup(&spec.app.0, &leaf, Default::default()) {
             Ok(path) => spec.cgroup = Some(path),
-            Err(e) => tracing::warn!(error = %e, "no cgroup for this worker; tracking its tree by process group and ancestry"),
+            Err(e) => {
+                tracing::warn!(error = %e, "no cgroup for this worker; tracking its tree by process group and ancestry")
+            }
         }
     }
     let cgroup_for_err = spec.cgroup.clone();
@@ -579,6 +604,7 @@ fn spawn_blocking(mut spec: WorkerSpec) -> Result<Spawned> {
     env.push(("CLUSTERD_APP".into(), spec.app.0.clone()));
     env.push(("CLUSTERD_INSTANCE".into(), spec.index.to_string()));
     env.push(("CLUSTERD_REVISION".into(), spec.revision.0.clone()));
+    env.push((crate::tree::TREE_ENV.into(), mark.to_string()));
 
     let config = ShimConfig {
         fds: pairs.clone(),
@@ -707,5 +733,20 @@ pub fn adopt(app: &AppName, index: u32, pid: i32, start_time: u64) -> Result<Wor
         crate::reaper::claim(pid);
     }
     let cgroup = crate::limits::worker_cgroup_of(pid);
-    Ok(WorkerProcess::start(pid, start_time, child, cgroup, span))
+    let mark = std::fs::read(format!("/proc/{pid}/environ"))
+        .ok()
+        .and_then(|env| {
+            let prefix = format!("{}=", crate::tree::TREE_ENV);
+            env.split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(prefix.as_bytes()).map(<[u8]>::to_vec))
+        })
+        .and_then(|v| String::from_utf8(v).ok());
+    Ok(WorkerProcess::start(
+        pid,
+        start_time,
+        child,
+        cgroup,
+        mark.as_deref(),
+        span,
+    ))
 }

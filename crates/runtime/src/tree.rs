@@ -9,11 +9,11 @@
 //!   descendant stays in it whatever it does (short of a root process moving itself out);
 //!   `cgroup.kill` kills it all at once, forks included;
 //! - without a cgroup: the process group and session of the leader, every process whose
-//!   parent chain leads to a member, and every member seen before (remembered with its
-//!   start time). The daemon being a child subreaper ([`crate::reaper`]) keeps orphans
-//!   under it, and members are remembered at each scan, so a `setsid` child is still
-//!   found after its parent exits. A double fork with `setsid` that completes between two
-//!   scans can escape: the cgroup is the complete answer.
+//!   parent chain leads to a member, every member seen before (remembered with its start
+//!   time), and every orphan reparented to the daemon (a child subreaper, see
+//!   [`crate::reaper`]) whose environment carries the worker's [`TREE_ENV`] mark. Only a
+//!   descendant that both leaves the session and clears its environment (`setsid env -i`)
+//!   and whose parent exits before a scan escapes: the cgroup is the complete answer.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;
@@ -25,21 +25,35 @@ use nix::unistd::Pid;
 
 use crate::procfs;
 
+/// Environment variable that marks every process of one worker tree (inherited through
+/// fork, exec and `setsid`): how an orphan that left the worker's session is recognised
+/// without a cgroup.
+pub const TREE_ENV: &str = "CLUSTERD_TREE";
+
 /// How a worker's processes are found.
 #[derive(Debug)]
 pub struct ProcessTree {
     leader: i32,
     cgroup: Option<PathBuf>,
+    /// `TREE_ENV=<mark>` as it appears in /proc/PID/environ.
+    mark: Option<Vec<u8>>,
     /// Members seen so far (pid -> start time), for the /proc fallback.
     known: Mutex<HashMap<i32, u64>>,
 }
 
 impl ProcessTree {
-    /// The tree of `leader` (pid = pgid = sid of a worker), in `cgroup` when it has one.
-    pub fn new(leader: i32, leader_start: u64, cgroup: Option<PathBuf>) -> Self {
+    /// The tree of `leader` (pid = pgid = sid of a worker), in `cgroup` when it has one;
+    /// `mark` is the worker's [`TREE_ENV`] value, when it was given one.
+    pub fn new(
+        leader: i32,
+        leader_start: u64,
+        cgroup: Option<PathBuf>,
+        mark: Option<&str>,
+    ) -> Self {
         ProcessTree {
             leader,
             cgroup,
+            mark: mark.map(|m| format!("{TREE_ENV}={m}").into_bytes()),
             known: Mutex::new(HashMap::from([(leader, leader_start)])),
         }
     }
@@ -114,12 +128,14 @@ impl ProcessTree {
             }
         }
         let mut known = self.known.lock().unwrap_or_else(|e| e.into_inner());
+        let me = std::process::id() as i32;
         let mut members: HashSet<i32> = stats
             .values()
             .filter(|st| {
                 st.pgid == self.leader
                     || st.sid == self.leader
                     || known.get(&st.pid) == Some(&st.start_time)
+                    || (st.ppid == me && st.pid != self.leader && self.marked(st.pid))
             })
             .map(|st| st.pid)
             .collect();
@@ -143,6 +159,17 @@ impl ProcessTree {
         let mut out: Vec<i32> = members.into_iter().collect();
         out.sort_unstable();
         out
+    }
+}
+
+impl ProcessTree {
+    /// Whether `pid`'s environment carries this tree's mark.
+    fn marked(&self, pid: i32) -> bool {
+        let Some(mark) = &self.mark else {
+            return false;
+        };
+        fs::read(format!("/proc/{pid}/environ"))
+            .is_ok_and(|env| env.split(|&b| b == 0).any(|kv| kv == mark.as_slice()))
     }
 }
 
