@@ -1,0 +1,284 @@
+//! Nothing of a worker outlives it (issue 16 items 1 and 2): wrappers (`sh -c`, `npm
+//! start`) that die on the stop signal while the app ignores it, servers backgrounded
+//! with `&`, children detached with `setsid`, old code after a reload, and the daemon's
+//! own shutdown. Each worker's processes are found by a mark in their environment
+//! (`E2E_TREE`), which every descendant inherits, whatever group or session it is in.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(30);
+
+/// A mark unique to one test run.
+fn new_mark() -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Live processes whose environment carries `E2E_TREE=<mark>`.
+fn marked(mark: &str) -> Vec<i32> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| alive(pid) && proc_env(pid, "E2E_TREE").as_deref() == Some(mark))
+        .collect()
+}
+
+/// Kills whatever carries the mark when the test ends, failed or not (a leak must not
+/// outlive the test that found it).
+struct Sweep(String);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        for pid in marked(&self.0) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}
+
+fn node() -> Option<PathBuf> {
+    ["/usr/bin/node", "/usr/local/bin/node"]
+        .iter()
+        .map(Path::new)
+        .find(|p| p.exists())
+        .map(Path::to_path_buf)
+        .or_else(|| require_tool(Path::new("/usr/bin/node"), "process trees"))
+}
+
+/// A Node app that ignores SIGTERM and SIGINT (as apps with a slow or broken handler
+/// do) and, when `detach` is set, starts a `{detached: true}` child (setsid) that
+/// ignores them too.
+const STUBBORN_JS: &str = r#"
+const { spawn } = require('child_process');
+process.on('SIGTERM', () => {});
+process.on('SIGINT', () => {});
+if (process.argv[2] === 'detach') {
+  const c = spawn(process.execPath, ['-e', "process.on('SIGTERM', () => {}); setInterval(() => {}, 1000)"],
+                  { detached: true, stdio: 'ignore' });
+  c.unref();
+}
+setInterval(() => {}, 1000);
+"#;
+
+fn manifest(name: &str, command: &[&str], mark: &str, extra: &str) -> String {
+    let argv: Vec<String> = command
+        .iter()
+        .map(|a| serde_json::to_string(a).unwrap())
+        .collect();
+    format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: [{}]\n  instances: 2\n  env:\n    E2E_TREE: \"{mark}\"\n  shutdown: {{signal: SIGTERM, timeout: 1s}}\n{extra}",
+        argv.join(", ")
+    )
+}
+
+/// Starts `command` as a 2-instance app, waits until `expect` processes carry the mark,
+/// removes the manifest, and checks that once the app is gone nothing of it runs.
+fn removed_app_leaves_nothing(d: &Daemon, name: &str, command: &[&str], expect: usize) {
+    let mark = new_mark();
+    let _sweep = Sweep(mark.clone());
+    d.write_manifest(&format!("{name}.yaml"), &manifest(name, command, &mark, ""));
+    d.wait_phase(name, "Available", T);
+    eventually(T, &format!("{expect} processes of {name}"), || {
+        (marked(&mark).len() >= expect).then_some(())
+    });
+    d.remove_manifest(&format!("{name}.yaml"));
+    eventually(T, &format!("{name} forgotten"), || {
+        d.app(name).is_none().then_some(())
+    });
+    // The workers counted as stopped: nothing of their trees may be left.
+    let left = marked(&mark);
+    assert!(
+        left.is_empty(),
+        "{name}: {left:?} outlived their workers\n{}",
+        d.log()
+    );
+}
+
+#[test]
+fn wrapped_apps_that_ignore_the_stop_signal_die_with_their_worker() {
+    let Some(node) = node() else { return };
+    let d = Daemon::start();
+    let js = d.dir.path().join("app.js");
+    std::fs::write(&js, STUBBORN_JS).unwrap();
+    let node_s = node.display().to_string();
+    // `sh -c "node app.js"`: the shell dies on SIGTERM, node does not.
+    let line = format!("{node_s} {} ; echo shell-done", js.display());
+    removed_app_leaves_nothing(&d, "shwrap", &["sh", "-c", &line], 4);
+
+    // `npm start`: npm -> sh -> node.
+    let npm = node.with_file_name("npm");
+    if npm.exists() {
+        let pkg = d.dir.path().join("pkg");
+        std::fs::create_dir_all(&pkg).unwrap();
+        std::fs::write(
+            pkg.join("package.json"),
+            format!(
+                "{{\"name\": \"stubborn\", \"version\": \"1.0.0\", \"scripts\": {{\"start\": \"{node_s} {}\"}}}}",
+                js.display()
+            ),
+        )
+        .unwrap();
+        let mark = new_mark();
+        let _sweep = Sweep(mark.clone());
+        let npm_s = npm.display().to_string();
+        d.write_manifest(
+            "npmapp.yaml",
+            &manifest(
+                "npmapp",
+                &[&npm_s, "start", "--silent"],
+                &mark,
+                &format!("  workingDir: {}\n", pkg.display()),
+            ),
+        );
+        d.wait_phase("npmapp", "Available", T);
+        eventually(T, "npm, sh and node per worker", || {
+            (marked(&mark).len() >= 4).then_some(())
+        });
+        d.remove_manifest("npmapp.yaml");
+        eventually(T, "npmapp forgotten", || {
+            d.app("npmapp").is_none().then_some(())
+        });
+        let left = marked(&mark);
+        assert!(
+            left.is_empty(),
+            "npm start: {left:?} outlived their workers"
+        );
+    } else {
+        require_tool(&npm, "npm start tree");
+    }
+}
+
+/// Node's `spawn(..., {detached: true})` calls setsid: the child leaves the worker's
+/// process group and session, and still dies with its worker.
+#[test]
+fn a_detached_node_child_dies_with_its_worker() {
+    let Some(node) = node() else { return };
+    let d = Daemon::start();
+    let js = d.dir.path().join("app.js");
+    std::fs::write(&js, STUBBORN_JS).unwrap();
+    let node_s = node.display().to_string();
+    let js_s = js.display().to_string();
+    removed_app_leaves_nothing(&d, "detach", &[&node_s, &js_s, "detach"], 4);
+}
+
+/// `sh -c "python3 -m http.server $(PORT) &"`: the shell exits at once, the server is
+/// the worker. It runs as one worker (not restarted in a loop, leaking a server each
+/// time), and goes away with the app.
+#[test]
+fn a_backgrounded_server_is_the_worker_and_leaks_nothing() {
+    let d = Daemon::start();
+    let port = free_port();
+    let mark = new_mark();
+    let _sweep = Sweep(mark.clone());
+    let yaml = format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: bg\nspec:\n  command: [sh, -c, \"python3 -m http.server $(PORT) --bind 127.0.0.1 >/dev/null 2>&1 &\"]\n  instances: 2\n  env:\n    E2E_TREE: \"{mark}\"\n  listen:\n    - port: {port}\n      address: 127.0.0.1\n      mode: http\n  readiness: {{type: tcp, period: 50ms, timeout: 20s}}\n  shutdown: {{signal: SIGTERM, timeout: 2s}}\n"
+    );
+    d.write_manifest("bg.yaml", &yaml);
+    let app = d.wait_phase("bg", "Available", T);
+    let (status, _) = http_get(local(port), "/").unwrap();
+    assert_eq!(status, 200);
+    let servers = marked(&mark);
+    assert_eq!(servers.len(), 2, "one server per worker: {servers:?}");
+    let app_now = d.app("bg").unwrap();
+    assert_eq!(app_now["restarts"], 0, "{app_now:#}");
+    assert_eq!(
+        instance_pids(&app),
+        instance_pids(&app_now),
+        "no worker replaced"
+    );
+    d.remove_manifest("bg.yaml");
+    eventually(T, "bg forgotten", || d.app("bg").is_none().then_some(()));
+    let left = marked(&mark);
+    assert!(left.is_empty(), "{left:?} outlived their workers");
+}
+
+/// Inherit mode, `sh -c "node server.js"` with a server that ignores SIGTERM: after a
+/// reload every old process is gone by the time the rollout is done, so no request is
+/// answered by old code.
+#[test]
+fn after_a_reload_no_old_code_answers_in_inherit_mode() {
+    let Some(node) = node() else { return };
+    let d = Daemon::start();
+    let port = free_port();
+    let mark = new_mark();
+    let _sweep = Sweep(mark.clone());
+    let js = d.dir.path().join("server.js");
+    std::fs::write(
+        &js,
+        "process.on('SIGTERM', () => {});\n\
+         require('http').createServer((q, s) => s.end(process.env.VERSION + '\\n')).listen({fd: 3});\n",
+    )
+    .unwrap();
+    let line = format!("{} {}; echo shell-done", node.display(), js.display());
+    let yaml = |version: &str| {
+        inherit_manifest(
+            "inh",
+            port,
+            "2",
+            &["sh", "-c", &line],
+            &format!("  env:\n    E2E_TREE: \"{mark}\"\n    VERSION: \"{version}\"\n"),
+        )
+        .replace("timeout: 10s", "timeout: 1s")
+    };
+    d.write_manifest("inh.yaml", &yaml("old"));
+    let before = d.wait_phase("inh", "Available", T);
+    eventually(T, "old code answering", || {
+        http_get(local(port), "/")
+            .ok()
+            .filter(|(_, b)| b.trim() == "old")
+    });
+    d.write_manifest("inh.yaml", &yaml("new"));
+    eventually(T, "the new revision rolled out", || {
+        d.app("inh").filter(|a| {
+            let inst = a["instances"].as_array().unwrap();
+            a["phase"] == "Available"
+                && a["revision"] != before["revision"]
+                && inst.len() == 2
+                && inst.iter().all(|i| i["revision"] == a["revision"])
+        })
+    });
+    for _ in 0..20 {
+        let (status, body) = http_get(local(port), "/").unwrap();
+        assert_eq!((status, body.trim()), (200, "new"), "old code answered");
+    }
+}
+
+/// SIGTERM to the daemon: it stops every worker's whole tree before it exits.
+#[test]
+fn daemon_sigterm_leaves_no_worker_process() {
+    let Some(node) = node() else { return };
+    let mut d = Daemon::start();
+    let mark = new_mark();
+    let _sweep = Sweep(mark.clone());
+    let js = d.dir.path().join("app.js");
+    std::fs::write(&js, STUBBORN_JS).unwrap();
+    let line = format!(
+        "{} {} detach; echo shell-done",
+        node.display(),
+        js.display()
+    );
+    d.write_manifest(
+        "term.yaml",
+        &manifest("term", &["sh", "-c", &line], &mark, ""),
+    );
+    d.wait_phase("term", "Available", T);
+    eventually(T, "sh, node and its detached child per worker", || {
+        (marked(&mark).len() >= 6).then_some(())
+    });
+    let status = d.stop().expect("daemon was running");
+    assert!(status.success(), "{status:?}\n{}", d.log());
+    let left = marked(&mark);
+    assert!(left.is_empty(), "{left:?} outlived the daemon\n{}", d.log());
+}
