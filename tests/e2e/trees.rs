@@ -59,40 +59,67 @@ fn node() -> Option<PathBuf> {
 
 /// A Node app that ignores SIGTERM and SIGINT (as apps with a slow or broken handler
 /// do) and, when `detach` is set, starts a `{detached: true}` child (setsid) that
-/// ignores them too.
+/// ignores them too. Each writes `$E2E_READY/<pid>` once its handler is installed.
 const STUBBORN_JS: &str = r#"
 const { spawn } = require('child_process');
+const fs = require('fs');
 process.on('SIGTERM', () => {});
 process.on('SIGINT', () => {});
+fs.writeFileSync(process.env.E2E_READY + '/' + process.pid, '');
 if (process.argv[2] === 'detach') {
-  const c = spawn(process.execPath, ['-e', "process.on('SIGTERM', () => {}); setInterval(() => {}, 1000)"],
-                  { detached: true, stdio: 'ignore' });
+  const child = "process.on('SIGTERM', () => {}); require('fs').writeFileSync(process.env.E2E_READY + '/' + process.pid, ''); setInterval(() => {}, 1000)";
+  const c = spawn(process.execPath, ['-e', child], { detached: true, stdio: 'ignore' });
   c.unref();
 }
 setInterval(() => {}, 1000);
 "#;
 
-fn manifest(name: &str, command: &[&str], mark: &str, extra: &str) -> String {
+/// Marked node processes that have installed their SIGTERM handler. Until then a SIGTERM
+/// still kills them (node catches SIGTERM from the start, to exit), and the test would
+/// prove nothing.
+fn stubborn_nodes(mark: &str, ready: &Path) -> usize {
+    marked(mark)
+        .into_iter()
+        .filter(|pid| ready.join(pid.to_string()).exists())
+        .count()
+}
+
+/// A fresh directory for one app's ready files.
+fn ready_dir(d: &Daemon, name: &str) -> PathBuf {
+    let dir = d.dir.path().join(format!("ready-{name}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+fn manifest(name: &str, command: &[&str], mark: &str, ready: &Path, extra: &str) -> String {
     let argv: Vec<String> = command
         .iter()
         .map(|a| serde_json::to_string(a).unwrap())
         .collect();
     format!(
-        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: [{}]\n  instances: 2\n  env:\n    E2E_TREE: \"{mark}\"\n  shutdown: {{signal: SIGTERM, timeout: 1s}}\n{extra}",
-        argv.join(", ")
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: [{}]\n  instances: 2\n  env:\n    E2E_TREE: \"{mark}\"\n    E2E_READY: \"{}\"\n  shutdown: {{signal: SIGTERM, timeout: 1s}}\n{extra}",
+        argv.join(", "),
+        ready.display()
     )
 }
 
-/// Starts `command` as a 2-instance app, waits until `expect` processes carry the mark,
-/// removes the manifest, and checks that once the app is gone nothing of it runs.
-fn removed_app_leaves_nothing(d: &Daemon, name: &str, command: &[&str], expect: usize) {
+/// Starts `command` as a 2-instance app, waits until `nodes` node processes of it ignore
+/// SIGTERM, removes the manifest, and checks that once the app is gone nothing of it
+/// runs.
+fn removed_app_leaves_nothing(d: &Daemon, name: &str, command: &[&str], extra: &str, nodes: usize) {
     let mark = new_mark();
     let _sweep = Sweep(mark.clone());
-    d.write_manifest(&format!("{name}.yaml"), &manifest(name, command, &mark, ""));
+    let ready = ready_dir(d, name);
+    d.write_manifest(
+        &format!("{name}.yaml"),
+        &manifest(name, command, &mark, &ready, extra),
+    );
     d.wait_phase(name, "Available", T);
-    eventually(T, &format!("{expect} processes of {name}"), || {
-        (marked(&mark).len() >= expect).then_some(())
-    });
+    eventually(
+        T,
+        &format!("{nodes} node processes of {name} ignoring SIGTERM"),
+        || (stubborn_nodes(&mark, &ready) >= nodes).then_some(()),
+    );
     d.remove_manifest(&format!("{name}.yaml"));
     eventually(T, &format!("{name} forgotten"), || {
         d.app(name).is_none().then_some(())
@@ -115,7 +142,7 @@ fn wrapped_apps_that_ignore_the_stop_signal_die_with_their_worker() {
     let node_s = node.display().to_string();
     // `sh -c "node app.js"`: the shell dies on SIGTERM, node does not.
     let line = format!("{node_s} {} ; echo shell-done", js.display());
-    removed_app_leaves_nothing(&d, "shwrap", &["sh", "-c", &line], 4);
+    removed_app_leaves_nothing(&d, "shwrap", &["sh", "-c", &line], "", 2);
 
     // `npm start`: npm -> sh -> node.
     let npm = node.with_file_name("npm");
@@ -130,30 +157,13 @@ fn wrapped_apps_that_ignore_the_stop_signal_die_with_their_worker() {
             ),
         )
         .unwrap();
-        let mark = new_mark();
-        let _sweep = Sweep(mark.clone());
         let npm_s = npm.display().to_string();
-        d.write_manifest(
-            "npmapp.yaml",
-            &manifest(
-                "npmapp",
-                &[&npm_s, "start", "--silent"],
-                &mark,
-                &format!("  workingDir: {}\n", pkg.display()),
-            ),
-        );
-        d.wait_phase("npmapp", "Available", T);
-        eventually(T, "npm, sh and node per worker", || {
-            (marked(&mark).len() >= 4).then_some(())
-        });
-        d.remove_manifest("npmapp.yaml");
-        eventually(T, "npmapp forgotten", || {
-            d.app("npmapp").is_none().then_some(())
-        });
-        let left = marked(&mark);
-        assert!(
-            left.is_empty(),
-            "npm start: {left:?} outlived their workers"
+        removed_app_leaves_nothing(
+            &d,
+            "npmapp",
+            &[&npm_s, "start", "--silent"],
+            &format!("  workingDir: {}\n", pkg.display()),
+            2,
         );
     } else {
         require_tool(&npm, "npm start tree");
@@ -170,7 +180,7 @@ fn a_detached_node_child_dies_with_its_worker() {
     std::fs::write(&js, STUBBORN_JS).unwrap();
     let node_s = node.display().to_string();
     let js_s = js.display().to_string();
-    removed_app_leaves_nothing(&d, "detach", &[&node_s, &js_s, "detach"], 4);
+    removed_app_leaves_nothing(&d, "detach", &[&node_s, &js_s, "detach"], "", 4);
 }
 
 /// `sh -c "python3 -m http.server $(PORT) &"`: the shell exits at once, the server is
@@ -269,14 +279,17 @@ fn daemon_sigterm_leaves_no_worker_process() {
         node.display(),
         js.display()
     );
+    let ready = ready_dir(&d, "term");
     d.write_manifest(
         "term.yaml",
-        &manifest("term", &["sh", "-c", &line], &mark, ""),
+        &manifest("term", &["sh", "-c", &line], &mark, &ready, ""),
     );
     d.wait_phase("term", "Available", T);
-    eventually(T, "sh, node and its detached child per worker", || {
-        (marked(&mark).len() >= 6).then_some(())
-    });
+    eventually(
+        T,
+        "node and its detached child per worker, ignoring SIGTERM",
+        || (stubborn_nodes(&mark, &ready) >= 4).then_some(()),
+    );
     let status = d.stop().expect("daemon was running");
     assert!(status.success(), "{status:?}\n{}", d.log());
     let left = marked(&mark);
