@@ -295,3 +295,88 @@ fn daemon_sigterm_leaves_no_worker_process() {
     let left = marked(&mark);
     assert!(left.is_empty(), "{left:?} outlived the daemon\n{}", d.log());
 }
+
+/// The pid of the only child of `parent`.
+fn only_child(parent: i32) -> Option<i32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .find(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(") ")?.1.to_string();
+                    rest.split_whitespace().nth(1)?.parse::<i32>().ok()
+                })
+                == Some(parent)
+        })
+}
+
+/// Zombie children of `parent`.
+fn zombie_children(parent: i32) -> usize {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return 0;
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| {
+                    let rest = s.rsplit_once(") ")?.1.to_string();
+                    let mut f = rest.split_whitespace();
+                    let state = f.next()?.to_string();
+                    let ppid = f.next()?.parse::<i32>().ok()?;
+                    Some(state == "Z" && ppid == parent)
+                })
+                .unwrap_or(false)
+        })
+        .count()
+}
+
+/// As PID 1 (a container's init), every orphan is the daemon's: it reaps them all, so no
+/// zombie piles up (issue 18 item 8). Runs the daemon as PID 1 of a new pid namespace;
+/// skipped where that is not allowed (not root, no `unshare`).
+#[test]
+fn as_pid_1_the_daemon_reaps_every_orphan() {
+    let probe = std::process::Command::new("unshare")
+        .args(["--pid", "--fork", "--mount-proc", "true"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status();
+    if !probe.is_ok_and(|s| s.success()) {
+        eprintln!(
+            "SKIP as_pid_1_the_daemon_reaps_every_orphan: cannot create a pid namespace here"
+        );
+        return;
+    }
+    let mut d =
+        Daemon::start_under(&["unshare", "--pid", "--fork", "--mount-proc", "--kill-child"]);
+    let daemon = eventually(T, "the daemon under unshare", || only_child(d.pid()));
+    let nspid = std::fs::read_to_string(format!("/proc/{daemon}/status")).unwrap();
+    assert!(
+        nspid
+            .lines()
+            .any(|l| l.starts_with("NSpid:") && l.ends_with("\t1")),
+        "the daemon is PID 1 in its namespace: {nspid}"
+    );
+    let done = d.dir.path().join("orphans-done");
+    // 30 orphans: each subshell exits at once, leaving its sleep to PID 1.
+    let script = format!(
+        "for i in $(seq 30); do (sleep 0.01 &); done; touch {}; exec sleep 1000",
+        done.display()
+    );
+    let yaml = format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: orphans\nspec:\n  command: [sh, -c, {}]\n  shutdown: {{signal: SIGTERM, timeout: 1s}}\n",
+        serde_json::to_string(&script).unwrap()
+    );
+    d.write_manifest("orphans.yaml", &yaml);
+    eventually(T, "30 orphans made", || done.exists().then_some(()));
+    eventually(T, "every orphan reaped (no zombie under PID 1)", || {
+        (zombie_children(daemon) == 0).then_some(())
+    });
+    let _ = kill(Pid::from_raw(daemon), Signal::SIGTERM);
+    let status = d.stop().expect("running");
+    assert!(status.success(), "{status:?}\n{}", d.log());
+}
