@@ -83,12 +83,16 @@ impl ProcessTree {
         self.members().is_empty()
     }
 
-    /// Sends `sig` to every member except `skip` (the caller signals that one itself).
-    /// Returns how many were signalled.
-    pub fn signal(&self, sig: Signal, skip: Option<i32>) -> usize {
+    /// Sends `sig` to every member outside process group `skip_group` (the caller
+    /// signalled that group with `killpg`: each process gets the signal once, which
+    /// matters for apps where a second SIGINT means "quit now"). Returns how many were
+    /// signalled.
+    pub fn signal(&self, sig: Signal, skip_group: Option<i32>) -> usize {
         let mut n = 0;
         for pid in self.members() {
-            if Some(pid) == skip {
+            if skip_group.is_some()
+                && procfs::stat(pid).is_none_or(|st| Some(st.pgid) == skip_group)
+            {
                 continue;
             }
             if nix::sys::signal::kill(Pid::from_raw(pid), sig).is_ok() {
@@ -99,15 +103,16 @@ impl ProcessTree {
     }
 
     /// Kills everything: `cgroup.kill` where the kernel has it (atomic, forks included),
-    /// else SIGKILL to each member. Returns whether anything was there to kill.
-    pub fn kill(&self, skip: Option<i32>) -> bool {
+    /// else SIGKILL to each member outside `skip_group` (already `killpg`ed). Returns
+    /// whether anything was there to kill.
+    pub fn kill(&self, skip_group: Option<i32>) -> bool {
         if let Some(cg) = &self.cgroup {
             let populated = !self.is_empty();
             if populated && fs::write(cg.join("cgroup.kill"), "1").is_ok() {
                 return true;
             }
         }
-        self.signal(Signal::SIGKILL, skip) > 0
+        self.signal(Signal::SIGKILL, skip_group) > 0
     }
 
     /// Removes the worker's cgroup leaf once the tree is empty. Missing is fine.
