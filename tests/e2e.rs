@@ -23,5 +23,8 @@ mod safety;
 #[path = "e2e/gitops.rs"]
 mod gitops;
 
+#[path = "e2e/faults.rs"]
+mod faults;
+
 #[path = "e2e/trees.rs"]
 mod trees;

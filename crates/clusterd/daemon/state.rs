@@ -46,10 +46,50 @@ pub struct SavedWorker {
     pub revision: String,
     /// Generation it was started for.
     pub generation: u64,
-    /// It was Ready (only Ready workers are adopted; others are left to exit).
+    /// It was Ready (what daemons before `state` recorded).
     pub ready: bool,
+    /// Starting, Ready or Draining: every worker is recorded, so a daemon that crashed
+    /// mid-rollout, mid-scale or mid-drain finishes what was in progress after a restart
+    /// (judges the starting, stops the draining) instead of orphaning them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     /// Private ports, `(listener address, listener port, private port)`.
     pub ports: Vec<(String, u32, u16)>,
+}
+
+/// The world as the file records it.
+pub fn project(world: &super::world::World) -> Saved {
+    let mut saved = Saved::default();
+    for app in world.apps.values() {
+        saved.apps.push(SavedApp {
+            name: app.name.0.clone(),
+            generation: app.generation,
+        });
+        for (id, facts) in &app.procs {
+            let Some(w) = app.observed.workers.get(id) else {
+                continue;
+            };
+            saved.workers.push(SavedWorker {
+                app: app.name.0.clone(),
+                index: w.index,
+                pid: i32::try_from(facts.pid).unwrap_or_default(),
+                start_time: facts.start_time,
+                revision: w.template.revision.0.clone(),
+                generation: w.template.generation,
+                ready: w.state == clusterd_core::plan::WorkerState::Ready,
+                state: Some(format!("{:?}", w.state)),
+                ports: facts
+                    .ports
+                    .iter()
+                    .map(|(k, p)| (k.address.clone(), k.port, *p))
+                    .collect(),
+            });
+        }
+    }
+    saved
+        .workers
+        .sort_by_key(|w| (w.app.clone(), w.index, w.pid));
+    saved
 }
 
 /// Reads the file; a missing or unreadable file means nothing to adopt.

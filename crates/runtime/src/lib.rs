@@ -15,7 +15,10 @@
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 //! - [`tree`] and [`reaper`]: a worker's whole process tree, and the daemon as child
 //!   subreaper reaping every orphan.
+//! - [`effects`]: all of the above behind the one interface the daemon's controller
+//!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
+pub mod effects;
 pub mod error;
 pub mod gitops;
 pub mod ipc;
@@ -25,6 +28,7 @@ pub mod logs;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+pub mod quiet_read;
 pub mod reaper;
 pub mod shim;
 pub mod spawn;
