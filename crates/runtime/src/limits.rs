@@ -229,6 +229,59 @@ fn fresh_leaf(dir: &Path, leaf: &str) -> std::io::Result<PathBuf> {
     Err(std::io::Error::other("too many leaves of one name"))
 }
 
+/// A cgroup v1 pids leaf for one worker, `<v1 pids mount><daemon's group>/clusterd/<app>/<leaf>`
+/// with `pids.max` = `n`: `limits.nproc` on hybrid hosts, where the pids controller is
+/// bound to cgroup v1 and the v2 tree has none. The shim joins it next to the v2 leaf.
+pub fn v1_pids_leaf(app: &str, leaf: &str, n: u64) -> Result<PathBuf> {
+    let unavailable = |why: String| Error::CgroupUnavailable(why);
+    let mounts = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| unavailable(format!("cannot read /proc/self/mountinfo: {e}")))?;
+    let mount = cgroup1_mount(&mounts, "pids")
+        .ok_or_else(|| unavailable("no cgroup v1 pids hierarchy is mounted".into()))?;
+    let own = fs::read_to_string("/proc/self/cgroup")
+        .map_err(|e| unavailable(format!("cannot read /proc/self/cgroup: {e}")))?;
+    let rel = own
+        .lines()
+        .find_map(|l| {
+            let mut f = l.splitn(3, ':');
+            let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+            controllers.split(',').any(|c| c == "pids").then_some(path)
+        })
+        .ok_or_else(|| unavailable("the daemon is in no cgroup v1 pids group".into()))?;
+    let app_dir = mount
+        .join(rel.trim_start_matches('/'))
+        .join("clusterd")
+        .join(app);
+    let cg = |path: &Path, what: &'static str| {
+        let path = path.to_path_buf();
+        move |source| Error::Cgroup { path, what, source }
+    };
+    fs::create_dir_all(&app_dir).map_err(cg(&app_dir, "create"))?;
+    let dir = fresh_leaf(&app_dir, leaf).map_err(cg(&app_dir.join(leaf), "create"))?;
+    let f = dir.join("pids.max");
+    if let Err(source) = fs::write(&f, n.to_string()) {
+        let _ = fs::remove_dir(&dir);
+        return Err(Error::Cgroup {
+            path: f,
+            what: "write pids.max",
+            source,
+        });
+    }
+    Ok(dir)
+}
+
+/// The mount point of the cgroup v1 hierarchy that carries `controller`.
+fn cgroup1_mount(mountinfo: &str, controller: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        let mut r = right.split_whitespace();
+        let (fstype, _source, options) = (r.next()?, r.next()?, r.next()?);
+        let mount = left.split_whitespace().nth(4)?;
+        (fstype == "cgroup" && options.split(',').any(|o| o == controller))
+            .then(|| PathBuf::from(mount))
+    })
+}
+
 /// The cgroup v2 directory the calling process is in (`0::/path` under the cgroup2 mount).
 fn own_cgroup_dir() -> Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mountinfo")
@@ -289,6 +342,18 @@ mod tests {
             Some(PathBuf::from("/sys/fs/cgroup/unified"))
         );
         assert_eq!(cgroup2_mount("1 2 0:1 / / rw - ext4 /dev/sda rw\n"), None);
+    }
+
+    #[test]
+    fn finds_a_cgroup1_hierarchy_by_controller() {
+        let text = "35 24 0:30 / /sys/fs/cgroup/memory rw,relatime shared:12 - cgroup cgroup rw,memory\n\
+                    37 24 0:32 / /sys/fs/cgroup/pids rw,relatime shared:14 - cgroup cgroup rw,pids\n\
+                    36 24 0:31 / /sys/fs/cgroup/unified rw,relatime shared:13 - cgroup2 cgroup2 rw\n";
+        assert_eq!(
+            cgroup1_mount(text, "pids"),
+            Some(PathBuf::from("/sys/fs/cgroup/pids"))
+        );
+        assert_eq!(cgroup1_mount(text, "cpu"), None);
     }
 
     #[test]

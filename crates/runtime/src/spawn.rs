@@ -98,8 +98,9 @@ pub struct WorkerSpec {
     pub user: Option<String>,
     /// Primary group.
     pub group: Option<String>,
-    /// rlimits applied by the shim. `nproc` is enforced with the cgroup pids controller
-    /// (`pids.max` of the worker's own leaf) where there is one; otherwise with
+    /// rlimits applied by the shim. `nproc` is enforced with the pids controller
+    /// (`pids.max` of the worker's own leaf: cgroup v2, or a cgroup v1 pids leaf on
+    /// hybrid hosts) where there is one; otherwise with
     /// RLIMIT_NPROC, which counts every process of the worker's user on the host and
     /// does not apply to root: a root worker with `nproc` and no pids controller is
     /// refused.
@@ -284,6 +285,7 @@ impl WorkerProcess {
         start_time: u64,
         child: bool,
         cgroup: Option<PathBuf>,
+        extra_cgroups: Vec<PathBuf>,
         mark: Option<&str>,
         span: tracing::Span,
     ) -> Self {
@@ -293,7 +295,7 @@ impl WorkerProcess {
             start_time,
             child,
             gone: Mutex::new(None),
-            tree: ProcessTree::new(pid, start_time, cgroup, mark),
+            tree: ProcessTree::new(pid, start_time, cgroup, mark).with_extra_cgroups(extra_cgroups),
             killing: AtomicBool::new(false),
             finished: AtomicBool::new(false),
         });
@@ -439,11 +441,19 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
     let span2 = span.clone();
     let mark = tree_mark();
     let mark2 = mark.clone();
-    let (pid, start_time, ipc_fd, log_path, cgroup) =
+    let (pid, start_time, ipc_fd, log_path, (cgroup, extra_cgroups)) =
         tokio::task::spawn_blocking(move || span2.in_scope(|| spawn_blocking(spec, &mark2)))
             .await
             .map_err(|e| Error::io("spawn task", std::io::Error::other(e)))??;
-    let process = WorkerProcess::start(pid, start_time, true, cgroup, Some(&mark), span.clone());
+    let process = WorkerProcess::start(
+        pid,
+        start_time,
+        true,
+        cgroup,
+        extra_cgroups,
+        Some(&mark),
+        span.clone(),
+    );
     let ipc = ipc_fd.map(IpcChannel::from_fd).transpose()?;
     span.in_scope(|| tracing::info!(pid, "worker started"));
     Ok(SpawnedWorker {
@@ -453,7 +463,13 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
     })
 }
 
-type Spawned = (i32, u64, Option<OwnedFd>, Option<PathBuf>, Option<PathBuf>);
+type Spawned = (
+    i32,
+    u64,
+    Option<OwnedFd>,
+    Option<PathBuf>,
+    (Option<PathBuf>, Vec<PathBuf>),
+);
 
 /// A value unique to one worker for [`crate::tree::TREE_ENV`]: daemon pid, boot-relative
 /// daemon start, and a counter.
@@ -496,33 +512,49 @@ fn spawn_blocking(mut spec: WorkerSpec, mark: &str) -> Result<Spawned> {
         }
     }
     let cgroup_for_err = spec.cgroup.clone();
-    let fail_cleanup = |e: Error| {
-        if membership.is_some() {
-            if let Some(cg) = &cgroup_for_err {
-                let _ = CgroupTree::remove_worker_cgroup(cg);
-            }
-        }
-        e
-    };
+    let mut extra_cgroups: Vec<PathBuf> = Vec::new();
     if let Some(n) = spec.rlimits.nproc {
-        let pids = match &spec.cgroup {
+        let v2 = match &spec.cgroup {
             Some(cg) => CgroupTree::set_pids_max(cg, n).map_err(|e| e.to_string()),
-            None => Err("the worker has no cgroup".to_string()),
+            None => Err("the worker has no cgroup v2".to_string()),
         };
+        // Hybrid hosts: the pids controller lives in cgroup v1.
+        let pids = v2.or_else(|v2_reason| {
+            let leaf = format!("{}-{}", spec.index, spec.revision.0);
+            crate::limits::v1_pids_leaf(&spec.app.0, &leaf, n)
+                .map(|dir| extra_cgroups.push(dir))
+                .map_err(|v1| format!("{v2_reason}; {v1}"))
+        });
         match pids {
             // The cgroup counts this worker's processes alone; RLIMIT_NPROC would count
             // every process of the user on the host.
             Ok(()) => spec.rlimits.nproc = None,
             Err(reason) if as_root => {
-                return Err(fail_cleanup(start_err(format!(
+                if membership.is_some() {
+                    if let Some(cg) = &cgroup_for_err {
+                        let _ = CgroupTree::remove_worker_cgroup(cg);
+                    }
+                }
+                return Err(start_err(format!(
                     "limits.nproc cannot be enforced: the worker runs as root, which RLIMIT_NPROC does not limit, and there is no cgroup v2 pids controller for it ({reason}); remove limits.nproc, run the worker as another user, or give clusterd a delegated cgroup v2 subtree with the pids controller"
-                ))));
+                )));
             }
             Err(reason) => {
                 tracing::debug!(%reason, "limits.nproc falls back to RLIMIT_NPROC (counts every process of the user)");
             }
         }
     }
+    let fail_cleanup = |e: Error| {
+        if membership.is_some() {
+            if let Some(cg) = &cgroup_for_err {
+                let _ = CgroupTree::remove_worker_cgroup(cg);
+            }
+        }
+        for cg in &extra_cgroups {
+            let _ = CgroupTree::remove_worker_cgroup(cg);
+        }
+        e
+    };
 
     let (log, log_path) = match &spec.log_dir {
         Some(dir) => {
@@ -582,6 +614,7 @@ fn spawn_blocking(mut spec: WorkerSpec, mark: &str) -> Result<Spawned> {
         set_listen_pid: n > 0,
         rlimits: spec.rlimits,
         cgroup: spec.cgroup.clone(),
+        extra_cgroups: extra_cgroups.clone(),
         user: spec.user.clone(),
         group: spec.group.clone(),
         cwd: spec.cwd.clone(),
@@ -655,7 +688,13 @@ fn spawn_blocking(mut spec: WorkerSpec, mark: &str) -> Result<Spawned> {
     // Our unreaped child: its stat is there even if it already exited.
     let start_time = procfs::start_time(pid).unwrap_or(0);
     drop(child); // std's Child neither kills nor waits on drop; the watcher reaps.
-    Ok((pid, start_time, ipc_parent, log_path, spec.cgroup))
+    Ok((
+        pid,
+        start_time,
+        ipc_parent,
+        log_path,
+        (spec.cgroup, extra_cgroups),
+    ))
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
@@ -711,11 +750,13 @@ pub fn adopt(app: &AppName, index: u32, pid: i32, start_time: u64) -> Result<Wor
                 .find_map(|kv| kv.strip_prefix(prefix.as_bytes()).map(<[u8]>::to_vec))
         })
         .and_then(|v| String::from_utf8(v).ok());
+    // A cgroup v1 pids leaf of an adopted worker stays behind (empty) when it stops.
     Ok(WorkerProcess::start(
         pid,
         start_time,
         child,
         cgroup,
+        Vec::new(),
         mark.as_deref(),
         span,
     ))

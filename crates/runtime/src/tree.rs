@@ -35,6 +35,8 @@ pub const TREE_ENV: &str = "CLUSTERD_TREE";
 pub struct ProcessTree {
     leader: i32,
     cgroup: Option<PathBuf>,
+    /// Other leaves the worker joined (cgroup v1 pids), removed with it.
+    extra_cgroups: Vec<PathBuf>,
     /// `TREE_ENV=<mark>` as it appears in /proc/PID/environ.
     mark: Option<Vec<u8>>,
     /// Members seen so far (pid -> start time), for the /proc fallback.
@@ -53,9 +55,17 @@ impl ProcessTree {
         ProcessTree {
             leader,
             cgroup,
+            extra_cgroups: Vec::new(),
             mark: mark.map(|m| format!("{TREE_ENV}={m}").into_bytes()),
             known: Mutex::new(HashMap::from([(leader, leader_start)])),
         }
+    }
+
+    /// Leaves of other hierarchies the worker joined, to remove with it.
+    #[must_use]
+    pub fn with_extra_cgroups(mut self, extra: Vec<PathBuf>) -> Self {
+        self.extra_cgroups = extra;
+        self
     }
 
     /// The worker's cgroup leaf, if it has one.
@@ -115,9 +125,9 @@ impl ProcessTree {
         self.signal(Signal::SIGKILL, skip_group) > 0
     }
 
-    /// Removes the worker's cgroup leaf once the tree is empty. Missing is fine.
+    /// Removes the worker's cgroup leaves once the tree is empty. Missing is fine.
     pub fn remove_cgroup(&self) {
-        if let Some(cg) = &self.cgroup {
+        for cg in self.cgroup.iter().chain(&self.extra_cgroups) {
             if let Err(e) = crate::limits::CgroupTree::remove_worker_cgroup(cg) {
                 tracing::debug!(error = %e, "worker cgroup not removed");
             }

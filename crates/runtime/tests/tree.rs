@@ -283,7 +283,13 @@ print('forked=%d' % ok, flush=True)
 time.sleep(1000)
 ";
     let dir = tempfile::tempdir().unwrap();
-    let mut s = spec(4, &["python3", "-c", script]);
+    // Not through a pyenv shim: its bash wrapper forks helpers of its own.
+    let python = if std::path::Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    };
+    let mut s = spec(4, &[python, "-c", script]);
     s.rlimits.nproc = Some(5);
     s.log_dir = Some(dir.path().to_path_buf());
     let root = nix::unistd::geteuid().is_root();
@@ -303,12 +309,17 @@ time.sleep(1000)
                 .trim()
                 .parse()
                 .unwrap();
-            match w.process.cgroup().map(|c| c.join("pids.max")) {
-                Some(f) if f.exists() => {
+            // Root is never limited by RLIMIT_NPROC: a root worker that started must be
+            // held by a pids controller (cgroup v2, or v1 on hybrid hosts), counting this
+            // worker alone (the host has far more than 5 root processes).
+            eprintln!("nproc 5: {forked} of 30 forks succeeded");
+            if root {
+                assert!(forked <= 4, "pids.max 5 let {forked} forks through");
+            }
+            if let Some(f) = w.process.cgroup().map(|c| c.join("pids.max")) {
+                if f.exists() {
                     assert_eq!(std::fs::read_to_string(f).unwrap().trim(), "5");
-                    assert!(forked <= 4, "pids.max 5 let {forked} forks through");
                 }
-                _ => assert!(!root, "a root worker with nproc and no pids controller ran"),
             }
             w.process.kill().unwrap();
             within("tree gone", w.process.wait()).await;
