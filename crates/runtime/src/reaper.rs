@@ -24,7 +24,7 @@
 //!   of its own after `setsid`), a grandchild of git, or any orphan of a container.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::{Mutex, OnceLock, RwLock, RwLockReadGuard};
+use std::sync::{Condvar, Mutex, OnceLock, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use nix::sys::wait::{waitid, waitpid, Id, WaitPidFlag, WaitStatus};
@@ -44,6 +44,9 @@ struct Reaper {
     claimed: Mutex<HashSet<i32>>,
     /// Whether [`start`] ran (the reaper thread exists).
     running: OnceLock<()>,
+    /// Counts claims: with no child at all, the reaper sleeps until one is spawned.
+    spawned: Mutex<u64>,
+    wake: Condvar,
 }
 
 fn reaper() -> &'static Reaper {
@@ -52,6 +55,8 @@ fn reaper() -> &'static Reaper {
         fork: RwLock::new(()),
         claimed: Mutex::new(HashSet::new()),
         running: OnceLock::new(),
+        spawned: Mutex::new(0),
+        wake: Condvar::new(),
     })
 }
 
@@ -106,11 +111,13 @@ pub(crate) fn fork_guard() -> RwLockReadGuard<'static, ()> {
 
 /// `pid` is a child whose status its spawner collects: the reaper leaves it alone.
 pub(crate) fn claim(pid: i32) {
-    reaper()
-        .claimed
+    let r = reaper();
+    r.claimed
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(pid);
+    *r.spawned.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+    r.wake.notify_all();
 }
 
 /// The spawner reaped `pid` (or gave it up).
@@ -127,8 +134,9 @@ fn reap_loop() {
     let own = procfs::stat(me);
     // Zombies left to their owner, with when they were first seen.
     let mut waiting: HashMap<(i32, u64), Instant> = HashMap::new();
-    let mut idle = Duration::from_millis(10);
     loop {
+        // Read before peeking: a worker spawned after an ECHILD then ends the wait at once.
+        let generation = *reaper().spawned.lock().unwrap_or_else(|e| e.into_inner());
         // Blocks until some child is a zombie (or returns ECHILD at once: no children).
         let peeked = waitid(Id::All, WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT);
         let pid = match peeked {
@@ -137,12 +145,9 @@ fn reap_loop() {
             Err(_) => None,
         };
         let Some(pid) = pid else {
-            // No children at all: an orphan will arrive some time; look again soon.
-            std::thread::sleep(idle);
-            idle = (idle * 2).min(Duration::from_millis(500));
+            wait_for_children(me, generation);
             continue;
         };
-        idle = Duration::from_millis(10);
         if try_reap(pid.as_raw(), me, own.as_ref(), &mut waiting) {
             continue;
         }
@@ -151,6 +156,25 @@ fn reap_loop() {
         reap_orphans_with(me, own.as_ref(), &mut waiting);
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// With no child at all, nothing can be orphaned to a subreaper (orphans come from its
+/// descendants): sleep until a worker is spawned, instead of polling, so an idle daemon
+/// costs nothing. Children started by other code (git) are noticed within the timeout. As
+/// PID 1 any process of the namespace can be orphaned to us (`docker exec`'d ones), so
+/// look every second.
+fn wait_for_children(me: i32, generation: u64) {
+    let r = reaper();
+    let timeout = if me == 1 {
+        Duration::from_secs(1)
+    } else {
+        Duration::from_secs(5)
+    };
+    let seen = r.spawned.lock().unwrap_or_else(|e| e.into_inner());
+    let _ = r
+        .wake
+        .wait_timeout_while(seen, timeout, |n| *n == generation)
+        .unwrap_or_else(|e| e.into_inner());
 }
 
 /// One pass over the daemon's zombie children, reaping every orphan. Returns how many
