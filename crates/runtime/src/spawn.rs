@@ -204,6 +204,15 @@ impl WorkerProcess {
         self.inner.tree.cgroup()
     }
 
+    /// Members of the worker's cgroup leaf right now, when its tree is tracked by one: a
+    /// cheap read (no /proc scan), for sampling CPU and memory of the whole tree.
+    pub fn cgroup_members(&self) -> Option<Vec<i32>> {
+        if self.inner.finished.load(Ordering::SeqCst) {
+            return Some(Vec::new());
+        }
+        self.inner.tree.cgroup_members()
+    }
+
     /// Live processes of the worker's tree right now (the leader included while alive).
     pub fn tree_members(&self) -> Vec<i32> {
         if self.inner.finished.load(Ordering::SeqCst) {

@@ -73,6 +73,11 @@ impl ProcessTree {
         self.cgroup.as_deref()
     }
 
+    /// Members from the cgroup alone; `None` without a readable cgroup.
+    pub fn cgroup_members(&self) -> Option<Vec<i32>> {
+        cgroup_procs(self.cgroup.as_deref()?)
+    }
+
     /// Live (non-zombie) processes of the tree right now.
     pub fn members(&self) -> Vec<i32> {
         if let Some(cg) = &self.cgroup {

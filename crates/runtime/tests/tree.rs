@@ -335,3 +335,40 @@ time.sleep(1000)
         }
     }
 }
+
+/// CPU and memory of a worker count its whole tree where it has a cgroup: a `setsid`
+/// child's 48 MiB is the worker's, though it left the process group.
+#[tokio::test]
+async fn usage_of_a_cgroup_tracked_worker_covers_its_detached_children() {
+    start_reaper();
+    let script = "
+import os, time
+if os.fork() == 0:
+    os.setsid()
+    b = bytearray(48 * 1024 * 1024)
+    for i in range(0, len(b), 4096): b[i] = 1
+    time.sleep(1000)
+    os._exit(0)
+time.sleep(1000)
+";
+    let w = spawn_worker(spec(5, &["python3", "-c", script]))
+        .await
+        .unwrap();
+    let _g = Guard(w.process.clone());
+    if w.process.cgroup().is_none() {
+        eprintln!("no cgroup v2 for worker trees on this host; skipping");
+        return;
+    }
+    let pid = w.process.pid();
+    wait_until("48 MiB in the tree", || {
+        let members = w.process.cgroup_members().unwrap_or_default();
+        procfs::sum_of(&procfs::usage_by_pid(), &members).rss_bytes >= 48 << 20
+    })
+    .await;
+    assert!(
+        procfs::group_usage(pid).rss_bytes < 48 << 20,
+        "the child left the process group"
+    );
+    w.process.kill().unwrap();
+    within("tree gone", w.process.wait()).await;
+}
