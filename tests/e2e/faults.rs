@@ -163,3 +163,22 @@ srv.serve_forever()
     assert!(events.contains("stopped listening"), "{events}");
     d.wait_phase("web", "Available", T);
 }
+
+/// `clusterd status` against a stopped daemon gives up with a message instead of hanging.
+#[test]
+fn status_against_a_stopped_daemon_times_out_with_a_message() {
+    use nix::sys::signal::{kill, Signal};
+    use nix::unistd::Pid;
+    let d = Daemon::start();
+    kill(Pid::from_raw(d.pid()), Signal::SIGSTOP).unwrap();
+    let out = std::process::Command::new(clusterd_bin())
+        .args(["status"])
+        .env("CLUSTERD_SOCKET", &d.socket)
+        .env("CLUSTERD_TIMEOUT", "1s")
+        .output()
+        .unwrap();
+    kill(Pid::from_raw(d.pid()), Signal::SIGCONT).unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("did not answer within 1s"), "{err}");
+}

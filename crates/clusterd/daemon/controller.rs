@@ -53,6 +53,8 @@ pub struct Controller<E: Effects> {
     next_rotation: Option<Instant>,
     next_rescan: Instant,
     last_saved: Option<state::Saved>,
+    /// The worker state could not be written (shown in status, logged once).
+    state_error: Option<String>,
     /// GitOps: asks the sync loop for a sync now (`POST /v1/sync`).
     sync_trigger: Option<mpsc::Sender<clusterd_runtime::gitops::SyncReply>>,
     /// GitOps: the status JSON's `sync` block.
@@ -89,6 +91,7 @@ impl<E: Effects> Controller<E> {
             next_rotation: None,
             next_rescan: Instant::now() + RESCAN_BACKSTOP,
             last_saved: None,
+            state_error: None,
             sync_trigger,
             sync,
             watching: rewatch.is_some(),
@@ -121,10 +124,22 @@ impl<E: Effects> Controller<E> {
         &self.effects
     }
 
+    /// Why the worker state cannot be written, if it cannot.
+    #[cfg(test)]
+    pub fn state_error(&self) -> Option<&str> {
+        self.state_error.as_deref()
+    }
+
     /// The effects, for tests that change the host.
     #[cfg(test)]
     pub fn effects_mut(&mut self) -> &mut E {
         &mut self.effects
+    }
+
+    /// Loads (parses of the whole set) so far.
+    #[cfg(test)]
+    pub fn manifest_loads(&self) -> usize {
+        self.intake.loads_total
     }
 
     /// Manifest files read so far (a read of an unchanged file is a bug).
@@ -604,9 +619,35 @@ impl<E: Effects> Controller<E> {
         }
         self.world.dirty = false;
         let saved = state::project(&self.world);
-        if self.last_saved.as_ref() != Some(&saved) {
-            state::store(&self.config.state_dir, &saved);
-            self.last_saved = Some(saved);
+        if self.last_saved.as_ref() == Some(&saved) {
+            return;
+        }
+        match state::store(&self.config.state_dir, &saved) {
+            Ok(()) => {
+                if self.state_error.take().is_some() {
+                    self.events.push(
+                        None,
+                        None,
+                        EventKind::StateSaved,
+                        "the worker state is written again".into(),
+                    );
+                }
+                self.last_saved = Some(saved);
+            }
+            Err(e) => {
+                // Keep the last file written: a restarted daemon adopts from it.
+                let what = format!(
+                    "cannot write {}: {e}; a daemon restart now would not adopt the newest workers",
+                    state::path(&self.config.state_dir).display()
+                );
+                if self.state_error.as_deref() != Some(&what) {
+                    self.events
+                        .push(None, None, EventKind::StateFailed, what.clone());
+                }
+                self.state_error = Some(what);
+                // Try again on the next change.
+                self.world.dirty = true;
+            }
         }
     }
 
@@ -747,7 +788,11 @@ impl<E: Effects> Controller<E> {
             error: s.error.clone(),
             at: s.at.map(super::rfc3339),
         });
-        crate::api_types::StatusReport { apps, sync }
+        crate::api_types::StatusReport {
+            apps,
+            sync,
+            daemon_errors: self.state_error.iter().cloned().collect(),
+        }
     }
 }
 

@@ -58,6 +58,10 @@ pub enum EventKind {
     SyncFailed,
     /// The daemon was asked to stop.
     Shutdown,
+    /// The worker state file cannot be written (adoption after a restart is at risk).
+    StateFailed,
+    /// The worker state file is written again.
+    StateSaved,
 }
 
 impl EventKind {
@@ -87,6 +91,8 @@ impl EventKind {
             EventKind::Sync => "sync",
             EventKind::SyncFailed => "sync-failed",
             EventKind::Shutdown => "shutdown",
+            EventKind::StateFailed => "state-failed",
+            EventKind::StateSaved => "state-saved",
         }
     }
 }

@@ -17,6 +17,7 @@ use crate::model::{
     AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind, Protocol,
     ReadinessKind, SignalName,
 };
+use crate::net::Cidr;
 use crate::signal::normalize_signal;
 
 /// The only `apiVersion` this release reads.
@@ -495,6 +496,23 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
                 format!("{base}.protocol"),
                 format!(
                     "protocol udp needs mode inherit (the {} proxy carries TCP only; expected mode: inherit)",
+                    mode_name(l.mode)
+                ),
+            ));
+        }
+        for (j, range) in l.trusted_proxies.iter().enumerate() {
+            if let Err(e) = range.parse::<Cidr>() {
+                issues.push(Issue::at(
+                    format!("{base}.trustedProxies[{j}]"),
+                    e.to_string(),
+                ));
+            }
+        }
+        if !l.trusted_proxies.is_empty() && l.mode != ListenMode::Http {
+            issues.push(Issue::at(
+                format!("{base}.trustedProxies"),
+                format!(
+                    "trustedProxies applies to forwarding headers, which only the http proxy adds (this listener is mode {}; expected mode: http or no trustedProxies)",
                     mode_name(l.mode)
                 ),
             ));

@@ -82,6 +82,19 @@ fn every_rule_reports_where_and_what() {
             vec!["/srv/apps/web.yaml:8:24: invalid listener name `9lives` (expected a letter, then letters, digits, `_` or `-`; at most 32 characters)"],
         ),
         (
+            "trustedProxies ranges",
+            with_spec("  listen:\n    - port: 80\n      trustedProxies: [10.0.0.0/8, \"::1\", 10.0.0.0/40, lb.internal]\n"),
+            vec![
+                "/srv/apps/web.yaml:9:43: invalid address range `10.0.0.0/40`: the prefix length is longer than the address (expected an address or address/prefix like 10.0.0.0/8, 192.168.1.10 or fd00::/8)",
+                "/srv/apps/web.yaml:9:56: invalid address range `lb.internal`: not an IP address (expected an address or address/prefix like 10.0.0.0/8, 192.168.1.10 or fd00::/8)",
+            ],
+        ),
+        (
+            "trustedProxies needs http mode",
+            with_spec("  listen:\n    - {port: 80, mode: tcp, trustedProxies: [10.0.0.0/8]}\n"),
+            vec!["/srv/apps/web.yaml:8:45: trustedProxies applies to forwarding headers, which only the http proxy adds (this listener is mode tcp; expected mode: http or no trustedProxies)"],
+        ),
+        (
             "listener names unique",
             with_spec("  listen:\n    - {port: 80, name: admin-api}\n    - {port: 81, name: admin_api}\n"),
             vec!["/srv/apps/web.yaml:9:24: listener name `admin_api` is already used by listener 0 (both would be PORT_ADMIN_API; expected unique names)"],

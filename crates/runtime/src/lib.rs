@@ -12,12 +12,14 @@
 //! - [`notify`] and [`ipc`]: readiness from sd_notify and Node's `process.send('ready')`.
 //! - [`logs`]: per-instance log files, rotation, tail and follow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
+//! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 //! - [`tree`] and [`reaper`]: a worker's whole process tree, and the daemon as child
 //!   subreaper reaping every orphan.
 //! - [`effects`]: all of the above behind the one interface the daemon's controller
 //!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
+pub mod accept;
 pub mod effects;
 pub mod error;
 pub mod gitops;

@@ -621,7 +621,10 @@ fn spawn_blocking(mut spec: WorkerSpec, mark: &str) -> Result<Spawned> {
         fds: pairs.clone(),
         status_fd: Some(status_w.as_raw_fd()),
         set_listen_pid: n > 0,
-        rlimits: spec.rlimits,
+        rlimits: Rlimits {
+            nofile_soft: crate::accept::original_nofile_soft(),
+            ..spec.rlimits
+        },
         cgroup: spec.cgroup.clone(),
         extra_cgroups: extra_cgroups.clone(),
         user: spec.user.clone(),

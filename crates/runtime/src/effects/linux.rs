@@ -8,7 +8,6 @@ use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clusterd_core::model::{ListenMode, Listener, Logs, ReadinessKind};
 use clusterd_core::plan::{AppName, WorkerId};
@@ -38,6 +37,8 @@ pub struct LinuxEffectsConfig {
 
 struct ListenerEntry {
     key: ListenKey,
+    /// http mode: the proxy's `trustedProxies`, updated in place by a new manifest.
+    trusted: Option<proxy::TrustedProxies>,
     bound: BoundListener,
     routes: Option<Arc<RouteTable>>,
     proxy: CancellationToken,
@@ -287,7 +288,15 @@ impl Effects for LinuxEffects {
         let result = (|| {
             for l in listens {
                 let key = ListenKey::of(l);
-                if set.entries.iter().chain(added.iter()).any(|e| e.key == key) {
+                if let Some(e) = set
+                    .entries
+                    .iter()
+                    .chain(added.iter())
+                    .find(|e| e.key == key)
+                {
+                    if let Some(trusted) = &e.trusted {
+                        trusted.set(trusted_proxies(l));
+                    }
                     continue;
                 }
                 let addr = socket_addr(&l.address, l.port)?;
@@ -309,6 +318,7 @@ impl Effects for LinuxEffects {
                             format!("cannot listen on {addr}: {}", describe_bind_error(&e, addr))
                         })?,
                 };
+                let mut trusted = None;
                 let (routes, proxy) = match l.mode {
                     ListenMode::Inherit => (None, CancellationToken::new()),
                     mode => {
@@ -319,14 +329,11 @@ impl Effects for LinuxEffects {
                             .map_err(|e| e.to_string())?;
                         let span = tracing::info_span!("proxy", app = %app, listen = %addr);
                         if mode == ListenMode::Http {
+                            let cfg = http_proxy_config(l);
+                            trusted = Some(cfg.trusted_proxies.clone());
                             self.tasks.spawn(
-                                proxy::serve_http(
-                                    listener,
-                                    routes.clone(),
-                                    http_proxy_config(),
-                                    cancel.clone(),
-                                )
-                                .instrument(span),
+                                proxy::serve_http(listener, routes.clone(), cfg, cancel.clone())
+                                    .instrument(span),
                             );
                         } else {
                             self.tasks.spawn(
@@ -344,6 +351,7 @@ impl Effects for LinuxEffects {
                 };
                 added.push(ListenerEntry {
                     key,
+                    trusted,
                     bound,
                     routes,
                     proxy,
@@ -668,25 +676,23 @@ fn describe_bind_error(e: &crate::Error, addr: SocketAddr) -> String {
     }
 }
 
-/// The http proxy's bounds: the defaults, with the client-facing timeouts tunable through
-/// the daemon's environment (`CLUSTERD_PROXY_HEADER_TIMEOUT_MS`: slowloris and keep-alive
-/// idle bound; `CLUSTERD_PROXY_NO_BACKEND_WAIT_MS`: how long a request waits for a ready
-/// worker before a 503), so operators and tests can tighten them.
-fn http_proxy_config() -> proxy::HttpProxyConfig {
-    let ms = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_millis)
-    };
-    let mut cfg = proxy::HttpProxyConfig::default();
-    if let Some(d) = ms("CLUSTERD_PROXY_HEADER_TIMEOUT_MS") {
-        cfg.header_read_timeout = d;
+/// The http proxy's settings for listener `l`: the defaults with the operator's
+/// overrides from the daemon's environment (`CLUSTERD_PROXY_*_MS`, see
+/// [`proxy::HttpProxyConfig::with_env`] and docs/operations.md), and the listener's
+/// `trustedProxies`.
+fn http_proxy_config(l: &Listener) -> proxy::HttpProxyConfig {
+    proxy::HttpProxyConfig {
+        trusted_proxies: proxy::TrustedProxies::new(trusted_proxies(l)),
+        ..proxy::HttpProxyConfig::default().with_env()
     }
-    if let Some(d) = ms("CLUSTERD_PROXY_NO_BACKEND_WAIT_MS") {
-        cfg.no_backend_wait = d;
-    }
-    cfg
+}
+
+/// `l.trustedProxies` parsed (validation has already rejected a bad range).
+fn trusted_proxies(l: &Listener) -> Vec<clusterd_core::net::Cidr> {
+    l.trusted_proxies
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
 }
 
 fn socket_addr(address: &str, port: u32) -> Result<SocketAddr, String> {
