@@ -31,3 +31,6 @@ mod shared;
 
 #[path = "e2e/friendly.rs"]
 mod friendly;
+
+#[path = "e2e/trees.rs"]
+mod trees;

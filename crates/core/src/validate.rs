@@ -29,6 +29,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "CLUSTERD_APP",
     "CLUSTERD_INSTANCE",
     "CLUSTERD_REVISION",
+    "CLUSTERD_TREE",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",

@@ -102,6 +102,10 @@ pub struct ShimConfig {
     pub rlimits: Rlimits,
     /// Join this cgroup (write our pid to its `cgroup.procs`).
     pub cgroup: Option<PathBuf>,
+    /// Also join these (cgroup v1 leaves on hybrid hosts: the pids controller for
+    /// `limits.nproc`).
+    #[serde(default)]
+    pub extra_cgroups: Vec<PathBuf>,
     /// Drop to this user (root only).
     pub user: Option<String>,
     /// Primary group (default: the user's).
@@ -182,7 +186,7 @@ where
     if let Err(e) = apply_rlimits(&config.rlimits) {
         fail(status, &e);
     }
-    if let Some(cg) = &config.cgroup {
+    for cg in config.cgroup.iter().chain(&config.extra_cgroups) {
         let procs = cg.join("cgroup.procs");
         if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
             fail(

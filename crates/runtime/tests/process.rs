@@ -273,18 +273,23 @@ async fn group_signal_reaches_grandchildren() {
     );
 }
 
-/// A leader that exits early leaves its children; the group can still be killed.
+/// A leader that exits early leaves its children: the worker is not over while they
+/// run, and killing it takes them.
 #[tokio::test]
-async fn leftover_group_members_can_be_killed_after_the_leader_exits() {
+async fn leftover_group_members_keep_the_worker_until_killed() {
     let w = spawn_worker(spec(0, &["sh", "-c", "sleep 1000 & exit 0"]))
         .await
         .unwrap();
     let _g = Guard(w.process.clone());
     let pgid = w.process.pid();
-    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
-    wait_until("orphan visible", || !procfs::group_members(pgid).is_empty()).await;
+    wait_until("leader reaped, orphan visible", || {
+        procfs::stat(pgid).is_none() && !procfs::group_members(pgid).is_empty()
+    })
+    .await;
+    assert_eq!(w.process.exit_reason(), None, "not over while sleep runs");
     assert!(w.process.kill().unwrap());
-    wait_until("group empty", || procfs::group_members(pgid).is_empty()).await;
+    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
+    assert!(procfs::group_members(pgid).is_empty());
 }
 
 #[tokio::test]
