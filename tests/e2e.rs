@@ -22,3 +22,9 @@ mod safety;
 
 #[path = "e2e/gitops.rs"]
 mod gitops;
+
+#[path = "e2e/import_pm2.rs"]
+mod import_pm2;
+
+#[path = "e2e/top.rs"]
+mod top;

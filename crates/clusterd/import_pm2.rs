@@ -535,10 +535,12 @@ fn from_jlist(entry: &Map<String, Value>, pm2_env: &Map<String, Value>) -> Map<S
     if let Some(n) = entry.get("name") {
         app.insert("name".into(), n.clone());
     }
+    let app_name = entry.get("name").and_then(Value::as_str);
     if let Some(Value::Object(env)) = pm2_env.get("env") {
         let kept: Map<String, Value> = env
             .iter()
-            .filter(|(k, _)| !is_inherited_var(k) && !pm2_env.contains_key(k.as_str()))
+            // PM2 also stores `"<app name>": "{}"` there.
+            .filter(|(k, _)| !is_inherited_var(k) && Some(k.as_str()) != app_name)
             .map(|(k, v)| (k.clone(), v.clone()))
             .collect();
         app.insert("env".into(), Value::Object(kept));
@@ -1013,7 +1015,15 @@ fn memory(v: &Value) -> anyhow::Result<String> {
         anyhow::anyhow!("`max_memory_restart` is \"{text}\", expected a size like 300M or 1G")
     })?;
     let unit = match unit.to_ascii_uppercase().as_str() {
-        "" | "B" => "",
+        // Bytes (what `pm2 jlist` holds): in the largest binary unit that divides them.
+        "" | "B" => {
+            for (factor, name) in [(1u64 << 30, "Gi"), (1 << 20, "Mi"), (1 << 10, "Ki")] {
+                if n > 0 && n % factor == 0 {
+                    return Ok(format!("{}{name}", n / factor));
+                }
+            }
+            ""
+        }
         "K" | "KB" => "Ki",
         "M" | "MB" => "Mi",
         "G" | "GB" => "Gi",
@@ -1112,7 +1122,8 @@ mod tests {
     fn sizes_and_times() {
         assert_eq!(memory(&json!("300M")).unwrap(), "300Mi");
         assert_eq!(memory(&json!("1G")).unwrap(), "1Gi");
-        assert_eq!(memory(&json!(1048576)).unwrap(), "1048576");
+        assert_eq!(memory(&json!(1_048_576)).unwrap(), "1Mi");
+        assert_eq!(memory(&json!(1000)).unwrap(), "1000");
         assert!(memory(&json!("lots")).is_err());
         assert_eq!(ms(1600), "1600ms");
         assert_eq!(ms(3000), "3s");
