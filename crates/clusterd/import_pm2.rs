@@ -421,9 +421,12 @@ pub fn convert(value: &Value, ctx: &ImportOptions) -> anyhow::Result<Vec<Importe
     Ok(out)
 }
 
+/// App objects, and notes about the file as a whole.
+type AppObjects = (Vec<Map<String, Value>>, Vec<Note>);
+
 /// The app objects of an ecosystem value, normalized to ecosystem-file keys, plus notes
 /// about the file itself (like a `deploy` section).
-fn app_objects(value: &Value) -> anyhow::Result<(Vec<Map<String, Value>>, Vec<Note>)> {
+fn app_objects(value: &Value) -> anyhow::Result<AppObjects> {
     let mut notes = Vec::new();
     let list: Vec<Value> = match value {
         Value::Object(o) if o.contains_key("apps") => {
@@ -993,7 +996,7 @@ fn millis_opt(v: Option<&Value>, key: &str) -> anyhow::Result<Option<u64>> {
 }
 
 fn ms(n: u64) -> String {
-    if n > 0 && n % 1000 == 0 {
+    if n > 0 && n.is_multiple_of(1000) {
         format!("{}s", n / 1000)
     } else {
         format!("{n}ms")
@@ -1018,7 +1021,7 @@ fn memory(v: &Value) -> anyhow::Result<String> {
         // Bytes (what `pm2 jlist` holds): in the largest binary unit that divides them.
         "" | "B" => {
             for (factor, name) in [(1u64 << 30, "Gi"), (1 << 20, "Mi"), (1 << 10, "Ki")] {
-                if n > 0 && n % factor == 0 {
+                if n > 0 && n.is_multiple_of(factor) {
                     return Ok(format!("{}{name}", n / factor));
                 }
             }

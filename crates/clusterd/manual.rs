@@ -50,7 +50,8 @@ pub fn man(cmd: clap::Command, out_dir: Option<&Path>) -> anyhow::Result<ExitCod
 }
 
 /// The man page's DESCRIPTION (the `--help` text stays short).
-const LONG_ABOUT: &str = "clusterd runs network services on one Linux host the way Kubernetes runs them \
+const LONG_ABOUT: &str =
+    "clusterd runs network services on one Linux host the way Kubernetes runs them \
 on a cluster. YAML app manifests in the apps dir say what should run; the daemon \
 (`clusterd daemon`, usually the clusterd.service unit) runs each app as N worker processes \
 behind one listening port that it owns, replaces workers one by one when a manifest \
@@ -59,7 +60,8 @@ The other commands talk to the daemon over its control socket, or work on manife
 offline (validate, diff, export, import).";
 
 /// Rendered as an extra section of the man page.
-const FILES: &str = "FILES AND ENVIRONMENT: as root, manifests are read from /etc/clusterd/apps, the control \
+const FILES: &str =
+    "FILES AND ENVIRONMENT: as root, manifests are read from /etc/clusterd/apps, the control \
 socket is /run/clusterd/clusterd.sock, state is kept in /var/lib/clusterd and worker logs \
 in /var/log/clusterd; as another user, the XDG equivalents. /etc/clusterd/clusterd.env \
 holds site settings for the systemd unit (CLUSTERD_ARGS, CLUSTERD_LOG). CLUSTERD_SOCKET \

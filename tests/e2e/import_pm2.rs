@@ -15,7 +15,10 @@ fn fixtures() -> PathBuf {
 
 fn import(args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     let mut cmd = Command::new(clusterd_bin());
-    cmd.arg("import").arg("pm2").args(args).current_dir(fixtures());
+    cmd.arg("import")
+        .arg("pm2")
+        .args(args)
+        .current_dir(fixtures());
     for (k, v) in env {
         cmd.env(k, v);
     }
@@ -56,7 +59,10 @@ fn check(file: &str, extra: &[&str], expected: &str, apps: &[&str]) {
     let root = fixtures().display().to_string();
     for app in apps {
         let got = read(&out_dir.path().join(format!("{app}.yaml"))).replace(&root, "<fixtures>");
-        let expected_path = fixtures().join("expected").join(expected).join(format!("{app}.yaml"));
+        let expected_path = fixtures()
+            .join("expected")
+            .join(expected)
+            .join(format!("{app}.yaml"));
         if std::env::var_os("UPDATE_EXPECTED").is_some() {
             std::fs::create_dir_all(expected_path.parent().unwrap()).unwrap();
             std::fs::write(&expected_path, &got).unwrap();
@@ -107,7 +113,10 @@ fn pm2_import_refuses_bad_files_and_overwrites_only_with_force() {
     assert!(err.contains("app `x`") && err.contains("script"), "{err}");
     std::fs::write(&bad, "{\"apps\": [").unwrap();
     let err = String::from_utf8_lossy(&import(&[bad.to_str().unwrap()], &[]).stderr).into_owned();
-    assert!(err.contains("ecosystem.json:1:"), "JSON errors carry file:line:column: {err}");
+    assert!(
+        err.contains("ecosystem.json:1:"),
+        "JSON errors carry file:line:column: {err}"
+    );
 
     let out_dir = dir.path().join("out");
     let args = ["json/ecosystem.json", "-o", out_dir.to_str().unwrap()];
