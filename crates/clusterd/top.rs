@@ -364,15 +364,16 @@ fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: us
             Cell::from(age(a.age_secs)),
         ])
     });
+    let name_width = apps.iter().map(|a| a.name.len()).max().unwrap_or(0).clamp(3, 32);
     let widths = [
-        Constraint::Min(10),
+        Constraint::Length(u16::try_from(name_width).unwrap_or(32)),
         Constraint::Length(16),
         Constraint::Length(6),
         Constraint::Length(8),
         Constraint::Length(6),
         Constraint::Length(8),
         Constraint::Length(8),
-        Constraint::Min(14),
+        Constraint::Fill(1),
         Constraint::Length(5),
     ];
     let table = Table::new(rows, widths)
