@@ -23,6 +23,9 @@ mod safety;
 #[path = "e2e/gitops.rs"]
 mod gitops;
 
+#[path = "e2e/faults.rs"]
+mod faults;
+
 #[path = "e2e/import_pm2.rs"]
 mod import_pm2;
 

@@ -4,6 +4,9 @@
 //! the documented ones are additions, never renames, so scripts written against the
 //! documented shape keep working.
 
+use clusterd_core::event::EventKind;
+use clusterd_core::model::{ListenMode, Protocol};
+pub use clusterd_core::plan::Phase;
 use serde::{Deserialize, Serialize};
 
 /// `GET /v1/apps`.
@@ -14,6 +17,10 @@ pub struct StatusReport {
     /// GitOps sync state, when the daemon follows a git repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncStatus>,
+    /// Problems of the daemon itself that put its guarantees at risk (e.g. the state dir
+    /// is not writable: a restart could not adopt the newest workers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub daemon_errors: Vec<String>,
 }
 
 /// One app.
@@ -22,7 +29,7 @@ pub struct AppStatus {
     /// `metadata.name` (or the file stem of a manifest that could not be read).
     pub name: String,
     /// Pending, Progressing, Available, Degraded, CrashLoopBackOff, Invalid, Stopping.
-    pub phase: String,
+    pub phase: Phase,
     /// The desired revision (empty when no manifest was ever valid).
     pub revision: String,
     /// Bumped by every `clusterd reload`.
@@ -46,8 +53,77 @@ pub struct AppStatus {
     /// Whether the per-app cgroup backstop is active, or why not.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cgroup: Option<String>,
+    /// The rollout towards the desired revision and generation (absent when nothing is
+    /// desired: no valid manifest, or removed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutStatus>,
     /// Live workers, by index then age.
     pub instances: Vec<InstanceStatus>,
+}
+
+/// Where the rollout towards the desired template stands.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutStatus {
+    /// The desired revision.
+    pub revision: String,
+    /// The desired generation (bumped by `clusterd reload`).
+    pub generation: u64,
+    /// Workers Ready at the desired revision and generation.
+    pub updated: u32,
+    /// Every instance is Ready at it and no other worker is left (draining ones aside).
+    pub complete: bool,
+    /// The rollout to it failed, and why (which worker, how): the old workers serve on.
+    pub failed: Option<String>,
+}
+
+/// State of one instance (DESIGN.md), serialized as its name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum InstanceState {
+    /// Started, not ready yet.
+    Starting,
+    /// Takes traffic.
+    Ready,
+    /// Takes no new traffic; stopping.
+    Draining,
+    /// No live worker: waiting out a restart backoff.
+    Backoff,
+    /// No live worker, and none will be restarted (restart policy).
+    Exited,
+}
+
+impl std::fmt::Display for InstanceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(self, f)
+    }
+}
+
+/// `POST /v1/apps/{name}/reload` and `POST /v1/reload`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadReply {
+    /// The apps whose reload was accepted, with the generation to wait for.
+    pub reloads: Vec<ReloadAccepted>,
+}
+
+/// One accepted reload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReloadAccepted {
+    /// App.
+    pub app: String,
+    /// The new generation: the reload is done when the rollout reaches it.
+    pub generation: u64,
+}
+
+/// `POST /v1/sync`: what the sync applied.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SyncReply {
+    /// The commit now applied.
+    pub commit: String,
+    /// Files added to the apps dir.
+    pub added: Vec<String>,
+    /// Files changed.
+    pub changed: Vec<String>,
+    /// Files removed.
+    pub removed: Vec<String>,
 }
 
 /// One public socket.
@@ -58,14 +134,14 @@ pub struct ListenStatus {
     /// `address:port` as bound.
     pub address: String,
     /// http, tcp or inherit.
-    pub mode: String,
+    pub mode: ListenMode,
     /// tcp or udp.
     #[serde(default = "tcp")]
-    pub protocol: String,
+    pub protocol: Protocol,
 }
 
-fn tcp() -> String {
-    "tcp".to_string()
+fn tcp() -> Protocol {
+    Protocol::Tcp
 }
 
 /// One worker.
@@ -76,7 +152,7 @@ pub struct InstanceStatus {
     /// Process id (= process group id).
     pub pid: Option<u32>,
     /// Starting, Ready, Draining, Backoff, Exited.
-    pub state: String,
+    pub state: InstanceState,
     /// Revision it runs.
     pub revision: String,
     /// Generation it was started for.
@@ -134,7 +210,7 @@ pub struct Event {
     /// Instance index, if the event concerns one.
     pub instance: Option<u32>,
     /// Short machine-friendly kind: spawn, ready, drain, signal, kill, exit, rollout-failed, invalid, ...
-    pub kind: String,
+    pub kind: EventKind,
     /// Human-readable.
     pub message: String,
 }

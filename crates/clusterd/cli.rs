@@ -208,6 +208,33 @@ pub struct DaemonArgs {
     pub log_format: LogFormat,
 }
 
+impl DaemonArgs {
+    /// The daemon's options, with defaults for the current user filled in.
+    ///
+    /// # Errors
+    /// A bad `--git-interval`.
+    pub fn into_options(self) -> anyhow::Result<daemon::Options> {
+        let defaults = Paths::defaults();
+        let git = match self.git_repo {
+            Some(repo) => Some((
+                repo,
+                self.git_ref,
+                self.git_path.unwrap_or_default(),
+                parse_duration_arg(&self.git_interval)?,
+            )),
+            None => None,
+        };
+        Ok(daemon::Options {
+            apps_dir: self.apps_dir.unwrap_or(defaults.apps_dir),
+            socket: self.socket.unwrap_or(defaults.socket),
+            state_dir: self.state_dir.unwrap_or(defaults.state_dir),
+            log_dir: self.log_dir.unwrap_or(defaults.log_dir),
+            json_logs: self.log_format == LogFormat::Json,
+            git,
+        })
+    }
+}
+
 /// Daemon log format.
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
 pub enum LogFormat {
@@ -320,7 +347,7 @@ pub fn run() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Daemon(args) => daemon::run(args),
+        Command::Daemon(args) => daemon::run(args.into_options()?),
         Command::Status {
             app,
             output: fmt,
@@ -411,12 +438,9 @@ pub fn expand_manifest_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> 
     Ok(out)
 }
 
-/// A manifest file name: `*.yaml`/`*.yml`, not hidden, not an editor's temp file.
+/// A manifest file name (the rule lives in core, shared with the daemon and GitOps).
 pub fn is_manifest_name(path: &Path) -> bool {
-    let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-        return false;
-    };
-    !name.starts_with('.')
-        && !name.ends_with('~')
-        && (name.ends_with(".yaml") || name.ends_with(".yml"))
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(clusterd_core::load::is_manifest_name)
 }

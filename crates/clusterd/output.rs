@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use comfy_table::{presets, ContentArrangement, Table};
 
-use crate::api_types::{AppStatus, DaemonInfo, Event, StatusReport};
+use crate::api_types::{AppStatus, DaemonInfo, Event, ReloadReply, StatusReport};
 use crate::cli::{expand_manifest_paths, Format};
 use crate::client::Client;
 
@@ -20,7 +20,12 @@ pub fn status(client: &Client, app: Option<&str>, format: Format) -> anyhow::Res
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Yaml => print!("{}", to_yaml(&report)?),
-                Format::Table => print_apps(&report.apps),
+                Format::Table => {
+                    for problem in &report.daemon_errors {
+                        eprintln!("WARNING (daemon): {problem}");
+                    }
+                    print_apps(&report.apps);
+                }
             }
         }
         Some(name) => {
@@ -59,7 +64,7 @@ fn print_apps(apps: &[AppStatus]) {
         let mode = a
             .listen
             .first()
-            .map_or_else(|| "-".to_string(), |l| l.mode.clone());
+            .map_or_else(|| "-".to_string(), |l| l.mode.to_string());
         let listen = if a.listen.is_empty() {
             "-".to_string()
         } else {
@@ -81,7 +86,7 @@ fn print_apps(apps: &[AppStatus]) {
             },
             listen,
             age(a.age_secs),
-            a.phase.clone(),
+            a.phase.to_string(),
         ]);
     }
     println!("{t}");
@@ -143,7 +148,7 @@ fn print_app(a: &AppStatus) {
         t.add_row([
             i.index.to_string(),
             i.pid.map_or_else(|| "-".into(), |p| p.to_string()),
-            i.state.clone(),
+            i.state.to_string(),
             i.revision.clone(),
             i.restarts.to_string(),
             if i.pid.is_some() {
@@ -194,15 +199,12 @@ pub fn reload(
         (None, true) => "/v1/reload".to_string(),
         (None, false) => bail!("name an app or pass --all"),
     };
-    let accepted: serde_json::Value = client.post(&path)?;
-    let targets: Vec<(String, u64)> = accepted["reloads"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|r| Some((r["app"].as_str()?.to_string(), r["generation"].as_u64()?)))
-                .collect()
-        })
-        .unwrap_or_default();
+    let accepted: ReloadReply = client.post(&path)?;
+    let targets: Vec<(String, u64)> = accepted
+        .reloads
+        .into_iter()
+        .map(|r| (r.app, r.generation))
+        .collect();
     if targets.is_empty() {
         println!("nothing to reload");
         return Ok(ExitCode::SUCCESS);
@@ -217,45 +219,39 @@ pub fn reload(
     let mut failed = false;
     for (name, generation) in targets {
         let mut last = String::new();
+        // The daemon's own account of the rollout (its `rollout` block), not a guess
+        // from phase strings: an old worker crashing mid-reload is not a failed reload.
         loop {
             let a: AppStatus = client.get(&format!("/v1/apps/{name}"))?;
-            let replaced = a
-                .instances
-                .iter()
-                .filter(|i| {
-                    i.state == "Ready" && i.generation >= generation && i.revision == a.revision
-                })
-                .count();
-            let line = format!("{name}: {replaced}/{} replaced", a.desired);
+            let Some(r) = a.rollout.as_ref() else {
+                eprintln!(
+                    "{name}: nothing to roll out ({:?}): {}",
+                    a.phase,
+                    a.error.unwrap_or_else(|| "the manifest is gone".into())
+                );
+                failed = true;
+                break;
+            };
+            if r.generation > generation {
+                println!(
+                    "{name}: superseded by a newer reload or revision (generation {})",
+                    r.generation
+                );
+                break;
+            }
+            let line = format!("{name}: {}/{} replaced", r.updated, a.desired);
             if line != last {
                 println!("{line}");
                 last = line;
             }
-            let done = a.phase == "Available"
-                && a.instances
-                    .iter()
-                    .filter(|i| i.pid.is_some())
-                    .all(|i| i.generation >= generation && i.state == "Ready");
-            if done {
-                println!("{name}: rollout complete");
-                break;
-            }
-            if a.generation > generation {
-                println!("{name}: superseded by a newer reload");
-                break;
-            }
-            if matches!(
-                a.phase.as_str(),
-                "Degraded" | "CrashLoopBackOff" | "Invalid"
-            ) && a.error.is_some()
-            {
-                eprintln!(
-                    "{name}: rollout failed ({}): {}",
-                    a.phase,
-                    a.error.unwrap_or_default()
-                );
+            if let Some(why) = &r.failed {
+                eprintln!("{name}: rollout failed: {why}");
                 eprintln!("{name}: the previous workers keep serving; fix the app and run `clusterd reload {name}` again");
                 failed = true;
+                break;
+            }
+            if r.complete {
+                println!("{name}: rollout complete");
                 break;
             }
             if Instant::now() > deadline {
@@ -328,7 +324,7 @@ fn load(files: &[clusterd_core::load::ManifestFile]) -> clusterd_core::load::Loa
 }
 
 /// Marker written by GitOps sync: the apps dir belongs to git, not to `apply`.
-pub const GIT_MARKER: &str = ".clusterd-git";
+pub use clusterd_core::load::GIT_MARKER;
 
 /// `clusterd apply -f FILE|DIR`.
 pub fn apply(paths: &[PathBuf], apps_dir: &Path) -> anyhow::Result<ExitCode> {

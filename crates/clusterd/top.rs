@@ -23,7 +23,7 @@ use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Cell, Paragraph, Row, Table, TableState};
 use ratatui::Frame;
 
-use crate::api_types::{AppStatus, DaemonInfo, StatusReport};
+use crate::api_types::{AppStatus, DaemonInfo, Phase, StatusReport};
 use crate::client::Client;
 use crate::output::{age, human_bytes};
 
@@ -233,11 +233,11 @@ impl LogFollow {
     }
 }
 
-fn phase_style(phase: &str) -> Style {
+fn phase_style(phase: Phase) -> Style {
     let color = match phase {
-        "Available" => Color::Green,
-        "Progressing" | "Pending" | "Stopping" => Color::Yellow,
-        _ => Color::Red,
+        Phase::Available => Color::Green,
+        Phase::Progressing | Phase::Pending | Phase::Stopping => Color::Yellow,
+        Phase::Degraded | Phase::CrashLoopBackOff | Phase::Invalid => Color::Red,
     };
     Style::default().fg(color)
 }
@@ -309,10 +309,12 @@ pub fn draw(frame: &mut Frame<'_>, view: &View) {
         );
     }
 
-    let status = match (&view.error, &view.message) {
-        (Some(e), _) => Span::styled(format!("error: {e}"), Style::default().fg(Color::Red)),
-        (None, Some(m)) => Span::raw(m.clone()),
-        (None, None) => Span::raw(""),
+    let daemon_error = view.report.as_ref().and_then(|r| r.daemon_errors.first());
+    let status = match (&view.error, daemon_error, &view.message) {
+        (Some(e), _, _) => Span::styled(format!("error: {e}"), Style::default().fg(Color::Red)),
+        (None, Some(e), _) => Span::styled(format!("daemon: {e}"), Style::default().fg(Color::Red)),
+        (None, None, Some(m)) => Span::raw(m.clone()),
+        (None, None, None) => Span::raw(""),
     };
     frame.render_widget(
         Paragraph::new(Line::from(vec![
@@ -350,7 +352,7 @@ fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: us
             .join(", ");
         Row::new([
             Cell::from(a.name.clone()),
-            Cell::from(a.phase.clone()).style(phase_style(&a.phase)),
+            Cell::from(a.phase.to_string()).style(phase_style(a.phase)),
             Cell::from(format!("{}/{}", a.ready, a.desired)),
             Cell::from(a.restarts.to_string()),
             Cell::from(opt_cpu(cpu)),
@@ -364,7 +366,12 @@ fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: us
             Cell::from(age(a.age_secs)),
         ])
     });
-    let name_width = apps.iter().map(|a| a.name.len()).max().unwrap_or(0).clamp(3, 32);
+    let name_width = apps
+        .iter()
+        .map(|a| a.name.len())
+        .max()
+        .unwrap_or(0)
+        .clamp(3, 32);
     let widths = [
         Constraint::Length(u16::try_from(name_width).unwrap_or(32)),
         Constraint::Length(16),
@@ -411,7 +418,7 @@ fn draw_workers(frame: &mut Frame<'_>, area: Rect, app: Option<&AppStatus>) {
         Row::new([
             i.index.to_string(),
             i.pid.map_or_else(|| "-".into(), |p| p.to_string()),
-            i.state.clone(),
+            i.state.to_string(),
             opt_cpu(i.cpu_percent),
             opt_bytes(i.rss_bytes),
             i.inflight.map_or_else(|| "-".into(), |n| n.to_string()),
@@ -452,49 +459,34 @@ fn draw_workers(frame: &mut Frame<'_>, area: Rect, app: Option<&AppStatus>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api_types::{InstanceStatus, ListenStatus};
     use ratatui::backend::TestBackend;
     use ratatui::Terminal;
 
+    /// From JSON, as the daemon sends it, so fields added later need no test change.
     fn app(name: &str, pids: &[u32]) -> AppStatus {
-        AppStatus {
-            name: name.into(),
-            phase: "Available".into(),
-            revision: "3f2a9c1e".into(),
-            generation: 0,
-            desired: u32::try_from(pids.len()).unwrap(),
-            ready: u32::try_from(pids.len()).unwrap(),
-            restarts: 1,
-            error: None,
-            listen: vec![ListenStatus {
-                name: None,
-                address: "0.0.0.0:8080".into(),
-                mode: "http".into(),
-                protocol: "tcp".into(),
-            }],
-            source: format!("/etc/clusterd/apps/{name}.yaml"),
-            age_secs: 30,
-            cgroup: None,
-            instances: pids
-                .iter()
-                .enumerate()
-                .map(|(i, &pid)| InstanceStatus {
-                    index: u32::try_from(i).unwrap(),
-                    pid: Some(pid),
-                    state: "Ready".into(),
-                    revision: "3f2a9c1e".into(),
-                    generation: 0,
-                    restarts: 0,
-                    started: None,
-                    uptime_secs: 12,
-                    cpu_percent: Some(1.5),
-                    rss_bytes: Some(30 * 1024 * 1024),
-                    inflight: Some(2),
-                    port: None,
-                    last_exit: None,
-                })
-                .collect(),
-        }
+        let instances: Vec<serde_json::Value> = pids
+            .iter()
+            .enumerate()
+            .map(|(i, &pid)| {
+                serde_json::json!({"index": i, "pid": pid, "state": "Ready",
+                    "revision": "3f2a9c1e", "restarts": 0, "started": null, "uptime_secs": 12,
+                    "cpu_percent": 1.5, "rss_bytes": 31_457_280, "inflight": 2})
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "name": name, "phase": "Available", "revision": "3f2a9c1e",
+            "desired": pids.len(), "ready": pids.len(), "restarts": 1, "error": null,
+            "listen": [{"name": null, "address": "0.0.0.0:8080", "mode": "http"}],
+            "source": format!("/etc/clusterd/apps/{name}.yaml"), "age_secs": 30,
+            "instances": instances,
+        }))
+        .unwrap()
+    }
+
+    fn report(apps: Vec<AppStatus>) -> StatusReport {
+        let mut r: StatusReport = serde_json::from_value(serde_json::json!({"apps": []})).unwrap();
+        r.apps = apps;
+        r
     }
 
     fn screen(view: &View) -> String {
@@ -513,10 +505,7 @@ mod tests {
 
     fn view() -> View {
         View {
-            report: Some(StatusReport {
-                apps: vec![app("api", &[4242, 4243]), app("web", &[5151])],
-                sync: None,
-            }),
+            report: Some(report(vec![app("api", &[4242, 4243]), app("web", &[5151])])),
             socket: "/tmp/s.sock".into(),
             ..View::default()
         }
@@ -571,10 +560,7 @@ mod tests {
     #[test]
     fn empty_daemon_and_errors_render() {
         let v = View {
-            report: Some(StatusReport {
-                apps: vec![],
-                sync: None,
-            }),
+            report: Some(report(vec![])),
             error: Some("cannot reach clusterd".into()),
             ..View::default()
         };

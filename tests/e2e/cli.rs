@@ -271,11 +271,15 @@ fn events_show_spawn_ready_and_drain_with_times() {
     let mut kinds = Vec::new();
     for line in text.lines().filter(|l| !l.starts_with(' ')) {
         let cells: Vec<&str> = line.split_whitespace().collect();
-        // 2026-11-25T10:00:00Z  web[0]  spawn  pid 4242 ...
+        // 2026-11-25T10:00:00.123Z  web[0]  spawn  pid 4242 ... (milliseconds: the
+        // events of one reload share a second)
         let time = cells[0];
         assert!(
-            time.len() == 20 && time.as_bytes()[10] == b'T' && time.ends_with('Z'),
-            "no RFC 3339 time: {line}"
+            time.len() == 24
+                && time.as_bytes()[10] == b'T'
+                && time.as_bytes()[19] == b'.'
+                && time.ends_with('Z'),
+            "no RFC 3339 time with milliseconds: {line}"
         );
         assert!(cells[1].starts_with("web"), "{line}");
         kinds.push(cells[2].to_string());

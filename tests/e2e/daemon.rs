@@ -393,7 +393,8 @@ fn editor_temp_files_and_partial_writes_cause_no_rollout() {
         !kinds
             .iter()
             .any(|k| k == "invalid" || k == "spawn" || k == "manifest"),
-        "spurious events: {kinds:?}"
+        "spurious events: {kinds:?}\n{}",
+        d.log()
     );
 }
 

@@ -69,9 +69,22 @@ fn manifest_drop_serves_reloads_without_loss_and_removal_closes_the_port() {
 
 #[test]
 fn daemon_sigkill_and_restart_adopts_inherit_workers_while_they_keep_serving() {
+    adopts_across_a_daemon_restart(false);
+}
+
+/// The bug of issue 10: a manifest written just before the restart (`clusterd apply ...
+/// && systemctl restart clusterd`) made the new daemon drain the adopted workers and
+/// close the socket.
+#[test]
+fn a_manifest_written_right_before_a_restart_does_not_close_the_port() {
+    adopts_across_a_daemon_restart(true);
+}
+
+fn adopts_across_a_daemon_restart(touch_manifest: bool) {
     let mut d = Daemon::start();
     let port = free_port();
-    d.write_manifest("web.yaml", &demo_manifest("web", port, 2, ""));
+    let manifest = demo_manifest("web", port, 2, "");
+    d.write_manifest("web.yaml", &manifest);
     d.wait_phase("web", "Available", Duration::from_secs(20));
     let before = d.ready_pids("web");
 
@@ -80,6 +93,9 @@ fn daemon_sigkill_and_restart_adopts_inherit_workers_while_they_keep_serving() {
     load.wait_for(50);
     d.kill_daemon();
     load.wait_for(200); // served with no daemon at all
+    if touch_manifest {
+        d.write_manifest("web.yaml", &manifest);
+    }
     d.spawn();
     let app = d.wait_phase("web", "Available", Duration::from_secs(20));
     load.wait_for(50);
@@ -97,6 +113,9 @@ fn daemon_sigkill_and_restart_adopts_inherit_workers_while_they_keep_serving() {
     );
     let events = String::from_utf8_lossy(&d.cli(&["events", "web"]).stdout).to_string();
     assert!(events.contains("adopted"), "{events}");
+    for bad in ["forgotten", "draining", "removed"] {
+        assert!(!events.contains(bad), "{bad} after the restart: {events}");
+    }
 
     // The adopted workers are fully managed: a reload replaces them without loss.
     let load = Load::start(local(port), "/", 4, true);

@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use clusterd_core::event::EventKind;
 use tokio::sync::broadcast;
 
 use crate::api_types::Event;
@@ -38,8 +39,13 @@ impl EventLog {
     }
 
     /// Records an event and mirrors it to the daemon's own log.
-    pub fn push(&self, app: Option<&str>, instance: Option<u32>, kind: &str, message: String) {
-        tracing::info!(app = app.unwrap_or("-"), instance, kind, "{message}");
+    pub fn push(&self, app: Option<&str>, instance: Option<u32>, kind: EventKind, message: String) {
+        tracing::info!(
+            app = app.unwrap_or("-"),
+            instance,
+            kind = kind.as_str(),
+            "{message}"
+        );
         let mut ring = self
             .inner
             .lock()
@@ -47,10 +53,12 @@ impl EventLog {
         ring.seq += 1;
         let event = Event {
             seq: ring.seq,
-            time: rfc3339(SystemTime::now()),
+            // Milliseconds: the events of one reload happen within the same second, and
+            // their order matters after an incident.
+            time: humantime::format_rfc3339_millis(SystemTime::now()).to_string(),
             app: app.map(str::to_string),
             instance,
-            kind: kind.to_string(),
+            kind,
             message,
         };
         if ring.events.len() == KEEP {
@@ -75,7 +83,7 @@ impl EventLog {
     }
 }
 
-/// RFC 3339 in UTC with second precision.
+/// RFC 3339 in UTC with second precision (status times, as DESIGN.md shows them).
 pub fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }

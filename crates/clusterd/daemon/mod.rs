@@ -1,74 +1,69 @@
-//! `clusterd daemon`: wiring of the watcher, the control API, the notify socket and the
-//! reconcile loop. The loop (`reconcile`) owns all app and worker state; everything else
-//! only sends it messages.
+//! `clusterd daemon`: the world (one record per app and worker), the controller that
+//! plans and acts, and the edges that feed it: the apps dir watcher, the control API,
+//! the notify socket, signals and GitOps. The controller owns all state; everything else
+//! only sends it messages. See docs/architecture.md.
 
 mod api;
+mod controller;
 mod events;
-mod process;
-mod reconcile;
+mod intake;
 mod state;
 mod status;
+#[cfg(test)]
+mod tests;
 mod watch;
+mod world;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use clusterd_core::plan::{AppName, ExitReason, WorkerId};
+use clusterd_core::intake::WriteState;
+use clusterd_runtime::effects::{LinuxEffects, LinuxEffectsConfig, Report};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{DaemonArgs, LogFormat, Paths};
-
 pub use events::rfc3339;
 
-/// Everything that wakes the reconcile loop. Each one only means "look again"; the loop
-/// re-plans from the whole picture.
+/// Everything that wakes the controller. Each one only means "look again" plus the one
+/// fact it carries; the controller re-plans from the whole picture.
 #[derive(Debug)]
 pub enum Msg {
-    /// Something changed in the apps dir.
-    ManifestsChanged,
-    /// A worker's process group leader exited.
-    Exited {
-        /// App.
-        app: AppName,
-        /// Worker.
-        id: WorkerId,
-        /// How.
-        reason: ExitReason,
+    /// The watcher saw these files change (with what it knows of their writes).
+    Files {
+        /// Paths, and the write state when the event tells one.
+        files: Vec<(PathBuf, Option<WriteState>)>,
+        /// The apps dir itself was removed or moved away: watch it again when it is back.
+        dir_gone: bool,
     },
-    /// A readiness signal (ipc message or probe success) for a worker.
-    Ready {
-        /// App.
-        app: AppName,
-        /// Worker.
-        id: WorkerId,
-    },
-    /// `READY=1` on the notify socket from this (verified) process group.
-    NotifyReady {
-        /// Process group of the sender.
-        pgid: u32,
-    },
-    /// A liveness probe result.
-    Liveness {
-        /// App.
-        app: AppName,
-        /// Worker.
-        id: WorkerId,
-        /// Probe passed.
-        ok: bool,
-        /// Why it failed.
-        detail: String,
-    },
+    /// Scan the apps dir (SIGHUP).
+    Rescan,
+    /// Something happened to a worker (exit, readiness, liveness, drain).
+    Report(Report),
     /// A control API request.
     Api(api::ApiRequest, oneshot::Sender<api::ApiReply>),
     /// SIGTERM or SIGINT: drain everything and exit.
     Shutdown,
-    /// Nothing in particular: look again (a drain finished, a timer in a helper task).
-    Wake,
     /// A GitOps sync attempt finished.
     Synced(Box<clusterd_runtime::gitops::SyncReport>),
+}
+
+/// Where the daemon keeps things and what it follows; built by the CLI.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Manifests.
+    pub apps_dir: PathBuf,
+    /// Control socket.
+    pub socket: PathBuf,
+    /// State.
+    pub state_dir: PathBuf,
+    /// Worker logs.
+    pub log_dir: PathBuf,
+    /// One JSON object per log line instead of text.
+    pub json_logs: bool,
+    /// GitOps: `(repo, ref, path inside the repo, fetch interval)`.
+    pub git: Option<(String, String, PathBuf, Duration)>,
 }
 
 /// Resolved daemon configuration.
@@ -84,8 +79,6 @@ pub struct Config {
     pub log_dir: PathBuf,
     /// Usable CPUs (affinity and cgroup quota honoured).
     pub cpus: u32,
-    /// Periodic full rescan, a backstop for missed inotify events.
-    pub rescan_every: Duration,
     /// GitOps: follow a git repository into the apps dir.
     pub git: Option<clusterd_runtime::gitops::GitOpsConfig>,
 }
@@ -94,35 +87,32 @@ pub struct Config {
 ///
 /// # Errors
 /// Start-up failures (directories, the control socket) are reported and exit non-zero.
-pub fn run(args: DaemonArgs) -> anyhow::Result<ExitCode> {
-    init_logging(args.log_format);
-    let defaults = Paths::defaults();
+pub fn run(options: Options) -> anyhow::Result<ExitCode> {
+    init_logging(options.json_logs);
     // Absolute paths: workers run in their manifest's directory (NOTIFY_SOCKET lives in
     // the state dir), and `clusterd logs` reads the log dir from another working dir.
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
-    let config = Config {
-        apps_dir: absolute(args.apps_dir.unwrap_or(defaults.apps_dir)),
-        socket: absolute(args.socket.unwrap_or(defaults.socket)),
-        state_dir: absolute(args.state_dir.unwrap_or(defaults.state_dir)),
-        log_dir: absolute(args.log_dir.unwrap_or(defaults.log_dir)),
+    let mut config = Config {
+        apps_dir: absolute(options.apps_dir),
+        socket: absolute(options.socket),
+        state_dir: absolute(options.state_dir),
+        log_dir: absolute(options.log_dir),
         cpus: std::thread::available_parallelism()
             .map_or(1, |n| u32::try_from(n.get()).unwrap_or(1)),
-        rescan_every: Duration::from_secs(10),
         git: None,
     };
-    let mut config = config;
-    if let Some(repo) = args.git_repo {
-        let path = args.git_path.unwrap_or_default();
+    if let Some((repo, git_ref, path, interval)) = options.git {
         let mut git = clusterd_runtime::gitops::GitOpsConfig::new(
             repo,
-            args.git_ref,
+            git_ref,
             path,
             config.apps_dir.clone(),
             config.state_dir.clone(),
         );
-        git.interval = crate::cli::parse_duration_arg(&args.git_interval)?;
+        git.interval = interval;
         config.git = Some(git);
     }
+    clusterd_runtime::quiet_read::ignore_lease_breaks();
     for dir in [&config.apps_dir, &config.state_dir, &config.log_dir] {
         std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
@@ -146,20 +136,87 @@ fn runtime_threads(cpus: u32) -> usize {
         .unwrap_or_else(|| cpus.clamp(1, 4) as usize)
 }
 
+/// Takes an exclusive lock on the state dir and on the apps dir for the daemon's life.
+/// A second daemon on either would take over the notify socket, adopt the first one's
+/// workers (and kill them when it stops), or run every app twice.
+///
+/// # Errors
+/// Another process holds a lock: says which pid, from /proc/locks.
+fn lock_dirs(config: &Config) -> anyhow::Result<Vec<nix::fcntl::Flock<std::fs::File>>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let mut locks = Vec::new();
+    for (dir, what) in [
+        (&config.state_dir, "state dir"),
+        (&config.apps_dir, "apps dir"),
+    ] {
+        let file = std::fs::File::open(dir)
+            .with_context(|| format!("opening the {what} {}", dir.display()))?;
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => locks.push(lock),
+            Err((file, _)) => {
+                use std::os::unix::fs::MetadataExt;
+                let holder = file
+                    .metadata()
+                    .ok()
+                    .and_then(|m| lock_holder(m.dev(), m.ino()))
+                    .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+                anyhow::bail!(
+                    "another clusterd{holder} is already running on the {what} {}; stop it first, or give this one other --state-dir/--apps-dir",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(locks)
+}
+
+/// The pid holding a flock on the file with this device and inode, from /proc/locks
+/// (`1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`).
+fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let major = nix::sys::stat::major(dev);
+    let minor = nix::sys::stat::minor(dev);
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let id: Vec<&str> = f.get(5)?.split(':').collect();
+        let (maj, min, inode) = (
+            u64::from_str_radix(id.first()?, 16).ok()?,
+            u64::from_str_radix(id.get(1)?, 16).ok()?,
+            id.get(2)?.parse::<u64>().ok()?,
+        );
+        (maj == major && min == minor && inode == ino).then(|| f.get(4)?.parse().ok())?
+    })
+}
+
 async fn serve(config: Config) -> anyhow::Result<()> {
+    let _locks = lock_dirs(&config)?;
     let (tx, rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let events = events::EventLog::new();
 
     let control = api::bind(&config.socket)
         .with_context(|| format!("binding the control socket {}", config.socket.display()))?;
-    let _watch = match watch::watch(&config.apps_dir, tx.clone()) {
-        Ok(w) => Some(w),
+    let watch_dir = config.apps_dir.clone();
+    let watch_tx = tx.clone();
+    let mut current_watch: Option<watch::Watch> = None;
+    let mut rewatch = move || match watch::watch(&watch_dir, watch_tx.clone()) {
+        Ok(w) => {
+            // Replacing the old watch drops it.
+            let _previous = current_watch.replace(w);
+            // Whatever happened while nobody watched: look at everything.
+            let _ = watch_tx.send(Msg::Rescan);
+            true
+        }
         Err(e) => {
-            tracing::warn!(error = %e, dir = %config.apps_dir.display(), "cannot watch the apps dir; rescanning every {:?}", config.rescan_every);
-            None
+            let _previous = current_watch.take();
+            tracing::warn!(error = %e, dir = %watch_dir.display(), "cannot watch the apps dir; scanning it every 60 s and trying again");
+            false
         }
     };
+    rewatch();
     let api_task = tokio::spawn(api::serve(
         control,
         tx.clone(),
@@ -181,10 +238,34 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         ));
         trigger_tx
     });
-    let controller = reconcile::Controller::new(config.clone(), tx.clone(), events, sync_trigger)?;
+    let (report_tx, mut report_rx) = mpsc::unbounded_channel();
+    let forward = tx.clone();
+    tokio::spawn(async move {
+        while let Some(r) = report_rx.recv().await {
+            if forward.send(Msg::Report(r)).is_err() {
+                return;
+            }
+        }
+    });
+    let effects = LinuxEffects::new(
+        LinuxEffectsConfig {
+            log_dir: config.log_dir.clone(),
+            notify_path: config.state_dir.join("notify.sock"),
+        },
+        report_tx,
+    )
+    .context("binding the notify socket")?;
+    let controller = controller::Controller::new(
+        config.clone(),
+        effects,
+        events,
+        sync_trigger,
+        Some(Box::new(rewatch)),
+    );
     tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, "clusterd started");
     notify_systemd_ready();
-    controller.run(rx).await;
+    let mut effects = controller.run(rx).await;
+    effects.close_all();
 
     shutdown.cancel();
     let _ = api_task.await;
@@ -196,16 +277,25 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 fn spawn_signal_handler(tx: mpsc::UnboundedSender<Msg>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::hangup()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
         };
-        tokio::select! {
-            _ = term.recv() => {}
-            _ = int.recv() => {}
+        loop {
+            tokio::select! {
+                _ = term.recv() => break,
+                _ = int.recv() => break,
+                // SIGHUP (a terminal closing, `systemctl reload`): scan the apps dir,
+                // never die of it.
+                _ = hup.recv() => {
+                    tracing::info!("SIGHUP: scanning the apps dir");
+                    let _ = tx.send(Msg::Rescan);
+                }
+            }
         }
         let _ = tx.send(Msg::Shutdown);
     });
@@ -233,7 +323,7 @@ fn notify_systemd_ready() {
     }
 }
 
-fn init_logging(format: LogFormat) {
+fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_env("CLUSTERD_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
     // Under systemd the journal adds timestamps; elsewhere keep them.
@@ -242,9 +332,9 @@ fn init_logging(format: LogFormat) {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(false);
-    match (format, under_journal) {
-        (LogFormat::Json, _) => builder.json().init(),
-        (LogFormat::Text, true) => builder.without_time().init(),
-        (LogFormat::Text, false) => builder.init(),
+    match (json, under_journal) {
+        (true, _) => builder.json().init(),
+        (false, true) => builder.without_time().init(),
+        (false, false) => builder.init(),
     }
 }

@@ -46,10 +46,50 @@ pub struct SavedWorker {
     pub revision: String,
     /// Generation it was started for.
     pub generation: u64,
-    /// It was Ready (only Ready workers are adopted; others are left to exit).
+    /// It was Ready (what daemons before `state` recorded).
     pub ready: bool,
+    /// Starting, Ready or Draining: every worker is recorded, so a daemon that crashed
+    /// mid-rollout, mid-scale or mid-drain finishes what was in progress after a restart
+    /// (judges the starting, stops the draining) instead of orphaning them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<String>,
     /// Private ports, `(listener address, listener port, private port)`.
     pub ports: Vec<(String, u32, u16)>,
+}
+
+/// The world as the file records it.
+pub fn project(world: &super::world::World) -> Saved {
+    let mut saved = Saved::default();
+    for app in world.apps.values() {
+        saved.apps.push(SavedApp {
+            name: app.name.0.clone(),
+            generation: app.generation,
+        });
+        for (id, facts) in &app.procs {
+            let Some(w) = app.observed.workers.get(id) else {
+                continue;
+            };
+            saved.workers.push(SavedWorker {
+                app: app.name.0.clone(),
+                index: w.index,
+                pid: i32::try_from(facts.pid).unwrap_or_default(),
+                start_time: facts.start_time,
+                revision: w.template.revision.0.clone(),
+                generation: w.template.generation,
+                ready: w.state == clusterd_core::plan::WorkerState::Ready,
+                state: Some(format!("{:?}", w.state)),
+                ports: facts
+                    .ports
+                    .iter()
+                    .map(|(k, p)| (k.address.clone(), k.port, *p))
+                    .collect(),
+            });
+        }
+    }
+    saved
+        .workers
+        .sort_by_key(|w| (w.app.clone(), w.index, w.pid));
+    saved
 }
 
 /// Reads the file; a missing or unreadable file means nothing to adopt.
@@ -64,17 +104,19 @@ pub fn load(state_dir: &Path) -> Saved {
     }
 }
 
-/// Writes the file atomically.
-pub fn store(state_dir: &Path, saved: &Saved) {
+/// Writes the file atomically (and durably: a crash right after must find it).
+///
+/// # Errors
+/// Why it could not be written (read-only or full state dir...).
+pub fn store(state_dir: &Path, saved: &Saved) -> std::io::Result<()> {
+    use std::io::Write;
     let p = path(state_dir);
     let tmp = state_dir.join(".workers.json.tmp");
-    let result = serde_json::to_vec_pretty(saved)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, &p));
-    if let Err(e) = result {
-        tracing::warn!(file = %p.display(), error = %e, "cannot save worker state");
-    }
+    let bytes = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, &p)
 }
 
 /// Removes the file (clean shutdown: nothing left to adopt).

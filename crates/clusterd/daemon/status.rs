@@ -1,24 +1,28 @@
-//! Builds the status JSON and the Prometheus metrics from the loop's state. Read-only:
-//! nothing here decides anything, it only reports what the planner and runtime know.
+//! Builds the status JSON and the Prometheus metrics: a read-only view of the world (and
+//! of the sockets the effects bound). Nothing here decides anything; the phase is the
+//! planner's, overridden only by what the planner cannot know (a rejected manifest, a
+//! port in use, a manifest not accepted yet).
 
 use std::fmt::Write as _;
 use std::time::{Instant, SystemTime};
 
-use clusterd_core::plan::{self, DesiredApp, ObservedApp, Phase, WorkerState};
+use clusterd_core::plan::{self, DesiredApp, Phase, WorkerState};
+use clusterd_runtime::effects::Effects;
 
-use super::reconcile::{describe_exit, AppState};
 use super::rfc3339;
-use crate::api_types::{AppStatus, InstanceStatus, ListenStatus, StatusReport};
+use super::world::AppRecord;
+use crate::api_types::{
+    AppStatus, InstanceState, InstanceStatus, ListenStatus, RolloutStatus, StatusReport,
+};
 
 /// One app's status.
 pub fn app_status(
-    app: &AppState,
+    app: &AppRecord,
+    effects: &impl Effects,
     desired: Option<&DesiredApp>,
-    observed: Option<&ObservedApp>,
     now: Instant,
 ) -> AppStatus {
-    let empty = ObservedApp::default();
-    let observed = observed.unwrap_or(&empty);
+    let observed = &app.observed;
     let (phase, reason) = plan::phase(desired, observed, now);
     let (phase, error) = if let Some(e) = &app.error {
         (Phase::Invalid, Some(e.clone()))
@@ -45,12 +49,11 @@ pub fn app_status(
                 .iter()
                 .map(|l| ListenStatus {
                     name: l.name.clone(),
-                    address: app
-                        .listeners
-                        .bound_address(l)
+                    address: effects
+                        .bound_address(&app.name, l)
                         .unwrap_or_else(|| format!("{}:{}", l.address, l.port)),
-                    mode: format!("{:?}", l.mode).to_lowercase(),
-                    protocol: format!("{:?}", l.protocol).to_lowercase(),
+                    mode: l.mode,
+                    protocol: l.protocol,
                 })
                 .collect()
         })
@@ -59,17 +62,16 @@ pub fn app_status(
         .workers
         .values()
         .map(|w| {
-            let proc_ = app.workers.get(&w.id);
+            let proc_ = app.procs.get(&w.id);
             let slot = observed.slots.get(&w.index);
             InstanceStatus {
                 index: w.index,
                 pid: proc_.map(|p| p.pid),
                 state: match w.state {
-                    WorkerState::Starting => "Starting",
-                    WorkerState::Ready => "Ready",
-                    WorkerState::Draining => "Draining",
-                }
-                .to_string(),
+                    WorkerState::Starting => InstanceState::Starting,
+                    WorkerState::Ready => InstanceState::Ready,
+                    WorkerState::Draining => InstanceState::Draining,
+                },
                 revision: w.template.revision.0.clone(),
                 generation: w.template.generation,
                 restarts: slot.map_or(0, |s| s.restarts),
@@ -79,11 +81,11 @@ pub fn app_status(
                     .map_or(0, |d| d.as_secs()),
                 cpu_percent: proc_.and_then(|p| p.cpu_percent),
                 rss_bytes: w.rss,
-                inflight: app.listeners.has_proxy().then_some(w.inflight),
+                inflight: effects.has_proxy(&app.name).then_some(w.inflight),
                 port: proc_.and_then(|p| p.ports.first().map(|(_, port)| *port)),
                 last_exit: slot
                     .and_then(|s| s.last_exit.as_ref())
-                    .map(|(_, r, _)| describe_exit(*r)),
+                    .map(|(_, r, _)| r.to_string()),
             }
         })
         .collect();
@@ -96,14 +98,14 @@ pub fn app_status(
             if let Some(slot) = observed.slots.get(&index) {
                 let state =
                     if matches!(d.restart.policy, clusterd_core::model::RestartPolicy::Never) {
-                        "Exited"
+                        InstanceState::Exited
                     } else {
-                        "Backoff"
+                        InstanceState::Backoff
                     };
                 instances.push(InstanceStatus {
                     index,
                     pid: None,
-                    state: state.to_string(),
+                    state,
                     revision: slot
                         .last_exit
                         .as_ref()
@@ -117,7 +119,7 @@ pub fn app_status(
                     rss_bytes: None,
                     inflight: None,
                     port: None,
-                    last_exit: slot.last_exit.as_ref().map(|(_, r, _)| describe_exit(*r)),
+                    last_exit: slot.last_exit.as_ref().map(|(_, r, _)| r.to_string()),
                 });
             }
         }
@@ -125,7 +127,7 @@ pub fn app_status(
     instances.sort_by_key(|i| (i.index, i.uptime_secs));
     AppStatus {
         name: app.name.0.clone(),
-        phase: format!("{phase:?}"),
+        phase,
         revision: app
             .current
             .as_ref()
@@ -149,11 +151,40 @@ pub fn app_status(
             .duration_since(app.first_seen)
             .map_or(0, |d| d.as_secs()),
         cgroup: app
-            .workers
+            .procs
             .values()
             .next()
             .and_then(|w| w.cgroup_note.clone()),
+        rollout: desired.map(|d| rollout(app, d)),
         instances,
+    }
+}
+
+/// Where the rollout towards the desired template stands (Kubernetes' observedGeneration
+/// / updatedReplicas / conditions, in one block): `clusterd reload` follows this instead
+/// of guessing from phase strings.
+fn rollout(app: &AppRecord, d: &DesiredApp) -> RolloutStatus {
+    let workers = app.observed.workers.values();
+    let updated = workers
+        .clone()
+        .filter(|w| w.template == d.template && w.state == WorkerState::Ready)
+        .count();
+    let others = workers
+        .filter(|w| w.template != d.template && w.state != WorkerState::Draining)
+        .count();
+    let failed = app
+        .observed
+        .failed
+        .as_ref()
+        .filter(|f| f.template == d.template)
+        .map(|f| f.reason.clone());
+    let updated = u32::try_from(updated).unwrap_or(u32::MAX);
+    RolloutStatus {
+        revision: d.template.revision.0.clone(),
+        generation: d.template.generation,
+        updated,
+        complete: failed.is_none() && updated == d.replicas && others == 0,
+        failed,
     }
 }
 
@@ -216,7 +247,7 @@ pub fn metrics(report: &StatusReport) -> String {
             .iter()
             .map(|a| {
                 (
-                    format!("app=\"{}\",phase=\"{}\"", a.name, a.phase),
+                    format!("app=\"{}\",phase=\"{:?}\"", a.name, a.phase),
                     "1".to_string(),
                 )
             })

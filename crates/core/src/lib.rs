@@ -8,8 +8,10 @@
 pub mod diagnostic;
 pub mod diff;
 pub mod error;
+pub mod event;
 pub mod export;
 pub mod instances;
+pub mod intake;
 pub mod load;
 pub mod model;
 pub mod plan;

@@ -68,6 +68,36 @@ pub struct LoadedApp {
     pub replicas: u32,
 }
 
+impl LoadedApp {
+    /// The worker's argv: load already split a string command (shell quoting rules, no
+    /// shell), so no consumer ever splits again or handles a split error.
+    #[must_use]
+    pub fn argv(&self) -> &[String] {
+        match &self.spec.command {
+            crate::model::CommandLine::Argv(a) => a,
+            // Unreachable after `load` (normalized); an empty argv fails the spawn with
+            // a clear error instead of panicking.
+            crate::model::CommandLine::Shell(_) => &[],
+        }
+    }
+}
+
+/// The file that marks an apps dir as managed by GitOps (`apply` refuses to write
+/// there). One constant for the daemon, the sync and the CLI.
+pub const GIT_MARKER: &str = ".clusterd-git";
+
+/// Which files of the apps dir are manifests: `*.yaml`/`*.yml`, not hidden (editor swap
+/// files, the GitOps marker, temp files of atomic writes), not an editor backup (`~`).
+/// The one rule the daemon's intake, `apply`, `validate DIR` and the GitOps prune share,
+/// so a sync never prunes what the daemon loads or the reverse.
+#[must_use]
+pub fn is_manifest_name(name: &str) -> bool {
+    !name.starts_with('.')
+        && !name.ends_with('~')
+        && !name.contains('/')
+        && (name.ends_with(".yaml") || name.ends_with(".yml"))
+}
+
 /// The outcome of [`load`].
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct LoadReport {

@@ -680,3 +680,17 @@ impl<'de> Deserialize<'de> for ArgString {
         d.deserialize_string(V)
     }
 }
+
+impl std::fmt::Display for ListenMode {
+    /// The manifest spelling (`http`, `tcp`, `inherit`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format!("{self:?}").to_lowercase())
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    /// The manifest spelling (`tcp`, `udp`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&format!("{self:?}").to_lowercase())
+    }
+}

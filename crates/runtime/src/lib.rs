@@ -13,7 +13,10 @@
 //! - [`logs`]: per-instance log files, rotation, tail and follow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`effects`]: all of the above behind the one interface the daemon's controller
+//!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
+pub mod effects;
 pub mod error;
 pub mod gitops;
 pub mod ipc;
@@ -23,6 +26,7 @@ pub mod logs;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+pub mod quiet_read;
 pub mod shim;
 pub mod spawn;
 

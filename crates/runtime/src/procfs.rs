@@ -153,6 +153,63 @@ pub fn cpu_percent(before: &GroupUsage, after: &GroupUsage, elapsed: Duration) -
     ticks / clock_ticks() as f64 / secs * 100.0
 }
 
+/// Who listens on `addr` (TCP, or UDP bound), from /proc/net and the fds in /proc: the
+/// pid and command name of one holder, for an error that says more than "in use".
+/// Best effort: `None` when it cannot tell (another user's process, a namespace).
+pub fn port_holder(addr: std::net::SocketAddr) -> Option<(i32, String)> {
+    let port = format!("{:04X}", addr.port());
+    let tables: &[&str] = if addr.is_ipv4() {
+        &["/proc/net/tcp", "/proc/net/udp"]
+    } else {
+        &["/proc/net/tcp6", "/proc/net/udp6"]
+    };
+    let inodes: Vec<String> = tables
+        .iter()
+        .filter_map(|t| fs::read_to_string(t).ok())
+        .flat_map(|text| {
+            text.lines()
+                .skip(1)
+                .filter_map(|line| {
+                    let f: Vec<&str> = line.split_whitespace().collect();
+                    let local_port = f.get(1)?.rsplit(':').next()?;
+                    // 0A: TCP LISTEN; UDP sockets have no listen state (07: unconnected).
+                    (local_port == port && matches!(*f.get(3)?, "0A" | "07"))
+                        .then(|| f.get(9).map(|s| (*s).to_string()))
+                        .flatten()
+                })
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    if inodes.is_empty() {
+        return None;
+    }
+    let wanted: Vec<String> = inodes.iter().map(|i| format!("socket:[{i}]")).collect();
+    for entry in fs::read_dir("/proc").ok()?.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|s| s.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(target) = fs::read_link(fd.path()) else {
+                continue;
+            };
+            if wanted.iter().any(|w| target.as_os_str() == w.as_str()) {
+                let name = fs::read_to_string(format!("/proc/{pid}/comm"))
+                    .map(|s| s.trim().to_string())
+                    .unwrap_or_default();
+                return Some((pid, name));
+            }
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
-use std::fmt;
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -132,37 +131,8 @@ impl WorkerSpec {
     }
 }
 
-/// How a worker ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum ExitReason {
-    /// Exited with this code.
-    Code(i32),
-    /// Killed by this signal number.
-    Signal(i32),
-    /// An adopted worker (not our child): it is gone, but its status went to its parent.
-    Unknown,
-}
-
-impl ExitReason {
-    /// Exit code 0.
-    pub fn is_success(self) -> bool {
-        self == ExitReason::Code(0)
-    }
-}
-
-impl fmt::Display for ExitReason {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match *self {
-            ExitReason::Code(c) => write!(f, "exit code {c}"),
-            ExitReason::Signal(s) => match Signal::try_from(s) {
-                Ok(sig) => write!(f, "killed by {}", sig.as_str()),
-                Err(_) => write!(f, "killed by signal {s}"),
-            },
-            ExitReason::Unknown => f.write_str("exited (status unknown: adopted worker)"),
-        }
-    }
-}
+/// How a worker ended: the planner's type, with its one wording.
+pub use clusterd_core::plan::ExitReason;
 
 /// A started worker.
 #[derive(Debug)]

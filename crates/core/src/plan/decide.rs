@@ -49,6 +49,21 @@ impl DesiredApp {
     }
 }
 
+/// Decides what to do now for one app (`desired` is `None` once its manifest is gone).
+/// [`plan`] is this over every app; the daemon keeps each app's observed state in its
+/// own record and plans them one by one.
+#[must_use]
+pub fn plan_app(
+    name: &AppName,
+    desired: Option<&DesiredApp>,
+    observed: &ObservedApp,
+    now: Instant,
+) -> Plan {
+    let mut out = Plan::default();
+    AppPlanner::new(name, desired, observed, now).run(&mut out);
+    out
+}
+
 /// Decides what to do now for every app. Pure: same inputs, same plan.
 ///
 /// # Guarantees
@@ -568,14 +583,9 @@ impl<'a> AppPlanner<'a> {
     }
 }
 
-/// `exited with code 1`, `was killed by signal 9`, `failed to start`.
+/// The one wording of an exit (see [`ExitReason`]'s `Display`).
 pub(crate) fn describe_exit(reason: ExitReason) -> String {
-    match reason {
-        ExitReason::Code(code) => format!("exited with code {code}"),
-        ExitReason::Signal(sig) => format!("was killed by signal {sig}"),
-        ExitReason::SpawnFailed => "failed to start".to_owned(),
-        ExitReason::Unknown => "exited (status unknown: adopted worker)".to_owned(),
-    }
+    reason.to_string()
 }
 
 /// `30s`, `250ms`, `1.5s`.

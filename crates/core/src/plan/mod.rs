@@ -95,7 +95,7 @@ mod proptests;
 mod tests;
 
 pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
-pub use decide::plan;
+pub use decide::{plan, plan_app};
 pub use phase::{describe_template, phase};
 
 use std::collections::BTreeMap;
@@ -278,6 +278,22 @@ pub enum ExitReason {
     Unknown,
 }
 
+/// The one wording of an exit, used by status, events and the planner's reasons:
+/// `exited with code 1`, `killed by SIGKILL`, `could not be started`.
+impl fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match *self {
+            ExitReason::Code(c) => write!(f, "exited with code {c}"),
+            ExitReason::Signal(s) => match crate::signal::signal_name(s) {
+                Some(name) => write!(f, "killed by {name}"),
+                None => write!(f, "killed by signal {s}"),
+            },
+            ExitReason::SpawnFailed => f.write_str("could not be started"),
+            ExitReason::Unknown => f.write_str("exited (status unknown: adopted worker)"),
+        }
+    }
+}
+
 impl ExitReason {
     /// A clean exit (code 0).
     #[must_use]
@@ -456,6 +472,12 @@ pub struct Plan {
     /// The earliest time at which planning again may yield something new without any
     /// event (a backoff ending, a deadline, a delay readiness). `None`: only events.
     pub wake_at: Option<Instant>,
+}
+
+impl fmt::Display for Phase {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self, f)
+    }
 }
 
 /// Phase of an app (DESIGN.md).

@@ -526,7 +526,7 @@ fn phases() {
         phase(Some(w.d()), w.obs(), w.now),
         (
             Phase::Degraded,
-            Some("worker 1 was killed by signal 9; restarting".into())
+            Some("worker 1 killed by SIGKILL; restarting".into())
         )
     );
 }

@@ -10,6 +10,19 @@ use super::{
 };
 
 impl ObservedApp {
+    /// [`Observed::record_desired`] for one app: remember its drain policy (needed after
+    /// its manifest is gone) and forget a rollout failure of a template no longer desired.
+    pub fn record_desired(&mut self, desired: &super::DesiredApp) {
+        self.drain_policy = Some(desired.drain_policy());
+        if self
+            .failed
+            .as_ref()
+            .is_some_and(|f| f.template != desired.template)
+        {
+            self.failed = None;
+        }
+    }
+
     /// A worker was started for `index` from `template`. It is `Starting`; the index's
     /// pending restart (if any) is consumed.
     pub fn record_spawn(&mut self, id: WorkerId, index: u32, template: Template, now: Instant) {
@@ -227,16 +240,8 @@ impl Observed {
     /// whenever the desired state may have changed; it is cheap and idempotent.
     pub fn record_desired(&mut self, desired: &Desired) {
         for (name, app) in &desired.apps {
-            let Some(observed) = self.apps.get_mut(name) else {
-                continue;
-            };
-            observed.drain_policy = Some(app.drain_policy());
-            if observed
-                .failed
-                .as_ref()
-                .is_some_and(|f| f.template != app.template)
-            {
-                observed.failed = None;
+            if let Some(observed) = self.apps.get_mut(name) {
+                observed.record_desired(app);
             }
         }
     }

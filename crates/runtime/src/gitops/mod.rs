@@ -374,14 +374,7 @@ pub fn normalize_git_path(path: &Path) -> Result<String, GitOpsError> {
     Ok(parts.join("/"))
 }
 
-/// The file-name rule the daemon's loader uses: `*.yaml`/`*.yml`, not hidden, not an
-/// editor backup. Kept identical so the sync prunes exactly what the daemon would load.
-pub fn is_manifest_name(name: &str) -> bool {
-    !name.starts_with('.')
-        && !name.ends_with('~')
-        && !name.contains('/')
-        && (name.ends_with(".yaml") || name.ends_with(".yml"))
-}
+pub use clusterd_core::load::is_manifest_name;
 
 #[cfg(test)]
 mod tests {

@@ -35,7 +35,7 @@ use super::{is_manifest_name, normalize_git_path, GitOpsConfig, GitOpsError, Syn
 
 /// Marker in the apps dir saying "git owns this directory"; `clusterd apply` checks for
 /// this exact name and refuses to write.
-pub const MARKER_FILE: &str = ".clusterd-git";
+pub const MARKER_FILE: &str = clusterd_core::load::GIT_MARKER;
 
 /// A file in the repository directory that allows a commit with no manifests to prune
 /// every app (see the module docs).

@@ -1,0 +1,753 @@
+//! [`LinuxEffects`]: the real host. Public sockets with their proxies, private ports,
+//! worker processes through the exec shim, readiness and liveness probes, the notify
+//! socket, per-worker cgroups and log rotation. It owns OS resources and the tasks that
+//! watch them; it decides nothing.
+
+use std::collections::{BTreeMap, HashSet};
+use std::ffi::OsString;
+use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use clusterd_core::model::{ListenMode, Listener, Logs, ReadinessKind};
+use clusterd_core::plan::{AppName, WorkerId};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use super::probes;
+use super::{AdoptRequest, Effects, ListenKey, Report, SpawnRequest, Started};
+use crate::limits::{CgroupLimits, CgroupTree};
+use crate::listener::BoundListener;
+use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
+use crate::procfs::{self, GroupUsage};
+use crate::proxy::{self, RouteTable};
+use crate::shim::ShimCommand;
+use crate::spawn::{spawn_worker, InheritedListener, WorkerProcess, WorkerSpec};
+
+/// Where [`LinuxEffects`] keeps things.
+#[derive(Debug, Clone)]
+pub struct LinuxEffectsConfig {
+    /// Worker logs.
+    pub log_dir: PathBuf,
+    /// The notify socket's path (`NOTIFY_SOCKET` of workers).
+    pub notify_path: PathBuf,
+}
+
+struct ListenerEntry {
+    key: ListenKey,
+    bound: BoundListener,
+    routes: Option<Arc<RouteTable>>,
+    proxy: CancellationToken,
+}
+
+/// An app's public sockets. Bound once and kept for the app's whole life, so no worker
+/// restart ever closes a port.
+#[derive(Default)]
+struct ListenerSet {
+    entries: Vec<ListenerEntry>,
+}
+
+impl ListenerSet {
+    fn routes(&self) -> impl Iterator<Item = &Arc<RouteTable>> {
+        self.entries.iter().filter_map(|e| e.routes.as_ref())
+    }
+
+    fn close(self) {
+        for e in self.entries {
+            e.proxy.cancel();
+        }
+    }
+}
+
+/// A live worker's OS handles.
+struct Proc {
+    handle: WorkerProcess,
+    ports: Vec<(ListenKey, u16)>,
+    /// Readiness and liveness probes; cancelled on drain and exit.
+    probes: CancellationToken,
+}
+
+/// The real host.
+pub struct LinuxEffects {
+    config: LinuxEffectsConfig,
+    reports: mpsc::UnboundedSender<Report>,
+    notify_registry: Registry,
+    notify_reports: mpsc::Sender<WorkerReport>,
+    listeners: BTreeMap<AppName, ListenerSet>,
+    procs: BTreeMap<(AppName, WorkerId), Proc>,
+    ports_in_use: HashSet<u16>,
+    cgroups: Result<CgroupTree, String>,
+    tasks: TaskTracker,
+}
+
+impl LinuxEffects {
+    /// Binds the notify socket and starts forwarding `READY=1` (and Node IPC `ready`) as
+    /// [`Report::NotifyReady`].
+    ///
+    /// # Errors
+    /// When the notify socket cannot be bound.
+    pub fn new(
+        config: LinuxEffectsConfig,
+        reports: mpsc::UnboundedSender<Report>,
+    ) -> crate::Result<Self> {
+        let notify = NotifySocket::bind(&config.notify_path)?;
+        let notify_registry = notify.registry();
+        let (notify_reports, mut rx) = mpsc::channel::<WorkerReport>(256);
+        notify.spawn(notify_reports.clone());
+        let tasks = TaskTracker::new();
+        let forward = reports.clone();
+        tasks.spawn(async move {
+            while let Some(r) = rx.recv().await {
+                if r.message == WorkerMessage::Ready {
+                    if let Ok(pgid) = u32::try_from(r.pgid) {
+                        let _ = forward.send(Report::NotifyReady { pgid });
+                    }
+                }
+            }
+        });
+        let cgroups = CgroupTree::detect().map_err(|e| e.to_string());
+        if let Err(e) = &cgroups {
+            tracing::info!(reason = %e, "cgroup backstop unavailable; memory limits are enforced by sampling only");
+        }
+        Ok(LinuxEffects {
+            config,
+            reports,
+            notify_registry,
+            notify_reports,
+            listeners: BTreeMap::new(),
+            procs: BTreeMap::new(),
+            ports_in_use: HashSet::new(),
+            cgroups,
+            tasks,
+        })
+    }
+
+    /// Every task this instance started (proxies, probes, exit watchers), so shutdown
+    /// can wait for them.
+    #[must_use]
+    pub fn tasks(&self) -> TaskTracker {
+        self.tasks.clone()
+    }
+
+    /// Closes every socket and stops every proxy (daemon shutdown).
+    pub fn close_all(&mut self) {
+        for (_, set) in std::mem::take(&mut self.listeners) {
+            set.close();
+        }
+        self.tasks.close();
+    }
+
+    /// A port the kernel considers free right now and no live worker holds. Something
+    /// else may still take it before the worker binds: the worker then fails readiness
+    /// and is replaced, which the planner already handles.
+    fn allocate_port(&mut self) -> Result<u16, String> {
+        for _ in 0..64 {
+            let port = StdTcpListener::bind(("127.0.0.1", 0))
+                .and_then(|l| l.local_addr())
+                .map_err(|e| format!("no private port: {e}"))?
+                .port();
+            if self.ports_in_use.insert(port) {
+                return Ok(port);
+            }
+        }
+        Err("no free private port found".into())
+    }
+
+    fn release_ports(&mut self, ports: &[(ListenKey, u16)]) {
+        for (_, p) in ports {
+            self.ports_in_use.remove(p);
+        }
+    }
+
+    fn watch_exit(&self, app: &AppName, id: WorkerId, process: WorkerProcess) {
+        let tx = self.reports.clone();
+        let app = app.clone();
+        self.tasks.spawn(async move {
+            let reason = process.wait().await;
+            let _ = tx.send(Report::Exited { app, id, reason });
+        });
+    }
+
+    fn cgroup_for(&self, req: &SpawnRequest<'_>, ws: &mut WorkerSpec) -> Option<String> {
+        let spec = &req.spec.spec;
+        if spec.limits.memory.is_none() && spec.limits.cpu.is_none() {
+            return None;
+        }
+        let tree = match &self.cgroups {
+            Ok(tree) => tree,
+            Err(reason) => {
+                return Some(format!(
+                    "unavailable ({reason}); memory limit enforced by sampling"
+                ))
+            }
+        };
+        let limits = CgroupLimits {
+            memory_max: spec
+                .limits
+                .memory
+                .map(|m| crate::limits::memory_backstop(m.0)),
+            cpus: spec.limits.cpu.map(|c| c.0),
+        };
+        match tree.create_worker_cgroup(
+            &req.app.0,
+            &format!("{}-{}", req.index, req.template.revision),
+            limits,
+        ) {
+            Ok(path) => {
+                let note = format!("active ({})", path.display());
+                ws.cgroup = Some(path);
+                Some(note)
+            }
+            Err(e) => Some(format!(
+                "unavailable ({e}); memory limit enforced by sampling"
+            )),
+        }
+    }
+
+    async fn start(
+        &mut self,
+        req: SpawnRequest<'_>,
+        ports: &[(ListenKey, u16)],
+    ) -> Result<
+        (
+            WorkerProcess,
+            Option<crate::ipc::IpcChannel>,
+            Option<String>,
+        ),
+        String,
+    > {
+        let spec = &req.spec.spec;
+        let mut extra_env = BTreeMap::new();
+        for (key, port) in ports {
+            extra_env
+                .entry("PORT".to_string())
+                .or_insert_with(|| port.to_string());
+            if let Some(name) = spec
+                .listen
+                .iter()
+                .find(|l| ListenKey::of(l) == *key)
+                .and_then(|l| l.name.as_ref())
+            {
+                extra_env.insert(format!("PORT_{}", env_suffix(name)), port.to_string());
+            }
+        }
+        let mut all_env = spec.env.clone();
+        all_env.extend(extra_env.clone());
+        let argv = req
+            .spec
+            .argv()
+            .iter()
+            .map(|a| OsString::from(expand_vars(a, &all_env)))
+            .collect();
+        let mut ws = WorkerSpec::new(
+            req.app.clone(),
+            req.index,
+            req.template.revision.clone(),
+            argv,
+            ShimCommand::current_exe(),
+        );
+        ws.cwd.clone_from(&spec.working_dir);
+        ws.env = spec.env.clone();
+        ws.extra_env = extra_env;
+        if let Some(set) = self.listeners.get(req.app) {
+            for l in spec.listen.iter().filter(|l| l.mode == ListenMode::Inherit) {
+                let key = ListenKey::of(l);
+                if let Some(e) = set.entries.iter().find(|e| e.key == key) {
+                    ws.listeners.push(InheritedListener {
+                        name: l.name.clone().unwrap_or_else(|| "unknown".into()),
+                        fd: e.bound.inherit_fd().map_err(|e| e.to_string())?,
+                    });
+                }
+            }
+        }
+        ws.notify_socket = Some(self.config.notify_path.clone());
+        ws.ipc = spec.readiness.kind == Some(ReadinessKind::Ipc);
+        ws.user.clone_from(&spec.user);
+        ws.group.clone_from(&spec.group);
+        ws.rlimits = (&spec.limits).into();
+        ws.log_dir = Some(self.config.log_dir.clone());
+        let cgroup_note = self.cgroup_for(&req, &mut ws);
+        let spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
+        Ok((spawned.process, spawned.ipc, cgroup_note))
+    }
+}
+
+impl Effects for LinuxEffects {
+    fn ensure_listeners(
+        &mut self,
+        app: &AppName,
+        listens: &[Listener],
+        adopted: &[i32],
+    ) -> Result<(), String> {
+        let set = self.listeners.entry(app.clone()).or_default();
+        let mut added: Vec<ListenerEntry> = Vec::new();
+        let result = (|| {
+            for l in listens {
+                let key = ListenKey::of(l);
+                if set.entries.iter().chain(added.iter()).any(|e| e.key == key) {
+                    continue;
+                }
+                let addr = socket_addr(&l.address, l.port)?;
+                // Workers adopted from a previous daemon still hold an inherit-mode
+                // socket: take that very socket back rather than binding (which would
+                // fail anyway while they hold it).
+                let recovered = if l.mode == ListenMode::Inherit && !adopted.is_empty() {
+                    BoundListener::recover_from(adopted, addr, l.protocol).unwrap_or_else(|e| {
+                        tracing::warn!(app = %app, error = %e, "cannot recover the listener from adopted workers");
+                        None
+                    })
+                } else {
+                    None
+                };
+                let bound = match recovered {
+                    Some(b) => b,
+                    None => BoundListener::bind(addr, l.protocol, crate::listener::DEFAULT_BACKLOG)
+                        .map_err(|e| {
+                            format!("cannot listen on {addr}: {}", describe_bind_error(&e, addr))
+                        })?,
+                };
+                let (routes, proxy) = match l.mode {
+                    ListenMode::Inherit => (None, CancellationToken::new()),
+                    mode => {
+                        let routes = RouteTable::new();
+                        let cancel = CancellationToken::new();
+                        let std_listener = bound.proxy_listener().map_err(|e| e.to_string())?;
+                        let listener = tokio::net::TcpListener::from_std(std_listener)
+                            .map_err(|e| e.to_string())?;
+                        let span = tracing::info_span!("proxy", app = %app, listen = %addr);
+                        if mode == ListenMode::Http {
+                            self.tasks.spawn(
+                                proxy::serve_http(
+                                    listener,
+                                    routes.clone(),
+                                    http_proxy_config(),
+                                    cancel.clone(),
+                                )
+                                .instrument(span),
+                            );
+                        } else {
+                            self.tasks.spawn(
+                                proxy::serve_tcp(
+                                    listener,
+                                    routes.clone(),
+                                    proxy::TcpProxyConfig::default(),
+                                    cancel.clone(),
+                                )
+                                .instrument(span),
+                            );
+                        }
+                        (Some(routes), cancel)
+                    }
+                };
+                added.push(ListenerEntry {
+                    key,
+                    bound,
+                    routes,
+                    proxy,
+                });
+            }
+            Ok(())
+        })();
+        match result {
+            Ok(()) => {
+                set.entries.extend(added);
+                Ok(())
+            }
+            Err(e) => {
+                for a in added {
+                    a.proxy.cancel();
+                }
+                if set.entries.is_empty() {
+                    self.listeners.remove(app);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    fn retain_listeners(&mut self, app: &AppName, keep: &[Listener]) {
+        let keys: Vec<ListenKey> = keep.iter().map(ListenKey::of).collect();
+        if let Some(set) = self.listeners.get_mut(app) {
+            set.entries.retain(|e| {
+                let keep = keys.contains(&e.key);
+                if !keep {
+                    e.proxy.cancel();
+                }
+                keep
+            });
+            if set.entries.is_empty() {
+                self.listeners.remove(app);
+            }
+        }
+    }
+
+    fn bound_address(&self, app: &AppName, l: &Listener) -> Option<String> {
+        let key = ListenKey::of(l);
+        self.listeners
+            .get(app)?
+            .entries
+            .iter()
+            .find(|e| e.key == key)
+            .map(|e| e.bound.local_addr().to_string())
+    }
+
+    fn has_proxy(&self, app: &AppName) -> bool {
+        self.listeners
+            .get(app)
+            .is_some_and(|s| s.routes().next().is_some())
+    }
+
+    async fn spawn(&mut self, req: SpawnRequest<'_>) -> Result<Started, String> {
+        let mut ports = Vec::new();
+        for l in req
+            .spec
+            .spec
+            .listen
+            .iter()
+            .filter(|l| l.mode != ListenMode::Inherit)
+        {
+            match self.allocate_port() {
+                Ok(p) => ports.push((ListenKey::of(l), p)),
+                Err(e) => {
+                    self.release_ports(&ports);
+                    return Err(e);
+                }
+            }
+        }
+        let (process, ipc, cgroup_note) = match self.start(req, &ports).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.release_ports(&ports);
+                return Err(e);
+            }
+        };
+        let pid = u32::try_from(process.pid()).unwrap_or_default();
+        if let Some(ipc) = ipc {
+            ipc.forward(process.pid(), self.notify_reports.clone());
+        }
+        self.watch_exit(req.app, req.id, process.clone());
+        let probes = CancellationToken::new();
+        let spec = &req.spec.spec;
+        if let (Some(kind @ (ReadinessKind::Tcp | ReadinessKind::Http)), Some((_, port))) =
+            (spec.readiness.kind, ports.first())
+        {
+            let probe = probes::readiness(
+                req.app.clone(),
+                req.id,
+                kind,
+                spec.readiness.path.clone().unwrap_or_else(|| "/".into()),
+                spec.readiness.period.0,
+                *port,
+                self.reports.clone(),
+            );
+            let cancel = probes.clone();
+            self.tasks.spawn(async move {
+                tokio::select! {
+                    () = cancel.cancelled() => {}
+                    () = probe => {}
+                }
+            });
+        }
+        let started = Started {
+            pid,
+            start_time: process.start_time(),
+            ports: ports.clone(),
+            cgroup_note,
+        };
+        self.procs.insert(
+            (req.app.clone(), req.id),
+            Proc {
+                handle: process,
+                ports,
+                probes,
+            },
+        );
+        Ok(started)
+    }
+
+    fn adopt(&mut self, req: AdoptRequest<'_>) -> Result<Started, String> {
+        let process = crate::spawn::adopt(req.app, req.index, req.pid, req.start_time)
+            .map_err(|e| e.to_string())?;
+        let mut ports = Vec::new();
+        for (address, port, private) in req.ports {
+            if let Some(l) = req
+                .listens
+                .iter()
+                .find(|l| &l.address == address && l.port == *port)
+            {
+                self.ports_in_use.insert(*private);
+                ports.push((ListenKey::of(l), *private));
+            }
+        }
+        self.notify_registry.insert(process.pid());
+        self.watch_exit(req.app, req.id, process.clone());
+        let started = Started {
+            pid: u32::try_from(process.pid()).unwrap_or_default(),
+            start_time: process.start_time(),
+            ports: ports.clone(),
+            cgroup_note: None,
+        };
+        self.procs.insert(
+            (req.app.clone(), req.id),
+            Proc {
+                handle: process,
+                ports,
+                probes: CancellationToken::new(),
+            },
+        );
+        Ok(started)
+    }
+
+    fn route(
+        &mut self,
+        app: &AppName,
+        id: WorkerId,
+        spec: Option<&clusterd_core::load::LoadedApp>,
+    ) {
+        let Some(proc_) = self.procs.get(&(app.clone(), id)) else {
+            return;
+        };
+        if let Some(set) = self.listeners.get(app) {
+            for (key, port) in &proc_.ports {
+                if let Some(routes) = set
+                    .entries
+                    .iter()
+                    .find(|e| &e.key == key)
+                    .and_then(|e| e.routes.as_ref())
+                {
+                    routes.add(id, SocketAddr::from(([127, 0, 0, 1], *port)));
+                }
+            }
+        }
+        let Some(liveness) = spec.and_then(|s| s.spec.liveness.clone()) else {
+            return;
+        };
+        let port = proc_.ports.first().map(|(_, p)| *p);
+        let cancel = proc_.probes.child_token();
+        let env = spec.map(|s| s.spec.env.clone()).unwrap_or_default();
+        let probe = probes::liveness(liveness, port, env, self.reports.clone(), app.clone(), id);
+        self.tasks.spawn(async move {
+            tokio::select! {
+                () = cancel.cancelled() => {}
+                () = probe => {}
+            }
+        });
+    }
+
+    fn drain(&mut self, app: &AppName, id: WorkerId) {
+        if let Some(p) = self.procs.get(&(app.clone(), id)) {
+            p.probes.cancel();
+        }
+        let Some(set) = self.listeners.get(app) else {
+            return;
+        };
+        let tables: Vec<Arc<RouteTable>> = set.routes().cloned().collect();
+        if tables.is_empty() {
+            return;
+        }
+        for t in &tables {
+            t.stop_routing(id);
+        }
+        // The planner signals once nothing is in flight: report when that happens.
+        let tx = self.reports.clone();
+        let app = app.clone();
+        self.tasks.spawn(async move {
+            for t in tables {
+                t.drained(id).await;
+            }
+            let _ = tx.send(Report::Drained { app, id });
+        });
+    }
+
+    fn signal(&mut self, app: &AppName, id: WorkerId, signal: &str) {
+        let Some(p) = self.procs.get(&(app.clone(), id)) else {
+            return;
+        };
+        // Names were normalized to the `SIGTERM` form when the manifest was loaded.
+        let sig = signal
+            .parse::<nix::sys::signal::Signal>()
+            .unwrap_or(nix::sys::signal::Signal::SIGTERM);
+        if let Err(e) = p.handle.signal(sig) {
+            tracing::warn!(app = %app, pid = p.handle.pid(), error = %e, "signal");
+        }
+    }
+
+    fn kill(&mut self, app: &AppName, id: WorkerId) {
+        if let Some(p) = self.procs.get(&(app.clone(), id)) {
+            if let Err(e) = p.handle.kill() {
+                tracing::warn!(app = %app, pid = p.handle.pid(), error = %e, "kill");
+            }
+        }
+    }
+
+    fn forget(&mut self, app: &AppName, id: WorkerId) {
+        let Some(p) = self.procs.remove(&(app.clone(), id)) else {
+            return;
+        };
+        p.probes.cancel();
+        self.notify_registry.remove(p.handle.pid());
+        if let Some(set) = self.listeners.get(app) {
+            for routes in set.routes() {
+                routes.remove(id);
+            }
+        }
+        self.release_ports(&p.ports);
+    }
+
+    fn inflight(&self, app: &AppName, id: WorkerId) -> u64 {
+        self.listeners
+            .get(app)
+            .map_or(0, |s| s.routes().map(|r| r.inflight(id)).sum())
+    }
+
+    fn sample(&mut self) -> BTreeMap<u32, GroupUsage> {
+        let by_group = procfs::usage_by_group();
+        self.procs
+            .values()
+            .filter_map(|p| {
+                let pid = p.handle.pid();
+                Some((
+                    u32::try_from(pid).ok()?,
+                    by_group.get(&pid).copied().unwrap_or_default(),
+                ))
+            })
+            .collect()
+    }
+
+    fn repair_listeners(&mut self) -> Vec<(AppName, String)> {
+        let mut repaired = Vec::new();
+        for (app, set) in &mut self.listeners {
+            for e in set.entries.iter_mut().filter(|e| e.routes.is_none()) {
+                if e.bound.is_listening() {
+                    continue;
+                }
+                let addr = e.bound.local_addr();
+                // The dead socket keeps its address bound; SO_REUSEADDR lets a new one
+                // take it.
+                match BoundListener::bind(addr, e.key.protocol, crate::listener::DEFAULT_BACKLOG) {
+                    Ok(fresh) => {
+                        e.bound = fresh;
+                        repaired.push((
+                            app.clone(),
+                            format!("{addr} stopped listening (a worker shut the shared socket down); bound it anew, replacing every worker"),
+                        ));
+                    }
+                    Err(err) => repaired.push((
+                        app.clone(),
+                        format!("{addr} stopped listening (a worker shut the shared socket down) and cannot be bound anew: {err}"),
+                    )),
+                }
+            }
+        }
+        repaired
+    }
+
+    fn rotate_logs(&mut self, app: &AppName, logs: &Logs) {
+        if let Err(e) = crate::logs::rotate_app(&self.config.log_dir, &app.0, logs.into()) {
+            tracing::warn!(app = %app, error = %e, "log rotation");
+        }
+    }
+}
+
+/// Says who holds a port when a bind fails with EADDRINUSE, from /proc (best effort).
+fn describe_bind_error(e: &crate::Error, addr: SocketAddr) -> String {
+    let in_use = matches!(e, crate::Error::Bind { source, .. } if source.kind() == std::io::ErrorKind::AddrInUse);
+    if !in_use {
+        return e.to_string();
+    }
+    match procfs::port_holder(addr) {
+        Some((pid, name)) => format!("{addr} is in use by pid {pid} ({name})"),
+        None => format!("{addr} is in use"),
+    }
+}
+
+/// The http proxy's bounds: the defaults, with the client-facing timeouts tunable through
+/// the daemon's environment (`CLUSTERD_PROXY_HEADER_TIMEOUT_MS`: slowloris and keep-alive
+/// idle bound; `CLUSTERD_PROXY_NO_BACKEND_WAIT_MS`: how long a request waits for a ready
+/// worker before a 503), so operators and tests can tighten them.
+fn http_proxy_config() -> proxy::HttpProxyConfig {
+    let ms = |name: &str| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .map(Duration::from_millis)
+    };
+    let mut cfg = proxy::HttpProxyConfig::default();
+    if let Some(d) = ms("CLUSTERD_PROXY_HEADER_TIMEOUT_MS") {
+        cfg.header_read_timeout = d;
+    }
+    if let Some(d) = ms("CLUSTERD_PROXY_NO_BACKEND_WAIT_MS") {
+        cfg.no_backend_wait = d;
+    }
+    cfg
+}
+
+fn socket_addr(address: &str, port: u32) -> Result<SocketAddr, String> {
+    let port = u16::try_from(port).map_err(|_| format!("port {port} is out of range"))?;
+    let ip: std::net::IpAddr = address
+        .parse()
+        .map_err(|_| format!("`{address}` is not an IP address"))?;
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Expands `$(NAME)` from the worker's environment, as Kubernetes does for `command`
+/// and `args`: apps that take their port as an argument (`http.server $(PORT)`) work
+/// without a shell. `$$(NAME)` is a literal `$(NAME)`; unknown names stay as written.
+#[must_use]
+pub fn expand_vars(arg: &str, env: &BTreeMap<String, String>) -> String {
+    let mut out = String::with_capacity(arg.len());
+    let mut rest = arg;
+    while let Some(pos) = rest.find("$(") {
+        if rest[..pos].ends_with('$') {
+            out.push_str(&rest[..pos]);
+            out.push('(');
+            rest = &rest[pos + 2..];
+            continue;
+        }
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 2..];
+        match after.find(')') {
+            Some(end) if env.contains_key(&after[..end]) => {
+                out.push_str(&env[&after[..end]]);
+                rest = &after[end + 1..];
+            }
+            _ => {
+                out.push_str("$(");
+                rest = after;
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// `PORT_<NAME>`: upper case, `-` to `_`.
+fn env_suffix(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expands_known_variables_only() {
+        let env = BTreeMap::from([("PORT".to_string(), "4242".to_string())]);
+        assert_eq!(expand_vars("--port=$(PORT)", &env), "--port=4242");
+        assert_eq!(expand_vars("$(NOPE)", &env), "$(NOPE)");
+        assert_eq!(expand_vars("$$(PORT)", &env), "$(PORT)");
+        assert_eq!(expand_vars("a$(PORT)b$(PORT)", &env), "a4242b4242");
+        assert_eq!(expand_vars("$(PORT", &env), "$(PORT");
+    }
+}
