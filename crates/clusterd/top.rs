@@ -4,8 +4,9 @@
 //! log dir) and sends the same reload request as `clusterd reload --no-wait`, so it works
 //! against any daemon the socket reaches (`CLUSTERD_SOCKET`). What it shows per worker is
 //! what the status JSON carries: pid, state, CPU %, RSS, requests in flight (proxied
-//! modes), restarts, uptime, last exit. The daemon samples CPU and RSS on its own
-//! schedule, so those columns change as often as the daemon samples, not once a second.
+//! modes), restarts, uptime, last exit. The daemon takes a fresh CPU/RSS sample for a
+//! status request when its last one is over a second old, so watching is what keeps
+//! those columns current.
 //!
 //! The screen is drawn by a pure function of [`View`] (tested with ratatui's test
 //! backend); the loop around it owns the terminal, and restores it on every way out:
