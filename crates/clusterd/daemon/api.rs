@@ -53,17 +53,21 @@ pub async fn serve(
     events: EventLog,
     shutdown: CancellationToken,
 ) {
+    // At the fd limit accept fails at once with the connection still queued: pause,
+    // or the loop spins (issue 16).
+    let mut backoff = clusterd_runtime::accept::AcceptBackoff::new("control socket");
     loop {
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept");
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
         let loop_tx = loop_tx.clone();
         let events = events.clone();
         let shutdown = shutdown.clone();

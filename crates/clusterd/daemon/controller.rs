@@ -136,6 +136,12 @@ impl<E: Effects> Controller<E> {
         &mut self.effects
     }
 
+    /// Loads (parses of the whole set) so far.
+    #[cfg(test)]
+    pub fn manifest_loads(&self) -> usize {
+        self.intake.loads_total
+    }
+
     /// Manifest files read so far (a read of an unchanged file is a bug).
     #[cfg(test)]
     pub fn manifest_reads(&self) -> usize {

@@ -92,6 +92,8 @@ pub struct Intake {
     dirty: bool,
     /// Total manifest reads (for tests and the idle-cost check).
     pub reads_total: usize,
+    /// Total loads (parses of every file), for the same.
+    pub loads_total: usize,
 }
 
 impl Intake {
@@ -105,6 +107,7 @@ impl Intake {
             names: BTreeMap::new(),
             dirty: true,
             reads_total: 0,
+            loads_total: 0,
         }
     }
 
@@ -248,6 +251,7 @@ impl Intake {
             self.dirty = false;
         }
         if changed {
+            self.loads_total += 1;
             let report = self.load(incumbents, &refuse);
             self.names.clear();
             for (name, app) in &report.apps {

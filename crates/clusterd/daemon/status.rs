@@ -96,12 +96,11 @@ pub fn app_status(
                 continue;
             }
             if let Some(slot) = observed.slots.get(&index) {
-                let state =
-                    if matches!(d.restart.policy, clusterd_core::model::RestartPolicy::Never) {
-                        InstanceState::Exited
-                    } else {
-                        InstanceState::Backoff
-                    };
+                // Backoff only when a restart will come (the policy allows it).
+                let state = match plan::vacant_state(d, slot) {
+                    plan::VacantState::Backoff => InstanceState::Backoff,
+                    plan::VacantState::Exited => InstanceState::Exited,
+                };
                 instances.push(InstanceStatus {
                     index,
                     pid: None,

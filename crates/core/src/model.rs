@@ -137,6 +137,12 @@ pub struct Listener {
     /// Default `tcp`; `udp` only with `inherit`.
     #[serde(default)]
     pub protocol: Protocol,
+    /// http mode: peers (CIDRs or addresses) whose forwarding headers are believed, such
+    /// as a load balancer in front of the host. From anyone else the proxy overwrites
+    /// `X-Forwarded-Proto/Host/Port` and drops `X-Real-IP` and its kin. Parsed into
+    /// [`crate::net::Cidr`] by validation.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted_proxies: Vec<String>,
 }
 
 fn default_address() -> String {

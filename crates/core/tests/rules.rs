@@ -82,6 +82,19 @@ fn every_rule_reports_where_and_what() {
             vec!["/srv/apps/web.yaml:8:24: invalid listener name `9lives` (expected a letter, then letters, digits, `_` or `-`; at most 32 characters)"],
         ),
         (
+            "trustedProxies ranges",
+            with_spec("  listen:\n    - port: 80\n      trustedProxies: [10.0.0.0/8, \"::1\", 10.0.0.0/40, lb.internal]\n"),
+            vec![
+                "/srv/apps/web.yaml:9:43: invalid address range `10.0.0.0/40`: the prefix length is longer than the address (expected an address or address/prefix like 10.0.0.0/8, 192.168.1.10 or fd00::/8)",
+                "/srv/apps/web.yaml:9:56: invalid address range `lb.internal`: not an IP address (expected an address or address/prefix like 10.0.0.0/8, 192.168.1.10 or fd00::/8)",
+            ],
+        ),
+        (
+            "trustedProxies needs http mode",
+            with_spec("  listen:\n    - {port: 80, mode: tcp, trustedProxies: [10.0.0.0/8]}\n"),
+            vec!["/srv/apps/web.yaml:8:45: trustedProxies applies to forwarding headers, which only the http proxy adds (this listener is mode tcp; expected mode: http or no trustedProxies)"],
+        ),
+        (
             "listener names unique",
             with_spec("  listen:\n    - {port: 80, name: admin-api}\n    - {port: 81, name: admin_api}\n"),
             vec!["/srv/apps/web.yaml:9:24: listener name `admin_api` is already used by listener 0 (both would be PORT_ADMIN_API; expected unique names)"],
@@ -334,5 +347,40 @@ fn non_utf8_is_an_error_with_a_position() {
             .map(ToString::to_string)
             .collect::<Vec<_>>(),
         ["bin.yaml:2:4: file is not UTF-8 text (expected a YAML manifest)"]
+    );
+}
+
+/// execve(2) refuses one `NAME=value` over 128 KiB and arguments plus environment over
+/// a quarter of the stack limit: such a manifest could never start a worker (issue 18).
+#[test]
+fn env_too_large_to_exec_is_rejected_where_it_is() {
+    let big = "x".repeat(140_000);
+    let got = check(&with_spec(&format!(
+        "  env:\n    SMALL: y\n    BIG: {big}\n"
+    )));
+    assert_eq!(
+        got,
+        vec!["/srv/apps/web.yaml:9:10: `BIG=...` is 140004 bytes, more than the 131071 bytes execve accepts for one variable (expected a shorter value; pass large data in a file)"]
+    );
+    // Just under the limit for one variable is fine.
+    let fits = "x".repeat(131_071 - "FITS=".len());
+    assert_eq!(
+        check(&with_spec(&format!("  env:\n    FITS: {fits}\n"))),
+        Vec::<String>::new()
+    );
+
+    // Many variables each under the limit, together over what execve accepts (one
+    // manifest file is at most 1 MiB, but YAML aliases repeat a value).
+    let chunk = "y".repeat(120_000);
+    let mut env = format!("  env:\n    V0: &v {chunk}\n");
+    for i in 1..16 {
+        env.push_str(&format!("    V{i}: *v\n"));
+    }
+    let got = check(&with_spec(&env));
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].starts_with("/srv/apps/web.yaml:8:5: command and env take 1920")
+            && got[0].contains("more than the 1835008 bytes a manifest may use"),
+        "{got:#?}"
     );
 }

@@ -71,6 +71,11 @@ pub struct Rlimits {
     pub nproc: Option<u64>,
     /// RLIMIT_CORE in bytes.
     pub core: Option<u64>,
+    /// Soft RLIMIT_NOFILE only, when `nofile` is unset: the daemon's soft limit from
+    /// before it raised its own ([`crate::accept::original_nofile_soft`]), so workers
+    /// start with the limit they would have had without clusterd.
+    #[serde(default)]
+    pub nofile_soft: Option<u64>,
 }
 
 impl From<&clusterd_core::model::Limits> for Rlimits {
@@ -79,6 +84,7 @@ impl From<&clusterd_core::model::Limits> for Rlimits {
             nofile: l.nofile,
             nproc: l.nproc,
             core: l.core.map(|s| s.0),
+            nofile_soft: None,
         }
     }
 }
@@ -301,6 +307,12 @@ fn apply_rlimits(l: &Rlimits) -> std::result::Result<(), String> {
         (Resource::RLIMIT_NPROC, l.nproc, "nproc"),
         (Resource::RLIMIT_CORE, l.core, "core"),
     ];
+    if let (None, Some(soft)) = (l.nofile, l.nofile_soft) {
+        // Lowering a soft limit never needs a privilege; a failure leaves the raised one.
+        if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard);
+        }
+    }
     for (res, value, name) in items {
         let Some(v) = value else { continue };
         if setrlimit(res, v, v).is_ok() {

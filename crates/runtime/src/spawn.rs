@@ -97,6 +97,11 @@ pub struct WorkerSpec {
     /// Log directory: stdout+stderr go to `<log_dir>/<app>/<app>-<index>.log`; `None`
     /// sends them to /dev/null.
     pub log_dir: Option<PathBuf>,
+    /// The app's log policy, given only when no other live worker of this index writes
+    /// its log file: the file is then rotated by rename before the worker gets it (no
+    /// copy, works on a full disk; see [`crate::logs::rotate_unshared`]). `None`: leave
+    /// rotation to the periodic copytruncate.
+    pub log_rotate_unshared: Option<crate::logs::LogPolicy>,
     /// How to run the exec shim.
     pub shim: ShimCommand,
 }
@@ -126,6 +131,7 @@ impl WorkerSpec {
             rlimits: Rlimits::default(),
             cgroup: None,
             log_dir: None,
+            log_rotate_unshared: None,
             shim,
         }
     }
@@ -363,7 +369,12 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
 
     let (log, log_path) = match &spec.log_dir {
         Some(dir) => {
-            let (f, p) = crate::logs::open_instance_log(dir, &spec.app.0, spec.index)?;
+            let (f, p) = crate::logs::open_instance_log_rotated(
+                dir,
+                &spec.app.0,
+                spec.index,
+                spec.log_rotate_unshared,
+            )?;
             (Some(f), Some(p))
         }
         None => (None, None),
@@ -416,7 +427,10 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         fds: pairs.clone(),
         status_fd: Some(status_w.as_raw_fd()),
         set_listen_pid: n > 0,
-        rlimits: spec.rlimits,
+        rlimits: Rlimits {
+            nofile_soft: crate::accept::original_nofile_soft(),
+            ..spec.rlimits
+        },
         cgroup: spec.cgroup.clone(),
         user: spec.user.clone(),
         group: spec.group.clone(),

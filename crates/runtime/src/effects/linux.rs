@@ -8,7 +8,6 @@ use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clusterd_core::model::{ListenMode, Listener, Logs, ReadinessKind};
 use clusterd_core::plan::{AppName, WorkerId};
@@ -21,6 +20,7 @@ use super::probes;
 use super::{AdoptRequest, Effects, ListenKey, Report, SpawnRequest, Started};
 use crate::limits::{CgroupLimits, CgroupTree};
 use crate::listener::BoundListener;
+use crate::logwatch::LogSizeWatch;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
@@ -38,6 +38,8 @@ pub struct LinuxEffectsConfig {
 
 struct ListenerEntry {
     key: ListenKey,
+    /// http mode: the proxy's `trustedProxies`, updated in place by a new manifest.
+    trusted: Option<proxy::TrustedProxies>,
     bound: BoundListener,
     routes: Option<Arc<RouteTable>>,
     proxy: CancellationToken,
@@ -65,6 +67,8 @@ impl ListenerSet {
 /// A live worker's OS handles.
 struct Proc {
     handle: WorkerProcess,
+    /// Its instance index: the log file it writes.
+    index: u32,
     ports: Vec<(ListenKey, u16)>,
     /// Readiness and liveness probes; cancelled on drain and exit.
     probes: CancellationToken,
@@ -81,6 +85,10 @@ pub struct LinuxEffects {
     ports_in_use: HashSet<u16>,
     cgroups: Result<CgroupTree, String>,
     tasks: TaskTracker,
+    /// Checks log sizes as workers write them (`None`: inotify unavailable; the periodic
+    /// [`Effects::rotate_logs`] still runs).
+    log_watch: Option<LogSizeWatch>,
+    log_watch_stop: CancellationToken,
 }
 
 impl LinuxEffects {
@@ -108,6 +116,10 @@ impl LinuxEffects {
                 }
             }
         });
+        let log_watch_stop = CancellationToken::new();
+        let log_watch = LogSizeWatch::start(log_watch_stop.clone())
+            .map_err(|e| tracing::warn!(error = %e, "log sizes checked only periodically"))
+            .ok();
         let cgroups = CgroupTree::detect().map_err(|e| e.to_string());
         if let Err(e) = &cgroups {
             tracing::info!(reason = %e, "cgroup backstop unavailable; memory limits are enforced by sampling only");
@@ -122,6 +134,8 @@ impl LinuxEffects {
             ports_in_use: HashSet::new(),
             cgroups,
             tasks,
+            log_watch,
+            log_watch_stop,
         })
     }
 
@@ -137,6 +151,7 @@ impl LinuxEffects {
         for (_, set) in std::mem::take(&mut self.listeners) {
             set.close();
         }
+        self.log_watch_stop.cancel();
         self.tasks.close();
     }
 
@@ -160,6 +175,13 @@ impl LinuxEffects {
         for (_, p) in ports {
             self.ports_in_use.remove(p);
         }
+    }
+
+    /// Whether a live (or draining) worker of `app` writes the log of `index`.
+    fn writes_log(&self, app: &AppName, index: u32) -> bool {
+        self.procs
+            .iter()
+            .any(|((a, _), p)| a == app && p.index == index)
     }
 
     fn watch_exit(&self, app: &AppName, id: WorkerId, process: WorkerProcess) {
@@ -269,6 +291,11 @@ impl LinuxEffects {
         ws.group.clone_from(&spec.group);
         ws.rlimits = (&spec.limits).into();
         ws.log_dir = Some(self.config.log_dir.clone());
+        // Nobody else writes this index's log: rotate it by rename (no copy, works on a
+        // full disk) before the new worker gets it.
+        if !self.writes_log(req.app, req.index) {
+            ws.log_rotate_unshared = Some((&spec.logs).into());
+        }
         let cgroup_note = self.cgroup_for(&req, &mut ws);
         let spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
         Ok((spawned.process, spawned.ipc, cgroup_note))
@@ -287,7 +314,15 @@ impl Effects for LinuxEffects {
         let result = (|| {
             for l in listens {
                 let key = ListenKey::of(l);
-                if set.entries.iter().chain(added.iter()).any(|e| e.key == key) {
+                if let Some(e) = set
+                    .entries
+                    .iter()
+                    .chain(added.iter())
+                    .find(|e| e.key == key)
+                {
+                    if let Some(trusted) = &e.trusted {
+                        trusted.set(trusted_proxies(l));
+                    }
                     continue;
                 }
                 let addr = socket_addr(&l.address, l.port)?;
@@ -309,6 +344,7 @@ impl Effects for LinuxEffects {
                             format!("cannot listen on {addr}: {}", describe_bind_error(&e, addr))
                         })?,
                 };
+                let mut trusted = None;
                 let (routes, proxy) = match l.mode {
                     ListenMode::Inherit => (None, CancellationToken::new()),
                     mode => {
@@ -319,14 +355,11 @@ impl Effects for LinuxEffects {
                             .map_err(|e| e.to_string())?;
                         let span = tracing::info_span!("proxy", app = %app, listen = %addr);
                         if mode == ListenMode::Http {
+                            let cfg = http_proxy_config(l);
+                            trusted = Some(cfg.trusted_proxies.clone());
                             self.tasks.spawn(
-                                proxy::serve_http(
-                                    listener,
-                                    routes.clone(),
-                                    http_proxy_config(),
-                                    cancel.clone(),
-                                )
-                                .instrument(span),
+                                proxy::serve_http(listener, routes.clone(), cfg, cancel.clone())
+                                    .instrument(span),
                             );
                         } else {
                             self.tasks.spawn(
@@ -344,6 +377,7 @@ impl Effects for LinuxEffects {
                 };
                 added.push(ListenerEntry {
                     key,
+                    trusted,
                     bound,
                     routes,
                     proxy,
@@ -461,10 +495,17 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes,
             },
         );
+        if let Some(watch) = &self.log_watch {
+            watch.track(
+                crate::logs::instance_log_path(&self.config.log_dir, &req.app.0, req.index),
+                (&req.spec.spec.logs).into(),
+            );
+        }
         Ok(started)
     }
 
@@ -494,6 +535,7 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes: CancellationToken::new(),
             },
@@ -587,6 +629,15 @@ impl Effects for LinuxEffects {
         let Some(p) = self.procs.remove(&(app.clone(), id)) else {
             return;
         };
+        if !self.writes_log(app, p.index) {
+            if let Some(watch) = &self.log_watch {
+                watch.untrack(crate::logs::instance_log_path(
+                    &self.config.log_dir,
+                    &app.0,
+                    p.index,
+                ));
+            }
+        }
         p.probes.cancel();
         self.notify_registry.remove(p.handle.pid());
         if let Some(set) = self.listeners.get(app) {
@@ -649,6 +700,18 @@ impl Effects for LinuxEffects {
         if let Err(e) = crate::logs::rotate_app(&self.config.log_dir, &app.0, logs.into()) {
             tracing::warn!(app = %app, error = %e, "log rotation");
         }
+        // Keep the size watch's policy current (a `logs` edit touches no worker), and
+        // track workers it has not seen (adopted ones).
+        if let Some(watch) = &self.log_watch {
+            for ((a, _), p) in &self.procs {
+                if a == app {
+                    watch.track(
+                        crate::logs::instance_log_path(&self.config.log_dir, &app.0, p.index),
+                        logs.into(),
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -664,25 +727,23 @@ fn describe_bind_error(e: &crate::Error, addr: SocketAddr) -> String {
     }
 }
 
-/// The http proxy's bounds: the defaults, with the client-facing timeouts tunable through
-/// the daemon's environment (`CLUSTERD_PROXY_HEADER_TIMEOUT_MS`: slowloris and keep-alive
-/// idle bound; `CLUSTERD_PROXY_NO_BACKEND_WAIT_MS`: how long a request waits for a ready
-/// worker before a 503), so operators and tests can tighten them.
-fn http_proxy_config() -> proxy::HttpProxyConfig {
-    let ms = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_millis)
-    };
-    let mut cfg = proxy::HttpProxyConfig::default();
-    if let Some(d) = ms("CLUSTERD_PROXY_HEADER_TIMEOUT_MS") {
-        cfg.header_read_timeout = d;
+/// The http proxy's settings for listener `l`: the defaults with the operator's
+/// overrides from the daemon's environment (`CLUSTERD_PROXY_*_MS`, see
+/// [`proxy::HttpProxyConfig::with_env`] and docs/operations.md), and the listener's
+/// `trustedProxies`.
+fn http_proxy_config(l: &Listener) -> proxy::HttpProxyConfig {
+    proxy::HttpProxyConfig {
+        trusted_proxies: proxy::TrustedProxies::new(trusted_proxies(l)),
+        ..proxy::HttpProxyConfig::default().with_env()
     }
-    if let Some(d) = ms("CLUSTERD_PROXY_NO_BACKEND_WAIT_MS") {
-        cfg.no_backend_wait = d;
-    }
-    cfg
+}
+
+/// `l.trustedProxies` parsed (validation has already rejected a bad range).
+fn trusted_proxies(l: &Listener) -> Vec<clusterd_core::net::Cidr> {
+    l.trusted_proxies
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
 }
 
 fn socket_addr(address: &str, port: u32) -> Result<SocketAddr, String> {
