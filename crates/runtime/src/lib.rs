@@ -13,12 +13,16 @@
 //! - [`logs`]: per-instance log files, rotation, tail and follow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`handover`] and [`fdstore`]: the public sockets outlive the daemon (upgrade
+//!   handover to the next daemon; systemd's fd store across a crash).
 //! - [`effects`]: all of the above behind the one interface the daemon's controller
 //!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
 pub mod effects;
 pub mod error;
+pub mod fdstore;
 pub mod gitops;
+pub mod handover;
 pub mod ipc;
 pub mod limits;
 pub mod listener;

@@ -212,4 +212,8 @@ pub trait Effects: Send {
 
     /// Rotates the app's logs that passed their size limit.
     fn rotate_logs(&mut self, app: &AppName, logs: &Logs);
+
+    /// Every app has had its chance to claim its sockets (a complete scan, nothing held
+    /// back): sockets a previous daemon handed over that nobody claimed are closed.
+    fn settle(&mut self) {}
 }

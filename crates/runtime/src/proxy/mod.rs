@@ -18,7 +18,7 @@ mod tcp;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use http::{serve_http, HttpProxyConfig};
+pub use http::{serve_http, serve_http_retirable, HttpProxyConfig};
 pub use routes::{BackendStats, RouteTable};
 pub use tcp::{serve_tcp, TcpProxyConfig};
 
