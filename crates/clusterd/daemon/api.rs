@@ -46,16 +46,22 @@ pub enum ApiReply {
     Text(String),
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Serves until `shutdown` is cancelled, then gives the connections in progress a moment
+/// to send their answers (an upgrade's reply is written after the next daemon took over).
 pub async fn serve(
     listener: UnixListener,
     loop_tx: mpsc::UnboundedSender<Msg>,
     events: EventLog,
     shutdown: CancellationToken,
 ) {
+    let connections = tokio_util::task::TaskTracker::new();
     loop {
         let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                connections.close();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
+                return;
+            }
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -67,7 +73,7 @@ pub async fn serve(
         let loop_tx = loop_tx.clone();
         let events = events.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let loop_tx = loop_tx.clone();
                 let events = events.clone();
@@ -101,6 +107,14 @@ async fn route(
         }
         (&Method::POST, ["v1", "reload"]) => reply(ask(ApiRequest::Reload(None)).await),
         (&Method::POST, ["v1", "sync"]) => reply(ask(ApiRequest::Sync).await),
+        (&Method::POST, ["v1", "upgrade"]) => {
+            let (tx, rx) = oneshot::channel();
+            let answer = match loop_tx.send(Msg::Upgrade(Some(tx))) {
+                Ok(()) => rx.await.ok(),
+                Err(_) => None,
+            };
+            reply(answer)
+        }
         (&Method::GET, ["metrics"]) => reply(ask(ApiRequest::Metrics).await),
         (&Method::GET, ["v1", "daemon"]) => reply(ask(ApiRequest::Info).await),
         (&Method::GET, ["v1", "events"]) => events_response(&events, &query, shutdown),

@@ -11,6 +11,7 @@ mod state;
 mod status;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 mod watch;
 mod world;
 
@@ -45,6 +46,9 @@ pub enum Msg {
     Api(api::ApiRequest, oneshot::Sender<api::ApiReply>),
     /// SIGTERM or SIGINT: drain everything and exit.
     Shutdown,
+    /// `POST /v1/upgrade` (with its reply) or SIGUSR2: start the binary on disk as the
+    /// next daemon, hand it every socket and the workers, and exit without touching them.
+    Upgrade(Option<oneshot::Sender<api::ApiReply>>),
     /// A GitOps sync attempt finished.
     Synced(Box<clusterd_runtime::gitops::SyncReport>),
 }
@@ -89,6 +93,11 @@ pub struct Config {
 /// Start-up failures (directories, the control socket) are reported and exit non-zero.
 pub fn run(options: Options) -> anyhow::Result<ExitCode> {
     init_logging(options.json_logs);
+    // Before any thread exists: it edits the environment (no worker may see
+    // LISTEN_FDS or the upgrade pair) and takes ownership of inherited descriptors.
+    let handover = clusterd_runtime::handover::Handover::from_env()
+        .map_err(|e| anyhow::anyhow!("taking over from the previous daemon: {e}"))?;
+    let upgrade = upgrade::Spec::from_env();
     // Absolute paths: workers run in their manifest's directory (NOTIFY_SOCKET lives in
     // the state dir), and `clusterd logs` reads the log dir from another working dir.
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
@@ -122,7 +131,7 @@ pub fn run(options: Options) -> anyhow::Result<ExitCode> {
         .thread_name("clusterd")
         .build()
         .context("tokio runtime")?;
-    rt.block_on(serve(config))?;
+    rt.block_on(serve(config, handover, upgrade))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -136,13 +145,28 @@ fn runtime_threads(cpus: u32) -> usize {
         .unwrap_or_else(|| cpus.clamp(1, 4) as usize)
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let (tx, rx) = mpsc::unbounded_channel();
+async fn serve(
+    config: Config,
+    mut handover: clusterd_runtime::handover::Handover,
+    upgrade: upgrade::Spec,
+) -> anyhow::Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let events = events::EventLog::new();
 
-    let control = api::bind(&config.socket)
-        .with_context(|| format!("binding the control socket {}", config.socket.display()))?;
+    if !handover.is_empty() {
+        tracing::info!(source = handover.source, sockets = ?handover.names(), "sockets handed over by the previous daemon");
+    }
+    let successor = handover.successor();
+    let control = match handover.take(clusterd_runtime::handover::CONTROL) {
+        // The old daemon's control socket: requests queued on it are answered here.
+        Some(fd) => upgrade::control_from(fd)
+            .with_context(|| format!("the handed-over control socket {}", config.socket.display()))?,
+        None => api::bind(&config.socket).with_context(|| {
+            format!("binding the control socket {}", config.socket.display())
+        })?,
+    };
+    let control_dup = upgrade::duplicate(&control);
     let watch_dir = config.apps_dir.clone();
     let watch_tx = tx.clone();
     let mut current_watch: Option<watch::Watch> = None;
@@ -191,25 +215,77 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    let effects = LinuxEffects::new(
+    let effects = LinuxEffects::with_handover(
         LinuxEffectsConfig {
             log_dir: config.log_dir.clone(),
             notify_path: config.state_dir.join("notify.sock"),
         },
         report_tx,
+        handover,
+        clusterd_runtime::fdstore::FdStore::from_env(),
     )
     .context("binding the notify socket")?;
-    let controller = controller::Controller::new(
+    let mut controller = controller::Controller::new(
         config.clone(),
         effects,
-        events,
+        events.clone(),
         sync_trigger,
         Some(Box::new(rewatch)),
     );
-    tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, "clusterd started");
+    if let Some(successor) = successor {
+        let (started_tx, started_rx) = oneshot::channel();
+        controller.notify_started(started_tx);
+        let events = events.clone();
+        tokio::spawn(async move {
+            if started_rx.await.is_ok() {
+                match successor.took_over() {
+                    Ok(()) => {
+                        tracing::info!("took over from the previous daemon");
+                        events.push(
+                            None,
+                            None,
+                            clusterd_core::event::EventKind::Upgrade,
+                            format!("pid {} took over the sockets and workers", std::process::id()),
+                        );
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot tell the previous daemon that this one took over"),
+                }
+            }
+        });
+    }
+    tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, pid = std::process::id(), "clusterd started");
     notify_systemd_ready();
-    let mut effects = controller.run(rx).await;
-    effects.close_all();
+    loop {
+        match controller.run_until(&mut rx).await {
+            controller::Stop::Stopped => break,
+            controller::Stop::Upgrade(reply) => {
+                let outcome =
+                    upgrade::hand_over(&upgrade, controller.effects_mut(), control_dup.as_ref())
+                        .await;
+                match outcome {
+                    Ok(took) => {
+                        upgrade::retire(took, reply, controller.effects_mut(), shutdown, api_task)
+                            .await;
+                        // The sockets, the notify socket, workers.json and the control
+                        // socket's path now belong to the next daemon: touch none of them.
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "upgrade failed");
+                        events.push(None, None, clusterd_core::event::EventKind::UpgradeFailed, e.clone());
+                        controller.upgrade_failed();
+                        if let Some(reply) = reply {
+                            let _ = reply.send(api::ApiReply::Json(
+                                hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                                serde_json::json!({ "error": e }),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    controller.into_effects().close_all();
 
     shutdown.cancel();
     let _ = api_task.await;
@@ -221,10 +297,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 fn spawn_signal_handler(tx: mpsc::UnboundedSender<Msg>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined2()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
@@ -238,6 +315,12 @@ fn spawn_signal_handler(tx: mpsc::UnboundedSender<Msg>) {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: scanning the apps dir");
                     let _ = tx.send(Msg::Rescan);
+                }
+                // SIGUSR2 (nginx's and HAProxy's convention): upgrade to the binary on
+                // disk, exactly as `clusterd upgrade`; the outcome goes to the log.
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: upgrading to the binary on disk");
+                    let _ = tx.send(Msg::Upgrade(None));
                 }
             }
         }

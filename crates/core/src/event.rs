@@ -58,6 +58,10 @@ pub enum EventKind {
     SyncFailed,
     /// The daemon was asked to stop.
     Shutdown,
+    /// The daemon handed its sockets and workers to the next daemon and exits.
+    Upgrade,
+    /// The next daemon did not start or take over; this one keeps running.
+    UpgradeFailed,
 }
 
 impl EventKind {
@@ -87,6 +91,8 @@ impl EventKind {
             EventKind::Sync => "sync",
             EventKind::SyncFailed => "sync-failed",
             EventKind::Shutdown => "shutdown",
+            EventKind::Upgrade => "upgrade",
+            EventKind::UpgradeFailed => "upgrade-failed",
         }
     }
 }
@@ -127,6 +133,8 @@ mod tests {
             Sync,
             SyncFailed,
             Shutdown,
+            Upgrade,
+            UpgradeFailed,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));
