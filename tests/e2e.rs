@@ -22,3 +22,6 @@ mod safety;
 
 #[path = "e2e/gitops.rs"]
 mod gitops;
+
+#[path = "e2e/upgrade.rs"]
+mod upgrade;

@@ -73,6 +73,9 @@ pub struct Controller<E: Effects> {
     /// An upgrade was asked for (`POST /v1/upgrade` or SIGUSR2): return to the owner,
     /// which holds the real host and starts the next daemon.
     upgrade: Option<Option<oneshot::Sender<ApiReply>>>,
+    /// Adopted Ready workers not yet given traffic: the planner never marks them ready
+    /// again, so they are routed once their app's sockets are bound.
+    unrouted: Vec<(AppName, plan::WorkerId)>,
 }
 
 /// Why [`Controller::run_until`] returned.
@@ -120,6 +123,7 @@ impl<E: Effects> Controller<E> {
             on_started: None,
             settled: false,
             upgrade: None,
+            unrouted: Vec::new(),
         }
     }
 
@@ -218,7 +222,11 @@ impl<E: Effects> Controller<E> {
                 listens: &listens,
             });
             match adopted {
-                Ok(started) => self.world.on_adopted(
+                Ok(started) => {
+                    if state == WorkerState::Ready {
+                        self.unrouted.push((app.clone(), id));
+                    }
+                    self.world.on_adopted(
                     &app,
                     id,
                     w.index,
@@ -230,7 +238,8 @@ impl<E: Effects> Controller<E> {
                     started,
                     now,
                     &self.events,
-                ),
+                    );
+                }
                 Err(e) => self.events.push(
                     Some(&w.app),
                     Some(w.index),
@@ -499,8 +508,33 @@ impl<E: Effects> Controller<E> {
             .effects
             .ensure_listeners(&loaded.name, &loaded.spec.listen, &adopted)
         {
-            Ok(()) => self.world.on_manifest_accepted(loaded, &self.events),
+            Ok(()) => {
+                let name = loaded.name.clone();
+                self.world.on_manifest_accepted(loaded, &self.events);
+                self.route_adopted(&name);
+            }
             Err(e) => self.world.on_listen_failed(loaded, e, now, &self.events),
+        }
+    }
+
+    /// Gives traffic to the app's adopted Ready workers still in that state, now that its
+    /// sockets are bound.
+    fn route_adopted(&mut self, name: &AppName) {
+        let (mine, rest) = std::mem::take(&mut self.unrouted)
+            .into_iter()
+            .partition(|(a, _)| a == name);
+        self.unrouted = rest;
+        let Some(app) = self.world.apps.get(name) else {
+            return;
+        };
+        for (_, id) in mine {
+            let Some(w) = app.observed.workers.get(&id) else {
+                continue;
+            };
+            if w.state == WorkerState::Ready {
+                let spec = app.spec(&w.template.revision).cloned();
+                self.effects.route(name, id, spec.as_deref());
+            }
         }
     }
 

@@ -85,11 +85,43 @@ impl FdStore {
     }
 }
 
+/// Receives one `sd_notify` datagram and the descriptors it carried, as systemd does:
+/// for tools and tests that stand in for systemd (keeping an fd store).
+///
+/// # Errors
+/// The receive failed (including a timeout set on `socket`).
+pub fn receive_notify(
+    socket: &std::os::unix::net::UnixDatagram,
+) -> std::io::Result<(String, Vec<OwnedFd>)> {
+    use std::os::fd::{FromRawFd, RawFd};
+    let mut buf = [0u8; 4096];
+    let mut cmsg = nix::cmsg_space!([RawFd; 16]);
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let msg = nix::sys::socket::recvmsg::<()>(
+        socket.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .map_err(std::io::Error::from)?;
+    let mut fds = Vec::new();
+    for c in msg.cmsgs().map_err(std::io::Error::from)? {
+        if let nix::sys::socket::ControlMessageOwned::ScmRights(raw) = c {
+            for r in raw {
+                // SAFETY: the kernel installed this descriptor for us just now; it is
+                // wrapped exactly once.
+                fds.push(unsafe { OwnedFd::from_raw_fd(r) });
+            }
+        }
+    }
+    let len = msg.bytes;
+    Ok((String::from_utf8_lossy(&buf[..len]).into_owned(), fds))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nix::sys::socket::{recvmsg, ControlMessageOwned};
-    use std::os::fd::{AsFd, FromRawFd, RawFd};
+    use std::os::fd::AsFd;
 
     #[test]
     fn stores_and_removes_by_name() {
@@ -108,30 +140,11 @@ mod tests {
         };
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         store.store("web/http/tcp/127.0.0.1/0", l.as_fd()).unwrap();
-        let mut buf = [0u8; 256];
-        let mut cmsg = nix::cmsg_space!([RawFd; 1]);
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let msg = recvmsg::<()>(
-            server.as_raw_fd(),
-            &mut iov,
-            Some(&mut cmsg),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .unwrap();
-        let mut got = None;
-        for c in msg.cmsgs().unwrap() {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                // SAFETY: installed for us by the kernel just now.
-                got = Some(unsafe { OwnedFd::from_raw_fd(fds[0]) });
-            }
-        }
-        let len = msg.bytes;
-        assert_eq!(
-            std::str::from_utf8(&buf[..len]).unwrap(),
-            "FDSTORE=1\nFDNAME=web/http/tcp/127.0.0.1/0\n"
-        );
-        let got = std::net::TcpListener::from(got.expect("a descriptor"));
+        let (text, mut fds) = receive_notify(&server).unwrap();
+        assert_eq!(text, "FDSTORE=1\nFDNAME=web/http/tcp/127.0.0.1/0\n");
+        let got = std::net::TcpListener::from(fds.pop().expect("a descriptor"));
         assert_eq!(got.local_addr().unwrap(), l.local_addr().unwrap());
+        let mut buf = [0u8; 256];
         store.remove("web/http/tcp/127.0.0.1/0").unwrap();
         let n = server.recv(&mut buf).unwrap();
         assert_eq!(

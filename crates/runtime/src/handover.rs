@@ -413,6 +413,54 @@ pub fn start_successor(req: UpgradeRequest) -> Result<TookOver, String> {
     }
 }
 
+/// A command that starts `program` the way systemd passes sockets: `fds` at 3, 4, ...
+/// (`LISTEN_FDS`, `LISTEN_FDNAMES`) and `LISTEN_PID` set to the program's own pid, which
+/// is only known after the fork, so `/bin/sh` sets it and execs `program` (same pid).
+/// Add the program's arguments to the returned command. For tests and tools that stand
+/// in for systemd (restarting a daemon with the sockets of its fd store).
+///
+/// # Errors
+/// When the descriptors cannot be duplicated.
+pub fn systemd_style_command(
+    program: &std::path::Path,
+    fds: &[(String, BorrowedFd<'_>)],
+) -> std::io::Result<Command> {
+    let n = RawFd::try_from(fds.len()).unwrap_or(RawFd::MAX - 3);
+    // Copies above every target number (3..3+n), close-on-exec: dup2 onto the targets in
+    // the child can then never overwrite a copy not yet placed.
+    let mut high = Vec::with_capacity(fds.len());
+    for (_, fd) in fds {
+        let raw = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3 + n))
+            .map_err(std::io::Error::from)?;
+        // SAFETY: fcntl just returned this new descriptor; it is owned once, here.
+        high.push(unsafe { OwnedFd::from_raw_fd(raw) });
+    }
+    let names: Vec<&str> = fds.iter().map(|(name, _)| name.as_str()).collect();
+    let mut cmd = Command::new("/bin/sh");
+    cmd.arg("-c")
+        .arg("LISTEN_PID=$$; export LISTEN_PID; exec \"$0\" \"$@\"")
+        .arg(program)
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"));
+    let raw: Vec<RawFd> = high.iter().map(AsRawFd::as_raw_fd).collect();
+    // SAFETY: the closure only calls dup2(2), async-signal-safe, on descriptors open in
+    // the child (inherited copies of `high`, kept alive by the closure until the command
+    // is dropped); `raw` was allocated before the fork.
+    unsafe {
+        cmd.pre_exec(move || {
+            let _keep = &high;
+            for (i, fd) in raw.iter().enumerate() {
+                let target = 3 + RawFd::try_from(i).unwrap_or(0);
+                if libc::dup2(*fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(cmd)
+}
+
 /// The child closed its end: it is exiting; give it a moment to be reaped.
 fn wait_briefly(child: &mut Child) -> Option<std::process::ExitStatus> {
     let deadline = Instant::now() + Duration::from_secs(2);
