@@ -975,8 +975,7 @@ impl FdStoreHost {
             let (store, messages, stop) = (store.clone(), messages.clone(), stop.clone());
             std::thread::spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
-                    let Ok((text, fds)) = clusterd_runtime::fdstore::receive_notify(&socket)
-                    else {
+                    let Ok((text, fds)) = clusterd_runtime::fdstore::receive_notify(&socket) else {
                         continue;
                     };
                     let field = |key: &str| {

@@ -62,7 +62,11 @@ fn upgrade_under_load(mode: &str, by_signal: bool) {
     // The new daemon answers (the old one no longer accepts on the control socket).
     assert_eq!(d.reported_pid(), Some(new_pid));
     let out = d.cli(&["status"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     keepalive.wait_for(100);
     fresh.wait_for(100);
     let (ka, fr) = (keepalive.stop(), fresh.stop());
@@ -77,6 +81,11 @@ fn upgrade_under_load(mode: &str, by_signal: bool) {
         );
     }
     assert_eq!(d.ready_pids("web"), before, "the workers must be adopted");
+    assert!(
+        d.log().contains("took over a handed-over socket"),
+        "{}",
+        d.log()
+    );
     // The old daemon lets its connections finish and exits 0, without the workers.
     d.wait_retired(Duration::from_secs(20));
     assert!(!alive(old_pid));
@@ -149,9 +158,11 @@ fn crash_under_load(mode: &str) {
     d.spawn();
     let port = app_in_mode(&d, mode);
     let name = format!("web/{mode}/tcp/127.0.0.1/{port}");
-    eventually(Duration::from_secs(10), "the socket in the fd store", || {
-        host.names().contains(&name).then_some(())
-    });
+    eventually(
+        Duration::from_secs(10),
+        "the socket in the fd store",
+        || host.names().contains(&name).then_some(()),
+    );
     let before = d.ready_pids("web");
 
     let clients = 4;
@@ -177,6 +188,11 @@ fn crash_under_load(mode: &str) {
     );
     assert_eq!(d.ready_pids("web"), before, "the workers must be adopted");
     assert_eq!(host.names(), vec![name.clone()], "stored once, not twice");
+    let log = d.log();
+    assert!(
+        log.contains("source=\"LISTEN_FDS\"") && log.contains("took over a handed-over socket"),
+        "the restarted daemon must take the stored socket, not bind: {log}"
+    );
 
     // Closed for good: the app is removed, the socket leaves the store.
     d.remove_manifest("web.yaml");
@@ -184,7 +200,9 @@ fn crash_under_load(mode: &str) {
         host.names().is_empty().then_some(())
     });
     eventually(Duration::from_secs(20), "the port closed", || {
-        std::net::TcpStream::connect(local(port)).is_err().then_some(())
+        std::net::TcpStream::connect(local(port))
+            .is_err()
+            .then_some(())
     });
 }
 

@@ -227,17 +227,17 @@ impl<E: Effects> Controller<E> {
                         self.unrouted.push((app.clone(), id));
                     }
                     self.world.on_adopted(
-                    &app,
-                    id,
-                    w.index,
-                    plan::Template {
-                        revision: plan::Revision(w.revision.clone()),
-                        generation: w.generation,
-                    },
-                    state,
-                    started,
-                    now,
-                    &self.events,
+                        &app,
+                        id,
+                        w.index,
+                        plan::Template {
+                            revision: plan::Revision(w.revision.clone()),
+                            generation: w.generation,
+                        },
+                        state,
+                        started,
+                        now,
+                        &self.events,
                     );
                 }
                 Err(e) => self.events.push(

@@ -160,11 +160,11 @@ async fn serve(
     let successor = handover.successor();
     let control = match handover.take(clusterd_runtime::handover::CONTROL) {
         // The old daemon's control socket: requests queued on it are answered here.
-        Some(fd) => upgrade::control_from(fd)
-            .with_context(|| format!("the handed-over control socket {}", config.socket.display()))?,
-        None => api::bind(&config.socket).with_context(|| {
-            format!("binding the control socket {}", config.socket.display())
+        Some(fd) => upgrade::control_from(fd).with_context(|| {
+            format!("the handed-over control socket {}", config.socket.display())
         })?,
+        None => api::bind(&config.socket)
+            .with_context(|| format!("binding the control socket {}", config.socket.display()))?,
     };
     let control_dup = upgrade::duplicate(&control);
     let watch_dir = config.apps_dir.clone();
@@ -245,10 +245,15 @@ async fn serve(
                             None,
                             None,
                             clusterd_core::event::EventKind::Upgrade,
-                            format!("pid {} took over the sockets and workers", std::process::id()),
+                            format!(
+                                "pid {} took over the sockets and workers",
+                                std::process::id()
+                            ),
                         );
                     }
-                    Err(e) => tracing::warn!(error = %e, "cannot tell the previous daemon that this one took over"),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot tell the previous daemon that this one took over")
+                    }
                 }
             }
         });
@@ -272,7 +277,12 @@ async fn serve(
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "upgrade failed");
-                        events.push(None, None, clusterd_core::event::EventKind::UpgradeFailed, e.clone());
+                        events.push(
+                            None,
+                            None,
+                            clusterd_core::event::EventKind::UpgradeFailed,
+                            e.clone(),
+                        );
                         controller.upgrade_failed();
                         if let Some(reply) = reply {
                             let _ = reply.send(api::ApiReply::Json(

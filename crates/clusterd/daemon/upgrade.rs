@@ -127,7 +127,11 @@ pub async fn retire(
     api_task: tokio::task::JoinHandle<()>,
 ) {
     let old_pid = std::process::id();
-    tracing::info!(new_pid = took.pid, took_ms = took.elapsed.as_millis() as u64, "upgrade: the next daemon has taken over; retiring");
+    tracing::info!(
+        new_pid = took.pid,
+        took_ms = took.elapsed.as_millis() as u64,
+        "upgrade: the next daemon has taken over; retiring"
+    );
     if let Some(store) = clusterd_runtime::fdstore::FdStore::from_env() {
         // NotifyAccess=main accepts this from us, the main process, and from then on
         // from the new daemon.
@@ -149,7 +153,10 @@ pub async fn retire(
     shutdown.cancel();
     let _ = api_task.await;
     let started = std::time::Instant::now();
-    if tokio::time::timeout(RETIRE_BACKSTOP, proxies).await.is_err() {
+    if tokio::time::timeout(RETIRE_BACKSTOP, proxies)
+        .await
+        .is_err()
+    {
         tracing::warn!("upgrade: proxies still busy after the backstop; exiting anyway");
     }
     tracing::info!(

@@ -128,6 +128,11 @@ impl Handover {
         Some(self.fds.swap_remove(i).1)
     }
 
+    /// Returns a socket taken but not used after all (its app failed to bind another).
+    pub fn put_back(&mut self, name: String, fd: OwnedFd) {
+        self.fds.push((name, fd));
+    }
+
     /// The upgrade pair, to answer the old daemon once this one has taken over.
     pub fn successor(&mut self) -> Option<Successor> {
         self.successor.take()
@@ -176,7 +181,12 @@ fn take_listen_fds() -> Vec<(String, OwnedFd)> {
     let pid = std::env::var("LISTEN_PID").ok();
     let count = std::env::var("LISTEN_FDS").ok();
     let names = std::env::var("LISTEN_FDNAMES").unwrap_or_default();
-    for v in ["LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES", "LISTEN_PIDFDID"] {
+    for v in [
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "LISTEN_PIDFDID",
+    ] {
         std::env::remove_var(v);
     }
     let (Some(pid), Some(count)) = (pid, count) else {
@@ -342,7 +352,8 @@ pub fn start_successor(req: UpgradeRequest) -> Result<TookOver, String> {
     .map_err(|e| format!("socketpair: {e}"))?;
     let their_fd = theirs.as_raw_fd();
     let mut cmd = Command::new(&req.binary);
-    cmd.args(&req.args).env(UPGRADE_FD_ENV, their_fd.to_string());
+    cmd.args(&req.args)
+        .env(UPGRADE_FD_ENV, their_fd.to_string());
     // SAFETY: the closure only calls fcntl(2), which is async-signal-safe, on a
     // descriptor number that is open in the child (inherited from the fork).
     unsafe {
@@ -402,7 +413,12 @@ pub fn start_successor(req: UpgradeRequest) -> Result<TookOver, String> {
         }),
         Ok(Some((text, _))) => Err(fail(&mut child, format!("answered {text:?}"))),
         Ok(None) => Err(fail(&mut child, "exited before taking over".into())),
-        Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
+        Err(e)
+            if matches!(
+                e.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
             let _ = child.kill();
             Err(fail(
                 &mut child,
@@ -479,7 +495,8 @@ fn describe_status(status: std::process::ExitStatus) -> String {
         (Some(code), _) => format!("exit code {code}"),
         (None, Some(sig)) => format!(
             "killed by {}",
-            nix::sys::signal::Signal::try_from(sig).map_or_else(|_| sig.to_string(), |s| s.to_string())
+            nix::sys::signal::Signal::try_from(sig)
+                .map_or_else(|_| sig.to_string(), |s| s.to_string())
         ),
         _ => status.to_string(),
     }
@@ -514,7 +531,12 @@ mod tests {
         .unwrap();
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
-        send(a.as_fd(), b"FD web/http/tcp/127.0.0.1/0", Some(l.as_raw_fd())).unwrap();
+        send(
+            a.as_fd(),
+            b"FD web/http/tcp/127.0.0.1/0",
+            Some(l.as_raw_fd()),
+        )
+        .unwrap();
         send(a.as_fd(), b"END", None).unwrap();
         drop(l);
         let mut got = receive(&b).unwrap();

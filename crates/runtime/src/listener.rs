@@ -218,13 +218,22 @@ impl BoundListener {
             Protocol::Udp => Type::DGRAM,
         };
         if ty != expected {
-            return Err(wrong(format!("{local_addr} is not a {} socket", protocol_name(protocol))));
+            return Err(wrong(format!(
+                "{local_addr} is not a {} socket",
+                protocol_name(protocol)
+            )));
         }
         Ok(BoundListener {
             fd: socket.into(),
             local_addr,
             protocol,
         })
+    }
+
+    /// The socket itself (to keep it for a later handover).
+    #[must_use]
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
     }
 
     /// Whether the socket is currently in non-blocking mode (for checks and tests).

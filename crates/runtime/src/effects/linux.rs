@@ -48,6 +48,8 @@ struct ListenerEntry {
     proxy: CancellationToken,
     /// Stops the proxy for an upgrade (see [`proxy::serve_http_retirable`]).
     retire: CancellationToken,
+    /// Taken from a handover rather than bound here.
+    handed: bool,
 }
 
 /// An app's public sockets. Bound once and kept for the app's whole life, so no worker
@@ -483,6 +485,7 @@ impl Effects for LinuxEffects {
                     routes,
                     proxy,
                     retire,
+                    handed: !fresh,
                 });
             }
             Ok(())
@@ -495,8 +498,11 @@ impl Effects for LinuxEffects {
             Err(e) => {
                 for a in added {
                     a.proxy.cancel();
-                    // Bound for nothing: it must not linger in the fd store either.
-                    if let Some(store) = &self.fdstore {
+                    if a.handed {
+                        // Still the previous daemon's socket: keep it for the next try.
+                        self.handover.put_back(a.name, a.bound.into_fd());
+                    } else if let Some(store) = &self.fdstore {
+                        // Bound for nothing: it must not linger in the fd store either.
                         let _ = store.remove(&a.name);
                     }
                 }
