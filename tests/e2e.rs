@@ -25,3 +25,6 @@ mod gitops;
 
 #[path = "e2e/upgrade.rs"]
 mod upgrade;
+
+#[path = "e2e/faults.rs"]
+mod faults;

@@ -17,6 +17,10 @@ pub struct StatusReport {
     /// GitOps sync state, when the daemon follows a git repository.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync: Option<SyncStatus>,
+    /// Problems of the daemon itself that put its guarantees at risk (e.g. the state dir
+    /// is not writable: a restart could not adopt the newest workers).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub daemon_errors: Vec<String>,
 }
 
 /// One app.

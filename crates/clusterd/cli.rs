@@ -3,13 +3,14 @@
 //! operational errors (like `kubectl diff` and `grep`).
 
 use std::ffi::OsString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::Client;
+use crate::output::Format;
 use crate::{daemon, output};
 
 /// clusterd: N workers behind one port, rolling reloads, for any language.
@@ -228,17 +229,6 @@ impl ConnArgs {
     }
 }
 
-/// Output formats of `status`.
-#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum Format {
-    /// Like `kubectl get`.
-    Table,
-    /// The status JSON.
-    Json,
-    /// The same as YAML.
-    Yaml,
-}
-
 /// Default file locations: system paths as root, XDG paths otherwise.
 #[derive(Debug, Clone)]
 pub struct Paths {
@@ -369,30 +359,4 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
 /// Parses a duration flag like `10s` with the manifest's rules.
 pub fn parse_duration_arg(text: &str) -> anyhow::Result<Duration> {
     clusterd_core::model::parse_duration(text).map_err(|e| anyhow::anyhow!(e))
-}
-
-/// Expands directories into the manifest files they hold (`*.yaml`, `*.yml`), sorted.
-pub fn expand_manifest_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
-    let mut out = Vec::new();
-    for p in paths {
-        if p.is_dir() {
-            let mut found: Vec<PathBuf> = std::fs::read_dir(p)?
-                .filter_map(Result::ok)
-                .map(|e| e.path())
-                .filter(|p| is_manifest_name(p))
-                .collect();
-            found.sort();
-            out.extend(found);
-        } else {
-            out.push(p.clone());
-        }
-    }
-    Ok(out)
-}
-
-/// A manifest file name (the rule lives in core, shared with the daemon and GitOps).
-pub fn is_manifest_name(path: &Path) -> bool {
-    path.file_name()
-        .and_then(|n| n.to_str())
-        .is_some_and(clusterd_core::load::is_manifest_name)
 }

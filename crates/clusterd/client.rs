@@ -12,6 +12,14 @@ use tokio::net::UnixStream;
 
 use crate::api_types::ApiError;
 
+/// How long one request may take: `CLUSTERD_TIMEOUT` (`10s`, `1m`), default 30 s.
+fn call_timeout() -> std::time::Duration {
+    std::env::var("CLUSTERD_TIMEOUT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(v.trim()).ok())
+        .unwrap_or(std::time::Duration::from_secs(30))
+}
+
 /// Receives each chunk of a streamed body; returning false stops the stream.
 type ChunkSink<'a> = dyn FnMut(&[u8]) -> bool + 'a;
 
@@ -39,8 +47,19 @@ impl Client {
 
     fn call<T: DeserializeOwned>(&self, method: Method, path: &str) -> anyhow::Result<T> {
         let rt = runtime()?;
+        let timeout = call_timeout();
         rt.block_on(async {
-            let (status, body) = self.request(method, path, None).await?;
+            // A stopped (SIGSTOP) or wedged daemon accepts the connection and never
+            // answers: give up with a clear message instead of hanging forever.
+            let (status, body) = tokio::time::timeout(timeout, self.request(method, path, None))
+                .await
+                .map_err(|_| {
+                    anyhow!(
+                        "clusterd at {} did not answer within {} (is it stopped or overloaded? CLUSTERD_TIMEOUT sets the limit)",
+                        self.socket.display(),
+                        humantime::format_duration(timeout)
+                    )
+                })??;
             decode(status, &body)
         })
     }

@@ -9,7 +9,6 @@ use anyhow::{bail, Context};
 use comfy_table::{presets, ContentArrangement, Table};
 
 use crate::api_types::{AppStatus, DaemonInfo, Event, ReloadReply, StatusReport};
-use crate::cli::{expand_manifest_paths, Format};
 use crate::client::Client;
 
 /// `clusterd status [APP] [-o ...]`.
@@ -20,7 +19,12 @@ pub fn status(client: &Client, app: Option<&str>, format: Format) -> anyhow::Res
             match format {
                 Format::Json => println!("{}", serde_json::to_string_pretty(&report)?),
                 Format::Yaml => print!("{}", to_yaml(&report)?),
-                Format::Table => print_apps(&report.apps),
+                Format::Table => {
+                    for problem in &report.daemon_errors {
+                        eprintln!("WARNING (daemon): {problem}");
+                    }
+                    print_apps(&report.apps);
+                }
             }
         }
         Some(name) => {
@@ -620,4 +624,41 @@ pub fn sync(client: &Client) -> anyhow::Result<ExitCode> {
     let answer: serde_json::Value = client.post("/v1/sync")?;
     println!("{}", serde_json::to_string_pretty(&answer)?);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Output formats of `status`.
+#[derive(Debug, Clone, Copy, clap::ValueEnum, PartialEq, Eq)]
+pub enum Format {
+    /// Like `kubectl get`.
+    Table,
+    /// The status JSON.
+    Json,
+    /// The same as YAML.
+    Yaml,
+}
+
+/// Expands directories into the manifest files they hold (`*.yaml`, `*.yml`), sorted.
+pub fn expand_manifest_paths(paths: &[PathBuf]) -> anyhow::Result<Vec<PathBuf>> {
+    let mut out = Vec::new();
+    for p in paths {
+        if p.is_dir() {
+            let mut found: Vec<PathBuf> = std::fs::read_dir(p)?
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| is_manifest_name(p))
+                .collect();
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(p.clone());
+        }
+    }
+    Ok(out)
+}
+
+/// A manifest file name (the rule lives in core, shared with the daemon and GitOps).
+pub fn is_manifest_name(path: &Path) -> bool {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .is_some_and(clusterd_core::load::is_manifest_name)
 }

@@ -53,6 +53,8 @@ pub struct Controller<E: Effects> {
     next_rotation: Option<Instant>,
     next_rescan: Instant,
     last_saved: Option<state::Saved>,
+    /// The worker state could not be written (shown in status, logged once).
+    state_error: Option<String>,
     /// GitOps: asks the sync loop for a sync now (`POST /v1/sync`).
     sync_trigger: Option<mpsc::Sender<clusterd_runtime::gitops::SyncReply>>,
     /// GitOps: the status JSON's `sync` block.
@@ -113,6 +115,7 @@ impl<E: Effects> Controller<E> {
             next_rotation: None,
             next_rescan: Instant::now() + RESCAN_BACKSTOP,
             last_saved: None,
+            state_error: None,
             sync_trigger,
             sync,
             watching: rewatch.is_some(),
@@ -171,6 +174,12 @@ impl<E: Effects> Controller<E> {
     #[cfg(test)]
     pub fn effects(&self) -> &E {
         &self.effects
+    }
+
+    /// Why the worker state cannot be written, if it cannot.
+    #[cfg(test)]
+    pub fn state_error(&self) -> Option<&str> {
+        self.state_error.as_deref()
     }
 
     /// Manifest files read so far (a read of an unchanged file is a bug).
@@ -333,6 +342,9 @@ impl<E: Effects> Controller<E> {
         }
         if self.next_rotation.is_some_and(|t| t <= now) {
             self.next_rotation = None;
+            for (app, what) in self.effects.repair_listeners() {
+                self.world.on_listener_lost(&app, what, &self.events);
+            }
             for app in self.world.apps.values() {
                 if let (Some(current), false) = (&app.current, app.procs.is_empty()) {
                     self.effects.rotate_logs(&app.name, &current.spec.logs);
@@ -710,9 +722,35 @@ impl<E: Effects> Controller<E> {
         }
         self.world.dirty = false;
         let saved = state::project(&self.world);
-        if self.last_saved.as_ref() != Some(&saved) {
-            state::store(&self.config.state_dir, &saved);
-            self.last_saved = Some(saved);
+        if self.last_saved.as_ref() == Some(&saved) {
+            return;
+        }
+        match state::store(&self.config.state_dir, &saved) {
+            Ok(()) => {
+                if self.state_error.take().is_some() {
+                    self.events.push(
+                        None,
+                        None,
+                        EventKind::StateSaved,
+                        "the worker state is written again".into(),
+                    );
+                }
+                self.last_saved = Some(saved);
+            }
+            Err(e) => {
+                // Keep the last file written: a restarted daemon adopts from it.
+                let what = format!(
+                    "cannot write {}: {e}; a daemon restart now would not adopt the newest workers",
+                    state::path(&self.config.state_dir).display()
+                );
+                if self.state_error.as_deref() != Some(&what) {
+                    self.events
+                        .push(None, None, EventKind::StateFailed, what.clone());
+                }
+                self.state_error = Some(what);
+                // Try again on the next change.
+                self.world.dirty = true;
+            }
         }
     }
 
@@ -854,7 +892,11 @@ impl<E: Effects> Controller<E> {
             error: s.error.clone(),
             at: s.at.map(super::rfc3339),
         });
-        crate::api_types::StatusReport { apps, sync }
+        crate::api_types::StatusReport {
+            apps,
+            sync,
+            daemon_errors: self.state_error.iter().cloned().collect(),
+        }
     }
 }
 

@@ -145,11 +145,77 @@ fn runtime_threads(cpus: u32) -> usize {
         .unwrap_or_else(|| cpus.clamp(1, 4) as usize)
 }
 
+/// Takes an exclusive lock on the state dir and on the apps dir for the daemon's life.
+/// A second daemon on either would take over the notify socket, adopt the first one's
+/// workers (and kill them when it stops), or run every app twice.
+///
+/// On upgrade the previous daemon hands its locked descriptors over (`lock/state`,
+/// `lock/apps`): a flock belongs to the open file description, so the new daemon holds
+/// the very same locks, and they never lapse between the two daemons.
+///
+/// # Errors
+/// Another process holds a lock: says which pid, from /proc/locks.
+fn lock_dirs(
+    config: &Config,
+    handover: &mut clusterd_runtime::handover::Handover,
+) -> anyhow::Result<Vec<nix::fcntl::Flock<std::fs::File>>> {
+    use nix::fcntl::{Flock, FlockArg};
+    let mut locks = Vec::new();
+    for (dir, what, name) in [
+        (&config.state_dir, "state dir", upgrade::LOCK_STATE),
+        (&config.apps_dir, "apps dir", upgrade::LOCK_APPS),
+    ] {
+        let file = match handover.take(name) {
+            Some(fd) => std::fs::File::from(fd),
+            None => std::fs::File::open(dir)
+                .with_context(|| format!("opening the {what} {}", dir.display()))?,
+        };
+        match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+            Ok(lock) => locks.push(lock),
+            Err((file, _)) => {
+                use std::os::unix::fs::MetadataExt;
+                let holder = file
+                    .metadata()
+                    .ok()
+                    .and_then(|m| lock_holder(m.dev(), m.ino()))
+                    .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+                anyhow::bail!(
+                    "another clusterd{holder} is already running on the {what} {}; stop it first, or give this one other --state-dir/--apps-dir",
+                    dir.display()
+                );
+            }
+        }
+    }
+    Ok(locks)
+}
+
+/// The pid holding a flock on the file with this device and inode, from /proc/locks
+/// (`1: FLOCK  ADVISORY  WRITE 1234 fd:01:5678 0 EOF`).
+fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
+    let text = std::fs::read_to_string("/proc/locks").ok()?;
+    let major = nix::sys::stat::major(dev);
+    let minor = nix::sys::stat::minor(dev);
+    text.lines().find_map(|line| {
+        let f: Vec<&str> = line.split_whitespace().collect();
+        if f.get(1) != Some(&"FLOCK") {
+            return None;
+        }
+        let id: Vec<&str> = f.get(5)?.split(':').collect();
+        let (maj, min, inode) = (
+            u64::from_str_radix(id.first()?, 16).ok()?,
+            u64::from_str_radix(id.get(1)?, 16).ok()?,
+            id.get(2)?.parse::<u64>().ok()?,
+        );
+        (maj == major && min == minor && inode == ino).then(|| f.get(4)?.parse().ok())?
+    })
+}
+
 async fn serve(
     config: Config,
     mut handover: clusterd_runtime::handover::Handover,
     upgrade: upgrade::Spec,
 ) -> anyhow::Result<()> {
+    let locks = lock_dirs(&config, &mut handover)?;
     let (tx, mut rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let events = events::EventLog::new();
@@ -264,9 +330,13 @@ async fn serve(
         match controller.run_until(&mut rx).await {
             controller::Stop::Stopped => break,
             controller::Stop::Upgrade(reply) => {
-                let outcome =
-                    upgrade::hand_over(&upgrade, controller.effects_mut(), control_dup.as_ref())
-                        .await;
+                let outcome = upgrade::hand_over(
+                    &upgrade,
+                    controller.effects_mut(),
+                    control_dup.as_ref(),
+                    &locks,
+                )
+                .await;
                 match outcome {
                     Ok(took) => {
                         upgrade::retire(took, reply, controller.effects_mut(), shutdown, api_task)

@@ -104,17 +104,19 @@ pub fn load(state_dir: &Path) -> Saved {
     }
 }
 
-/// Writes the file atomically.
-pub fn store(state_dir: &Path, saved: &Saved) {
+/// Writes the file atomically (and durably: a crash right after must find it).
+///
+/// # Errors
+/// Why it could not be written (read-only or full state dir...).
+pub fn store(state_dir: &Path, saved: &Saved) -> std::io::Result<()> {
+    use std::io::Write;
     let p = path(state_dir);
     let tmp = state_dir.join(".workers.json.tmp");
-    let result = serde_json::to_vec_pretty(saved)
-        .map_err(std::io::Error::other)
-        .and_then(|bytes| std::fs::write(&tmp, bytes))
-        .and_then(|()| std::fs::rename(&tmp, &p));
-    if let Err(e) = result {
-        tracing::warn!(file = %p.display(), error = %e, "cannot save worker state");
-    }
+    let bytes = serde_json::to_vec_pretty(saved).map_err(std::io::Error::other)?;
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(&bytes)?;
+    f.sync_data()?;
+    std::fs::rename(&tmp, &p)
 }
 
 /// Removes the file (clean shutdown: nothing left to adopt).

@@ -222,7 +222,8 @@ async fn adoption_with_a_fresh_manifest_keeps_workers_and_socket() {
     state::store(
         &h.dir.path().join("state"),
         &saved_workers("web", &rev, &[4001, 4002]),
-    );
+    )
+    .unwrap();
     // Still open for writing when the daemon starts: the intake holds it back.
     h.write("web.yaml", &text, Duration::ZERO);
     let writer = std::fs::File::options()
@@ -269,7 +270,8 @@ async fn adoption_without_a_manifest_drains() {
     state::store(
         &h.dir.path().join("state"),
         &saved_workers("old", "deadbeef", &[4001]),
-    );
+    )
+    .unwrap();
     h.ctl.start();
     h.settle().await;
     assert!(
@@ -431,4 +433,31 @@ async fn an_unreadable_manifest_keeps_the_app_running() {
         app.error
     );
     assert!(app.current.is_some());
+}
+
+/// Issue 18.9: a state dir that cannot be written is reported (status and events), the
+/// last file written stays for adoption, and recovery is reported too.
+#[tokio::test]
+async fn an_unwritable_state_dir_is_reported_and_the_last_state_kept() {
+    let mut h = Harness::new(Fake::default());
+    h.write("web.yaml", &manifest("web", 1, ""), Duration::from_secs(10));
+    h.ctl.start();
+    h.settle().await;
+    let state_dir = h.dir.path().join("state");
+    let before = std::fs::read(state::path(&state_dir)).unwrap();
+    // Even root cannot create a file where a directory is.
+    std::fs::create_dir(state_dir.join(".workers.json.tmp")).unwrap();
+    h.write("web.yaml", &manifest("web", 2, ""), Duration::from_secs(10));
+    h.ctl.rescan();
+    h.settle().await;
+    let error = h.ctl.state_error().expect("reported").to_string();
+    assert!(error.contains("cannot write"), "{error}");
+    assert_eq!(std::fs::read(state::path(&state_dir)).unwrap(), before);
+    std::fs::remove_dir(state_dir.join(".workers.json.tmp")).unwrap();
+    h.write("web.yaml", &manifest("web", 3, ""), Duration::from_secs(10));
+    h.ctl.rescan();
+    h.settle().await;
+    assert!(h.ctl.state_error().is_none());
+    let saved = state::load(&state_dir);
+    assert_eq!(saved.workers.len(), 3);
 }

@@ -23,6 +23,11 @@ use tokio_util::sync::CancellationToken;
 use super::api::ApiReply;
 use crate::api_types::UpgradeReply;
 
+/// The names of the state and apps dir locks in a handover.
+pub const LOCK_STATE: &str = "lock/state";
+/// See [`LOCK_STATE`].
+pub const LOCK_APPS: &str = "lock/apps";
+
 /// How long the next daemon may take from its start to "taken over" (adoption and the
 /// first scan; a manifest being written can hold that up by up to 5 s).
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(30);
@@ -95,6 +100,7 @@ pub async fn hand_over(
     spec: &Spec,
     effects: &mut LinuxEffects,
     control: Option<&OwnedFd>,
+    locks: &[nix::fcntl::Flock<std::fs::File>],
 ) -> Result<TookOver, String> {
     let mut fds = effects.handover_fds()?;
     if let Some(c) = control {
@@ -102,6 +108,14 @@ pub async fn hand_over(
             .try_clone()
             .map_err(|e| format!("dup control socket: {e}"))?;
         fds.push((handover::CONTROL.to_string(), fd));
+    }
+    // The same order as `lock_dirs` takes them.
+    for (lock, name) in locks.iter().zip([LOCK_STATE, LOCK_APPS]) {
+        let fd = lock
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| format!("dup {name}: {e}"))?;
+        fds.push((name.to_string(), fd));
     }
     tracing::info!(binary = %spec.binary.display(), sockets = fds.len(), "upgrade: starting the next daemon");
     let req = UpgradeRequest {

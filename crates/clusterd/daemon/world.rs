@@ -100,6 +100,8 @@ pub struct AppRecord {
     /// Pids adopted from a previous daemon, until the app's sockets are bound (an
     /// inherit-mode socket is taken back from them rather than bound anew).
     pub adopted_pids: Vec<i32>,
+    /// A socket was lost and bound anew: `runtime_error` says so until Available.
+    pub listener_lost: bool,
     /// The planner's view of the app's workers and instance slots.
     pub observed: ObservedApp,
     /// Process facts of the same workers (same keys as `observed.workers`).
@@ -120,6 +122,7 @@ impl AppRecord {
             first_seen: SystemTime::now(),
             removed: false,
             adopted_pids: Vec::new(),
+            listener_lost: false,
             observed: ObservedApp::default(),
             procs: BTreeMap::new(),
         }
@@ -307,6 +310,21 @@ impl World {
                 EventKind::Removed,
                 format!("{} is gone: draining every worker", app.source.display()),
             );
+        }
+    }
+
+    /// An inherit-mode socket stopped listening and was bound anew: every worker still
+    /// holds the dead one, so all are replaced (a new generation, like a reload), and the
+    /// app shows the reason until it is Available again.
+    pub fn on_listener_lost(&mut self, name: &AppName, what: String, events: &EventLog) {
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        events.push(Some(&name.0), None, EventKind::ListenFailed, what.clone());
+        app.runtime_error = Some(what);
+        if app.current.is_some() && !app.removed {
+            app.generation += 1;
+            app.listener_lost = true;
         }
     }
 
@@ -539,6 +557,9 @@ impl World {
         match action {
             Action::Spawn { .. } => return,
             Action::MarkAvailable { template, .. } => {
+                if std::mem::take(&mut app.listener_lost) {
+                    app.runtime_error = None;
+                }
                 if app.observed.last_good.as_ref() != Some(template) {
                     events.push(
                         Some(&name.0),

@@ -62,6 +62,10 @@ pub enum EventKind {
     Upgrade,
     /// The next daemon did not start or take over; this one keeps running.
     UpgradeFailed,
+    /// The worker state file cannot be written (adoption after a restart is at risk).
+    StateFailed,
+    /// The worker state file is written again.
+    StateSaved,
 }
 
 impl EventKind {
@@ -93,6 +97,8 @@ impl EventKind {
             EventKind::Shutdown => "shutdown",
             EventKind::Upgrade => "upgrade",
             EventKind::UpgradeFailed => "upgrade-failed",
+            EventKind::StateFailed => "state-failed",
+            EventKind::StateSaved => "state-saved",
         }
     }
 }
@@ -135,6 +141,8 @@ mod tests {
             Shutdown,
             Upgrade,
             UpgradeFailed,
+            StateFailed,
+            StateSaved,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));

@@ -87,6 +87,18 @@ impl BoundListener {
         Self::bind(addr, Protocol::Udp, DEFAULT_BACKLOG)
     }
 
+    /// Whether a TCP socket still listens (`SO_ACCEPTCONN`). A worker holding a copy of
+    /// an inherit-mode socket can stop it for everyone with `shutdown(fd, SHUT_RD)`;
+    /// `listen()` again does not bring it back, a new socket on the same address does.
+    /// UDP sockets always count as listening.
+    pub fn is_listening(&self) -> bool {
+        if self.protocol != Protocol::Tcp {
+            return true;
+        }
+        nix::sys::socket::getsockopt(&self.fd, nix::sys::socket::sockopt::AcceptConn)
+            .unwrap_or(true)
+    }
+
     /// The address actually bound (the real port when 0 was asked for).
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr

@@ -66,24 +66,20 @@ pub fn start_time(pid: i32) -> Option<u64> {
 
 /// Clock ticks per second (`_SC_CLK_TCK`), the unit of CPU and start times.
 pub fn clock_ticks() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if v > 0 {
-        v as u64
-    } else {
-        100
-    }
+    sysconf(nix::unistd::SysconfVar::CLK_TCK).unwrap_or(100)
 }
 
 /// Page size in bytes.
 pub fn page_size() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if v > 0 {
-        v as u64
-    } else {
-        4096
-    }
+    sysconf(nix::unistd::SysconfVar::PAGE_SIZE).unwrap_or(4096)
+}
+
+fn sysconf(var: nix::unistd::SysconfVar) -> Option<u64> {
+    nix::unistd::sysconf(var)
+        .ok()
+        .flatten()
+        .and_then(|v| u64::try_from(v).ok())
+        .filter(|v| *v > 0)
 }
 
 /// Resource use of one process group at one moment.

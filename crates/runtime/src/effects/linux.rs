@@ -776,6 +776,34 @@ impl Effects for LinuxEffects {
         self.settle_handover();
     }
 
+    fn repair_listeners(&mut self) -> Vec<(AppName, String)> {
+        let mut repaired = Vec::new();
+        for (app, set) in &mut self.listeners {
+            for e in set.entries.iter_mut().filter(|e| e.routes.is_none()) {
+                if e.bound.is_listening() {
+                    continue;
+                }
+                let addr = e.bound.local_addr();
+                // The dead socket keeps its address bound; SO_REUSEADDR lets a new one
+                // take it.
+                match BoundListener::bind(addr, e.key.protocol, crate::listener::DEFAULT_BACKLOG) {
+                    Ok(fresh) => {
+                        e.bound = fresh;
+                        repaired.push((
+                            app.clone(),
+                            format!("{addr} stopped listening (a worker shut the shared socket down); bound it anew, replacing every worker"),
+                        ));
+                    }
+                    Err(err) => repaired.push((
+                        app.clone(),
+                        format!("{addr} stopped listening (a worker shut the shared socket down) and cannot be bound anew: {err}"),
+                    )),
+                }
+            }
+        }
+        repaired
+    }
+
     fn rotate_logs(&mut self, app: &AppName, logs: &Logs) {
         if let Err(e) = crate::logs::rotate_app(&self.config.log_dir, &app.0, logs.into()) {
             tracing::warn!(app = %app, error = %e, "log rotation");
