@@ -48,14 +48,24 @@ pub enum ApiReply {
 
 /// Serves until `shutdown` is cancelled, then gives the connections in progress a moment
 /// to send their answers (an upgrade's reply is written after the next daemon took over).
+/// While `paused` is true nothing is accepted: during an upgrade new requests wait in the
+/// socket's queue for whichever daemon serves next, instead of reaching a controller that
+/// may never answer them.
 pub async fn serve(
     listener: UnixListener,
     loop_tx: mpsc::UnboundedSender<Msg>,
     events: EventLog,
     shutdown: CancellationToken,
+    mut paused: tokio::sync::watch::Receiver<bool>,
 ) {
     let connections = tokio_util::task::TaskTracker::new();
     loop {
+        if *paused.borrow_and_update() {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                _ = paused.changed() => continue,
+            }
+        }
         let stream = tokio::select! {
             () = shutdown.cancelled() => {
                 connections.close();

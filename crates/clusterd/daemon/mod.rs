@@ -224,6 +224,7 @@ async fn serve(
         tracing::info!(source = handover.source, sockets = ?handover.names(), "sockets handed over by the previous daemon");
     }
     let successor = handover.successor();
+    let upgraded = successor.is_some();
     let control = match handover.take(clusterd_runtime::handover::CONTROL) {
         // The old daemon's control socket: requests queued on it are answered here.
         Some(fd) => upgrade::control_from(fd).with_context(|| {
@@ -251,11 +252,13 @@ async fn serve(
         }
     };
     rewatch();
+    let (pause_api, api_paused) = tokio::sync::watch::channel(false);
     let api_task = tokio::spawn(api::serve(
         control,
         tx.clone(),
         events.clone(),
         shutdown.clone(),
+        api_paused,
     ));
     spawn_signal_handler(tx.clone());
 
@@ -325,11 +328,19 @@ async fn serve(
         });
     }
     tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, pid = std::process::id(), "clusterd started");
-    notify_systemd_ready();
+    // An upgraded daemon joins a service systemd already sees as ready; it becomes the
+    // main process when its predecessor sends MAINPID= (before that, NotifyAccess=main
+    // would drop the message anyway).
+    if !upgraded {
+        notify_systemd_ready();
+    }
     loop {
         match controller.run_until(&mut rx).await {
             controller::Stop::Stopped => break,
             controller::Stop::Upgrade(reply) => {
+                // Control requests from now on wait in the socket's queue: the next
+                // daemon answers them, or this one if the upgrade fails.
+                pause_api.send_replace(true);
                 let outcome = upgrade::hand_over(
                     &upgrade,
                     controller.effects_mut(),
@@ -341,11 +352,19 @@ async fn serve(
                     Ok(took) => {
                         upgrade::retire(took, reply, controller.effects_mut(), shutdown, api_task)
                             .await;
+                        // Requests that reached this daemon just before the pause.
+                        rx.close();
+                        while let Ok(msg) = rx.try_recv() {
+                            if let Msg::Api(_, r) | Msg::Upgrade(Some(r)) = msg {
+                                let _ = r.send(upgrade::moved_on());
+                            }
+                        }
                         // The sockets, the notify socket, workers.json and the control
                         // socket's path now belong to the next daemon: touch none of them.
                         return Ok(());
                     }
                     Err(e) => {
+                        pause_api.send_replace(false);
                         tracing::error!(error = %e, "upgrade failed");
                         events.push(
                             None,

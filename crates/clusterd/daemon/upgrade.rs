@@ -182,6 +182,14 @@ pub async fn retire(
     std::mem::forget(took.child);
 }
 
+/// The answer to a request that reached this daemon after it handed over.
+pub fn moved_on() -> ApiReply {
+    ApiReply::Json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        json!({"error": "this daemon has just handed over to its successor; ask again"}),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
