@@ -124,6 +124,8 @@ fn an_upgrade_to_a_binary_that_fails_keeps_the_old_daemon() {
     d.set_env("CLUSTERD_UPGRADE_BINARY", "/bin/false");
     d.spawn();
     let port = app_in_mode(&d, "http");
+    d.write_manifest("ready.yaml", &demo_manifest("ready", free_port(), 1, ""));
+    d.wait_phase("ready", "Available", Duration::from_secs(20));
     let before = d.ready_pids("web");
     let old_pid = d.pid();
     let load = Load::start(local(port), "/", 3, false);
@@ -143,8 +145,15 @@ fn an_upgrade_to_a_binary_that_fails_keeps_the_old_daemon() {
     assert_eq!(d.ready_pids("web"), before);
     let events = String::from_utf8_lossy(&d.cli(&["events"]).stdout).to_string();
     assert!(events.contains("upgrade-failed"), "{events}");
-    // Still fully in charge: a reload works.
+    // Still fully in charge: a reload works, in http mode and in inherit mode, whose
+    // readiness is READY=1 on the notify socket (read again after the failed attempt).
     d.reload_under("web", Load::start(local(port), "/", 3, true));
+    let out = d.cli(&["reload", "ready"]);
+    assert!(
+        out.status.success(),
+        "notify readiness after a failed upgrade: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// SIGKILL of the daemon under new-connection load, restarted at once with the sockets

@@ -365,6 +365,7 @@ async fn serve(
                     }
                     Err(e) => {
                         pause_api.send_replace(false);
+                        controller.effects_mut().resume_notify();
                         tracing::error!(error = %e, "upgrade failed");
                         events.push(
                             None,

@@ -102,6 +102,8 @@ pub async fn hand_over(
     control: Option<&OwnedFd>,
     locks: &[nix::fcntl::Flock<std::fs::File>],
 ) -> Result<TookOver, String> {
+    // First, so that every failure below finds it paused (the caller resumes it).
+    effects.pause_notify();
     let mut fds = effects.handover_fds()?;
     if let Some(c) = control {
         let fd = c

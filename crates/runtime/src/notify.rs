@@ -132,6 +132,14 @@ impl NotifySocket {
         })
     }
 
+    /// Shares `registry` (the adopted groups) instead of a fresh one: a reader started
+    /// again on the same socket accepts the same workers.
+    #[must_use]
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
     /// A duplicate of the socket, to hand to the next daemon on upgrade.
     ///
     /// # Errors

@@ -98,7 +98,8 @@ pub struct LinuxEffects {
     fdstore: Option<FdStore>,
     /// A duplicate of the notify socket, for the next daemon on upgrade.
     notify_dup: Option<OwnedFd>,
-    /// The notify socket's reader: stopped once the next daemon reads it.
+    /// The notify socket's reader: paused while the next daemon starts (its workers'
+    /// `READY=1` must reach the daemon that will act on it), stopped once it took over.
     notify_task: tokio::task::JoinHandle<()>,
 }
 
@@ -211,6 +212,33 @@ impl LinuxEffects {
             out.push((handover::NOTIFY.to_string(), fd));
         }
         Ok(out)
+    }
+
+    /// Stops reading the notify socket while the next daemon starts: datagrams queue in
+    /// the socket for whichever daemon serves next ([`LinuxEffects::resume_notify`] if
+    /// the upgrade fails).
+    pub fn pause_notify(&mut self) {
+        self.notify_task.abort();
+    }
+
+    /// Reads the notify socket again (an upgrade failed).
+    pub fn resume_notify(&mut self) {
+        let Some(dup) = self.notify_dup.as_ref().and_then(|d| d.try_clone().ok()) else {
+            tracing::error!(
+                "cannot read the notify socket again; readiness falls back to timeouts"
+            );
+            return;
+        };
+        match NotifySocket::from_handover(dup, &self.config.notify_path) {
+            Ok(notify) => {
+                self.notify_task = notify
+                    .with_registry(self.notify_registry.clone())
+                    .spawn(self.notify_reports.clone());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the notify socket again; readiness falls back to timeouts");
+            }
+        }
     }
 
     /// The next daemon has taken over (upgrade): stop reading the notify socket (its
