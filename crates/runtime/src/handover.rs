@@ -564,6 +564,31 @@ mod tests {
     }
 
     #[test]
+    fn systemd_style_command_passes_fds_at_3_with_names_and_the_right_pid() {
+        let a = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let b = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let fds = [
+            ("x/http".to_string(), a.as_fd()),
+            ("y/tcp".to_string(), b.as_fd()),
+        ];
+        let out = systemd_style_command(std::path::Path::new("/bin/sh"), &fds)
+            .unwrap()
+            .arg("-c")
+            .arg(r#"echo "$LISTEN_PID $$ $LISTEN_FDS $LISTEN_FDNAMES"; readlink /proc/$$/fd/3 /proc/$$/fd/4"#)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut lines = text.lines();
+        let first: Vec<&str> = lines.next().unwrap().split(' ').collect();
+        assert_eq!(
+            first[0], first[1],
+            "LISTEN_PID must be the program's pid: {text}"
+        );
+        assert_eq!(&first[2..], ["2", "x/http:y/tcp"], "{text}");
+        assert!(lines.all(|l| l.starts_with("socket:[")), "{text}");
+    }
+
+    #[test]
     fn a_missing_binary_is_reported() {
         let err = start_successor(UpgradeRequest {
             binary: "/nonexistent/clusterd".into(),
