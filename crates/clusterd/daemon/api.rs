@@ -63,7 +63,7 @@ pub async fn serve(
         if *paused.borrow_and_update() {
             tokio::select! {
                 () = shutdown.cancelled() => {}
-                _ = paused.changed() => continue,
+                Ok(()) = paused.changed() => continue,
             }
         }
         let stream = tokio::select! {
@@ -72,6 +72,8 @@ pub async fn serve(
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
                 return;
             }
+            // Paused while waiting here: stop accepting at once, not after one more.
+            Ok(()) = paused.changed() => continue,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
