@@ -60,13 +60,16 @@ pub async fn serve(
 ) {
     let connections = tokio_util::task::TaskTracker::new();
     loop {
-        if *paused.borrow_and_update() {
+        if *paused.borrow_and_update() && !shutdown.is_cancelled() {
             tokio::select! {
                 () = shutdown.cancelled() => {}
                 Ok(()) = paused.changed() => continue,
             }
         }
         let stream = tokio::select! {
+            // Biased: a daemon shutting down (or retiring after an upgrade) or pausing
+            // must not accept one more connection it would never answer.
+            biased;
             () = shutdown.cancelled() => {
                 connections.close();
                 let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;

@@ -350,15 +350,16 @@ async fn serve(
                 .await;
                 match outcome {
                     Ok(took) => {
-                        upgrade::retire(took, reply, controller.effects_mut(), shutdown, api_task)
-                            .await;
-                        // Requests that reached this daemon just before the pause.
+                        // Requests that reached this daemon just before the pause: the
+                        // controller will not answer them any more.
                         rx.close();
                         while let Ok(msg) = rx.try_recv() {
                             if let Msg::Api(_, r) | Msg::Upgrade(Some(r)) = msg {
                                 let _ = r.send(upgrade::moved_on());
                             }
                         }
+                        upgrade::retire(took, reply, controller.effects_mut(), shutdown, api_task)
+                            .await;
                         // The sockets, the notify socket, workers.json and the control
                         // socket's path now belong to the next daemon: touch none of them.
                         return Ok(());
