@@ -13,6 +13,7 @@ NAMES = {
     "limit": "physical limit (shared socket, no supervisor)",
     "alone": "1 process alone",
     "inherit": "clusterd inherit",
+    "shared": "clusterd shared (unmodified app binds $PORT)",
     "http": "clusterd http",
     "tcp": "clusterd tcp",
     "pm2": "PM2 cluster mode",
@@ -221,6 +222,8 @@ def write_docs(res, results_rel):
     m, v, a = res["machine"], res["versions"], res["args"]
     quick = res.get("quick")
     targets = """- clusterd inherit ≥ 0.98x the physical limit;
+- clusterd shared (the unmodified Node app) ≥ 0.98x the physical limit, ≥ 1.0x PM2 keep-alive,
+  ≥ 2x PM2 with a new connection per request;
 - a new connection per request: every clusterd mode ≥ 2x PM2 cluster mode;
 - http ≥ 1.0x PM2 cluster mode with keep-alive, p99 no worse;
 - 0 failed requests per reload for clusterd, in every mode, with unmodified apps;
@@ -272,9 +275,10 @@ in a rotated order, so drift on the machine hits them all alike.
   It dies at once on SIGINT, like most apps (no drain handler). `demo-server` (crates/demo-server).
 - **Systems.** *physical limit*: `bench/launcher.py` binds the port and starts N copies with the
   socket as fd 3 (`LISTEN_FDS=1`, `LISTEN_PID` = the child's pid); nothing is in the data path.
-  *1 process alone* on `$PORT`. *clusterd inherit / http / tcp*: a private daemon
+  *1 process alone* on `$PORT`. *clusterd inherit / shared / http / tcp*: a private daemon
   (`clusterd daemon --apps-dir … --socket …`) with one manifest, waited on until `Available`
-  (readiness: demo-server `notify`; Node in inherit mode `delay: 500ms`; http/tcp `tcp`).
+  (readiness: demo-server `notify`; Node in inherit mode `delay: 500ms`; shared `bind`, the
+  app binding `$PORT` unmodified; http/tcp `tcp`).
   *PM2 cluster mode*: `pm2 start hello.js -i N` with a private `PM2_HOME` (the app unmodified).
 - **Keep-alive**: `wrk -t1 -c{a.get('conns')} -d{a.get('duration')}s --latency` (p50/p99 from its latency distribution).
 - **New connection per request**: `bench/loadgen --mode close` ({a.get('close_tool')}): a closed-loop

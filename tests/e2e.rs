@@ -28,3 +28,6 @@ mod upgrade;
 
 #[path = "e2e/faults.rs"]
 mod faults;
+
+#[path = "e2e/shared.rs"]
+mod shared;

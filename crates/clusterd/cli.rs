@@ -304,7 +304,13 @@ pub fn run() -> ExitCode {
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Daemon(args) => daemon::run(args.into_options()?),
+        Command::Daemon(args) => {
+            // Before anything sizes itself from the fd limit (the proxies' connection caps).
+            if let Err(e) = clusterd_runtime::accept::raise_nofile_limit() {
+                eprintln!("clusterd: warning: cannot raise the open-files limit: {e}");
+            }
+            daemon::run(args.into_options()?)
+        }
         Command::Status {
             app,
             output: fmt,

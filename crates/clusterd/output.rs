@@ -130,8 +130,9 @@ fn print_app(a: &AppStatus) {
         println!("Error:     {}", e.replace('\n', "\n           "));
     }
     println!();
+    let shared = a.instances.iter().any(|i| i.bound.is_some());
     let mut t = table();
-    t.set_header([
+    let mut header = vec![
         "INSTANCE",
         "PID",
         "STATE",
@@ -142,9 +143,13 @@ fn print_app(a: &AppStatus) {
         "RSS",
         "INFLIGHT",
         "LAST EXIT",
-    ]);
+    ];
+    if shared {
+        header.push("BOUND");
+    }
+    t.set_header(header);
     for i in &a.instances {
-        t.add_row([
+        let mut row = vec![
             i.index.to_string(),
             i.pid.map_or_else(|| "-".into(), |p| p.to_string()),
             i.state.to_string(),
@@ -160,7 +165,15 @@ fn print_app(a: &AppStatus) {
             i.rss_bytes.map_or_else(|| "-".into(), human_bytes),
             i.inflight.map_or_else(|| "-".into(), |n| n.to_string()),
             i.last_exit.clone().unwrap_or_else(|| "-".into()),
-        ]);
+        ];
+        if shared {
+            row.push(match &i.bound {
+                Some(b) if !b.is_empty() => b.join(", "),
+                Some(_) if i.pid.is_some() => "not bound".into(),
+                _ => "-".into(),
+            });
+        }
+        t.add_row(row);
     }
     println!("{t}");
 }
@@ -318,6 +331,7 @@ fn load(files: &[clusterd_core::load::ManifestFile]) -> clusterd_core::load::Loa
         &clusterd_core::load::LoadContext {
             cpus: cpus(),
             incumbents: Default::default(),
+            shared_mode_unavailable: None,
         },
     )
 }

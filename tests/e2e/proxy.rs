@@ -627,3 +627,68 @@ fn no_ready_worker_waits_then_answers_503() {
         "answered after {waited:?}, without waiting for a worker"
     );
 }
+
+/// Headers as a python worker received them, one `name: value` line each.
+const HEADER_ECHO: &str = r#"
+import http.server, os
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def do_GET(self):
+        body = "".join("%s: %s\n" % (k.lower(), v) for k, v in self.headers.items()).encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", int(os.environ["PORT"])), H).serve_forever()
+"#;
+
+fn spoofed_get(port: u16) -> String {
+    let mut s = TcpStream::connect(local(port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(
+        b"GET / HTTP/1.1\r\nHost: app.example\r\nX-Forwarded-Proto: https\r\n\
+          X-Forwarded-Host: evil.example\r\nX-Real-IP: 10.6.6.6\r\nConnection: close\r\n\r\n",
+    )
+    .unwrap();
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out
+}
+
+/// Issue 16, item 6, through the daemon: `listen[].trustedProxies` decides whether a
+/// peer's forwarding headers reach the worker, and a change applies without a restart.
+#[test]
+fn trusted_proxies_from_the_manifest_apply_live() {
+    let d = Daemon::start();
+    let echo = script(d.dir.path(), "headers.py", HEADER_ECHO);
+    let port = free_port();
+    let manifest = |trusted: &str| {
+        format!(
+            "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: hdr\nspec:\n  command: [\"python3\", \"{}\"]\n  listen:\n    - port: {port}\n      address: 127.0.0.1\n{trusted}  readiness: {{type: tcp, period: 50ms, timeout: 10s}}\n",
+            echo.display()
+        )
+    };
+    d.write_manifest(
+        "hdr.yaml",
+        &manifest("      trustedProxies: [127.0.0.0/8]\n"),
+    );
+    d.wait_phase("hdr", "Available", Duration::from_secs(20));
+    let pids = d.ready_pids("hdr");
+    let seen = spoofed_get(port);
+    assert!(seen.contains("x-forwarded-proto: https\n"), "{seen}");
+    assert!(seen.contains("x-real-ip: 10.6.6.6\n"), "{seen}");
+
+    d.write_manifest("hdr.yaml", &manifest(""));
+    let seen = eventually(Duration::from_secs(10), "untrusted now", || {
+        let seen = spoofed_get(port);
+        seen.contains("x-forwarded-proto: http\n").then_some(seen)
+    });
+    assert!(seen.contains("x-forwarded-host: app.example\n"), "{seen}");
+    assert!(
+        !seen.contains("10.6.6.6") && !seen.contains("evil"),
+        "{seen}"
+    );
+    assert_eq!(d.ready_pids("hdr"), pids, "no worker was restarted");
+}

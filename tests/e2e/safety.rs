@@ -509,3 +509,53 @@ fn control_api_survives_a_thousand_random_requests() {
         "the daemon panicked (seed {seed})"
     );
 }
+
+/// Issue 16, item 4: at its fd limit the daemon's control-socket accept loop used to
+/// spin (`continue` with no pause: ~350k warnings a second, a core at 100 %). Now it
+/// pauses and logs at most once a second, and serves again once fds are free.
+#[test]
+fn control_socket_at_the_fd_limit_backs_off_instead_of_spinning() {
+    let d = Daemon::start();
+    let pid = d.pid();
+    let open_fds = || {
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count()
+    };
+    // Leave the daemon a few fds above what it uses now, then use them up.
+    let limit = open_fds() + 8;
+    let status = std::process::Command::new("prlimit")
+        .args([format!("--pid={pid}"), format!("--nofile={limit}:{limit}")])
+        .status()
+        .expect("prlimit (util-linux)");
+    assert!(status.success());
+    let before = d.log().lines().filter(|l| l.contains("accept")).count();
+    let mut held = Vec::new();
+    for _ in 0..32 {
+        if let Ok(s) = std::os::unix::net::UnixStream::connect(&d.socket) {
+            held.push(s);
+        }
+    }
+    eventually(
+        Duration::from_secs(10),
+        "the daemon at its fd limit",
+        || (open_fds() >= limit).then_some(()),
+    );
+    // A window in which a spinning loop logs hundreds of thousands of lines.
+    std::thread::sleep(Duration::from_secs(2));
+    let log = d.log();
+    let during = log.lines().filter(|l| l.contains("accept")).count() - before;
+    eprintln!("fd limit: {during} accept-error log lines in 2 s");
+    assert!(
+        (1..=10).contains(&during),
+        "{during} accept-error lines in 2 s:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+    drop(held);
+    // Served again once fds are free (each held connection was either accepted and
+    // is now closed, or still queued and now gone).
+    eventually(Duration::from_secs(10), "status answers again", || {
+        let out = d.cli(&["status", "-o", "json"]);
+        out.status.success().then_some(())
+    });
+}

@@ -15,6 +15,10 @@ fn app_in_mode(d: &Daemon, mode: &str) -> u16 {
     let manifest = match mode {
         "inherit" => demo_manifest("web", port, 2, ""),
         "http" => demo_http_manifest("web", port, 2, "", ""),
+        "shared" => format!(
+            "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: web\nspec:\n  command: [\"{}\"]\n  instances: 2\n  listen:\n    - {{name: web, port: {port}, address: 127.0.0.1, mode: shared}}\n  shutdown: {{signal: SIGTERM, timeout: 10s}}\n  restart: {{backoff: {{initial: 100ms, max: 2s}}}}\n",
+            demo_server().display()
+        ),
         _ => proxied_manifest(
             "web",
             port,
@@ -103,8 +107,12 @@ fn upgrade_under_load(mode: &str, by_signal: bool) {
     assert!(events.contains("upgrade"), "{events}");
     assert!(events.contains("adopted"), "{events}");
 
-    // And the new daemon manages them: a reload without loss.
-    d.reload_under("web", Load::start(local(port), "/", 3, true));
+    // And the new daemon manages them: a reload without loss. (Not in shared mode: an
+    // adopted shared-mode worker's seccomp supervisor stayed with the old daemon, see
+    // docs/restarts.md, Limits.)
+    if mode != "shared" {
+        d.reload_under("web", Load::start(local(port), "/", 3, true));
+    }
 }
 
 #[test]
@@ -121,6 +129,13 @@ fn upgrade_in_tcp_mode_loses_no_request_and_keeps_the_workers() {
 #[test]
 fn sigusr2_upgrade_in_inherit_mode_loses_no_request_and_keeps_the_workers() {
     upgrade_under_load("inherit", true);
+}
+
+/// Shared mode: the daemon's socket, which the workers got through their intercepted
+/// `bind`, is handed over like an inherit-mode one.
+#[test]
+fn upgrade_in_shared_mode_loses_no_request_and_keeps_the_workers() {
+    upgrade_under_load("shared", false);
 }
 
 /// A new binary that exits at start: the old daemon keeps serving, and says why.

@@ -59,6 +59,9 @@ pub async fn serve(
     mut paused: tokio::sync::watch::Receiver<bool>,
 ) {
     let connections = tokio_util::task::TaskTracker::new();
+    // At the fd limit accept fails at once with the connection still queued: pause,
+    // or the loop spins (issue 16).
+    let mut backoff = clusterd_runtime::accept::AcceptBackoff::new("control socket");
     loop {
         if *paused.borrow_and_update() && !shutdown.is_cancelled() {
             tokio::select! {
@@ -80,11 +83,12 @@ pub async fn serve(
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept");
+                    backoff.failed(&e).await;
                     continue;
                 }
             },
         };
+        backoff.succeeded();
         let loop_tx = loop_tx.clone();
         let events = events.clone();
         let shutdown = shutdown.clone();

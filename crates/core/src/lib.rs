@@ -14,6 +14,7 @@ pub mod instances;
 pub mod intake;
 pub mod load;
 pub mod model;
+pub mod net;
 pub mod plan;
 pub mod revision;
 pub mod signal;

@@ -19,7 +19,7 @@ use crate::error::ManifestError;
 use crate::model::{AppSpec, Listener};
 use crate::plan::{AppName, Revision};
 use crate::revision::revision;
-use crate::validate::{listener_label, listeners_overlap, validate_manifest};
+use crate::validate::{host_issues, listener_label, listeners_overlap, validate_manifest};
 use crate::yaml::{self, Chunk, Pos, PosIndex, MAX_FILE_BYTES};
 
 /// One manifest file as read from disk. Bytes, not text: a file that is not UTF-8 is
@@ -50,6 +50,10 @@ pub struct LoadContext {
     pub cpus: u32,
     /// Apps running now, and the file each came from.
     pub incumbents: BTreeMap<AppName, PathBuf>,
+    /// Why `mode: shared` cannot work on this host (kernel too old, seccomp unavailable),
+    /// as the runtime's probe words it; `None` when it can, or when unknown (an offline
+    /// `clusterd validate` may run on another machine than the daemon).
+    pub shared_mode_unavailable: Option<String>,
 }
 
 /// A valid app, normalized for the runtime.
@@ -139,7 +143,7 @@ struct Doc {
 /// See the module documentation. Deterministic: same input, same report.
 #[must_use]
 pub fn load(files: &[ManifestFile], ctx: &LoadContext) -> LoadReport {
-    let mut docs: Vec<Doc> = files.iter().flat_map(|f| load_file(f, ctx.cpus)).collect();
+    let mut docs: Vec<Doc> = files.iter().flat_map(|f| load_file(f, ctx)).collect();
     reject_duplicate_names(&mut docs);
     reject_listener_conflicts(&mut docs, ctx);
 
@@ -169,6 +173,7 @@ pub fn validate_files(files: &[ManifestFile], cpus: u32) -> Vec<String> {
         &LoadContext {
             cpus,
             incumbents: BTreeMap::new(),
+            shared_mode_unavailable: None,
         },
     );
     report
@@ -194,7 +199,7 @@ fn diag(file: &Path, pos: Pos, message: impl Into<String>) -> Diagnostic {
     }
 }
 
-fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
+fn load_file(file: &ManifestFile, ctx: &LoadContext) -> Vec<Doc> {
     let path = &file.path;
     let whole_file_error = |pos: Pos, e: ManifestError| {
         vec![Doc {
@@ -235,11 +240,11 @@ fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     chunks
         .into_iter()
-        .map(|chunk| load_document(path, &dir, chunk, cpus))
+        .map(|chunk| load_document(path, &dir, chunk, ctx))
         .collect()
 }
 
-fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
+fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, ctx: &LoadContext) -> Doc {
     let fail = |index: PosIndex, diags: Vec<Diagnostic>| {
         let named = index.name_hint().map(|_| index.value("metadata.name"));
         let key = index.name_hint().map_or_else(|| stem(path), str::to_string);
@@ -259,7 +264,16 @@ fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
         Ok(m) => m,
         Err(p) => return fail(index, vec![diag(path, p.pos, p.message)]),
     };
-    match validate_manifest(&manifest, dir, cpus) {
+    let host = host_issues(&manifest.spec, ctx.shared_mode_unavailable.as_deref());
+    let validated = match validate_manifest(&manifest, dir, ctx.cpus) {
+        Ok(_) if !host.is_empty() => Err(host),
+        Ok(ok) => Ok(ok),
+        Err(mut issues) => {
+            issues.extend(host);
+            Err(issues)
+        }
+    };
+    match validated {
         Ok((spec, replicas)) => {
             let name = AppName(manifest.metadata.name.clone());
             let app = LoadedApp {

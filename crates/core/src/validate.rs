@@ -17,6 +17,7 @@ use crate::model::{
     AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind, Protocol,
     ReadinessKind, SignalName,
 };
+use crate::net::Cidr;
 use crate::signal::normalize_signal;
 
 /// The only `apiVersion` this release reads.
@@ -35,6 +36,21 @@ pub const RESERVED_ENV: &[&str] = &[
     "NODE_CHANNEL_FD",
     "PORT",
 ];
+
+/// The longest single `NAME=value` (or argument) execve(2) accepts, in bytes, without
+/// its NUL: Linux's `MAX_ARG_STRLEN` (32 pages of 4 KiB). A longer one fails every spawn
+/// with `E2BIG`.
+pub const MAX_EXEC_STRING: usize = 32 * 4096 - 1;
+
+/// What execve(2) accepts for arguments and environment together (strings with their
+/// NULs, plus one pointer each): a quarter of the stack limit, 2 MiB with the usual
+/// 8 MiB `ulimit -s`.
+pub const EXEC_ARG_MAX: usize = 2 * 1024 * 1024;
+
+/// Of [`EXEC_ARG_MAX`], what a manifest may use: the rest is kept for the variables
+/// clusterd sets, the environment workers inherit from the daemon, and the exec shim's
+/// own arguments.
+pub const MANIFEST_EXEC_BUDGET: usize = EXEC_ARG_MAX - 256 * 1024;
 
 /// One problem, at a YAML path (`spec.listen[0].port`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -166,7 +182,32 @@ fn mode_name(mode: ListenMode) -> &'static str {
         ListenMode::Http => "http",
         ListenMode::Tcp => "tcp",
         ListenMode::Inherit => "inherit",
+        ListenMode::Shared => "shared",
     }
+}
+
+/// Problems of `spec` that depend on the host rather than on the manifest: `mode: shared`
+/// where the runtime found seccomp user notification unusable (`shared_unavailable` is
+/// its reason, naming the kernel). Kept apart from [`validate_manifest`] so an offline
+/// check on another machine judges the manifest alone.
+#[must_use]
+pub fn host_issues(spec: &AppSpec, shared_unavailable: Option<&str>) -> Vec<Issue> {
+    let Some(reason) = shared_unavailable else {
+        return Vec::new();
+    };
+    spec.listen
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.mode == ListenMode::Shared)
+        .map(|(i, _)| {
+            Issue::at(
+                format!("spec.listen[{i}].mode"),
+                format!(
+                    "mode `shared` cannot work on this host: {reason} (expected mode: inherit if the app can take its socket as fd 3, or mode: http)"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Checks one manifest and normalizes its spec.
@@ -214,6 +255,11 @@ pub fn validate_manifest(
     }
 }
 
+/// Bytes execve(2) counts for these strings: each with its NUL, plus a pointer.
+fn exec_size(lens: impl Iterator<Item = usize>) -> usize {
+    lens.map(|len| len + 1 + std::mem::size_of::<usize>()).sum()
+}
+
 #[allow(clippy::too_many_lines)] // one flat list of rules reads better than a split
 fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpec {
     let mut out = spec.clone();
@@ -254,6 +300,38 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
                 format!("value of `{name}` contains a NUL byte (expected text)"),
             ));
         }
+        let entry = name.len() + 1 + value.len();
+        if entry > MAX_EXEC_STRING {
+            issues.push(Issue::at(
+                &path,
+                format!(
+                    "`{name}=...` is {entry} bytes, more than the {MAX_EXEC_STRING} bytes execve accepts for one variable (expected a shorter value; pass large data in a file)"
+                ),
+            ));
+        }
+    }
+    if let CommandLine::Argv(argv) = &out.command {
+        for (i, arg) in argv.iter().enumerate() {
+            if arg.len() > MAX_EXEC_STRING {
+                issues.push(Issue::at(
+                    "spec.command",
+                    format!(
+                        "argument {i} of the command is {} bytes, more than the {MAX_EXEC_STRING} bytes execve accepts for one argument (expected a shorter argument; pass large data in a file)",
+                        arg.len()
+                    ),
+                ));
+            }
+        }
+        let total = exec_size(argv.iter().map(String::len))
+            + exec_size(spec.env.iter().map(|(k, v)| k.len() + 1 + v.len()));
+        if total > MANIFEST_EXEC_BUDGET {
+            issues.push(Issue::at(
+                if spec.env.is_empty() { "spec.command" } else { "spec.env" },
+                format!(
+                    "command and env take {total} bytes to exec, more than the {MANIFEST_EXEC_BUDGET} bytes a manifest may use (execve accepts {EXEC_ARG_MAX} bytes with an 8 MiB stack limit, and clusterd keeps the rest for its own variables and the inherited environment) (expected less; pass large data in a file)"
+                ),
+            ));
+        }
     }
 
     if let Instances::Count(n) = spec.instances {
@@ -274,6 +352,7 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
     let first_mode = spec.listen.first().map(|l| l.mode);
     let kind = spec.readiness.kind.unwrap_or(match first_mode {
         Some(ListenMode::Http | ListenMode::Tcp) => ReadinessKind::Tcp,
+        Some(ListenMode::Shared) => ReadinessKind::Bind,
         Some(ListenMode::Inherit) | None => ReadinessKind::None,
     });
     out.readiness.kind = Some(kind);
@@ -305,6 +384,14 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
                 issues.push(Issue::at(
                     "spec.readiness",
                     "readiness `delay` needs a delay (expected e.g. delay: 2s)",
+                ));
+            }
+        }
+        ReadinessKind::Bind => {
+            if !spec.listen.iter().any(|l| l.mode == ListenMode::Shared) {
+                issues.push(Issue::at(
+                    "spec.readiness.type",
+                    "readiness `bind` needs a listener in shared mode (it fires when the worker binds that port; expected notify, ipc, delay or none, or a listener with mode: shared)",
                 ));
             }
         }
@@ -464,6 +551,9 @@ fn probe_target_problem(what: &str, word: &str, first_mode: Option<ListenMode>) 
         Some(ListenMode::Inherit) => Some(format!(
             "{what} `{word}` cannot be used with an `inherit` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected notify, ipc or delay)"
         )),
+        Some(ListenMode::Shared) => Some(format!(
+            "{what} `{word}` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"
+        )),
         None => Some(format!(
             "{what} `{word}` needs a listener in http or tcp mode to probe, and this app has none (expected notify, ipc, delay or none)"
         )),
@@ -489,11 +579,30 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
                 ),
             ));
         }
-        if l.protocol == Protocol::Udp && l.mode != ListenMode::Inherit {
+        if l.protocol == Protocol::Udp
+            && !matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
+        {
             issues.push(Issue::at(
                 format!("{base}.protocol"),
                 format!(
-                    "protocol udp needs mode inherit (the {} proxy carries TCP only; expected mode: inherit)",
+                    "protocol udp needs mode inherit or shared (the {} proxy carries TCP only; expected mode: inherit or mode: shared)",
+                    mode_name(l.mode)
+                ),
+            ));
+        }
+        for (j, range) in l.trusted_proxies.iter().enumerate() {
+            if let Err(e) = range.parse::<Cidr>() {
+                issues.push(Issue::at(
+                    format!("{base}.trustedProxies[{j}]"),
+                    e.to_string(),
+                ));
+            }
+        }
+        if !l.trusted_proxies.is_empty() && l.mode != ListenMode::Http {
+            issues.push(Issue::at(
+                format!("{base}.trustedProxies"),
+                format!(
+                    "trustedProxies applies to forwarding headers, which only the http proxy adds (this listener is mode {}; expected mode: http or no trustedProxies)",
                     mode_name(l.mode)
                 ),
             ));

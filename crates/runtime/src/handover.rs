@@ -55,6 +55,7 @@ pub fn listener_name(app: &str, key: &ListenKey) -> String {
         clusterd_core::model::ListenMode::Inherit => "inherit",
         clusterd_core::model::ListenMode::Http => "http",
         clusterd_core::model::ListenMode::Tcp => "tcp",
+        clusterd_core::model::ListenMode::Shared => "shared",
     };
     let protocol = match key.protocol {
         clusterd_core::model::Protocol::Tcp => "tcp",

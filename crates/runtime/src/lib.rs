@@ -10,14 +10,19 @@
 //!   sets `LISTEN_PID`, rlimits, cgroup and user before exec; [`spawn::adopt`] after a
 //!   daemon restart.
 //! - [`notify`] and [`ipc`]: readiness from sd_notify and Node's `process.send('ready')`.
-//! - [`logs`]: per-instance log files, rotation, tail and follow.
+//! - [`logs`]: per-instance log files, rotation, tail and follow; [`logwatch`]: sizes
+//!   checked as the files grow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
+//! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
 //! - [`handover`] and [`fdstore`]: the public sockets outlive the daemon (upgrade
 //!   handover to the next daemon; systemd's fd store across a crash).
+//! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
+//!   socket (seccomp user notification set up by the shim).
 //! - [`effects`]: all of the above behind the one interface the daemon's controller
 //!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
+pub mod accept;
 pub mod effects;
 pub mod error;
 pub mod fdstore;
@@ -27,10 +32,12 @@ pub mod ipc;
 pub mod limits;
 pub mod listener;
 pub mod logs;
+pub mod logwatch;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
 pub mod quiet_read;
+pub mod seccomp;
 pub mod shim;
 pub mod spawn;
 

@@ -26,7 +26,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
@@ -71,6 +71,11 @@ pub struct Rlimits {
     pub nproc: Option<u64>,
     /// RLIMIT_CORE in bytes.
     pub core: Option<u64>,
+    /// Soft RLIMIT_NOFILE only, when `nofile` is unset: the daemon's soft limit from
+    /// before it raised its own ([`crate::accept::original_nofile_soft`]), so workers
+    /// start with the limit they would have had without clusterd.
+    #[serde(default)]
+    pub nofile_soft: Option<u64>,
 }
 
 impl From<&clusterd_core::model::Limits> for Rlimits {
@@ -79,6 +84,7 @@ impl From<&clusterd_core::model::Limits> for Rlimits {
             nofile: l.nofile,
             nproc: l.nproc,
             core: l.core.map(|s| s.0),
+            nofile_soft: None,
         }
     }
 }
@@ -102,6 +108,10 @@ pub struct ShimConfig {
     pub group: Option<String>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+    /// Shared listener mode: install the bind filter right before exec and send its
+    /// notification fd over this unix socket ([`crate::seccomp`]).
+    #[serde(default)]
+    pub seccomp_socket: Option<RawFd>,
 }
 
 /// Builds the full argument list after `program`: leading args, config, argv.
@@ -141,13 +151,20 @@ where
         ),
     };
     let argv: Vec<OsString> = args.collect();
-    let status = match remap_fds(&config.fds, config.status_fd) {
-        Ok(s) => s,
+    let extra: Vec<RawFd> = config
+        .status_fd
+        .into_iter()
+        .chain(config.seccomp_socket)
+        .collect();
+    let mut kept = match remap_fds(&config.fds, &extra) {
+        Ok(s) => s.into_iter(),
         Err(e) => fail(
             None,
             &format!("moving inherited file descriptors failed: {e}"),
         ),
     };
+    let status = config.status_fd.and_then(|_| kept.next());
+    let seccomp_socket = config.seccomp_socket.and_then(|_| kept.next());
     let status = status.as_ref();
     if argv.is_empty() {
         fail(status, "empty command");
@@ -186,6 +203,22 @@ where
             );
         }
     }
+    if let Some(sock) = seccomp_socket {
+        // Last step before exec: from here on this process's bind/listen wait for the
+        // daemon, and nothing below binds.
+        let sent = crate::seccomp::install_bind_filter()
+            .and_then(|notif| crate::seccomp::send_fd(sock.as_fd(), notif.as_fd()));
+        if let Err(e) = sent {
+            fail(
+                status,
+                &format!(
+                    "installing the shared-listener seccomp filter failed: {} (mode: shared needs Linux 5.9 or newer with seccomp; expected mode: inherit or http here)",
+                    errno_text(&e)
+                ),
+            );
+        }
+        drop(sock);
+    }
     let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     fail(
         status,
@@ -217,12 +250,13 @@ pub(crate) fn errno_text(e: &std::io::Error) -> String {
 /// Moves inherited descriptors to their targets with `FD_CLOEXEC` cleared, even when a
 /// source already is its target (`dup2(3, 3)` would leave the flag set). Every source is
 /// first duplicated above all involved numbers, so sources and targets may overlap in any
-/// order. Returns the status pipe at a high, `CLOEXEC` number.
-fn remap_fds(pairs: &[(RawFd, RawFd)], status: Option<RawFd>) -> std::io::Result<Option<OwnedFd>> {
+/// order. Returns the `extra` descriptors (status pipe, seccomp socket) in their order, at
+/// high, `CLOEXEC` numbers.
+fn remap_fds(pairs: &[(RawFd, RawFd)], extra: &[RawFd]) -> std::io::Result<Vec<OwnedFd>> {
     let base = pairs
         .iter()
         .flat_map(|&(s, t)| [s, t])
-        .chain(status)
+        .chain(extra.iter().copied())
         .max()
         .unwrap_or(2)
         .max(2)
@@ -240,9 +274,12 @@ fn remap_fds(pairs: &[(RawFd, RawFd)], status: Option<RawFd>) -> std::io::Result
     for &(src, _) in pairs {
         tmps.push(dup_high(src)?);
     }
-    let status_tmp = status.map(dup_high).transpose()?;
+    let extra_tmp = extra
+        .iter()
+        .map(|&fd| dup_high(fd))
+        .collect::<std::io::Result<Vec<RawFd>>>()?;
     let targets: Vec<RawFd> = pairs.iter().map(|&(_, t)| t).collect();
-    for src in pairs.iter().map(|&(s, _)| s).chain(status) {
+    for src in pairs.iter().map(|&(s, _)| s).chain(extra.iter().copied()) {
         if !targets.contains(&src) {
             // SAFETY: `src` was handed to us by the daemon and is not used again; a
             // failure (already closed) is harmless.
@@ -259,8 +296,11 @@ fn remap_fds(pairs: &[(RawFd, RawFd)], status: Option<RawFd>) -> std::io::Result
         unsafe { libc::close(tmp) };
     }
     cloexec_all_but(&targets)?;
-    // SAFETY: `status_tmp` is a fresh descriptor owned by nothing else.
-    Ok(status_tmp.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+    Ok(extra_tmp
+        .into_iter()
+        // SAFETY: each is a fresh descriptor owned by nothing else.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
 }
 
 /// Marks every descriptor above 2 except `keep` close-on-exec, so that descriptors the
@@ -301,6 +341,12 @@ fn apply_rlimits(l: &Rlimits) -> std::result::Result<(), String> {
         (Resource::RLIMIT_NPROC, l.nproc, "nproc"),
         (Resource::RLIMIT_CORE, l.core, "core"),
     ];
+    if let (None, Some(soft)) = (l.nofile, l.nofile_soft) {
+        // Lowering a soft limit never needs a privilege; a failure leaves the raised one.
+        if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+            let _ = setrlimit(Resource::RLIMIT_NOFILE, soft.min(hard), hard);
+        }
+    }
     for (res, value, name) in items {
         let Some(v) = value else { continue };
         if setrlimit(res, v, v).is_ok() {

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -86,6 +86,10 @@ pub struct WorkerSpec {
     pub notify_socket: Option<PathBuf>,
     /// Open a Node IPC channel (`NODE_CHANNEL_FD`, json) for `readiness: ipc`.
     pub ipc: bool,
+    /// Shared listener mode: the shim installs the bind filter ([`crate::seccomp`]) and
+    /// the notification fd comes back in [`SpawnedWorker::seccomp_notif`], for
+    /// [`crate::seccomp::SharedBind::start`]. The caller sets `PORT` to the public port.
+    pub shared_bind: bool,
     /// Drop to this user (needs a root daemon).
     pub user: Option<String>,
     /// Primary group.
@@ -97,6 +101,11 @@ pub struct WorkerSpec {
     /// Log directory: stdout+stderr go to `<log_dir>/<app>/<app>-<index>.log`; `None`
     /// sends them to /dev/null.
     pub log_dir: Option<PathBuf>,
+    /// The app's log policy, given only when no other live worker of this index writes
+    /// its log file: the file is then rotated by rename before the worker gets it (no
+    /// copy, works on a full disk; see [`crate::logs::rotate_unshared`]). `None`: leave
+    /// rotation to the periodic copytruncate.
+    pub log_rotate_unshared: Option<crate::logs::LogPolicy>,
     /// How to run the exec shim.
     pub shim: ShimCommand,
 }
@@ -121,11 +130,13 @@ impl WorkerSpec {
             listeners: Vec::new(),
             notify_socket: None,
             ipc: false,
+            shared_bind: false,
             user: None,
             group: None,
             rlimits: Rlimits::default(),
             cgroup: None,
             log_dir: None,
+            log_rotate_unshared: None,
             shim,
         }
     }
@@ -143,6 +154,10 @@ pub struct SpawnedWorker {
     pub ipc: Option<IpcChannel>,
     /// Its log file, when logging.
     pub log_path: Option<PathBuf>,
+    /// `spec.shared_bind`: the seccomp notification fd of the worker's bind filter. Hand it
+    /// to [`crate::seccomp::SharedBind::start`] at once: until then the worker's
+    /// `bind`/`listen` calls wait.
+    pub seccomp_notif: Option<OwnedFd>,
 }
 
 /// Handle of a worker process group: wait for exit, signal the group. Cheap to clone.
@@ -336,7 +351,7 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
         return Err(Error::InvalidSpec("empty command".into()));
     }
     let span2 = span.clone();
-    let (pid, start_time, ipc_fd, log_path) =
+    let (pid, start_time, ipc_fd, log_path, seccomp_notif) =
         tokio::task::spawn_blocking(move || span2.in_scope(|| spawn_blocking(spec)))
             .await
             .map_err(|e| Error::io("spawn task", std::io::Error::other(e)))??;
@@ -347,10 +362,11 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
         process,
         ipc,
         log_path,
+        seccomp_notif,
     })
 }
 
-type Spawned = (i32, u64, Option<OwnedFd>, Option<PathBuf>);
+type Spawned = (i32, u64, Option<OwnedFd>, Option<PathBuf>, Option<OwnedFd>);
 
 fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
     let start_err = |message: String| Error::WorkerStart {
@@ -363,7 +379,12 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
 
     let (log, log_path) = match &spec.log_dir {
         Some(dir) => {
-            let (f, p) = crate::logs::open_instance_log(dir, &spec.app.0, spec.index)?;
+            let (f, p) = crate::logs::open_instance_log_rotated(
+                dir,
+                &spec.app.0,
+                spec.index,
+                spec.log_rotate_unshared,
+            )?;
             (Some(f), Some(p))
         }
         None => (None, None),
@@ -388,6 +409,12 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
     };
     let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io("create status pipe", e.into()))?;
+    let (seccomp_parent, seccomp_child) = if spec.shared_bind {
+        let (a, b) = socketpair()?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
 
     let n = spec.listeners.len();
     if n > 0 {
@@ -416,11 +443,15 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         fds: pairs.clone(),
         status_fd: Some(status_w.as_raw_fd()),
         set_listen_pid: n > 0,
-        rlimits: spec.rlimits,
+        rlimits: Rlimits {
+            nofile_soft: crate::accept::original_nofile_soft(),
+            ..spec.rlimits
+        },
         cgroup: spec.cgroup.clone(),
         user: spec.user.clone(),
         group: spec.group.clone(),
         cwd: spec.cwd.clone(),
+        seccomp_socket: seccomp_child.as_ref().map(AsRawFd::as_raw_fd),
     };
     let mut cmd = Command::new(&spec.shim.program);
     cmd.args(shim_args(&spec.shim, &config, &spec.argv)?);
@@ -444,6 +475,7 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         .iter()
         .map(|&(s, _)| s)
         .chain([status_w.as_raw_fd()])
+        .chain(seccomp_child.as_ref().map(AsRawFd::as_raw_fd))
         .collect();
     // SAFETY: the closure runs between fork and exec in the child and only makes
     // async-signal-safe calls (setsid, fcntl) on descriptors that this spawn owns; it
@@ -473,6 +505,7 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
     // the write end (EOF, success) or the shim reports an error.
     drop(status_w);
     drop(ipc_child);
+    drop(seccomp_child);
     drop(spec.listeners);
     drop(log);
     let mut message = String::new();
@@ -482,10 +515,31 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         let _ = waitpid(Pid::from_raw(pid), None);
         return Err(start_err(message));
     }
+    // The shim sent the notification fd before its exec, so it is queued by now.
+    let seccomp_notif = match &seccomp_parent {
+        Some(sock) => match crate::seccomp::recv_fd(sock.as_fd()) {
+            Ok(Some(fd)) => Some(fd),
+            Ok(None) => {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                return Err(start_err(
+                    "the exec shim sent no seccomp notification fd".into(),
+                ));
+            }
+            Err(e) => {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                return Err(start_err(format!(
+                    "receiving the seccomp notification fd failed: {e}"
+                )));
+            }
+        },
+        None => None,
+    };
     // Our unreaped child: its stat is there even if it already exited.
     let start_time = procfs::start_time(pid).unwrap_or(0);
     drop(child); // std's Child neither kills nor waits on drop; the watcher reaps.
-    Ok((pid, start_time, ipc_parent, log_path))
+    Ok((pid, start_time, ipc_parent, log_path, seccomp_notif))
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {

@@ -9,7 +9,6 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
 use clusterd_core::model::{ListenMode, Listener, Logs, ReadinessKind};
 use clusterd_core::plan::{AppName, WorkerId};
@@ -24,9 +23,11 @@ use crate::fdstore::FdStore;
 use crate::handover::{self, Handover};
 use crate::limits::{CgroupLimits, CgroupTree};
 use crate::listener::BoundListener;
+use crate::logwatch::LogSizeWatch;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
+use crate::seccomp::{BindEvent, SharedBind, SharedListener};
 use crate::shim::ShimCommand;
 use crate::spawn::{spawn_worker, InheritedListener, WorkerProcess, WorkerSpec};
 
@@ -43,6 +44,8 @@ struct ListenerEntry {
     key: ListenKey,
     /// [`handover::listener_name`]: its name in a handover and in systemd's fd store.
     name: String,
+    /// http mode: the proxy's `trustedProxies`, updated in place by a new manifest.
+    trusted: Option<proxy::TrustedProxies>,
     bound: BoundListener,
     routes: Option<Arc<RouteTable>>,
     proxy: CancellationToken,
@@ -74,9 +77,26 @@ impl ListenerSet {
 /// A live worker's OS handles.
 struct Proc {
     handle: WorkerProcess,
+    /// Its instance index: the log file it writes.
+    index: u32,
     ports: Vec<(ListenKey, u16)>,
     /// Readiness and liveness probes; cancelled on drain and exit.
     probes: CancellationToken,
+    /// Shared mode: answers the worker's binds for as long as it lives (dropping it
+    /// would make the worker's later binds fail with ENOSYS). `None` for other modes and
+    /// for adopted workers (the previous daemon's notification fd is gone; they already
+    /// hold the socket).
+    _shared: Option<SharedBind>,
+}
+
+/// What [`LinuxEffects::start`] hands back.
+struct StartedProcess {
+    process: WorkerProcess,
+    ipc: Option<crate::ipc::IpcChannel>,
+    cgroup_note: Option<String>,
+    /// Shared mode: the notification fd and the sockets to answer binds with, labelled
+    /// `address:port/protocol` for reports.
+    shared: Option<(std::os::fd::OwnedFd, Vec<SharedListener>, Vec<String>)>,
 }
 
 /// The real host.
@@ -101,6 +121,10 @@ pub struct LinuxEffects {
     /// The notify socket's reader: paused while the next daemon starts (its workers'
     /// `READY=1` must reach the daemon that will act on it), stopped once it took over.
     notify_task: tokio::task::JoinHandle<()>,
+    /// Checks log sizes as workers write them (`None`: inotify unavailable; the periodic
+    /// [`Effects::rotate_logs`] still runs).
+    log_watch: Option<LogSizeWatch>,
+    log_watch_stop: CancellationToken,
 }
 
 impl LinuxEffects {
@@ -150,6 +174,10 @@ impl LinuxEffects {
                 }
             }
         });
+        let log_watch_stop = CancellationToken::new();
+        let log_watch = LogSizeWatch::start(log_watch_stop.clone())
+            .map_err(|e| tracing::warn!(error = %e, "log sizes checked only periodically"))
+            .ok();
         let cgroups = CgroupTree::detect().map_err(|e| e.to_string());
         if let Err(e) = &cgroups {
             tracing::info!(reason = %e, "cgroup backstop unavailable; memory limits are enforced by sampling only");
@@ -169,6 +197,8 @@ impl LinuxEffects {
             fdstore,
             notify_dup,
             notify_task,
+            log_watch,
+            log_watch_stop,
         })
     }
 
@@ -189,6 +219,7 @@ impl LinuxEffects {
             set.close();
         }
         self.settle_handover();
+        self.log_watch_stop.cancel();
         self.tasks.close();
     }
 
@@ -300,6 +331,13 @@ impl LinuxEffects {
         }
     }
 
+    /// Whether a live (or draining) worker of `app` writes the log of `index`.
+    fn writes_log(&self, app: &AppName, index: u32) -> bool {
+        self.procs
+            .iter()
+            .any(|((a, _), p)| a == app && p.index == index)
+    }
+
     fn watch_exit(&self, app: &AppName, id: WorkerId, process: WorkerProcess) {
         let tx = self.reports.clone();
         let app = app.clone();
@@ -349,26 +387,44 @@ impl LinuxEffects {
         &mut self,
         req: SpawnRequest<'_>,
         ports: &[(ListenKey, u16)],
-    ) -> Result<
-        (
-            WorkerProcess,
-            Option<crate::ipc::IpcChannel>,
-            Option<String>,
-        ),
-        String,
-    > {
+    ) -> Result<StartedProcess, String> {
         let spec = &req.spec.spec;
+        // PORT is the first listener's port that the app binds itself: the private port
+        // of a proxied listener, the public port of a shared one (inherit-mode apps get
+        // fd 3 instead). PORT_<NAME> for each named one.
         let mut extra_env = BTreeMap::new();
-        for (key, port) in ports {
+        let set = self.listeners.get(req.app);
+        let mut shared = Vec::new();
+        let mut shared_labels = Vec::new();
+        for l in &spec.listen {
+            let key = ListenKey::of(l);
+            let entry = set.and_then(|s| s.entries.iter().find(|e| e.key == key));
+            let port = match l.mode {
+                ListenMode::Http | ListenMode::Tcp => {
+                    ports.iter().find(|(k, _)| *k == key).map(|(_, p)| *p)
+                }
+                ListenMode::Shared => {
+                    let Some(e) = entry else {
+                        return Err(format!(
+                            "the shared listener {}:{} is not bound",
+                            l.address, l.port
+                        ));
+                    };
+                    shared.push(SharedListener {
+                        addr: e.bound.local_addr(),
+                        protocol: e.bound.protocol(),
+                        fd: e.bound.inherit_fd().map_err(|e| e.to_string())?,
+                    });
+                    shared_labels.push(format!("{}/{}", e.bound.local_addr(), l.protocol));
+                    Some(e.bound.local_addr().port())
+                }
+                ListenMode::Inherit => None,
+            };
+            let Some(port) = port else { continue };
             extra_env
                 .entry("PORT".to_string())
                 .or_insert_with(|| port.to_string());
-            if let Some(name) = spec
-                .listen
-                .iter()
-                .find(|l| ListenKey::of(l) == *key)
-                .and_then(|l| l.name.as_ref())
-            {
+            if let Some(name) = &l.name {
                 extra_env.insert(format!("PORT_{}", env_suffix(name)), port.to_string());
             }
         }
@@ -403,13 +459,130 @@ impl LinuxEffects {
         }
         ws.notify_socket = Some(self.config.notify_path.clone());
         ws.ipc = spec.readiness.kind == Some(ReadinessKind::Ipc);
+        ws.shared_bind = !shared.is_empty();
         ws.user.clone_from(&spec.user);
         ws.group.clone_from(&spec.group);
         ws.rlimits = (&spec.limits).into();
         ws.log_dir = Some(self.config.log_dir.clone());
+        // Nobody else writes this index's log: rotate it by rename (no copy, works on a
+        // full disk) before the new worker gets it.
+        if !self.writes_log(req.app, req.index) {
+            ws.log_rotate_unshared = Some((&spec.logs).into());
+        }
         let cgroup_note = self.cgroup_for(&req, &mut ws);
-        let spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
-        Ok((spawned.process, spawned.ipc, cgroup_note))
+        let mut spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
+        let shared = spawned
+            .seccomp_notif
+            .take()
+            .map(|notif| (notif, shared, shared_labels));
+        Ok(StartedProcess {
+            process: spawned.process,
+            ipc: spawned.ipc,
+            cgroup_note,
+            shared,
+        })
+    }
+
+    /// An adopted shared-mode worker bound under the previous daemon, whose answers are
+    /// gone with it: report which of its processes hold which shared socket (found by
+    /// inode in `/proc/<pid>/fd`), so status still says who bound what.
+    /// Called once the app's sockets are bound or recovered (adoption comes first).
+    fn report_adopted_binds(&self, app: &AppName, listens: &[Listener]) {
+        let Some(set) = self.listeners.get(app) else {
+            return;
+        };
+        let shared: Vec<(String, String)> = listens
+            .iter()
+            .filter(|l| l.mode == ListenMode::Shared)
+            .filter_map(|l| {
+                let key = ListenKey::of(l);
+                let e = set.entries.iter().find(|e| e.key == key)?;
+                let link = std::fs::read_link(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&e.bound)
+                ))
+                .ok()?;
+                Some((
+                    link.to_string_lossy().into_owned(),
+                    format!("{}/{}", e.bound.local_addr(), l.protocol),
+                ))
+            })
+            .collect();
+        if shared.is_empty() {
+            return;
+        }
+        let adopted = self
+            .procs
+            .iter()
+            .filter(|((a, _), p)| a == app && p.handle.is_adopted())
+            .map(|((_, id), p)| (*id, p.handle.pid()));
+        for (id, pgid) in adopted {
+            self.report_binds_of(app, id, pgid, &shared);
+        }
+    }
+
+    fn report_binds_of(&self, app: &AppName, id: WorkerId, pgid: i32, shared: &[(String, String)]) {
+        for member in procfs::group_members(pgid) {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{member}/fd")) else {
+                continue;
+            };
+            let links: HashSet<String> = fds
+                .flatten()
+                .filter_map(|f| std::fs::read_link(f.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect();
+            for (socket, label) in shared {
+                if links.contains(socket) {
+                    let _ = self.reports.send(Report::Bound {
+                        app: app.clone(),
+                        id,
+                        pid: u32::try_from(member).unwrap_or_default(),
+                        listener: label.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Starts answering a shared-mode worker's binds; each answered bind is reported
+    /// ([`Report::Bound`]), the first one also as [`Report::Ready`] when the readiness is
+    /// `bind`, and a bind elsewhere as [`Report::StrayBind`].
+    fn answer_binds(
+        &self,
+        req: &SpawnRequest<'_>,
+        notif: std::os::fd::OwnedFd,
+        listeners: Vec<SharedListener>,
+        labels: Vec<String>,
+    ) -> Result<SharedBind, String> {
+        let tx = self.reports.clone();
+        let app = req.app.clone();
+        let id = req.id;
+        let ready_on_bind = req.spec.spec.readiness.kind == Some(ReadinessKind::Bind);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        SharedBind::start(notif, listeners, move |event| match event {
+            BindEvent::Bound(b) => {
+                let _ = tx.send(Report::Bound {
+                    app: app.clone(),
+                    id,
+                    pid: u32::try_from(b.pid).unwrap_or_default(),
+                    listener: labels.get(b.listener).cloned().unwrap_or_default(),
+                });
+                if ready_on_bind && first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    let _ = tx.send(Report::Ready {
+                        app: app.clone(),
+                        id,
+                    });
+                }
+            }
+            BindEvent::Stray(s) => {
+                let _ = tx.send(Report::StrayBind {
+                    app: app.clone(),
+                    id,
+                    message: s.to_string(),
+                });
+            }
+        })
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -425,7 +598,15 @@ impl Effects for LinuxEffects {
         let result = (|| {
             for l in listens {
                 let key = ListenKey::of(l);
-                if set.entries.iter().chain(added.iter()).any(|e| e.key == key) {
+                if let Some(e) = set
+                    .entries
+                    .iter()
+                    .chain(added.iter())
+                    .find(|e| e.key == key)
+                {
+                    if let Some(trusted) = &e.trusted {
+                        trusted.set(trusted_proxies(l));
+                    }
                     continue;
                 }
                 let addr = socket_addr(&l.address, l.port)?;
@@ -444,7 +625,9 @@ impl Effects for LinuxEffects {
                 // fail anyway while they hold it).
                 let recovered = if handed.is_some() {
                     handed
-                } else if l.mode == ListenMode::Inherit && !adopted.is_empty() {
+                } else if matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
+                    && !adopted.is_empty()
+                {
                     BoundListener::recover_from(adopted, addr, l.protocol).unwrap_or_else(|e| {
                         tracing::warn!(app = %app, error = %e, "cannot recover the listener from adopted workers");
                         None
@@ -469,8 +652,10 @@ impl Effects for LinuxEffects {
                 let cancel = CancellationToken::new();
                 // Cancelled by `cancel` too: the proxy stops either way.
                 let retire = cancel.child_token();
+                let mut trusted = None;
                 let routes = match l.mode {
-                    ListenMode::Inherit => None,
+                    // The workers themselves accept on these; no proxy.
+                    ListenMode::Inherit | ListenMode::Shared => None,
                     mode => {
                         let routes = RouteTable::new();
                         let std_listener = bound.proxy_listener().map_err(|e| e.to_string())?;
@@ -478,11 +663,13 @@ impl Effects for LinuxEffects {
                             .map_err(|e| e.to_string())?;
                         let span = tracing::info_span!("proxy", app = %app, listen = %addr);
                         if mode == ListenMode::Http {
+                            let cfg = http_proxy_config(l);
+                            trusted = Some(cfg.trusted_proxies.clone());
                             self.proxies.spawn(
                                 proxy::serve_http_retirable(
                                     listener,
                                     routes.clone(),
-                                    http_proxy_config(),
+                                    cfg,
                                     cancel.clone(),
                                     retire.clone(),
                                 )
@@ -509,6 +696,7 @@ impl Effects for LinuxEffects {
                 added.push(ListenerEntry {
                     key,
                     name,
+                    trusted,
                     bound,
                     routes,
                     proxy,
@@ -520,7 +708,11 @@ impl Effects for LinuxEffects {
         })();
         match result {
             Ok(()) => {
+                let recovered = !adopted.is_empty() && !added.is_empty();
                 set.entries.extend(added);
+                if recovered {
+                    self.report_adopted_binds(app, listens);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -590,7 +782,7 @@ impl Effects for LinuxEffects {
             .spec
             .listen
             .iter()
-            .filter(|l| l.mode != ListenMode::Inherit)
+            .filter(|l| matches!(l.mode, ListenMode::Http | ListenMode::Tcp))
         {
             match self.allocate_port() {
                 Ok(p) => ports.push((ListenKey::of(l), p)),
@@ -600,12 +792,30 @@ impl Effects for LinuxEffects {
                 }
             }
         }
-        let (process, ipc, cgroup_note) = match self.start(req, &ports).await {
+        let StartedProcess {
+            process,
+            ipc,
+            cgroup_note,
+            shared,
+        } = match self.start(req, &ports).await {
             Ok(r) => r,
             Err(e) => {
                 self.release_ports(&ports);
                 return Err(e);
             }
+        };
+        let shared = match shared {
+            Some((notif, listeners, labels)) => {
+                match self.answer_binds(&req, notif, listeners, labels) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        let _ = process.kill();
+                        self.release_ports(&ports);
+                        return Err(format!("cannot answer the worker's binds: {e}"));
+                    }
+                }
+            }
+            None => None,
         };
         let pid = u32::try_from(process.pid()).unwrap_or_default();
         if let Some(ipc) = ipc {
@@ -644,10 +854,18 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes,
+                _shared: shared,
             },
         );
+        if let Some(watch) = &self.log_watch {
+            watch.track(
+                crate::logs::instance_log_path(&self.config.log_dir, &req.app.0, req.index),
+                (&req.spec.spec.logs).into(),
+            );
+        }
         Ok(started)
     }
 
@@ -677,8 +895,10 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes: CancellationToken::new(),
+                _shared: None,
             },
         );
         Ok(started)
@@ -770,6 +990,15 @@ impl Effects for LinuxEffects {
         let Some(p) = self.procs.remove(&(app.clone(), id)) else {
             return;
         };
+        if !self.writes_log(app, p.index) {
+            if let Some(watch) = &self.log_watch {
+                watch.untrack(crate::logs::instance_log_path(
+                    &self.config.log_dir,
+                    &app.0,
+                    p.index,
+                ));
+            }
+        }
         p.probes.cancel();
         self.notify_registry.remove(p.handle.pid());
         if let Some(set) = self.listeners.get(app) {
@@ -836,6 +1065,18 @@ impl Effects for LinuxEffects {
         if let Err(e) = crate::logs::rotate_app(&self.config.log_dir, &app.0, logs.into()) {
             tracing::warn!(app = %app, error = %e, "log rotation");
         }
+        // Keep the size watch's policy current (a `logs` edit touches no worker), and
+        // track workers it has not seen (adopted ones).
+        if let Some(watch) = &self.log_watch {
+            for ((a, _), p) in &self.procs {
+                if a == app {
+                    watch.track(
+                        crate::logs::instance_log_path(&self.config.log_dir, &app.0, p.index),
+                        logs.into(),
+                    );
+                }
+            }
+        }
     }
 }
 
@@ -851,25 +1092,23 @@ fn describe_bind_error(e: &crate::Error, addr: SocketAddr) -> String {
     }
 }
 
-/// The http proxy's bounds: the defaults, with the client-facing timeouts tunable through
-/// the daemon's environment (`CLUSTERD_PROXY_HEADER_TIMEOUT_MS`: slowloris and keep-alive
-/// idle bound; `CLUSTERD_PROXY_NO_BACKEND_WAIT_MS`: how long a request waits for a ready
-/// worker before a 503), so operators and tests can tighten them.
-fn http_proxy_config() -> proxy::HttpProxyConfig {
-    let ms = |name: &str| {
-        std::env::var(name)
-            .ok()
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .map(Duration::from_millis)
-    };
-    let mut cfg = proxy::HttpProxyConfig::default();
-    if let Some(d) = ms("CLUSTERD_PROXY_HEADER_TIMEOUT_MS") {
-        cfg.header_read_timeout = d;
+/// The http proxy's settings for listener `l`: the defaults with the operator's
+/// overrides from the daemon's environment (`CLUSTERD_PROXY_*_MS`, see
+/// [`proxy::HttpProxyConfig::with_env`] and docs/operations.md), and the listener's
+/// `trustedProxies`.
+fn http_proxy_config(l: &Listener) -> proxy::HttpProxyConfig {
+    proxy::HttpProxyConfig {
+        trusted_proxies: proxy::TrustedProxies::new(trusted_proxies(l)),
+        ..proxy::HttpProxyConfig::default().with_env()
     }
-    if let Some(d) = ms("CLUSTERD_PROXY_NO_BACKEND_WAIT_MS") {
-        cfg.no_backend_wait = d;
-    }
-    cfg
+}
+
+/// `l.trustedProxies` parsed (validation has already rejected a bad range).
+fn trusted_proxies(l: &Listener) -> Vec<clusterd_core::net::Cidr> {
+    l.trusted_proxies
+        .iter()
+        .filter_map(|c| c.parse().ok())
+        .collect()
 }
 
 fn socket_addr(address: &str, port: u32) -> Result<SocketAddr, String> {

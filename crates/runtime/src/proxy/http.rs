@@ -18,21 +18,22 @@
 //! the client's was consumed. Everything else is a 502 (or 504 on timeout).
 
 use std::convert::Infallible;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
+use clusterd_core::net::Cidr;
 use clusterd_core::plan::WorkerId;
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::header::{self, HeaderValue};
 use hyper::server::conn::http1 as server_http1;
 use hyper::service::service_fn;
-use hyper::{Request, Response, StatusCode, Uri, Version};
+use hyper::{Request, Response, StatusCode, Version};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -41,8 +42,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::pool::{connect, UpstreamBody, UpstreamConn};
+use super::pool::{connect, BoxError, UpstreamBody, UpstreamConn};
 use super::routes::{Lease, RouteTable};
+use super::timeouts::{BodyReadTimeout, Idle, WriteIdle};
+use super::{guard, headers};
+use crate::accept::{AcceptBackoff, ConnLimiter};
 
 /// Bounds of the http proxy. The defaults suit a web app on the same host.
 #[derive(Debug, Clone)]
@@ -71,6 +75,22 @@ pub struct HttpProxyConfig {
     /// After shutdown is requested: how long in-flight requests and tunnels may
     /// finish before they are cut.
     pub shutdown_grace: Duration,
+    /// How long a client may send nothing of a request body the worker is waiting
+    /// for; then 408 and the connection closes (nginx `client_body_timeout`).
+    pub body_read_timeout: Duration,
+    /// How long a client may read nothing of a response (or a tunnel) the proxy is
+    /// writing; then the connection closes (nginx `send_timeout`). Either way the
+    /// worker's in-flight slot is freed, so a stalled client cannot block a drain.
+    pub response_write_timeout: Duration,
+    /// Peers whose forwarding headers (`X-Forwarded-*`, `Forwarded`, `X-Real-IP`...)
+    /// are believed and appended to; from anyone else they are replaced or removed.
+    /// Also exempt from the per-client connection cap (they carry many clients).
+    pub trusted_proxies: TrustedProxies,
+    /// Upgrade protocols passed through to workers (case-insensitive). Others, such
+    /// as `h2c`, are stripped and the request is forwarded as a plain one.
+    pub allowed_upgrades: Vec<String>,
+    /// Connection caps, shared by every proxy of the daemon.
+    pub limiter: Arc<ConnLimiter>,
 }
 
 impl Default for HttpProxyConfig {
@@ -84,11 +104,93 @@ impl Default for HttpProxyConfig {
             pool_idle_timeout: Duration::from_secs(4),
             pool_max_idle: 64,
             shutdown_grace: Duration::from_secs(10),
+            body_read_timeout: Duration::from_secs(60),
+            response_write_timeout: Duration::from_secs(60),
+            trusted_proxies: TrustedProxies::default(),
+            allowed_upgrades: vec!["websocket".to_string()],
+            limiter: ConnLimiter::global(),
         }
     }
 }
 
-/// Attempts per request, counting replays on stale keep-alive connections.
+impl HttpProxyConfig {
+    /// These settings with the operator's overrides from the daemon's environment,
+    /// each in milliseconds: `CLUSTERD_PROXY_HEADER_TIMEOUT_MS` (slowloris and
+    /// keep-alive idle bound), `CLUSTERD_PROXY_NO_BACKEND_WAIT_MS`,
+    /// `CLUSTERD_PROXY_RESPONSE_TIMEOUT_MS`, `CLUSTERD_PROXY_BODY_TIMEOUT_MS`,
+    /// `CLUSTERD_PROXY_SEND_TIMEOUT_MS`. Connection caps are read by
+    /// [`ConnLimiter::global`].
+    #[must_use]
+    pub fn with_env(mut self) -> Self {
+        let ms = |name: &str| {
+            std::env::var(name)
+                .ok()
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(Duration::from_millis)
+        };
+        for (name, field) in [
+            (
+                "CLUSTERD_PROXY_HEADER_TIMEOUT_MS",
+                &mut self.header_read_timeout,
+            ),
+            (
+                "CLUSTERD_PROXY_NO_BACKEND_WAIT_MS",
+                &mut self.no_backend_wait,
+            ),
+            (
+                "CLUSTERD_PROXY_RESPONSE_TIMEOUT_MS",
+                &mut self.response_header_timeout,
+            ),
+            (
+                "CLUSTERD_PROXY_BODY_TIMEOUT_MS",
+                &mut self.body_read_timeout,
+            ),
+            (
+                "CLUSTERD_PROXY_SEND_TIMEOUT_MS",
+                &mut self.response_write_timeout,
+            ),
+        ] {
+            if let Some(d) = ms(name) {
+                *field = d;
+            }
+        }
+        self
+    }
+}
+
+/// `listen[].trustedProxies`, shared between the daemon and a running proxy so that a
+/// manifest change applies to the next connection without rebinding the socket.
+#[derive(Debug, Clone, Default)]
+pub struct TrustedProxies(Arc<RwLock<Arc<[Cidr]>>>);
+
+impl TrustedProxies {
+    /// A list of ranges.
+    #[must_use]
+    pub fn new(ranges: Vec<Cidr>) -> Self {
+        Self(Arc::new(RwLock::new(ranges.into())))
+    }
+
+    /// Replaces the ranges; connections accepted from now on use the new ones.
+    pub fn set(&self, ranges: Vec<Cidr>) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ranges.into();
+    }
+
+    /// Whether `ip` is in one of the ranges (decided once per client connection).
+    #[must_use]
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        self.0
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .any(|c| c.contains(ip))
+    }
+}
+
+/// Attempts per request: connect failures and requests handed back unsent, plus at
+/// most one replay of a request a worker may have seen.
 const MAX_ATTEMPTS: usize = 8;
 
 type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
@@ -143,32 +245,47 @@ pub async fn serve_http_retirable(
         .header_read_timeout(ctx.cfg.header_read_timeout)
         .max_header_size(ctx.cfg.max_header_bytes)
         .max_buf_size(ctx.cfg.max_header_bytes.max(8192) * 2);
+    let mut backoff = AcceptBackoff::new("http proxy");
     loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = ctx.cfg.limiter.reserve() => slot,
+        };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             () = retire.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
-                    accept_backoff(&err).await;
+                    backoff.failed(&err).await;
                     continue;
                 }
             },
+        };
+        backoff.succeeded();
+        let trusted = ctx.cfg.trusted_proxies.contains(peer.ip());
+        let Some(permit) = ctx.cfg.limiter.admit(slot, peer.ip(), trusted) else {
+            continue;
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let ctx = Arc::clone(&ctx);
         let shutdown = shutdown.clone();
         let conn = server.serve_connection(
-            TokioIo::new(stream),
+            TokioIo::new(WriteIdle::new(stream, ctx.cfg.response_write_timeout)),
             service_fn({
                 let ctx = Arc::clone(&ctx);
                 let retire = retire.clone();
                 move |req| {
                     let ctx = Arc::clone(&ctx);
                     let retire = retire.clone();
+                    let client = Client {
+                        peer,
+                        local,
+                        trusted,
+                    };
                     async move {
-                        let mut resp = proxy_request(req, &ctx, peer, local).await;
+                        let mut resp = proxy_request(req, &ctx, client).await;
                         if retire.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS
                         {
                             resp.headers_mut()
@@ -199,6 +316,7 @@ pub async fn serve_http_retirable(
                 if let Err(err) = result {
                     tracing::debug!(cause = %err, "client connection ended with error");
                 }
+                drop(permit);
             }
             .instrument(tracing::debug_span!("client", %peer)),
         );
@@ -223,18 +341,6 @@ pub(crate) async fn drain_tasks(
     }
 }
 
-/// Accept errors are mostly about one connection (reset before accept) and can be
-/// ignored; running out of file descriptors would spin, so pause briefly then.
-pub(crate) async fn accept_backoff(err: &std::io::Error) {
-    tracing::warn!(cause = %err, "accept failed");
-    if matches!(
-        err.raw_os_error(),
-        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
-    ) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// What went wrong with one attempt to send a request.
 enum SendFailure {
     /// The request never left: here it is back.
@@ -247,13 +353,30 @@ enum SendFailure {
     Upstream(hyper::Error),
 }
 
+/// Who sent a request: fixed for its client connection.
+#[derive(Debug, Clone, Copy)]
+struct Client {
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    /// In `trustedProxies`: its forwarding headers are believed.
+    trusted: bool,
+}
+
 async fn proxy_request(
     mut req: Request<Incoming>,
     ctx: &Ctx,
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
+    Client {
+        peer,
+        local,
+        trusted,
+    }: Client,
 ) -> Response<ProxyBody> {
-    let upgrade = is_upgrade(req.headers());
+    if let Err(reject) = guard::check_request(req.method(), req.uri(), req.version(), req.headers())
+    {
+        tracing::debug!(status = %reject.status, reason = reject.reason.trim_end(), "request refused");
+        return closing(error_response(reject.status, reject.reason));
+    }
+    let upgrade = guard::allowed_upgrade(req.headers(), &ctx.cfg.allowed_upgrades);
     let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
     let (parts, body) = req.into_parts();
     let method = parts.method.clone();
@@ -262,9 +385,9 @@ async fn proxy_request(
     let replayable = !upgrade && body_empty && method.is_idempotent();
 
     let mut headers = parts.headers;
-    let client_host = host_of(&parts.uri, &headers, local);
+    let client_host = headers::host_of(&parts.uri, &headers, local);
     let upgrade_to = headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut headers);
+    headers::strip_hop_by_hop(&mut headers);
     if let (true, Some(to)) = (upgrade, upgrade_to) {
         // The one case where the hop-by-hop handshake must reach the worker.
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -273,8 +396,16 @@ async fn proxy_request(
     if let Some(host) = &client_host {
         headers.insert(header::HOST, host.clone());
     }
-    add_forwarded(&mut headers, peer, client_host.as_ref());
-    let uri = origin_form(&parts.uri);
+    headers::forwarding(
+        &mut headers,
+        headers::Hop {
+            peer,
+            local,
+            host: client_host.as_ref(),
+            trusted,
+        },
+    );
+    let uri = headers::origin_form(&parts.uri);
 
     let (done_tx, done_rx) = watch::channel(false);
     let template = |body: UpstreamBody| {
@@ -289,9 +420,14 @@ async fn proxy_request(
         RequestBody {
             inner: body,
             done: Some(done_tx),
+            idle: Idle::new(ctx.cfg.body_read_timeout),
         }
         .boxed_unsync(),
     ));
+    // Set once a worker may have seen the request: it is replayed at most once, and
+    // then only on a fresh connection, so a request that crashes workers reaches at
+    // most two of them.
+    let mut replayed = false;
 
     let deadline = Instant::now() + ctx.cfg.no_backend_wait;
     let mut failed: Vec<WorkerId> = Vec::new();
@@ -306,7 +442,7 @@ async fn proxy_request(
         };
         let backend = Arc::clone(lease.backend());
         let span = tracing::debug_span!("request", worker = %backend.id, %method);
-        let pooled = if upgrade {
+        let pooled = if upgrade || replayed {
             None
         } else {
             backend.pool.take(ctx.cfg.pool_idle_timeout)
@@ -335,7 +471,11 @@ async fn proxy_request(
         }
         let request = match pending.take() {
             Some(r) => r,
-            None => template(empty_body()),
+            None => template(
+                Empty::<Bytes>::new()
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            ),
         };
         match send(
             &mut conn,
@@ -352,7 +492,10 @@ async fn proxy_request(
                 {
                     tunnel(resp, on_client, conn, lease, ctx, span)
                 } else {
-                    relay(resp, conn, lease, ctx, !upgrade)
+                    // A connection that carried a body is not reused: a worker that
+                    // answered without reading it (CL.0) would take the rest as the
+                    // next request, and answer it to another client.
+                    relay(resp, conn, lease, ctx, !upgrade && body_empty)
                 };
             }
             Err(SendFailure::NotSent(back)) => {
@@ -364,8 +507,10 @@ async fn proxy_request(
             // the replay goes to another worker.
             Err(SendFailure::Upstream(err))
                 if replayable
+                    && !replayed
                     && (err.is_incomplete_message() || err.is_closed() || err.is_canceled()) =>
             {
+                replayed = true;
                 if conn.reused {
                     span.in_scope(
                         || tracing::debug!(cause = %err, "stale keep-alive connection; replaying"),
@@ -385,7 +530,11 @@ async fn proxy_request(
             }
             Err(SendFailure::ClientBody(err)) => {
                 span.in_scope(|| tracing::debug!(cause = %err, "client request body failed"));
-                return error_response(StatusCode::BAD_REQUEST, "request body incomplete\n");
+                return closing(if has_source::<BodyReadTimeout>(&err) {
+                    error_response(StatusCode::REQUEST_TIMEOUT, "request body timed out\n")
+                } else {
+                    error_response(StatusCode::BAD_REQUEST, "request body incomplete\n")
+                });
             }
             Err(SendFailure::Upstream(err)) => {
                 backend.record_error();
@@ -449,7 +598,7 @@ fn relay(
 ) -> Response<ProxyBody> {
     let keep_alive = poolable && response_keeps_alive(&resp);
     let (mut parts, body) = resp.into_parts();
-    strip_hop_by_hop(&mut parts.headers);
+    headers::response(&mut parts.headers);
     parts.version = Version::HTTP_11;
     let body = ResponseBody {
         inner: body,
@@ -504,7 +653,7 @@ fn tunnel(
     );
     let (mut parts, _) = resp.into_parts();
     let upgrade_to = parts.headers.get(header::UPGRADE).cloned();
-    strip_hop_by_hop(&mut parts.headers);
+    headers::strip_hop_by_hop(&mut parts.headers);
     parts
         .headers
         .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -521,6 +670,26 @@ fn empty_body() -> UnsyncBoxBody<Bytes, hyper::Error> {
         .boxed_unsync()
 }
 
+/// Asks hyper to close the client connection after this response: after a refused
+/// or broken request, what follows on the connection cannot be trusted.
+fn closing(mut resp: Response<ProxyBody>) -> Response<ProxyBody> {
+    resp.headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    resp
+}
+
+/// Whether `err` or one of its causes is an `E`.
+fn has_source<E: std::error::Error + 'static>(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cur = Some(err);
+    while let Some(e) = cur {
+        if e.is::<E>() {
+            return true;
+        }
+        cur = e.source();
+    }
+    false
+}
+
 fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBody> {
     let mut resp = Response::new(
         Full::new(Bytes::from_static(msg.as_bytes()))
@@ -535,157 +704,60 @@ fn error_response(status: StatusCode, msg: &'static str) -> Response<ProxyBody> 
     resp
 }
 
-/// Whether `Connection` lists `token` (case-insensitive, comma-separated).
-fn connection_has(headers: &HeaderMap, token: &str) -> bool {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| t.trim().eq_ignore_ascii_case(token))
-}
-
-fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(header::UPGRADE) && connection_has(headers, "upgrade")
-}
-
 /// Whether the worker will accept another request on this connection.
 fn response_keeps_alive(resp: &Response<Incoming>) -> bool {
     let h = resp.headers();
     match resp.version() {
-        Version::HTTP_11 => !connection_has(h, "close"),
-        Version::HTTP_10 => connection_has(h, "keep-alive") && !connection_has(h, "close"),
+        Version::HTTP_11 => !headers::connection_has(h, "close"),
+        Version::HTTP_10 => {
+            headers::connection_has(h, "keep-alive") && !headers::connection_has(h, "close")
+        }
         _ => false,
     }
 }
 
-/// Removes the headers that describe one connection rather than the message
-/// (RFC 9110 §7.6.1): those named in `Connection`, and the well-known ones. `TE` is
-/// kept only as `TE: trailers`, the one value meaningful end to end.
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-        .collect();
-    for name in named {
-        headers.remove(name);
-    }
-    let te_trailers = headers
-        .get_all(header::TE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|t| {
-            t.split(';')
-                .next()
-                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
-    if te_trailers {
-        headers.insert(header::TE, HeaderValue::from_static("trailers"));
-    }
-}
-
-/// The host the client asked for: the authority of an absolute-form target wins over
-/// `Host` (RFC 9112 §3.2.2); an HTTP/1.0 client may send neither, and the worker
-/// still needs one, so fall back to the address the client connected to.
-fn host_of(uri: &Uri, headers: &HeaderMap, local: Option<SocketAddr>) -> Option<HeaderValue> {
-    if let Some(auth) = uri.authority() {
-        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
-            return Some(v);
-        }
-    }
-    if let Some(h) = headers.get(header::HOST) {
-        return Some(h.clone());
-    }
-    local.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
-}
-
-fn origin_form(uri: &Uri) -> Uri {
-    match uri.path_and_query() {
-        Some(pq) if uri.authority().is_some() => Uri::from(pq.clone()),
-        _ => uri.clone(),
-    }
-}
-
-/// Adds X-Forwarded-For (appended to any list already present), X-Forwarded-Proto
-/// and X-Forwarded-Host (kept if a proxy in front of us already set them), and an
-/// RFC 7239 `Forwarded` element.
-fn add_forwarded(headers: &mut HeaderMap, peer: SocketAddr, host: Option<&HeaderValue>) {
-    let ip = peer.ip().to_canonical();
-    let prior: Vec<String> = headers
-        .get_all("x-forwarded-for")
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let xff = if prior.is_empty() {
-        ip.to_string()
-    } else {
-        format!("{}, {ip}", prior.join(", "))
-    };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
-    }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
-    }
-    if let Some(h) = host {
-        if !headers.contains_key("x-forwarded-host") {
-            headers.insert("x-forwarded-host", h.clone());
-        }
-    }
-    let node = if ip.is_ipv6() {
-        format!("for=\"[{ip}]\"")
-    } else {
-        format!("for={ip}")
-    };
-    let mut element = format!("{node};proto=http");
-    if let Some(h) = host.and_then(|h| h.to_str().ok()) {
-        if !h.contains(['"', '\\']) {
-            element.push_str(&format!(";host=\"{h}\""));
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&element) {
-        headers.append(header::FORWARDED, v);
-    }
-}
-
 /// The client's request body on its way to the worker; flags its own end so that the
-/// response-head timer starts only once the upload is done.
+/// response-head timer starts only once the upload is done, and fails when the client
+/// stalls for the body-read timeout.
 struct RequestBody {
     inner: Incoming,
     done: Option<watch::Sender<bool>>,
+    idle: Idle,
 }
+
+/// A chunked body whose trailer section is present but empty: what hyper makes of a
+/// bare LF after the last chunk, which swallows the client's next request as trailers.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed chunked body: empty trailer section (bare LF after the last chunk)")]
+struct EmptyTrailers;
 
 impl Body for RequestBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if polled.is_pending() {
+            if self.idle.expired(cx) {
+                return Poll::Ready(Some(Err(BodyReadTimeout(self.idle.timeout()).into())));
+            }
+            return Poll::Pending;
+        }
+        self.idle.progressed();
         if matches!(polled, Poll::Ready(None)) || self.inner.is_end_stream() {
             if let Some(done) = self.done.take() {
                 let _ = done.send(true);
             }
         }
-        polled
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if frame.trailers_ref().is_some_and(|t| t.is_empty()) {
+                return Poll::Ready(Some(Err(EmptyTrailers.into())));
+            }
+        }
+        polled.map(|f| f.map(|r| r.map_err(Into::into)))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -779,53 +851,7 @@ impl Drop for ResponseBody {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
     use hyper::Method;
-
-    #[test]
-    fn strips_hop_by_hop_and_connection_listed_headers() {
-        let mut h = HeaderMap::new();
-        h.insert(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-secret"),
-        );
-        h.insert("x-secret", HeaderValue::from_static("1"));
-        h.insert("keep-alive", HeaderValue::from_static("timeout=5"));
-        h.insert(header::TE, HeaderValue::from_static("gzip, trailers;q=1"));
-        h.insert(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-        h.insert("x-kept", HeaderValue::from_static("yes"));
-        strip_hop_by_hop(&mut h);
-        assert_eq!(h.len(), 2, "{h:?}");
-        assert_eq!(h["x-kept"], "yes");
-        assert_eq!(h[header::TE], "trailers");
-    }
-
-    #[test]
-    fn forwarded_headers_append_to_prior_proxies() {
-        let mut h = HeaderMap::new();
-        h.insert("x-forwarded-for", HeaderValue::from_static("10.0.0.1"));
-        let host = HeaderValue::from_static("example.com:8080");
-        add_forwarded(&mut h, "[::1]:5000".parse().unwrap(), Some(&host));
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        assert_eq!(h["x-forwarded-host"], "example.com:8080");
-        assert_eq!(
-            h[header::FORWARDED],
-            "for=\"[::1]\";proto=http;host=\"example.com:8080\""
-        );
-    }
-
-    #[test]
-    fn absolute_form_becomes_origin_form() {
-        let uri: Uri = "http://example.com/a?b=1".parse().unwrap();
-        assert_eq!(origin_form(&uri), "/a?b=1");
-        let h = host_of(&uri, &HeaderMap::new(), None).unwrap();
-        assert_eq!(h, "example.com");
-    }
 
     #[test]
     fn method_idempotence_decides_replay() {

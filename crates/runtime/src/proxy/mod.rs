@@ -10,15 +10,18 @@
 //! - [`serve_http`]: HTTP/1.1 reverse proxy, balancing *requests*.
 //! - [`serve_tcp`]: L4 proxy, balancing *connections*.
 
+mod guard;
+mod headers;
 mod http;
 mod pool;
 mod routes;
 mod tcp;
+mod timeouts;
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use http::{serve_http, serve_http_retirable, HttpProxyConfig};
+pub use http::{serve_http, serve_http_retirable, HttpProxyConfig, TrustedProxies};
 pub use routes::{BackendStats, RouteTable};
 pub use tcp::{serve_tcp, TcpProxyConfig};
 

@@ -21,9 +21,13 @@ use tracing::Instrument;
 
 use super::ProxyError;
 
+/// An error from a request body: hyper's, or the proxy's own verdict on the client
+/// (body-read timeout, malformed chunking).
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// The body type of requests sent to workers: the client's streamed body, or an empty
 /// one when a body-less request is replayed.
-pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub(crate) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// One HTTP/1.1 connection to a worker. Dropping it closes the socket at once (the
 /// connection task is aborted), which is what we want for a request abandoned midway

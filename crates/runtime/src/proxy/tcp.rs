@@ -17,8 +17,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use super::http::{accept_backoff, drain_tasks};
+use super::http::drain_tasks;
 use super::routes::RouteTable;
+use crate::accept::{AcceptBackoff, ConnLimiter};
 
 /// Bounds of the tcp proxy.
 #[derive(Debug, Clone)]
@@ -30,6 +31,8 @@ pub struct TcpProxyConfig {
     /// After shutdown is requested: how long open connections may continue before
     /// they are cut.
     pub shutdown_grace: Duration,
+    /// Connection caps, shared by every proxy of the daemon.
+    pub limiter: Arc<ConnLimiter>,
 }
 
 impl Default for TcpProxyConfig {
@@ -38,6 +41,7 @@ impl Default for TcpProxyConfig {
             no_backend_wait: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(5),
             shutdown_grace: Duration::from_secs(10),
+            limiter: ConnLimiter::global(),
         }
     }
 }
@@ -56,16 +60,25 @@ pub async fn serve_tcp(
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let cfg = Arc::new(cfg);
+    let mut backoff = AcceptBackoff::new("tcp proxy");
     loop {
+        let slot = tokio::select! {
+            () = shutdown.cancelled() => break,
+            slot = cfg.limiter.reserve() => slot,
+        };
         let (client, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
-                    accept_backoff(&err).await;
+                    backoff.failed(&err).await;
                     continue;
                 }
             },
+        };
+        backoff.succeeded();
+        let Some(permit) = cfg.limiter.admit(slot, peer.ip(), false) else {
+            continue;
         };
         let _ = client.set_nodelay(true);
         let routes = Arc::clone(&routes);
@@ -77,6 +90,7 @@ pub async fn serve_tcp(
                     () = forward(client, &routes, &cfg) => {}
                     () = hard_stop.cancelled() => tracing::debug!("connection cut at shutdown"),
                 }
+                drop(permit);
             }
             .instrument(tracing::debug_span!("client", %peer)),
         );

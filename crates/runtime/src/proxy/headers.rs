@@ -1,0 +1,354 @@
+//! Header rewriting between the client and the worker, both ways.
+//!
+//! # What a worker receives (documented in docs/manifest.md, "Headers the workers get")
+//! - `Host`: the client's, or the authority of an absolute-form target; for an HTTP/1.0
+//!   client without one, the address it connected to.
+//! - `X-Forwarded-For`: the client's address. From a trusted proxy
+//!   (`listen[].trustedProxies`), appended to the list it sent.
+//! - `X-Forwarded-Proto`: `http`; `X-Forwarded-Host`: the Host; `X-Forwarded-Port`: the
+//!   public port. From a trusted proxy, its own values are kept when present.
+//! - `Forwarded` (RFC 7239): one element `for=...;proto=http;host="..."` for this hop;
+//!   from a trusted proxy, appended after the elements it sent.
+//! - Headers some frameworks read as the client's address (`X-Real-IP`,
+//!   `True-Client-IP`, ...: [`CLIENT_IP_HEADERS`]) reach the worker only from a trusted
+//!   proxy; from anyone else they are removed, so a client cannot pose as another.
+//! - Hop-by-hop headers (`Connection` and what it lists, `Keep-Alive`, `TE` except
+//!   `trailers`, `Transfer-Encoding`, `Upgrade` except an allowed upgrade,
+//!   `Proxy-Connection`, `HTTP2-Settings`) are removed.
+
+use std::net::SocketAddr;
+
+use hyper::header::{self, HeaderMap, HeaderName, HeaderValue};
+use hyper::Uri;
+
+/// Headers that carry "the client's address" or the original request's scheme, host
+/// or port in some framework's convention; only a trusted proxy may set them.
+pub(crate) const CLIENT_IP_HEADERS: &[&str] = &[
+    "x-real-ip",
+    "true-client-ip",
+    "x-client-ip",
+    "x-cluster-client-ip",
+    "cf-connecting-ip",
+    "fastly-client-ip",
+    "x-original-forwarded-for",
+    "x-forwarded",
+    "forwarded-for",
+    "x-forwarded-server",
+    "x-forwarded-scheme",
+    "x-forwarded-ssl",
+    "x-url-scheme",
+    "front-end-https",
+    "x-forwarded-prefix",
+];
+
+/// Whether `Connection` lists `token` (case-insensitive, comma-separated).
+pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
+    headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+/// Removes the headers that describe one connection rather than the message
+/// (RFC 9110 §7.6.1): those named in `Connection`, and the well-known ones. `TE` is
+/// kept only as `TE: trailers`, the one value meaningful end to end.
+pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
+    let te_trailers = headers
+        .get_all(header::TE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| {
+            t.split(';')
+                .next()
+                .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    for name in [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        HeaderName::from_static("http2-settings"),
+        header::TE,
+        header::TRAILER,
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+    ] {
+        headers.remove(name);
+    }
+    if te_trailers {
+        headers.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+/// A worker's response head on its way to the client. A response with both
+/// `Transfer-Encoding` and `Content-Length` is framed by the former and the latter must
+/// go (RFC 9112 §6.3): the body is re-framed for the client, and a stale length would
+/// truncate or desynchronize it.
+pub(crate) fn response(headers: &mut HeaderMap) {
+    if headers.contains_key(header::TRANSFER_ENCODING) {
+        headers.remove(header::CONTENT_LENGTH);
+    }
+    strip_hop_by_hop(headers);
+}
+
+/// The host the client asked for: the authority of an absolute-form target wins over
+/// `Host` (RFC 9112 §3.2.2); an HTTP/1.0 client may send neither, and the worker
+/// still needs one, so fall back to the address the client connected to.
+pub(crate) fn host_of(
+    uri: &Uri,
+    headers: &HeaderMap,
+    local: Option<SocketAddr>,
+) -> Option<HeaderValue> {
+    if let Some(auth) = uri.authority() {
+        if let Ok(v) = HeaderValue::from_str(auth.as_str()) {
+            return Some(v);
+        }
+    }
+    if let Some(h) = headers.get(header::HOST) {
+        return Some(h.clone());
+    }
+    local.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
+}
+
+/// The request target as a worker expects it from a proxy: origin-form.
+pub(crate) fn origin_form(uri: &Uri) -> Uri {
+    match uri.path_and_query() {
+        Some(pq) if uri.authority().is_some() => Uri::from(pq.clone()),
+        _ => uri.clone(),
+    }
+}
+
+/// Who is on the other end of a client connection, for [`forwarding`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hop<'a> {
+    /// The client's address as the socket sees it.
+    pub(crate) peer: SocketAddr,
+    /// The public address it connected to.
+    pub(crate) local: Option<SocketAddr>,
+    /// The host it asked for ([`host_of`]).
+    pub(crate) host: Option<&'a HeaderValue>,
+    /// Whether `peer` is in `trustedProxies`: its forwarding headers are believed.
+    pub(crate) trusted: bool,
+}
+
+/// Sets the forwarding headers for this hop: `X-Forwarded-For/Proto/Host/Port` and an
+/// RFC 7239 `Forwarded` element. From an untrusted peer every such header it sent is
+/// replaced (and [`CLIENT_IP_HEADERS`] removed); from a trusted proxy its values are
+/// kept and this hop is appended to the lists.
+pub(crate) fn forwarding(headers: &mut HeaderMap, hop: Hop<'_>) {
+    let ip = hop.peer.ip().to_canonical();
+    if !hop.trusted {
+        for name in CLIENT_IP_HEADERS {
+            headers.remove(*name);
+        }
+        for name in [
+            "x-forwarded-for",
+            "x-forwarded-proto",
+            "x-forwarded-host",
+            "x-forwarded-port",
+        ] {
+            headers.remove(name);
+        }
+        headers.remove(header::FORWARDED);
+    }
+    let prior: Vec<String> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .collect();
+    let xff = if prior.is_empty() {
+        ip.to_string()
+    } else {
+        format!("{}, {ip}", prior.join(", "))
+    };
+    if let Ok(v) = HeaderValue::from_str(&xff) {
+        headers.insert("x-forwarded-for", v);
+    }
+    if !headers.contains_key("x-forwarded-proto") {
+        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+    }
+    if let Some(h) = hop.host {
+        if !headers.contains_key("x-forwarded-host") {
+            headers.insert("x-forwarded-host", h.clone());
+        }
+    }
+    if let Some(local) = hop.local {
+        if !headers.contains_key("x-forwarded-port") {
+            headers.insert("x-forwarded-port", HeaderValue::from(local.port()));
+        }
+    }
+    let node = if ip.is_ipv6() {
+        format!("for=\"[{ip}]\"")
+    } else {
+        format!("for={ip}")
+    };
+    let mut element = format!("{node};proto=http");
+    if let Some(h) = hop.host.and_then(|h| h.to_str().ok()) {
+        if !h.contains(['"', '\\']) {
+            element.push_str(&format!(";host=\"{h}\""));
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(&element) {
+        headers.append(header::FORWARDED, v);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn map(lines: &[(&str, &str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (k, v) in lines {
+            h.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        h
+    }
+
+    fn lines(h: &HeaderMap) -> Vec<String> {
+        let mut out: Vec<String> = h
+            .iter()
+            .map(|(k, v)| format!("{k}: {}", v.to_str().unwrap()))
+            .collect();
+        out.sort();
+        out
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_connection_listed_headers() {
+        let mut h = map(&[
+            ("connection", "close, x-secret"),
+            ("x-secret", "1"),
+            ("keep-alive", "timeout=5"),
+            ("te", "gzip, trailers;q=1"),
+            ("transfer-encoding", "chunked"),
+            ("upgrade", "h2c"),
+            ("http2-settings", "AAMAAABkAAQAAP__"),
+            ("x-kept", "yes"),
+        ]);
+        strip_hop_by_hop(&mut h);
+        assert_eq!(lines(&h), ["te: trailers", "x-kept: yes"]);
+    }
+
+    #[test]
+    fn response_with_length_and_chunked_loses_the_length() {
+        let mut h = map(&[
+            ("content-length", "5"),
+            ("transfer-encoding", "chunked"),
+            ("x-app", "1"),
+        ]);
+        response(&mut h);
+        assert_eq!(lines(&h), ["x-app: 1"]);
+        let mut h = map(&[("content-length", "5")]);
+        response(&mut h);
+        assert_eq!(lines(&h), ["content-length: 5"]);
+    }
+
+    const SPOOFED: &[(&str, &str)] = &[
+        ("x-forwarded-for", "10.0.0.1"),
+        ("x-forwarded-proto", "https"),
+        ("x-forwarded-host", "evil.example"),
+        ("x-forwarded-port", "443"),
+        ("forwarded", "for=10.0.0.1;proto=https"),
+        ("x-real-ip", "10.0.0.1"),
+        ("true-client-ip", "10.0.0.1"),
+        ("cf-connecting-ip", "10.0.0.1"),
+        ("x-kept", "yes"),
+    ];
+
+    #[test]
+    fn untrusted_client_cannot_set_forwarding_headers() {
+        let mut h = map(SPOOFED);
+        let host = HeaderValue::from_static("app.example:8080");
+        forwarding(
+            &mut h,
+            Hop {
+                peer: "203.0.113.9:5000".parse().unwrap(),
+                local: Some("192.0.2.1:8080".parse().unwrap()),
+                host: Some(&host),
+                trusted: false,
+            },
+        );
+        assert_eq!(
+            lines(&h),
+            [
+                "forwarded: for=203.0.113.9;proto=http;host=\"app.example:8080\"",
+                "x-forwarded-for: 203.0.113.9",
+                "x-forwarded-host: app.example:8080",
+                "x-forwarded-port: 8080",
+                "x-forwarded-proto: http",
+                "x-kept: yes",
+            ]
+        );
+    }
+
+    #[test]
+    fn trusted_proxy_headers_are_kept_and_appended_to() {
+        let mut h = map(SPOOFED);
+        let host = HeaderValue::from_static("app.example");
+        forwarding(
+            &mut h,
+            Hop {
+                peer: "[::ffff:10.9.9.9]:5000".parse().unwrap(),
+                local: Some("192.0.2.1:8080".parse().unwrap()),
+                host: Some(&host),
+                trusted: true,
+            },
+        );
+        assert_eq!(
+            lines(&h),
+            [
+                "cf-connecting-ip: 10.0.0.1",
+                "forwarded: for=10.0.0.1;proto=https",
+                "forwarded: for=10.9.9.9;proto=http;host=\"app.example\"",
+                "true-client-ip: 10.0.0.1",
+                "x-forwarded-for: 10.0.0.1, 10.9.9.9",
+                "x-forwarded-host: evil.example",
+                "x-forwarded-port: 443",
+                "x-forwarded-proto: https",
+                "x-kept: yes",
+                "x-real-ip: 10.0.0.1",
+            ]
+        );
+    }
+
+    #[test]
+    fn ipv6_peer_is_quoted_in_forwarded() {
+        let mut h = HeaderMap::new();
+        forwarding(
+            &mut h,
+            Hop {
+                peer: "[::1]:5000".parse().unwrap(),
+                local: None,
+                host: None,
+                trusted: false,
+            },
+        );
+        assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=http");
+        assert_eq!(h["x-forwarded-for"], "::1");
+    }
+
+    #[test]
+    fn absolute_form_becomes_origin_form() {
+        let uri: Uri = "http://example.com/a?b=1".parse().unwrap();
+        assert_eq!(origin_form(&uri), "/a?b=1");
+        let h = host_of(&uri, &HeaderMap::new(), None).unwrap();
+        assert_eq!(h, "example.com");
+    }
+}
