@@ -31,3 +31,9 @@ mod faults;
 
 #[path = "e2e/shared.rs"]
 mod shared;
+
+#[path = "e2e/friendly.rs"]
+mod friendly;
+
+#[path = "e2e/trees.rs"]
+mod trees;

@@ -309,6 +309,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if let Err(e) = clusterd_runtime::accept::raise_nofile_limit() {
                 eprintln!("clusterd: warning: cannot raise the open-files limit: {e}");
             }
+            // Before any worker exists: the daemon becomes a child subreaper, so orphans of
+            // worker trees stay under it (and are reaped), as do all orphans when PID 1.
+            clusterd_runtime::reaper::start()?;
             daemon::run(args.into_options()?)
         }
         Command::Status {

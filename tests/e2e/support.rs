@@ -87,6 +87,8 @@ pub struct Daemon {
     retired: Vec<Child>,
     /// Sockets to pass to the next `spawn` the way systemd does (LISTEN_FDS).
     pub listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
+    /// A command the daemon is started under (e.g. `unshare --pid --fork`).
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -114,6 +116,7 @@ impl Daemon {
             upgraded: None,
             retired: Vec::new(),
             listen_fds: Vec::new(),
+            wrapper: Vec::new(),
         };
         d.spawn();
         d
@@ -141,6 +144,16 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon under `wrapper` (its argv before the clusterd binary), e.g.
+    /// `unshare --pid --fork` to run it as PID 1. `pid()` is then the wrapper's.
+    pub fn start_under(wrapper: &[&str]) -> Daemon {
+        let mut d = Daemon::start_with(&[]);
+        d.stop();
+        d.wrapper = wrapper.iter().map(ToString::to_string).collect();
+        d.spawn();
+        d
+    }
+
     /// (Re)starts the daemon process on the same dirs.
     pub fn spawn(&mut self) {
         use std::os::unix::process::CommandExt;
@@ -150,9 +163,7 @@ impl Daemon {
         )))
         .unwrap();
         let listen_fds = std::mem::take(&mut self.listen_fds);
-        let mut cmd = if listen_fds.is_empty() {
-            Command::new(clusterd_bin())
-        } else {
+        let mut cmd = if !listen_fds.is_empty() {
             use std::os::fd::AsFd;
             let borrowed: Vec<(String, std::os::fd::BorrowedFd<'_>)> = listen_fds
                 .iter()
@@ -160,6 +171,15 @@ impl Daemon {
                 .collect();
             clusterd_runtime::handover::systemd_style_command(&clusterd_bin(), &borrowed)
                 .expect("systemd-style command")
+        } else {
+            match self.wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(clusterd_bin());
+                    c
+                }
+                None => Command::new(clusterd_bin()),
+            }
         };
         let root = self.dir.path();
         let path = |p: &Path| -> PathBuf {
@@ -778,6 +798,12 @@ impl Drop for EventFollower {
 }
 
 /// Every live process whose process group is `pgid` (scans /proc; zombies excluded).
+/// Whether `pid` is a worker's log timestamper (it shares the worker's process group).
+pub fn is_timestamper(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end() == clusterd_runtime::shim::TIMESTAMPER_NAME)
+}
+
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

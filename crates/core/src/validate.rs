@@ -29,6 +29,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "CLUSTERD_APP",
     "CLUSTERD_INSTANCE",
     "CLUSTERD_REVISION",
+    "CLUSTERD_TREE",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
@@ -542,6 +543,94 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
         ));
     }
     out
+}
+
+/// Likely mistakes that do not make the manifest invalid, each at a YAML path.
+///
+/// Today: a shell variable (`$PORT`, `${PORT}`) in an argv that no shell will run. The
+/// worker would get the literal text `$PORT` and typically crash-loop on "invalid port";
+/// clusterd's own `$(PORT)` is what expands without a shell. A command that runs a shell
+/// itself (`[sh, -c, "... $PORT"]`) is left alone.
+#[must_use]
+pub fn warnings(spec: &AppSpec) -> Vec<Issue> {
+    let mut out = Vec::new();
+    let mut check = |command: &CommandLine, base: &str| {
+        let Ok(argv) = command_argv(command) else {
+            return;
+        };
+        if runs_a_shell(&argv) {
+            return;
+        }
+        for (i, arg) in argv.iter().enumerate() {
+            let Some(name) = shell_variable(arg) else {
+                continue;
+            };
+            let path = match command {
+                CommandLine::Argv(_) => format!("{base}[{i}]"),
+                CommandLine::Shell(_) => base.to_string(),
+            };
+            out.push(Issue::at(
+                path,
+                format!(
+                    "`${name}` is passed to the program as written: no shell runs the command, so nothing expands it (expected `$({name})`, which clusterd replaces with the worker's {name})"
+                ),
+            ));
+        }
+    };
+    check(&spec.command, "spec.command");
+    if let Some(cmd) = spec.liveness.as_ref().and_then(|l| l.command.as_ref()) {
+        check(cmd, "spec.liveness.command");
+    }
+    out
+}
+
+/// `sh -c ...`, `bash -lc ...` and the like (also behind `env`): the shell expands
+/// `$VAR` itself.
+fn runs_a_shell(argv: &[String]) -> bool {
+    let is_shell = |a: &str| {
+        matches!(
+            a.rsplit('/').next().unwrap_or(""),
+            "sh" | "bash" | "dash" | "zsh" | "ash" | "ksh" | "fish"
+        )
+    };
+    let is_c =
+        |a: &str| a.len() > 1 && a.starts_with('-') && !a.starts_with("--") && a.contains('c');
+    argv.iter()
+        .position(|a| is_shell(a))
+        .is_some_and(|i| argv[i + 1..].iter().any(|a| is_c(a)))
+}
+
+/// The first `$NAME` or `${NAME}` in `arg` (not clusterd's `$(NAME)`, not `$$`).
+fn shell_variable(arg: &str) -> Option<&str> {
+    let bytes = arg.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'$' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) == Some(&b'$') {
+            i += 2;
+            continue;
+        }
+        let (start, braced) = match bytes.get(i + 1) {
+            Some(b'{') => (i + 2, true),
+            _ => (i + 1, false),
+        };
+        let len = arg[start..]
+            .bytes()
+            .enumerate()
+            .take_while(|(k, b)| {
+                b.is_ascii_alphabetic() || *b == b'_' || (*k > 0 && b.is_ascii_digit())
+            })
+            .count();
+        let closed = !braced || bytes.get(start + len) == Some(&b'}');
+        if len > 0 && closed {
+            return Some(&arg[start..start + len]);
+        }
+        i += 1;
+    }
+    None
 }
 
 /// Why a tcp/http probe cannot work given the first listener's mode, if it cannot.

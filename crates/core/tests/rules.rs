@@ -464,3 +464,44 @@ fn env_too_large_to_exec_is_rejected_where_it_is() {
         "{got:#?}"
     );
 }
+
+/// `$PORT` in an argv is passed as written (no shell runs the command), so the worker
+/// crash-loops on "invalid port": a warning at the argument, suggesting `$(PORT)`. It
+/// rejects nothing; a command that runs a shell itself gets no warning.
+#[test]
+fn shell_variables_in_an_argv_are_warned_about() {
+    let check = |command: &str| {
+        let yaml = format!(
+            "apiVersion: clusterd/v1\nkind: App\nmetadata: {{name: web}}\nspec:\n  command: {command}\n"
+        );
+        clusterd_core::check_files(&[ManifestFile::new("web.yaml", yaml.as_bytes())], 4)
+    };
+    let got = check("[python3, -m, http.server, $PORT]");
+    assert_eq!(got.errors, 0);
+    assert_eq!(
+        got.lines,
+        ["web.yaml:5:39: warning: `$PORT` is passed to the program as written: no shell runs the command, so nothing expands it (expected `$(PORT)`, which clusterd replaces with the worker's PORT)"]
+    );
+    let got = check("\"gunicorn -b 127.0.0.1:${PORT} app:app\"");
+    assert_eq!(got.lines.len(), 1, "{:?}", got.lines);
+    assert!(
+        got.lines[0].starts_with("web.yaml:5:12: warning: `$PORT`"),
+        "{:?}",
+        got.lines
+    );
+    for quiet in [
+        "[python3, -m, http.server, $(PORT)]",
+        "[sh, -c, \"exec python3 -m http.server $PORT\"]",
+        "[/bin/bash, -lc, \"exec node app.js --port $PORT\"]",
+        "[echo, '$$(PORT)', costs, $5]",
+    ] {
+        let got = check(quiet);
+        assert!(got.lines.is_empty(), "{quiet}: {:?}", got.lines);
+    }
+    // Errors and warnings come out together, in position order.
+    let yaml = "apiVersion: clusterd/v1\nkind: App\nmetadata: {name: web}\nspec:\n  command: [x, $PORT]\n  instances: [1]\n";
+    let got = clusterd_core::check_files(&[ManifestFile::new("web.yaml", yaml.as_bytes())], 4);
+    assert_eq!(got.errors, 1);
+    assert_eq!(got.lines.len(), 2, "{:?}", got.lines);
+    assert!(got.lines[0].contains("warning: `$PORT`"));
+}

@@ -19,6 +19,8 @@
 //!   handover to the next daemon; systemd's fd store across a crash).
 //! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
 //!   socket (seccomp user notification set up by the shim).
+//! - [`tree`] and [`reaper`]: a worker's whole process tree, and the daemon as child
+//!   subreaper reaping every orphan.
 //! - [`effects`]: all of the above behind the one interface the daemon's controller
 //!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
@@ -37,8 +39,10 @@ pub mod notify;
 pub mod procfs;
 pub mod proxy;
 pub mod quiet_read;
+pub mod reaper;
 pub mod seccomp;
 pub mod shim;
 pub mod spawn;
+pub mod tree;
 
 pub use error::{Error, Result};

@@ -16,6 +16,17 @@
 //! and an adopted worker needs nothing re-attached. Replacements of an index append to
 //! the same file.
 //!
+//! # Timestamps
+//! Each line starts with the UTC time it was written, `2026-12-01T17:05:03.123456Z `
+//! (RFC 3339, microseconds, one space), so `clusterd logs` can merge the instances of an
+//! app in time order. The worker's stdout and stderr are a pipe to a timestamper process
+//! that the exec shim forks before exec ([`timestamp_lines`]), as conmon and
+//! containerd-shim do for containers; it is not the daemon, so the daemon stays out of
+//! the data path (a daemon restart or upgrade loses no line and blocks no worker). File
+//! modification times could not order lines (one mtime per file), and a daemon-side pipe
+//! would stall every worker whose pipe fills while the daemon is down. Lines without the
+//! prefix (written by a worker started before timestamps existed) are read as they are.
+//!
 //! # Rotation
 //! A file past `max_size` becomes `.1` (older ones shift up, the oldest is dropped).
 //! Workers write into the file directly, so how depends on who holds it open:
@@ -42,6 +53,105 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::error::{IoContext, Result};
+
+/// Longest line written as one entry; a longer one is cut into entries of this size, so
+/// the timestamper's memory stays bounded whatever the worker prints.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// Length of the timestamp prefix, `2026-12-01T17:05:03.123456Z ` (with its space).
+pub const TIMESTAMP_LEN: usize = 28;
+
+/// `2026-12-01T17:05:03.123456Z`, the UTC time of `t` (RFC 3339, microseconds).
+#[must_use]
+pub fn format_timestamp(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = i64::try_from(days).unwrap_or(0) + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        d.subsec_micros()
+    )
+}
+
+/// Splits a log line into its timestamp and text; `None` for a line without the prefix.
+/// The timestamp sorts as text (fixed width, UTC).
+#[must_use]
+pub fn split_timestamp(line: &str) -> Option<(&str, &str)> {
+    let b = line.as_bytes();
+    let shape = b.len() >= TIMESTAMP_LEN
+        && b[..TIMESTAMP_LEN].iter().enumerate().all(|(i, c)| match i {
+            4 | 7 => *c == b'-',
+            10 => *c == b'T',
+            13 | 16 => *c == b':',
+            19 => *c == b'.',
+            26 => *c == b'Z',
+            27 => *c == b' ',
+            _ => c.is_ascii_digit(),
+        });
+    shape.then(|| (&line[..TIMESTAMP_LEN - 1], &line[TIMESTAMP_LEN..]))
+}
+
+/// The timestamper's loop: reads `input` until every writer has closed it and writes each
+/// line to `out` prefixed with the time it arrived. A final line without newline is
+/// written with one; lines longer than [`MAX_LINE`] are cut. Write errors are ignored (a
+/// full disk must not kill the worker through a broken pipe): the line is dropped.
+pub fn timestamp_lines(input: std::os::fd::OwnedFd, mut out: impl std::io::Write) {
+    let mut input = File::from(input);
+    let mut chunk = vec![0u8; MAX_LINE];
+    let mut partial: Vec<u8> = Vec::new();
+    let mut batch: Vec<u8> = Vec::new();
+    loop {
+        let n = match input.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        let stamp = format_timestamp(std::time::SystemTime::now());
+        partial.extend_from_slice(&chunk[..n]);
+        let mut start = 0;
+        loop {
+            let rest = &partial[start..];
+            let window = &rest[..rest.len().min(MAX_LINE + 1)];
+            let (take, newline) = match window.iter().position(|&c| c == b'\n') {
+                Some(i) if i <= MAX_LINE => (i + 1, true),
+                _ if rest.len() >= MAX_LINE => (MAX_LINE, false),
+                _ => break,
+            };
+            batch.extend_from_slice(stamp.as_bytes());
+            batch.push(b' ');
+            batch.extend_from_slice(&rest[..take]);
+            if !newline {
+                batch.push(b'\n');
+            }
+            start += take;
+        }
+        partial.drain(..start);
+        let _ = out.write_all(&batch).and_then(|()| out.flush());
+        batch.clear();
+    }
+    if !partial.is_empty() {
+        let stamp = format_timestamp(std::time::SystemTime::now());
+        batch.extend_from_slice(stamp.as_bytes());
+        batch.push(b' ');
+        batch.append(&mut partial);
+        batch.push(b'\n');
+        let _ = out.write_all(&batch).and_then(|()| out.flush());
+    }
+}
 
 /// Size-based rotation policy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -510,6 +620,46 @@ impl Follower {
 mod tests {
     use super::*;
     use std::io::Write;
+
+    #[test]
+    fn timestamps_format_and_split() {
+        let t = std::time::UNIX_EPOCH + Duration::from_micros(1_764_608_703_123_456);
+        let s = format_timestamp(t);
+        assert_eq!(s, "2025-12-01T17:05:03.123456Z");
+        assert_eq!(
+            format_timestamp(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000Z"
+        );
+        let line = format!("{s} hello world");
+        assert_eq!(split_timestamp(&line), Some((s.as_str(), "hello world")));
+        assert_eq!(split_timestamp("hello"), None);
+        assert_eq!(split_timestamp("2025-12-01 17:05:03 not ours at all"), None);
+    }
+
+    #[test]
+    fn timestamper_prefixes_each_line_and_finishes_the_last() {
+        let (r, w) = nix::unistd::pipe().unwrap();
+        let writer = std::thread::spawn(move || {
+            let mut w = File::from(w);
+            let big = "x".repeat(MAX_LINE + 10);
+            write!(w, "one\ntwo\n{big}\nthree").unwrap();
+        });
+        let mut out = Vec::new();
+        timestamp_lines(r, &mut out);
+        writer.join().unwrap();
+        let text = String::from_utf8(out).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let texts: Vec<&str> = lines
+            .iter()
+            .map(|l| split_timestamp(l).unwrap().1)
+            .collect();
+        assert_eq!(texts.len(), 5, "{texts:?}");
+        assert_eq!(texts[0], "one");
+        assert_eq!(texts[1], "two");
+        assert_eq!(texts[2].len(), MAX_LINE);
+        assert_eq!(texts[3], "x".repeat(10));
+        assert_eq!(texts[4], "three");
+    }
 
     #[test]
     fn rotation_shifts_and_caps() {

@@ -102,6 +102,10 @@ pub struct ShimConfig {
     pub rlimits: Rlimits,
     /// Join this cgroup (write our pid to its `cgroup.procs`).
     pub cgroup: Option<PathBuf>,
+    /// Also join these (cgroup v1 leaves on hybrid hosts: the pids controller for
+    /// `limits.nproc`).
+    #[serde(default)]
+    pub extra_cgroups: Vec<PathBuf>,
     /// Drop to this user (root only).
     pub user: Option<String>,
     /// Primary group (default: the user's).
@@ -112,6 +116,11 @@ pub struct ShimConfig {
     /// notification fd over this unix socket ([`crate::seccomp`]).
     #[serde(default)]
     pub seccomp_socket: Option<RawFd>,
+    /// Put the worker's stdout and stderr through a pipe to a small logger process that
+    /// writes each line to the log (the shim's stdout) with a timestamp prefix; see
+    /// [`crate::logs`].
+    #[serde(default)]
+    pub timestamps: bool,
 }
 
 /// Builds the full argument list after `program`: leading args, config, argv.
@@ -177,7 +186,7 @@ where
     if let Err(e) = apply_rlimits(&config.rlimits) {
         fail(status, &e);
     }
-    if let Some(cg) = &config.cgroup {
+    for cg in config.cgroup.iter().chain(&config.extra_cgroups) {
         let procs = cg.join("cgroup.procs");
         if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
             fail(
@@ -201,6 +210,11 @@ where
                 status,
                 &format!("chdir to `{}` failed: {}", cwd.display(), errno_text(&e)),
             );
+        }
+    }
+    if config.timestamps {
+        if let Err(e) = start_logger() {
+            fail(status, &format!("starting the log timestamper failed: {e}"));
         }
     }
     if let Some(sock) = seccomp_socket {
@@ -228,6 +242,82 @@ where
             errno_text(&err)
         ),
     )
+}
+
+/// The name (`comm`) of the timestamper process, as `ps` and `/proc/PID/comm` show it.
+pub const TIMESTAMPER_NAME: &str = "clusterd-log";
+
+/// Starts the log timestamper: a grandchild (so it is never the worker's child, which
+/// apps that reap every child would not expect) that reads a pipe and writes each line,
+/// prefixed with the time it arrived, to what is now stdout (the log file). The shim's
+/// stdout and stderr then become the pipe.
+///
+/// The timestamper stays in the worker's process group and cgroup, ignores the stop
+/// signals (the worker's graceful shutdown must not lose its last words), and exits when
+/// every writer has closed the pipe: with the worker and whatever it left behind. A
+/// SIGKILL of the group takes it down with the worker.
+fn start_logger() -> std::io::Result<()> {
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{fork, ForkResult};
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the shim is single-threaded (it starts no thread or runtime), so the child
+    // may do anything the parent could.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(w);
+            // SAFETY: as above; the intermediate child exits at once below.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    // Keep only the pipe and the log: the daemon waits for EOF on the
+                    // status pipe (and on a Node IPC channel) to learn what the worker
+                    // did, and the listeners belong to the worker alone.
+                    let keep = [1, std::os::fd::AsRawFd::as_raw_fd(&r)];
+                    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+                        .map(|d| {
+                            d.flatten()
+                                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for fd in open.into_iter().filter(|fd| !keep.contains(fd)) {
+                        // SAFETY: closing descriptors this process will never use; the
+                        // directory's own fd may already be gone (EBADF, harmless).
+                        unsafe { libc::close(fd) };
+                    }
+                    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+                    // bytes; `ps` then shows what this process is.
+                    unsafe { libc::prctl(libc::PR_SET_NAME, c"clusterd-log".as_ptr()) };
+                    for sig in [
+                        libc::SIGTERM,
+                        libc::SIGINT,
+                        libc::SIGHUP,
+                        libc::SIGQUIT,
+                        libc::SIGUSR1,
+                        libc::SIGUSR2,
+                        libc::SIGWINCH,
+                        libc::SIGTSTP,
+                    ] {
+                        // SAFETY: SIG_IGN installs no handler.
+                        unsafe { libc::signal(sig, libc::SIG_IGN) };
+                    }
+                    crate::logs::timestamp_lines(r, std::io::stdout().lock());
+                    std::process::exit(0)
+                }
+                _ => std::process::exit(0),
+            }
+        }
+        ForkResult::Parent { child } => {
+            let _ = waitpid(child, None);
+            drop(r);
+            for target in [1, 2] {
+                // SAFETY: `w` and `target` are valid descriptors of this process.
+                if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&w), target) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reports a setup failure on stderr (the worker's log) and the status pipe, exits 127.

@@ -1016,15 +1016,19 @@ impl Effects for LinuxEffects {
     }
 
     fn sample(&mut self) -> BTreeMap<u32, GroupUsage> {
-        let by_group = procfs::usage_by_group();
+        // One /proc pass for all workers; a worker with a cgroup counts its whole tree
+        // (setsid'd children included), one without counts its process group.
+        let by_pid = procfs::usage_by_pid();
+        let by_group = procfs::group_by_pgid(&by_pid);
         self.procs
             .values()
             .filter_map(|p| {
                 let pid = p.handle.pid();
-                Some((
-                    u32::try_from(pid).ok()?,
-                    by_group.get(&pid).copied().unwrap_or_default(),
-                ))
+                let usage = match p.handle.cgroup_members() {
+                    Some(members) => procfs::sum_of(&by_pid, &members),
+                    None => by_group.get(&pid).copied().unwrap_or_default(),
+                };
+                Some((u32::try_from(pid).ok()?, usage))
             })
             .collect()
     }
