@@ -37,3 +37,9 @@ mod friendly;
 
 #[path = "e2e/trees.rs"]
 mod trees;
+
+#[path = "e2e/import_pm2.rs"]
+mod import_pm2;
+
+#[path = "e2e/top.rs"]
+mod top;

@@ -35,6 +35,11 @@ impl Client {
         Client { socket }
     }
 
+    /// The socket this client talks to.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     /// GET and decode JSON.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.call(Method::GET, path)

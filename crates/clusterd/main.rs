@@ -7,7 +7,10 @@ mod api_types;
 mod cli;
 mod client;
 mod daemon;
+mod import_pm2;
+mod manual;
 mod output;
+mod top;
 
 use std::process::ExitCode;
 

@@ -178,7 +178,7 @@ fn print_app(a: &AppStatus) {
     println!("{t}");
 }
 
-fn age(secs: u64) -> String {
+pub(crate) fn age(secs: u64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -188,7 +188,7 @@ fn age(secs: u64) -> String {
 }
 
 #[allow(clippy::cast_precision_loss)]
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const MI: f64 = 1024.0 * 1024.0;
     if n as f64 >= 1024.0 * MI {
         format!("{:.1}Gi", n as f64 / (1024.0 * MI))
