@@ -227,6 +227,17 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// `POST /v1/upgrade`: the next daemon has taken over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeReply {
+    /// The daemon that answered, and exits now.
+    pub old_pid: u32,
+    /// The daemon that serves from now on.
+    pub new_pid: u32,
+    /// From starting the new binary to its "taken over".
+    pub took_ms: u64,
+}
+
 /// `GET /v1/daemon`: where the daemon keeps things (for `clusterd logs`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonInfo {
@@ -238,4 +249,7 @@ pub struct DaemonInfo {
     pub log_dir: String,
     /// State.
     pub state_dir: String,
+    /// The daemon's pid (it changes on `clusterd upgrade`).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }

@@ -64,6 +64,30 @@ pub struct Controller<E: Effects> {
     watching: bool,
     /// The planner's clock (`Instant::now`, or a test's manual clock).
     clock: Box<dyn Fn() -> Instant + Send>,
+    /// Adoption and the first scan are done (they happen once, even if `run_until`
+    /// returns for an upgrade attempt and is called again).
+    started: bool,
+    /// Told once the first plan has been carried out: this daemon serves now.
+    on_started: Option<oneshot::Sender<()>>,
+    /// Handed-over sockets nobody claimed have been released (after the first scan
+    /// with nothing held back).
+    settled: bool,
+    /// An upgrade was asked for (`POST /v1/upgrade` or SIGUSR2): return to the owner,
+    /// which holds the real host and starts the next daemon.
+    upgrade: Option<Option<oneshot::Sender<ApiReply>>>,
+    /// Adopted Ready workers not yet given traffic: the planner never marks them ready
+    /// again, so they are routed once their app's sockets are bound.
+    unrouted: Vec<(AppName, plan::WorkerId)>,
+}
+
+/// Why [`Controller::run_until`] returned.
+#[derive(Debug)]
+pub enum Stop {
+    /// Shutdown drained every worker, or every sender is gone.
+    Stopped,
+    /// Start the next daemon and hand over; answer the requester (if any) with the
+    /// outcome. The world is written down (`workers.json`) and stays frozen meanwhile.
+    Upgrade(Option<oneshot::Sender<ApiReply>>),
 }
 
 impl<E: Effects> Controller<E> {
@@ -98,7 +122,35 @@ impl<E: Effects> Controller<E> {
             rewatch,
             config,
             clock: Box::new(Instant::now),
+            started: false,
+            on_started: None,
+            settled: false,
+            upgrade: None,
+            unrouted: Vec::new(),
         }
+    }
+
+    /// `tx` is told once the first plan has been carried out (workers adopted, sockets
+    /// claimed): what an upgraded daemon waits for before telling its predecessor.
+    pub fn notify_started(&mut self, tx: oneshot::Sender<()>) {
+        self.on_started = Some(tx);
+    }
+
+    /// The host (the owner hands its sockets over on upgrade).
+    pub fn effects_mut(&mut self) -> &mut E {
+        &mut self.effects
+    }
+
+    /// The host, once the controller is done.
+    pub fn into_effects(self) -> E {
+        self.effects
+    }
+
+    /// An upgrade failed: the next daemon may have written `workers.json` before it
+    /// died, so write ours again at the next reconcile.
+    pub fn upgrade_failed(&mut self) {
+        self.last_saved = None;
+        self.world.dirty = true;
     }
 
     /// Replaces the clock (tests drive time by hand).
@@ -128,12 +180,6 @@ impl<E: Effects> Controller<E> {
     #[cfg(test)]
     pub fn state_error(&self) -> Option<&str> {
         self.state_error.as_deref()
-    }
-
-    /// The effects, for tests that change the host.
-    #[cfg(test)]
-    pub fn effects_mut(&mut self) -> &mut E {
-        &mut self.effects
     }
 
     /// Loads (parses of the whole set) so far.
@@ -191,19 +237,24 @@ impl<E: Effects> Controller<E> {
                 listens: &listens,
             });
             match adopted {
-                Ok(started) => self.world.on_adopted(
-                    &app,
-                    id,
-                    w.index,
-                    plan::Template {
-                        revision: plan::Revision(w.revision.clone()),
-                        generation: w.generation,
-                    },
-                    state,
-                    started,
-                    now,
-                    &self.events,
-                ),
+                Ok(started) => {
+                    if state == WorkerState::Ready {
+                        self.unrouted.push((app.clone(), id));
+                    }
+                    self.world.on_adopted(
+                        &app,
+                        id,
+                        w.index,
+                        plan::Template {
+                            revision: plan::Revision(w.revision.clone()),
+                            generation: w.generation,
+                        },
+                        state,
+                        started,
+                        now,
+                        &self.events,
+                    );
+                }
                 Err(e) => self.events.push(
                     Some(&w.app),
                     Some(w.index),
@@ -215,11 +266,36 @@ impl<E: Effects> Controller<E> {
         self.apply_scan(scan, now);
     }
 
-    /// Runs until shutdown has drained every worker.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) -> E {
-        self.start();
+    /// Runs until shutdown has drained every worker, or an upgrade is asked for. The
+    /// first call adopts the previous daemon's workers and scans; a later call (after a
+    /// failed upgrade) carries on where the last one stopped.
+    pub async fn run_until(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) -> Stop {
+        if !self.started {
+            self.started = true;
+            self.start();
+        }
         loop {
             let wake_at = self.reconcile().await;
+            if let Some(tx) = self.on_started.take() {
+                let _ = tx.send(());
+            }
+            if !self.settled && self.recheck_at.is_none() {
+                self.settled = true;
+                self.effects.settle();
+            }
+            if let Some(reply) = self.upgrade.take() {
+                if self.world.shutting_down.is_none() {
+                    self.world.dirty = true;
+                    self.persist();
+                    return Stop::Upgrade(reply);
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(ApiReply::Json(
+                        StatusCode::CONFLICT,
+                        json!({"error": "the daemon is shutting down"}),
+                    ));
+                }
+            }
             if self.world.shutting_down.is_some() && self.world.all_stopped() {
                 self.events.push(
                     None,
@@ -228,7 +304,7 @@ impl<E: Effects> Controller<E> {
                     "every worker has stopped".into(),
                 );
                 state::clear(&self.config.state_dir);
-                return self.effects;
+                return Stop::Stopped;
             }
             let sleep = wake_at.map_or(Duration::from_secs(3600), |t| {
                 t.saturating_duration_since(Instant::now())
@@ -247,7 +323,7 @@ impl<E: Effects> Controller<E> {
                             self.apply_scan(scan, now);
                         }
                     }
-                    None => return self.effects,
+                    None => return Stop::Stopped,
                 },
                 () = tokio::time::sleep(sleep) => self.on_timer(),
             }
@@ -301,6 +377,14 @@ impl<E: Effects> Controller<E> {
             Msg::Rescan => return true,
             Msg::Report(report) => self.on_report(report, now),
             Msg::Api(request, reply) => self.answer(request, reply),
+            Msg::Upgrade(reply) => {
+                if let Some(Some(earlier)) = self.upgrade.replace(reply) {
+                    let _ = earlier.send(ApiReply::Json(
+                        StatusCode::CONFLICT,
+                        json!({"error": "another upgrade was asked for at the same time"}),
+                    ));
+                }
+            }
             Msg::Synced(report) => return self.on_synced(*report),
             Msg::Shutdown => {
                 if self.world.shutting_down.is_none() {
@@ -451,8 +535,33 @@ impl<E: Effects> Controller<E> {
             .effects
             .ensure_listeners(&loaded.name, &loaded.spec.listen, &adopted)
         {
-            Ok(()) => self.world.on_manifest_accepted(loaded, &self.events),
+            Ok(()) => {
+                let name = loaded.name.clone();
+                self.world.on_manifest_accepted(loaded, &self.events);
+                self.route_adopted(&name);
+            }
             Err(e) => self.world.on_listen_failed(loaded, e, now, &self.events),
+        }
+    }
+
+    /// Gives traffic to the app's adopted Ready workers still in that state, now that its
+    /// sockets are bound.
+    fn route_adopted(&mut self, name: &AppName) {
+        let (mine, rest) = std::mem::take(&mut self.unrouted)
+            .into_iter()
+            .partition(|(a, _)| a == name);
+        self.unrouted = rest;
+        let Some(app) = self.world.apps.get(name) else {
+            return;
+        };
+        for (_, id) in mine {
+            let Some(w) = app.observed.workers.get(&id) else {
+                continue;
+            };
+            if w.state == WorkerState::Ready {
+                let spec = app.spec(&w.template.revision).cloned();
+                self.effects.route(name, id, spec.as_deref());
+            }
         }
     }
 
@@ -693,6 +802,7 @@ impl<E: Effects> Controller<E> {
                     apps_dir: self.config.apps_dir.display().to_string(),
                     log_dir: self.config.log_dir.display().to_string(),
                     state_dir: self.config.state_dir.display().to_string(),
+                    pid: Some(std::process::id()),
                 }),
             ),
         };

@@ -15,6 +15,8 @@
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`handover`] and [`fdstore`]: the public sockets outlive the daemon (upgrade
+//!   handover to the next daemon; systemd's fd store across a crash).
 //! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
 //!   socket (seccomp user notification set up by the shim).
 //! - [`tree`] and [`reaper`]: a worker's whole process tree, and the daemon as child
@@ -25,7 +27,9 @@
 pub mod accept;
 pub mod effects;
 pub mod error;
+pub mod fdstore;
 pub mod gitops;
+pub mod handover;
 pub mod ipc;
 pub mod limits;
 pub mod listener;

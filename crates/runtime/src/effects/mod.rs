@@ -235,6 +235,10 @@ pub trait Effects: Send {
     /// Rotates the app's logs that passed their size limit.
     fn rotate_logs(&mut self, app: &AppName, logs: &Logs);
 
+    /// Every app has had its chance to claim its sockets (a complete scan, nothing held
+    /// back): sockets a previous daemon handed over that nobody claimed are closed.
+    fn settle(&mut self) {}
+
     /// Inherit-mode sockets that stopped listening (a worker shut its copy down, which
     /// stops it for every worker) are bound anew; returns the apps affected and what
     /// happened. Their workers still hold the dead socket and must be replaced.

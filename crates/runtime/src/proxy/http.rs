@@ -216,6 +216,22 @@ pub async fn serve_http(
     cfg: HttpProxyConfig,
     shutdown: CancellationToken,
 ) {
+    serve_http_retirable(listener, routes, cfg, shutdown, CancellationToken::new()).await;
+}
+
+/// [`serve_http`], plus a second way to stop for a daemon upgrade: when `retire` is
+/// cancelled the proxy stops accepting (the next daemon accepts on the same socket), and
+/// each open connection gets `Connection: close` on its next response instead of being
+/// closed while idle, so a keep-alive client never has a request cut by the handover
+/// (closing an idle connection races with the request the client is sending). Idle
+/// connections end at the keep-alive bound, whatever is left at `cfg.shutdown_grace`.
+pub async fn serve_http_retirable(
+    listener: TcpListener,
+    routes: Arc<RouteTable>,
+    cfg: HttpProxyConfig,
+    shutdown: CancellationToken,
+    retire: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {
         routes,
@@ -237,6 +253,7 @@ pub async fn serve_http(
         };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
+            () = retire.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -258,14 +275,24 @@ pub async fn serve_http(
             TokioIo::new(WriteIdle::new(stream, ctx.cfg.response_write_timeout)),
             service_fn({
                 let ctx = Arc::clone(&ctx);
+                let retire = retire.clone();
                 move |req| {
                     let ctx = Arc::clone(&ctx);
+                    let retire = retire.clone();
                     let client = Client {
                         peer,
                         local,
                         trusted,
                     };
-                    async move { Ok::<_, Infallible>(proxy_request(req, &ctx, client).await) }
+                    async move {
+                        let mut resp = proxy_request(req, &ctx, client).await;
+                        if retire.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                        {
+                            resp.headers_mut()
+                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                        }
+                        Ok::<_, Infallible>(resp)
+                    }
                 }
             }),
         );
@@ -282,6 +309,9 @@ pub async fn serve_http(
                             () = ctx.hard_stop.cancelled() => Ok(()),
                         }
                     }
+                    // Retired: the connection runs on (see serve_http_retirable) until
+                    // it closes or the grace passes.
+                    () = ctx.hard_stop.cancelled() => Ok(()),
                 };
                 if let Err(err) = result {
                     tracing::debug!(cause = %err, "client connection ended with error");
