@@ -27,21 +27,30 @@
 pub mod accept;
 pub mod effects;
 pub mod error;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod fdstore;
 pub mod gitops;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod handover;
 pub mod ipc;
 pub mod limits;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod listener;
 pub mod logs;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod logwatch;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod quiet_read;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod reaper;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod seccomp;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod shim;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod spawn;
 pub mod tree;
 
