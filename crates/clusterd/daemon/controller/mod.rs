@@ -9,8 +9,11 @@
 //! timers only when the planner, a held-back file, a listen retry, a memory limit or
 //! log rotation asks for one.
 
+mod answers;
+mod refuse;
+
+use refuse::refuse_insecure;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,12 +25,11 @@ use hyper::StatusCode;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use super::api::{ApiReply, ApiRequest};
+use super::api::ApiReply;
 use super::events::EventLog;
 use super::intake::{Intake, Scan};
 use super::world::{self, World};
-use super::{state, status, Config, Msg};
-use crate::api_types::{ReloadAccepted, ReloadReply, SyncReply};
+use super::{state, Config, Msg};
 
 /// Re-planning rounds per wake-up (a plan's actions may enable more).
 const MAX_ROUNDS: usize = 16;
@@ -768,151 +770,6 @@ impl<E: Effects> Controller<E> {
             }
         }
     }
-
-    fn answer(&mut self, request: ApiRequest, reply: oneshot::Sender<ApiReply>) {
-        let now = self.now();
-        if matches!(request, ApiRequest::Status(_) | ApiRequest::Metrics)
-            && self
-                .last_sample
-                .is_none_or(|t| now.duration_since(t) >= SAMPLE_ON_DEMAND)
-        {
-            self.sample(now);
-        }
-        let answer = match request {
-            ApiRequest::Status(None) => {
-                ApiReply::Json(StatusCode::OK, json!(self.status_report(None)))
-            }
-            ApiRequest::Status(Some(name)) => {
-                let report = self.status_report(Some(&name));
-                match report.apps.into_iter().next() {
-                    Some(app) => ApiReply::Json(StatusCode::OK, json!(app)),
-                    None => not_found(&name),
-                }
-            }
-            ApiRequest::Reload(target) => self.reload(target),
-            ApiRequest::Sync => {
-                self.answer_sync(reply);
-                return;
-            }
-            ApiRequest::Metrics => ApiReply::Text(status::metrics(&self.status_report(None))),
-            ApiRequest::Info => ApiReply::Json(
-                StatusCode::OK,
-                json!(crate::api_types::DaemonInfo {
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    apps_dir: self.config.apps_dir.display().to_string(),
-                    log_dir: self.config.log_dir.display().to_string(),
-                    state_dir: self.config.state_dir.display().to_string(),
-                    pid: Some(std::process::id()),
-                }),
-            ),
-        };
-        let _ = reply.send(answer);
-    }
-
-    fn answer_sync(&self, reply: oneshot::Sender<ApiReply>) {
-        let Some(trigger) = self.sync_trigger.clone() else {
-            let _ = reply.send(ApiReply::Json(
-                StatusCode::CONFLICT,
-                json!({"error": "this daemon does not follow a git repository (start it with --git-repo)"}),
-            ));
-            return;
-        };
-        // A fetch can take as long as the git timeout: answer from a task so the loop
-        // keeps reconciling meanwhile.
-        tokio::spawn(async move {
-            let (tx, rx) = oneshot::channel();
-            let stopped = || {
-                ApiReply::Json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": "the sync loop has stopped"}),
-                )
-            };
-            let answer = if trigger.send(tx).await.is_err() {
-                stopped()
-            } else {
-                match rx.await {
-                    Ok(Ok(o)) => ApiReply::Json(
-                        StatusCode::OK,
-                        json!(SyncReply {
-                            commit: o.commit.0,
-                            added: o.added,
-                            changed: o.changed,
-                            removed: o.removed,
-                        }),
-                    ),
-                    Ok(Err(e)) => ApiReply::Json(StatusCode::BAD_GATEWAY, json!({"error": e})),
-                    Err(_) => stopped(),
-                }
-            };
-            let _ = reply.send(answer);
-        });
-    }
-
-    fn reload(&mut self, target: Option<String>) -> ApiReply {
-        let names: Vec<AppName> = match target {
-            Some(name) => {
-                let name = AppName(name);
-                match self.world.apps.get(&name) {
-                    Some(a) if a.current.is_some() && !a.removed => vec![name],
-                    Some(_) => {
-                        return ApiReply::Json(
-                            StatusCode::CONFLICT,
-                            json!({"error": format!("{} has no valid manifest to reload", name)}),
-                        )
-                    }
-                    None => return not_found(&name.0),
-                }
-            }
-            None => self
-                .world
-                .apps
-                .values()
-                .filter(|a| a.current.is_some() && !a.removed)
-                .map(|a| a.name.clone())
-                .collect(),
-        };
-        let mut reloads = Vec::new();
-        for name in names {
-            if let Some(generation) = self.world.on_reload(&name, &self.events) {
-                reloads.push(ReloadAccepted {
-                    app: name.0,
-                    generation,
-                });
-            }
-        }
-        ApiReply::Json(StatusCode::ACCEPTED, json!(ReloadReply { reloads }))
-    }
-
-    fn status_report(&self, only: Option<&str>) -> crate::api_types::StatusReport {
-        let now = self.now();
-        let shutting_down = self.world.shutting_down.is_some();
-        let apps = self
-            .world
-            .apps
-            .values()
-            .filter(|a| only.is_none_or(|n| n == a.name.0))
-            .map(|a| {
-                status::app_status(
-                    a,
-                    &self.effects,
-                    a.desired(shutting_down).flatten().as_ref(),
-                    now,
-                )
-            })
-            .collect();
-        let sync = self.sync.as_ref().map(|s| crate::api_types::SyncStatus {
-            repo: s.repo.clone(),
-            git_ref: s.git_ref.clone(),
-            commit: s.commit.clone(),
-            error: s.error.clone(),
-            at: s.at.map(super::rfc3339),
-        });
-        crate::api_types::StatusReport {
-            apps,
-            sync,
-            daemon_errors: self.state_error.iter().cloned().collect(),
-        }
-    }
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -920,13 +777,6 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-fn not_found(name: &str) -> ApiReply {
-    ApiReply::Json(
-        StatusCode::NOT_FOUND,
-        json!({"error": format!("no app named {name}")}),
-    )
 }
 
 impl state::SavedWorker {
@@ -941,52 +791,5 @@ impl state::SavedWorker {
             None if self.ready => Some(WorkerState::Ready),
             _ => None,
         }
-    }
-}
-
-/// As root, a manifest decides what runs as root: like sshd's StrictModes, refuse one
-/// that someone other than root could have written (the file or its directory owned by
-/// another user, or writable by group or others). The app keeps its last good revision
-/// (phase Invalid), exactly as for a manifest that does not parse.
-fn refuse_insecure(report: &mut clusterd_core::LoadReport, apps_dir: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let problem = |path: &Path, what: &str| -> Option<String> {
-        let meta = std::fs::metadata(path).ok()?;
-        let mode = meta.mode() & 0o7777;
-        if meta.uid() != 0 {
-            Some(format!(
-                "refusing {what} {}: owned by uid {}, not root (fix: chown root {})",
-                path.display(),
-                meta.uid(),
-                path.display()
-            ))
-        } else if mode & 0o022 != 0 {
-            Some(format!(
-                "refusing {what} {}: writable by group or others (mode {mode:04o}; fix: chmod go-w {})",
-                path.display(),
-                path.display()
-            ))
-        } else {
-            None
-        }
-    };
-    let dir_problem = problem(apps_dir, "the apps dir");
-    let names: Vec<AppName> = report.apps.keys().cloned().collect();
-    for name in names {
-        let source = report.apps[&name].source.clone();
-        let Some(message) = dir_problem.clone().or_else(|| problem(&source, "manifest")) else {
-            continue;
-        };
-        report.apps.remove(&name);
-        report
-            .errors
-            .entry(name.0.clone())
-            .or_default()
-            .push(clusterd_core::Diagnostic {
-                file: source,
-                line: 1,
-                column: 1,
-                message,
-            });
     }
 }
