@@ -174,6 +174,10 @@ pub struct InstanceStatus {
     /// Requests (http) or connections (tcp) in flight through the daemon.
     #[serde(default)]
     pub inflight: Option<u64>,
+    /// Requests (http) or connections (tcp) sent to it through the daemon so far (a
+    /// counter: `clusterd top` shows its rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_total: Option<u64>,
     /// Private port (http/tcp modes).
     #[serde(default)]
     pub port: Option<u16>,

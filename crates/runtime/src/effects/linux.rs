@@ -1009,6 +1009,19 @@ impl Effects for LinuxEffects {
         self.release_ports(&p.ports);
     }
 
+    fn served(&self, app: &AppName, id: WorkerId) -> Option<u64> {
+        let set = self.listeners.get(app)?;
+        let mut tables = set.routes().peekable();
+        tables.peek()?;
+        Some(
+            tables
+                .flat_map(|r| r.snapshot())
+                .filter(|b| b.id == id)
+                .map(|b| b.total)
+                .sum(),
+        )
+    }
+
     fn inflight(&self, app: &AppName, id: WorkerId) -> u64 {
         self.listeners
             .get(app)

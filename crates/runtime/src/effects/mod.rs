@@ -229,6 +229,12 @@ pub trait Effects: Send {
     /// Requests or connections in flight to the worker through the daemon.
     fn inflight(&self, app: &AppName, id: WorkerId) -> u64;
 
+    /// Requests (http) or connections (tcp) ever sent to the worker through the daemon;
+    /// `None` when none of the app's listeners is proxied.
+    fn served(&self, _app: &AppName, _id: WorkerId) -> Option<u64> {
+        None
+    }
+
     /// CPU time and RSS of every worker's process group, by pid.
     fn sample(&mut self) -> BTreeMap<u32, GroupUsage>;
 
