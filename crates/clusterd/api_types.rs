@@ -174,6 +174,10 @@ pub struct InstanceStatus {
     /// Requests (http) or connections (tcp) in flight through the daemon.
     #[serde(default)]
     pub inflight: Option<u64>,
+    /// Why it is not ready yet: its readiness probe's last failure (e.g. "nothing is
+    /// listening on PORT=41234 (connection refused)").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub readiness_error: Option<String>,
     /// Requests (http) or connections (tcp) sent to it through the daemon so far (a
     /// counter: `clusterd top` shows its rate).
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -186,3 +186,35 @@ fn status_against_a_stopped_daemon_times_out_with_a_message() {
     assert!(!out.status.success());
     assert!(err.contains("did not answer within 1s"), "{err}");
 }
+
+/// Issue 16.12: an http-mode worker that never listens on its PORT says so in status
+/// (not only in its log): the instance while it starts, the app once it timed out.
+#[test]
+fn a_worker_that_never_listens_on_port_says_so_in_status() {
+    let d = Daemon::start();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &format!(
+            "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: web\nspec:\n  command: [\"sleep\", \"1000\"]\n  instances: 1\n  listen:\n    - port: {port}\n      address: 127.0.0.1\n      mode: http\n  readiness: {{type: tcp, period: 100ms, timeout: 2s}}\n  shutdown: {{signal: SIGTERM, timeout: 1s}}\n"
+        ),
+    );
+    let instance = eventually(T, "the starting worker's readiness error", || {
+        let a = d.app("web")?;
+        let i = a["instances"].as_array()?.first()?.clone();
+        i["readiness_error"].is_string().then_some(i)
+    });
+    let why = instance["readiness_error"].as_str().unwrap();
+    assert!(
+        why.starts_with("nothing is listening on PORT=") && why.contains("connection refused"),
+        "{why}"
+    );
+    let error = eventually(T, "the app's error after the readiness timeout", || {
+        let a = d.app("web")?;
+        a["error"]
+            .as_str()
+            .filter(|e| e.contains("not ready: "))
+            .map(ToString::to_string)
+    });
+    assert!(error.contains("nothing is listening on PORT="), "{error}");
+}

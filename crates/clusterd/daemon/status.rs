@@ -40,6 +40,14 @@ pub fn app_status(
     } else {
         (phase, reason)
     };
+    // A worker stopped for not getting ready says why, when its probe could tell (its
+    // exit itself only says "killed by SIGTERM"); kept until the app is Available.
+    let error = match (error, &app.last_probe_error) {
+        (Some(e), Some(probe)) if phase != Phase::Invalid => {
+            Some(format!("{e}; not ready: {probe}"))
+        }
+        (e, _) => e,
+    };
     let listen = app
         .current
         .as_ref()
@@ -89,6 +97,9 @@ pub fn app_status(
                 rss_bytes: w.rss,
                 inflight: effects.has_proxy(&app.name).then_some(w.inflight),
                 requests_total: effects.served(&app.name, w.id),
+                readiness_error: proc_
+                    .and_then(|p| p.probe_error.clone())
+                    .filter(|_| w.state == WorkerState::Starting),
                 port: proc_.and_then(|p| p.ports.first().map(|(_, port)| *port)),
                 last_exit: slot
                     .and_then(|s| s.last_exit.as_ref())
@@ -126,6 +137,7 @@ pub fn app_status(
                     rss_bytes: None,
                     inflight: None,
                     requests_total: None,
+                    readiness_error: None,
                     port: None,
                     last_exit: slot.last_exit.as_ref().map(|(_, r, _)| r.to_string()),
                     bound: None,

@@ -48,6 +48,8 @@ pub struct ProcFacts {
     pub cgroup_note: Option<String>,
     /// Shared mode: the listeners the worker bound, `address:port/protocol by pid N`.
     pub bound: Vec<String>,
+    /// Why its readiness probe fails, while it does.
+    pub probe_error: Option<String>,
 }
 
 impl ProcFacts {
@@ -61,6 +63,7 @@ impl ProcFacts {
             last_usage: None,
             cgroup_note: started.cgroup_note,
             bound: Vec::new(),
+            probe_error: None,
         }
     }
 }
@@ -105,6 +108,9 @@ pub struct AppRecord {
     pub adopted_pids: Vec<i32>,
     /// A socket was lost and bound anew: `runtime_error` says so until Available.
     pub listener_lost: bool,
+    /// The readiness probe's last failure of a worker that timed out (shown with a
+    /// readiness failure until the app is Available).
+    pub last_probe_error: Option<String>,
     /// The planner's view of the app's workers and instance slots.
     pub observed: ObservedApp,
     /// Process facts of the same workers (same keys as `observed.workers`).
@@ -126,6 +132,7 @@ impl AppRecord {
             removed: false,
             adopted_pids: Vec::new(),
             listener_lost: false,
+            last_probe_error: None,
             observed: ObservedApp::default(),
             procs: BTreeMap::new(),
         }
@@ -442,6 +449,17 @@ impl World {
     pub fn on_ready_report(&mut self, name: &AppName, id: WorkerId) {
         if let Some(app) = self.apps.get_mut(name) {
             app.observed.record_ready_report(id);
+            if let Some(p) = app.procs.get_mut(&id) {
+                p.probe_error = None;
+            }
+        }
+    }
+
+    /// A worker's readiness probe failed in a new way: kept for status, and for the
+    /// reason of a readiness timeout.
+    pub fn on_probe_failed(&mut self, name: &AppName, id: WorkerId, detail: String) {
+        if let Some(p) = self.apps.get_mut(name).and_then(|a| a.procs.get_mut(&id)) {
+            p.probe_error = Some(detail);
         }
     }
 
@@ -607,6 +625,7 @@ impl World {
                 if std::mem::take(&mut app.listener_lost) {
                     app.runtime_error = None;
                 }
+                app.last_probe_error = None;
                 if app.observed.last_good.as_ref() != Some(template) {
                     events.push(
                         Some(&name.0),
@@ -640,12 +659,23 @@ impl World {
                     ),
                 );
             }
-            Action::Drain { reason, .. } => {
+            Action::Drain { reason, worker, .. } => {
+                let probe = app
+                    .procs
+                    .get(worker)
+                    .and_then(|p| p.probe_error.clone())
+                    .filter(|_| *reason == plan::DrainReason::ReadinessTimeout);
+                if let Some(probe) = &probe {
+                    app.last_probe_error = Some(format!("worker {}: {probe}", index.unwrap_or(0)));
+                }
                 events.push(
                     Some(&name.0),
                     index,
                     EventKind::Drain,
-                    format!("pid {pid} draining: {reason:?}"),
+                    match probe {
+                        Some(p) => format!("pid {pid} draining: {reason:?} ({p})"),
+                        None => format!("pid {pid} draining: {reason:?}"),
+                    },
                 );
             }
             Action::Signal { worker, .. } => {

@@ -411,6 +411,9 @@ impl<E: Effects> Controller<E> {
                 }
             }
             Report::Ready { app, id } => self.world.on_ready_report(&app, id),
+            Report::ProbeFailed { app, id, detail } => {
+                self.world.on_probe_failed(&app, id, detail);
+            }
             Report::Bound {
                 app,
                 id,

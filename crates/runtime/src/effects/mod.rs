@@ -82,6 +82,15 @@ pub enum Report {
         /// "worker bound 127.0.0.1:9999/tcp (pid 42), not the shared listener".
         message: String,
     },
+    /// A readiness probe failed in a new way (reported once per distinct failure).
+    ProbeFailed {
+        /// App.
+        app: AppName,
+        /// Worker.
+        id: WorkerId,
+        /// What failed, e.g. "nothing is listening on PORT=41234 (connection refused)".
+        detail: String,
+    },
     /// Nothing is in flight to a draining worker any more.
     Drained {
         /// App.

@@ -27,15 +27,37 @@ pub async fn readiness(
 ) {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     let attempt_timeout = period.max(Duration::from_secs(1));
+    let mut last: Option<String> = None;
     loop {
-        let ok = if kind == ReadinessKind::Http {
-            http_probe(addr, &path, attempt_timeout).await.is_ok()
+        let result = if kind == ReadinessKind::Http {
+            http_probe(addr, &path, attempt_timeout).await
         } else {
-            tcp_probe(addr, attempt_timeout).await.is_ok()
+            tcp_probe(addr, attempt_timeout).await
         };
-        if ok {
-            let _ = tx.send(Report::Ready { app, id });
-            return;
+        match result {
+            Ok(()) => {
+                let _ = tx.send(Report::Ready { app, id });
+                return;
+            }
+            Err(e) => {
+                // Say it in the app's terms: the worker was given PORT and nothing took it.
+                let detail = if e.contains("refused") {
+                    format!("nothing is listening on PORT={port} (connection refused)")
+                } else {
+                    e
+                };
+                if last.as_deref() != Some(&detail) {
+                    let report = Report::ProbeFailed {
+                        app: app.clone(),
+                        id,
+                        detail: detail.clone(),
+                    };
+                    if tx.send(report).is_err() {
+                        return;
+                    }
+                    last = Some(detail);
+                }
+            }
         }
         tokio::time::sleep(period).await;
     }
