@@ -31,5 +31,6 @@ pub mod proxy;
 pub mod quiet_read;
 pub mod shim;
 pub mod spawn;
+pub mod tls;
 
 pub use error::{Error, Result};
