@@ -9,7 +9,7 @@ use std::net::{SocketAddr, TcpListener as StdTcpListener};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clusterd_core::model::{ListenMode, Listener, Logs, ReadinessKind};
+use clusterd_core::model::{Affinity, ListenMode, Listener, Logs, ReadinessKind};
 use clusterd_core::plan::{AppName, WorkerId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +39,8 @@ struct ListenerEntry {
     key: ListenKey,
     /// http mode: the proxy's `trustedProxies`, updated in place by a new manifest.
     trusted: Option<proxy::TrustedProxies>,
+    /// http mode: the listener's `tls`, updated in place by a new manifest.
+    tls: Option<crate::tls::TlsTerminator>,
     bound: BoundListener,
     routes: Option<Arc<RouteTable>>,
     proxy: CancellationToken,
@@ -297,6 +299,12 @@ impl Effects for LinuxEffects {
                     if let Some(trusted) = &e.trusted {
                         trusted.set(trusted_proxies(l));
                     }
+                    if let Some(tls) = &e.tls {
+                        tls.set(l.tls.as_ref());
+                    }
+                    if let Some(routes) = &e.routes {
+                        routes.set_affinity(l.affinity == Affinity::ClientIp);
+                    }
                     continue;
                 }
                 let addr = socket_addr(&l.address, l.port)?;
@@ -319,10 +327,12 @@ impl Effects for LinuxEffects {
                         })?,
                 };
                 let mut trusted = None;
+                let mut tls = None;
                 let (routes, proxy) = match l.mode {
                     ListenMode::Inherit => (None, CancellationToken::new()),
                     mode => {
                         let routes = RouteTable::new();
+                        routes.set_affinity(l.affinity == Affinity::ClientIp);
                         let cancel = CancellationToken::new();
                         let std_listener = bound.proxy_listener().map_err(|e| e.to_string())?;
                         let listener = tokio::net::TcpListener::from_std(std_listener)
@@ -331,6 +341,7 @@ impl Effects for LinuxEffects {
                         if mode == ListenMode::Http {
                             let cfg = http_proxy_config(l);
                             trusted = Some(cfg.trusted_proxies.clone());
+                            tls = Some(cfg.tls.clone());
                             self.tasks.spawn(
                                 proxy::serve_http(listener, routes.clone(), cfg, cancel.clone())
                                     .instrument(span),
@@ -352,6 +363,7 @@ impl Effects for LinuxEffects {
                 added.push(ListenerEntry {
                     key,
                     trusted,
+                    tls,
                     bound,
                     routes,
                     proxy,
@@ -679,6 +691,7 @@ fn describe_bind_error(e: &crate::Error, addr: SocketAddr) -> String {
 fn http_proxy_config(l: &Listener) -> proxy::HttpProxyConfig {
     proxy::HttpProxyConfig {
         trusted_proxies: proxy::TrustedProxies::new(trusted_proxies(l)),
+        tls: crate::tls::TlsTerminator::new(l.tls.as_ref()),
         ..proxy::HttpProxyConfig::default().with_env()
     }
 }

@@ -411,7 +411,7 @@ async fn proxy_request(
     let deadline = Instant::now() + ctx.cfg.no_backend_wait;
     let mut failed: Vec<WorkerId> = Vec::new();
     for _ in 0..MAX_ATTEMPTS {
-        let Some(lease) = ctx.routes.acquire(&failed, deadline).await else {
+        let Some(lease) = ctx.routes.acquire(Some(peer.ip()), &failed, deadline).await else {
             return if failed.is_empty() {
                 tracing::warn!(%method, "no routable worker");
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "no worker available\n")

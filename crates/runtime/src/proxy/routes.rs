@@ -7,7 +7,8 @@
 //! atomics so that finishing a request never takes the table lock.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -96,6 +97,16 @@ impl Drop for Lease {
     }
 }
 
+/// The rendezvous score of `worker` for `client`. SipHash with fixed keys: the same
+/// on every run, so a daemon restart keeps clients where they were.
+fn affinity_score(client: IpAddr, worker: WorkerId) -> u64 {
+    #[allow(deprecated)] // SipHasher is the one std hasher with fixed, stable keys.
+    let mut h = std::hash::SipHasher::new_with_keys(0x636c_7573_7465_7264, 0x6166_6669_6e69_7479);
+    client.to_canonical().hash(&mut h);
+    worker.0.hash(&mut h);
+    h.finish()
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     backends: BTreeMap<WorkerId, Arc<Backend>>,
@@ -113,6 +124,8 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     inner: Mutex<Inner>,
+    /// `listen[].affinity: clientIP`: a client address keeps its worker.
+    affinity: AtomicBool,
     /// Woken when a backend becomes routable, for requests waiting for one.
     routable_added: Notify,
 }
@@ -188,6 +201,12 @@ impl RouteTable {
         }
     }
 
+    /// Turns sticky sessions (`affinity: clientIP`) on or off, for work assigned from
+    /// now on.
+    pub fn set_affinity(&self, client_ip: bool) {
+        self.affinity.store(client_ip, Ordering::Relaxed);
+    }
+
     /// Requests (http) or connections (tcp) in flight on `id`; 0 if unknown.
     #[must_use]
     pub fn inflight(&self, id: WorkerId) -> u64 {
@@ -222,28 +241,49 @@ impl RouteTable {
         self.lock().backends.values().map(|b| b.stats()).collect()
     }
 
-    /// Assigns one unit of work to the least-loaded routable backend not in `exclude`
-    /// (ties go round-robin), counting it in flight before the lock is released so
-    /// that concurrent picks see each other.
-    pub(crate) fn pick(&self, exclude: &[WorkerId]) -> Option<Lease> {
+    /// Assigns one unit of work from `client` to a routable backend not in `exclude`,
+    /// counting it in flight before the lock is released so that concurrent picks see
+    /// each other.
+    ///
+    /// Without affinity: the least-loaded backend (ties go round-robin). With
+    /// affinity: the backend that ranks highest for this client by rendezvous
+    /// (highest-random-weight) hashing. Each (client, worker) pair has a fixed score, so
+    /// a client stays on its worker while that worker is routable, and a change in
+    /// the set moves only the clients whose top worker left or arrived.
+    pub(crate) fn pick(&self, client: Option<IpAddr>, exclude: &[WorkerId]) -> Option<Lease> {
         let mut inner = self.lock();
         let n = inner.backends.len();
         if n == 0 {
             return None;
         }
-        let start = inner.cursor % n;
+        let candidates = || {
+            inner
+                .backends
+                .values()
+                .filter(|b| b.is_routable() && !exclude.contains(&b.id))
+        };
         let mut best: Option<(&Arc<Backend>, u64)> = None;
-        for b in inner
-            .backends
-            .values()
-            .cycle()
-            .skip(start)
-            .take(n)
-            .filter(|b| b.is_routable() && !exclude.contains(&b.id))
-        {
-            let load = b.inflight.load(Ordering::Acquire);
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((b, load));
+        match client {
+            Some(ip) if self.affinity.load(Ordering::Relaxed) => {
+                best = candidates()
+                    .map(|b| (b, affinity_score(ip, b.id)))
+                    .max_by_key(|&(_, score)| score);
+            }
+            _ => {
+                let start = inner.cursor % n;
+                for b in inner
+                    .backends
+                    .values()
+                    .cycle()
+                    .skip(start)
+                    .take(n)
+                    .filter(|b| b.is_routable() && !exclude.contains(&b.id))
+                {
+                    let load = b.inflight.load(Ordering::Acquire);
+                    if best.is_none_or(|(_, l)| load < l) {
+                        best = Some((b, load));
+                    }
+                }
             }
         }
         let backend = Arc::clone(best?.0);
@@ -259,12 +299,17 @@ impl RouteTable {
     /// Like `pick`, but if nothing is routable, waits until `deadline` for a backend
     /// to appear: during a rollout or restart there can be a moment with no ready
     /// worker, and a short wait beats an error.
-    pub(crate) async fn acquire(&self, exclude: &[WorkerId], deadline: Instant) -> Option<Lease> {
+    pub(crate) async fn acquire(
+        &self,
+        client: Option<IpAddr>,
+        exclude: &[WorkerId],
+        deadline: Instant,
+    ) -> Option<Lease> {
         loop {
             let notified = self.routable_added.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(lease) = self.pick(exclude) {
+            if let Some(lease) = self.pick(client, exclude) {
                 return Some(lease);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
