@@ -318,3 +318,92 @@ impl RouteTable {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use clusterd_core::plan::WorkerId;
+
+    use super::RouteTable;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn clients() -> Vec<IpAddr> {
+        (0..400u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919)))
+            .collect()
+    }
+
+    /// Where each client goes now (leases dropped at once).
+    fn placement(t: &RouteTable) -> BTreeMap<IpAddr, WorkerId> {
+        clients()
+            .into_iter()
+            .map(|ip| (ip, t.pick(Some(ip), &[]).unwrap().backend().id))
+            .collect()
+    }
+
+    #[test]
+    fn affinity_keeps_clients_and_moves_only_those_of_changed_workers() {
+        let t = RouteTable::new();
+        t.set_affinity(true);
+        for i in 1..=4 {
+            t.add(WorkerId(i), addr(1000 + i as u16));
+        }
+        let before = placement(&t);
+        assert_eq!(placement(&t), before, "same client, same worker");
+        // Every worker gets a share (400 clients over 4 workers).
+        for i in 1..=4 {
+            let n = before.values().filter(|w| **w == WorkerId(i)).count();
+            assert!(n > 40, "worker {i} got only {n} of 400 clients");
+        }
+
+        // A draining worker's clients move; nobody else does.
+        t.stop_routing(WorkerId(2));
+        let drained = placement(&t);
+        for (ip, w) in &before {
+            if *w == WorkerId(2) {
+                assert_ne!(drained[ip], WorkerId(2));
+            } else {
+                assert_eq!(drained[ip], *w, "{ip} moved though its worker stayed");
+            }
+        }
+
+        // A new worker takes clients only for itself; nobody else moves.
+        t.add(WorkerId(5), addr(1005));
+        let scaled = placement(&t);
+        let mut gained = 0;
+        for (ip, w) in &drained {
+            if scaled[ip] != *w {
+                assert_eq!(
+                    scaled[ip],
+                    WorkerId(5),
+                    "{ip} moved to a worker that did not change"
+                );
+                gained += 1;
+            }
+        }
+        assert!(gained > 0);
+
+        // An excluded (unreachable) worker sends the client to its next choice.
+        let ip = clients()[0];
+        let first = scaled[&ip];
+        let next = t.pick(Some(ip), &[first]).unwrap().backend().id;
+        assert_ne!(next, first);
+        assert_eq!(t.pick(Some(ip), &[first]).unwrap().backend().id, next);
+    }
+
+    #[test]
+    fn without_affinity_the_least_loaded_worker_wins() {
+        let t = RouteTable::new();
+        t.add(WorkerId(1), addr(1001));
+        t.add(WorkerId(2), addr(1002));
+        let ip = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let a = t.pick(ip, &[]).unwrap();
+        let b = t.pick(ip, &[]).unwrap();
+        assert_ne!(a.backend().id, b.backend().id, "busy worker skipped");
+    }
+}

@@ -289,3 +289,68 @@ impl ResolvesServerCert for CertStore {
         chosen
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let ck = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| (*n).to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let cert = dir.join(format!("{stem}.pem"));
+        let key = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn bad_pairs_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::ring::default_provider();
+        let (a_cert, a_key) = write_pair(dir.path(), "a", &["a.test"]);
+        let (_, b_key) = write_pair(dir.path(), "b", &["b.test"]);
+        assert!(load_pair(&a_cert, &a_key, &provider).is_ok());
+        let err = load_pair(&a_cert, &b_key, &provider).unwrap_err();
+        assert!(matches!(err, CertError::Mismatch { .. }), "{err}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a pem file\n").unwrap();
+        let err = load_pair(&garbage, &a_key, &provider).unwrap_err();
+        assert!(matches!(err, CertError::NoCertificate { .. }), "{err}");
+        let err = load_pair(&a_cert, &garbage, &provider).unwrap_err();
+        assert!(matches!(err, CertError::NoKey { .. }), "{err}");
+        let err = load_pair(&dir.path().join("missing.pem"), &a_key, &provider).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+
+    #[test]
+    fn sni_exact_then_wildcard_then_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_pair(dir.path(), "a", &["a.test"]);
+        let w = write_pair(dir.path(), "w", &["*.wild.test"]);
+        let store = CertStore::new(vec![a, w]);
+        let leaf = |sni: Option<&str>| {
+            store
+                .choose(sni)
+                .unwrap()
+                .end_entity_cert()
+                .unwrap()
+                .clone()
+                .into_owned()
+        };
+        let a_leaf = leaf(None);
+        let w_leaf = leaf(Some("x.wild.test"));
+        assert_ne!(a_leaf, w_leaf);
+        assert_eq!(leaf(Some("a.test")), a_leaf);
+        assert_eq!(leaf(Some("X.Wild.Test")), w_leaf);
+        assert_eq!(
+            leaf(Some("wild.test")),
+            a_leaf,
+            "a wildcard does not cover the apex"
+        );
+        assert_eq!(leaf(Some("a.b.wild.test")), a_leaf, "nor two labels");
+        assert_eq!(leaf(Some("other.test")), a_leaf);
+    }
+}
