@@ -25,3 +25,6 @@ mod gitops;
 
 #[path = "e2e/faults.rs"]
 mod faults;
+
+#[path = "e2e/tls.rs"]
+mod tls;
