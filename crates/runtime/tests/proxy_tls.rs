@@ -511,3 +511,77 @@ async fn affinity_keeps_each_client_on_its_worker_and_moves_only_changed_ones() 
     }
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn h2_load_through_three_worker_replacements_loses_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = write_pair(dir.path(), "a", &["a.test"]);
+    let proxy = Proxy::http(tls_config(&[(&cert, &key)])).await;
+    let mut current = (W1, Backend::ok().await);
+    proxy.routes.add(current.0, current.1.addr);
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ok = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let mut clients = Vec::new();
+    for _ in 0..2 {
+        let s = tls_connect(proxy.addr, "a.test", &[b"h2"]).await;
+        let (h2, conn) = h2_over(s).await;
+        for _ in 0..4 {
+            let (mut h2, stop, ok) = (h2.clone(), Arc::clone(&stop), Arc::clone(&ok));
+            clients.push(tokio::spawn(async move {
+                let mut failed = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let req = Request::get("https://a.test/").body(empty()).unwrap();
+                    match h2.send_request(req).await {
+                        Ok(resp) if resp.status() == 200 => {
+                            resp.into_body().collect().await.unwrap();
+                            ok.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        Ok(resp) => failed.push(resp.status().to_string()),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                }
+                failed
+            }));
+        }
+        clients.push(tokio::spawn(async move {
+            let _ = conn.await;
+            Vec::new()
+        }));
+    }
+    let wait_ok = |n: u64| {
+        let ok = Arc::clone(&ok);
+        async move {
+            let target = ok.load(std::sync::atomic::Ordering::Relaxed) + n;
+            eventually(Duration::from_secs(10), "requests flowing", || {
+                let ok = Arc::clone(&ok);
+                async move { ok.load(std::sync::atomic::Ordering::Relaxed) >= target }
+            })
+            .await;
+        }
+    };
+    wait_ok(50).await;
+    for next in [W2, W3, WorkerId(4)] {
+        // A reload step: the new worker is routable, then the old one drains and goes.
+        let fresh = Backend::ok().await;
+        proxy.routes.add(next, fresh.addr);
+        proxy.routes.stop_routing(current.0);
+        proxy.routes.drained(current.0).await;
+        proxy.routes.remove(current.0);
+        current = (next, fresh);
+        wait_ok(50).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut failed = Vec::new();
+    let loaders = clients.len();
+    for (i, c) in clients.into_iter().enumerate() {
+        if i % 5 != 4 {
+            failed.extend(c.await.unwrap());
+        } else {
+            c.abort();
+        }
+    }
+    assert!(loaders > 0);
+    assert!(failed.is_empty(), "{failed:?}");
+    proxy.stop().await;
+}
