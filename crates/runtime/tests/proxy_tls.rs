@@ -585,3 +585,28 @@ async fn h2_load_through_three_worker_replacements_loses_nothing() {
     assert!(failed.is_empty(), "{failed:?}");
     proxy.stop().await;
 }
+
+#[tokio::test]
+async fn idle_h2_connection_is_sent_away() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = write_pair(dir.path(), "a", &["a.test"]);
+    let proxy = Proxy::http(HttpProxyConfig {
+        header_read_timeout: Duration::from_millis(300),
+        ..tls_config(&[(&cert, &key)])
+    })
+    .await;
+    let backend = Backend::ok().await;
+    proxy.routes.add(W1, backend.addr);
+    let s = tls_connect(proxy.addr, "a.test", &[b"h2"]).await;
+    let (mut h2, conn) = h2_over(s).await;
+    let resp = h2
+        .send_request(Request::get("https://a.test/").body(empty()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+    tokio::time::timeout(Duration::from_secs(10), conn)
+        .await
+        .expect("idle connection closed by the proxy")
+        .unwrap();
+    proxy.stop().await;
+}
