@@ -15,6 +15,15 @@ test:
 ci:
     bash .ci/run
 
+# The Debian package: target/debian/clusterd_<version>_<arch>.deb (cargo-deb, installed
+# into .tools/ if missing). CLUSTERD_DEB_PROFILE=release for a faster, unoptimized-for-size build.
+deb:
+    ./scripts/build-deb
+
+# Build the package and check it as CI does (file list, unit, completions, man, install).
+deb-check:
+    ./scripts/check-deb
+
 # Lints only.
 lint:
     cargo fmt --all -- --check

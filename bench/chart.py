@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from report import APPS, NAMES, aggregate_throughput  # noqa: E402
 
-SHORT = {"limit": "limit", "alone": "1 proc", "inherit": "clusterd\ninherit", "http": "clusterd\nhttp",
+SHORT = {"limit": "limit", "alone": "1 proc", "inherit": "clusterd\ninherit", "shared": "clusterd\nshared", "http": "clusterd\nhttp",
          "tcp": "clusterd\ntcp", "pm2": "PM2\ncluster"}
 
 

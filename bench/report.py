@@ -13,10 +13,24 @@ NAMES = {
     "limit": "physical limit (shared socket, no supervisor)",
     "alone": "1 process alone",
     "inherit": "clusterd inherit",
+    "shared": "clusterd shared (unmodified app binds $PORT)",
     "http": "clusterd http",
     "tcp": "clusterd tcp",
     "pm2": "PM2 cluster mode",
+    "http-1t": "clusterd http, CLUSTERD_THREADS=1",
+    "tcp-1t": "clusterd tcp, CLUSTERD_THREADS=1",
+    "haproxy": "HAProxy http, 1 thread",
+    "haproxy-mt": "HAProxy http, 1 thread per CPU",
+    "haproxy-tcp": "HAProxy tcp, 1 thread",
+    "haproxy-tcp-mt": "HAProxy tcp, 1 thread per CPU",
+    "nginx": "nginx http, 1 worker",
+    "nginx-mt": "nginx http, 1 worker per CPU",
 }
+# Each proxy row is compared with HAProxy (1 thread) in the same mode.
+PROXY_MODE = {"http": "http", "http-1t": "http", "haproxy": "http", "haproxy-mt": "http", "nginx": "http",
+              "nginx-mt": "http", "tcp": "tcp", "tcp-1t": "tcp", "haproxy-tcp": "tcp", "haproxy-tcp-mt": "tcp"}
+PROXY_BEGIN = "<!-- proxies:begin -->"
+PROXY_END = "<!-- proxies:end -->"
 APPS = {"node": "Node hello.js", "demo": "demo-server"}
 
 
@@ -105,6 +119,75 @@ def throughput_table(res, agg, mode):
             f" {cell(d['p99'], f2)} | {sup_cell} | {errs} | {f2(r_lim) + 'x' if r_lim else '—'} |"
             f" {f2(r_pm2) + 'x' if r_pm2 else '—'} |")
     return "\n".join(lines) + not_run_note(skipped)
+
+
+def proxies_table(res, agg):
+    """clusterd's http/tcp modes next to HAProxy and nginx in front of the same workers."""
+    lines = [
+        "| proxy | mode | N | conn | req/s median (min–max) | proxy CPU µs/req median (min–max) |"
+        " req/s × HAProxy 1t | CPU/req × HAProxy 1t | req/s × HAProxy same threads | CPU/req × HAProxy same threads |"
+        " p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = {s: i for i, s in enumerate(PROXY_MODE)}
+    def base(system):
+        return system.split("@")[0]
+
+    def name(system):
+        b, _, variant = system.partition("@")
+        return NAMES.get(b, b) + (f" [{variant}]" if variant else "")
+
+    keys = sorted((k for k in agg if base(k[0]) in PROXY_MODE and not agg[k]["not_run"]),
+                  key=lambda k: (k[1] != "node", k[1], k[2], PROXY_MODE[base(k[0])], order[base(k[0])], k[0]))
+    for mode, conn in (("keepalive", "keep-alive"), ("close", "new per request")):
+        for key in keys:
+            system, app, n = key
+            d = agg[key][mode]
+            if not d:
+                continue
+            pmode = PROXY_MODE[base(system)]
+            ref = agg.get(("haproxy" if pmode == "http" else "haproxy-tcp", app, n), {}).get(mode, {})
+            rps, cpu = med(d["rps"]), med(d.get("supervisor_cpu_us_per_req", []))
+            r_rps = ratio(rps, med(ref.get("rps", [])))
+            r_cpu = ratio(cpu, med(ref.get("supervisor_cpu_us_per_req", [])))
+            # Same number of threads: clusterd's default runtime and the "-mt" rows use
+            # one thread per CPU; "-1t", HAProxy and nginx without "-mt" use one.
+            multi = base(system) in ("http", "tcp", "haproxy-mt", "haproxy-tcp-mt", "nginx-mt")
+            peer = ("haproxy" if pmode == "http" else "haproxy-tcp") + ("-mt" if multi else "")
+            ref2 = agg.get((peer, app, n), {}).get(mode, {})
+            s_rps = ratio(rps, med(ref2.get("rps", [])))
+            s_cpu = ratio(cpu, med(ref2.get("supervisor_cpu_us_per_req", [])))
+            bold = "**" if base(system) in ("http", "tcp", "http-1t", "tcp-1t") else ""
+            lines.append(
+                f"| {bold}{name(system)}{bold} | {pmode} | {n} | {conn} | {cell(d['rps'])} |"
+                f" {cell(d.get('supervisor_cpu_us_per_req', []), f2)} | {f2(r_rps) + 'x' if r_rps else '—'} |"
+                f" {f2(r_cpu) + 'x' if r_cpu else '—'} | {f2(s_rps) + 'x' if s_rps else '—'} |"
+                f" {f2(s_cpu) + 'x' if s_cpu else '—'} | {cell(d['p99'], f2)} |")
+    if len(lines) == 2:
+        return "(no proxy rows in this run)"
+    return "\n".join(lines)
+
+
+def proxies_section(res, agg, results_rel):
+    a, v = res["args"], res["versions"]
+    return f"""{PROXY_BEGIN}
+## Proxies side by side: clusterd http/tcp vs HAProxy and nginx
+
+From [`{results_rel}`](../{results_rel}) ({a.get('reps')} interleaved repetition(s) of {a.get('duration')} s,
+{a.get('conns')} connections, started {res.get('started')}; {v.get('haproxy') or 'HAProxy'}; {v.get('nginx') or 'nginx'}).
+Every proxy fronts the same app, N copies each on its own 127.0.0.1 port, with keep-alive
+to the workers: HAProxy `balance leastconn`, `http-reuse always`, `option forwardfor`
+(`mode tcp` for the tcp rows); nginx `least_conn`, `keepalive 64`, `proxy_http_version 1.1`,
+X-Forwarded-For, `proxy_buffering off`. *Proxy CPU* is utime+stime of the proxy's
+processes (nginx: master and workers) over the measurement, divided by the requests
+completed; for clusterd it is the whole daemon. The ratios compare with HAProxy in the
+same mode, with one thread ("1t") and with the same number of threads as the row (clusterd's
+runtime has one per CPU unless `CLUSTERD_THREADS=1`); lower CPU and higher req/s are better.
+On a shared, overloaded machine req/s follows the CPU share a process gets, which grows with
+its number of runnable threads: compare req/s at equal threads, and trust CPU/req more.
+
+{proxies_table(res, agg)}
+{PROXY_END}"""
 
 
 def not_run_note(skipped):
@@ -218,9 +301,28 @@ def commands_section(res, agg):
 
 def write_docs(res, results_rel):
     agg = aggregate_throughput(res)
+    path = os.path.join(ROOT, "docs", "benchmarks.md")
+    if res["args"].get("compare") and os.path.exists(path):
+        # A --compare run only replaces the proxies section of the page.
+        with open(path) as f:
+            old = f.read()
+        section = proxies_section(res, agg, results_rel)
+        if PROXY_BEGIN in old and PROXY_END in old:
+            head, rest = old.split(PROXY_BEGIN, 1)
+            new = head + section + rest.split(PROXY_END, 1)[1]
+        elif "## Reload under load" in old:
+            head, tail = old.split("## Reload under load", 1)
+            new = head + section + "\n\n## Reload under load" + tail
+        else:
+            new = old.rstrip("\n") + "\n\n" + section + "\n"
+        with open(path, "w") as f:
+            f.write(new)
+        return os.path.relpath(path, ROOT)
     m, v, a = res["machine"], res["versions"], res["args"]
     quick = res.get("quick")
     targets = """- clusterd inherit ≥ 0.98x the physical limit;
+- clusterd shared (the unmodified Node app) ≥ 0.98x the physical limit, ≥ 1.0x PM2 keep-alive,
+  ≥ 2x PM2 with a new connection per request;
 - a new connection per request: every clusterd mode ≥ 2x PM2 cluster mode;
 - http ≥ 1.0x PM2 cluster mode with keep-alive, p99 no worse;
 - 0 failed requests per reload for clusterd, in every mode, with unmodified apps;
@@ -245,9 +347,11 @@ What the numbers mean, where clusterd falls short of its targets and why:
 
     just bench                 # = ./bench/run: 5 interleaved repetitions, ~30-40 min
     ./bench/run --quick        # smoke test: 1 short repetition of everything, a few minutes
+    ./bench/run --compare      # only clusterd http/tcp vs HAProxy, nginx, PM2 (3 reps, ~5 min)
     ./bench/run --help         # repetitions, duration, connections, sections, N, pinning
 
-`bench/run` installs what it needs: `wrk` (Debian's package, `apt-get install -y wrk`),
+`bench/run` installs what it needs: `wrk`, `haproxy`, `nginx-light` (Debian's packages,
+`apt-get install -y -o DPkg::Lock::Timeout=600 …`),
 pm2 {v.get('pm2')} (`npm install --prefix bench pm2@{v.get('pm2')}`, into bench/node_modules),
 matplotlib (into bench/.venv, for the chart); builds the workspace with
 `cargo build --release --workspace`; writes `bench/results/<timestamp>.json` and this page.
@@ -272,9 +376,10 @@ in a rotated order, so drift on the machine hits them all alike.
   It dies at once on SIGINT, like most apps (no drain handler). `demo-server` (crates/demo-server).
 - **Systems.** *physical limit*: `bench/launcher.py` binds the port and starts N copies with the
   socket as fd 3 (`LISTEN_FDS=1`, `LISTEN_PID` = the child's pid); nothing is in the data path.
-  *1 process alone* on `$PORT`. *clusterd inherit / http / tcp*: a private daemon
+  *1 process alone* on `$PORT`. *clusterd inherit / shared / http / tcp*: a private daemon
   (`clusterd daemon --apps-dir … --socket …`) with one manifest, waited on until `Available`
-  (readiness: demo-server `notify`; Node in inherit mode `delay: 500ms`; http/tcp `tcp`).
+  (readiness: demo-server `notify`; Node in inherit mode `delay: 500ms`; shared `bind`, the
+  app binding `$PORT` unmodified; http/tcp `tcp`).
   *PM2 cluster mode*: `pm2 start hello.js -i N` with a private `PM2_HOME` (the app unmodified).
 - **Keep-alive**: `wrk -t1 -c{a.get('conns')} -d{a.get('duration')}s --latency` (p50/p99 from its latency distribution).
 - **New connection per request**: `bench/loadgen --mode close` ({a.get('close_tool')}): a closed-loop
@@ -305,6 +410,8 @@ Example commands of this run:
 `× limit` compares with the physical limit for the same app and N; `× PM2` with PM2
 cluster mode for the Node app and the same N. Medians over repetitions, (min–max).
 
+{proxies_section(res, agg, results_rel)}
+
 ## Reload under load
 
 {reload_table(res)}
@@ -324,7 +431,6 @@ These are the product's goals (`issues show 7`); the tables above say where it s
 
 {targets}
 """
-    path = os.path.join(ROOT, "docs", "benchmarks.md")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write(body)

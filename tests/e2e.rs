@@ -26,5 +26,20 @@ mod gitops;
 #[path = "e2e/faults.rs"]
 mod faults;
 
+#[path = "e2e/shared.rs"]
+mod shared;
+
+#[path = "e2e/friendly.rs"]
+mod friendly;
+
+#[path = "e2e/trees.rs"]
+mod trees;
+
+#[path = "e2e/import_pm2.rs"]
+mod import_pm2;
+
+#[path = "e2e/top.rs"]
+mod top;
+
 #[path = "e2e/tls.rs"]
 mod tls;

@@ -133,7 +133,7 @@ pub struct ListenStatus {
     pub name: Option<String>,
     /// `address:port` as bound.
     pub address: String,
-    /// http, tcp or inherit.
+    /// http, tcp, inherit or shared.
     pub mode: ListenMode,
     /// tcp or udp.
     #[serde(default = "tcp")]
@@ -180,6 +180,11 @@ pub struct InstanceStatus {
     /// How the last run of this index ended, e.g. `exit 1` or `signal SIGKILL`.
     #[serde(default)]
     pub last_exit: Option<String>,
+    /// Shared mode only: the shared listeners this worker bound, each as
+    /// `address:port/protocol by pid N`; empty while it has not bound (yet). Absent for
+    /// apps without a shared listener.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bound: Option<Vec<String>>,
 }
 
 /// GitOps sync state.

@@ -11,7 +11,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 
 use crate::client::Client;
 use crate::output::Format;
-use crate::{daemon, output};
+use crate::{daemon, import_pm2, manual, output, top};
 
 /// clusterd: N workers behind one port, rolling reloads, for any language.
 #[derive(Debug, Parser)]
@@ -115,6 +115,27 @@ enum Command {
         #[command(subcommand)]
         target: ExportTarget,
     },
+    /// Live view of apps and workers: phase, pids, CPU, memory, restarts (q quits).
+    Top {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
+    /// Write clusterd manifests from another tool's configuration.
+    Import {
+        #[command(subcommand)]
+        source: ImportSource,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff), or write one page per command into a directory.
+    Man {
+        /// Write clusterd.1 and clusterd-COMMAND.1 here instead of printing clusterd.1.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// Internal: the exec shim between the daemon's fork and the worker's exec.
     #[command(name = "__exec", hide = true)]
     Exec {
@@ -134,6 +155,25 @@ enum ExportTarget {
         /// Container image for every app.
         #[arg(long)]
         image: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ImportSource {
+    /// A PM2 ecosystem file (ecosystem.config.js/.cjs/.mjs through node, .json, .yaml,
+    /// or the output of `pm2 jlist`).
+    Pm2 {
+        /// The ecosystem file.
+        file: PathBuf,
+        /// Write one manifest per app into this directory (default: print them).
+        #[arg(short = 'o', long = "output-dir")]
+        output_dir: Option<PathBuf>,
+        /// Also apply the `env_NAME` block of each app (like `pm2 start --env NAME`).
+        #[arg(long = "env")]
+        env_name: Option<String>,
+        /// Overwrite existing files in the output directory.
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -302,6 +342,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             if let Err(e) = clusterd_runtime::accept::raise_nofile_limit() {
                 eprintln!("clusterd: warning: cannot raise the open-files limit: {e}");
             }
+            // Before any worker exists: the daemon becomes a child subreaper, so orphans of
+            // worker trees stay under it (and are reaped), as do all orphans when PID 1.
+            clusterd_runtime::reaper::start()?;
             daemon::run(args.into_options()?)
         }
         Command::Status {
@@ -350,6 +393,22 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Export {
             target: ExportTarget::Kubernetes { files, image },
         } => output::export_kubernetes(&files, image.as_deref()),
+        Command::Top { conn } => top::run(&conn.client()),
+        Command::Import {
+            source:
+                ImportSource::Pm2 {
+                    file,
+                    output_dir,
+                    env_name,
+                    force,
+                },
+        } => import_pm2::run(&file, output_dir.as_deref(), env_name.as_deref(), force),
+        Command::Completions { shell } => {
+            manual::completions(<Cli as clap::CommandFactory>::command(), shell)
+        }
+        Command::Man { out_dir } => {
+            manual::man(<Cli as clap::CommandFactory>::command(), out_dir.as_deref())
+        }
         Command::Exec { .. } => unreachable!("handled before clap"),
     }
 }

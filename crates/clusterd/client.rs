@@ -35,6 +35,11 @@ impl Client {
         Client { socket }
     }
 
+    /// The socket this client talks to.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.socket
+    }
+
     /// GET and decode JSON.
     pub fn get<T: DeserializeOwned>(&self, path: &str) -> anyhow::Result<T> {
         self.call(Method::GET, path)
@@ -103,12 +108,9 @@ impl Client {
         path: &str,
         mut on_chunk: Option<&mut ChunkSink<'_>>,
     ) -> anyhow::Result<(StatusCode, Vec<u8>)> {
-        let stream = UnixStream::connect(&self.socket).await.map_err(|_| {
-            anyhow!(
-                "cannot reach clusterd at {}: is the daemon running?",
-                self.socket.display()
-            )
-        })?;
+        let stream = UnixStream::connect(&self.socket)
+            .await
+            .map_err(|e| connect_error(&self.socket, &e))?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .context("control API handshake")?;
@@ -141,6 +143,22 @@ impl Client {
             }
         }
         Ok((status, collected))
+    }
+}
+
+/// Says why the socket cannot be reached: "is the daemon running?" is the answer only
+/// when nothing listens there; a daemon that runs but refuses us needs another fix.
+fn connect_error(socket: &std::path::Path, e: &std::io::Error) -> anyhow::Error {
+    match e.kind() {
+        std::io::ErrorKind::PermissionDenied => anyhow!(
+            "permission denied on {}: the daemon runs as another user (run as that user or root, or join the `clusterd` group)",
+            socket.display()
+        ),
+        std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused => anyhow!(
+            "cannot reach clusterd at {}: is the daemon running?",
+            socket.display()
+        ),
+        _ => anyhow!("cannot reach clusterd at {}: {e}", socket.display()),
     }
 }
 

@@ -130,8 +130,9 @@ fn print_app(a: &AppStatus) {
         println!("Error:     {}", e.replace('\n', "\n           "));
     }
     println!();
+    let shared = a.instances.iter().any(|i| i.bound.is_some());
     let mut t = table();
-    t.set_header([
+    let mut header = vec![
         "INSTANCE",
         "PID",
         "STATE",
@@ -142,9 +143,13 @@ fn print_app(a: &AppStatus) {
         "RSS",
         "INFLIGHT",
         "LAST EXIT",
-    ]);
+    ];
+    if shared {
+        header.push("BOUND");
+    }
+    t.set_header(header);
     for i in &a.instances {
-        t.add_row([
+        let mut row = vec![
             i.index.to_string(),
             i.pid.map_or_else(|| "-".into(), |p| p.to_string()),
             i.state.to_string(),
@@ -160,12 +165,20 @@ fn print_app(a: &AppStatus) {
             i.rss_bytes.map_or_else(|| "-".into(), human_bytes),
             i.inflight.map_or_else(|| "-".into(), |n| n.to_string()),
             i.last_exit.clone().unwrap_or_else(|| "-".into()),
-        ]);
+        ];
+        if shared {
+            row.push(match &i.bound {
+                Some(b) if !b.is_empty() => b.join(", "),
+                Some(_) if i.pid.is_some() => "not bound".into(),
+                _ => "-".into(),
+            });
+        }
+        t.add_row(row);
     }
     println!("{t}");
 }
 
-fn age(secs: u64) -> String {
+pub(crate) fn age(secs: u64) -> String {
     match secs {
         s if s < 120 => format!("{s}s"),
         s if s < 7200 => format!("{}m", s / 60),
@@ -175,7 +188,7 @@ fn age(secs: u64) -> String {
 }
 
 #[allow(clippy::cast_precision_loss)]
-fn human_bytes(n: u64) -> String {
+pub(crate) fn human_bytes(n: u64) -> String {
     const MI: f64 = 1024.0 * 1024.0;
     if n as f64 >= 1024.0 * MI {
         format!("{:.1}Gi", n as f64 / (1024.0 * MI))
@@ -271,18 +284,14 @@ pub fn reload(
 /// `clusterd validate FILE...`: 0 when every file is valid, 1 otherwise.
 pub fn validate(paths: &[PathBuf]) -> anyhow::Result<ExitCode> {
     let files = read_manifests(paths)?;
-    let report = load(&files);
-    // In file order, then position order (line 4 before line 10), as the snapshots are.
-    let mut diagnostics: Vec<_> = report.errors.values().flatten().collect();
-    diagnostics.sort_by(|a, b| {
-        (&a.file, a.line, a.column, &a.message).cmp(&(&b.file, b.line, b.column, &b.message))
-    });
-    let mut lines: Vec<String> = diagnostics.iter().map(ToString::to_string).collect();
-    lines.dedup();
-    for line in &lines {
+    // In file order, then position order (line 4 before line 10), as the snapshots are;
+    // warnings (`$PORT` that no shell expands) among them, but only errors fail.
+    let checked = clusterd_core::check_files(&files, cpus());
+    for line in &checked.lines {
         println!("{line}");
     }
-    if lines.is_empty() {
+    if checked.errors == 0 {
+        let report = load(&files);
         for (name, app) in &report.apps {
             eprintln!(
                 "{}: {name} ok (revision {}, {} instances)",
@@ -318,6 +327,7 @@ fn load(files: &[clusterd_core::load::ManifestFile]) -> clusterd_core::load::Loa
         &clusterd_core::load::LoadContext {
             cpus: cpus(),
             incumbents: Default::default(),
+            shared_mode_unavailable: None,
         },
     )
 }
@@ -512,8 +522,9 @@ pub fn logs(
     Ok(ExitCode::SUCCESS)
 }
 
-/// Prints the last `tail` lines of each instance's log (across rotated files), each line
-/// prefixed with `app[index]`, then with `follow` keeps printing new lines.
+/// Prints the last `tail` lines of each instance's log (across rotated files), merged
+/// across instances in time order, each line as `TIME app[index] text` (like
+/// `pm2 logs`); then with `follow` keeps printing new lines of every instance.
 fn print_logs(
     dir: &Path,
     app: &str,
@@ -535,13 +546,12 @@ fn print_logs(
             dir.display()
         );
     }
-    let mut out = std::io::stdout().lock();
+    let mut batch = LogBatch::default();
     for (index, path) in &files {
-        for line in logs::tail(path, tail)? {
-            writeln!(out, "{app}[{index}] {line}")?;
-        }
+        batch.add(*index, logs::tail(path, tail)?);
     }
-    out.flush()?;
+    let mut out = std::io::stdout().lock();
+    batch.print(&mut out, app)?;
     drop(out);
     if !follow {
         return Ok(());
@@ -551,16 +561,58 @@ fn print_logs(
         .map(|(i, p)| (*i, logs::Follower::from_end(p.clone())))
         .collect();
     loop {
-        let mut any = false;
+        let mut batch = LogBatch::default();
         for (index, f) in &mut followers {
-            for line in f.poll()? {
-                any = true;
-                println!("{app}[{index}] {line}");
+            batch.add(*index, f.poll()?);
+        }
+        if batch.is_empty() {
+            std::thread::sleep(Duration::from_millis(200));
+            continue;
+        }
+        batch.print(&mut std::io::stdout().lock(), app)?;
+    }
+}
+
+/// Log lines of several instances, to be printed in time order.
+#[derive(Default)]
+struct LogBatch {
+    /// (sort time, instance, position in its file, printed time, text).
+    lines: Vec<(String, u32, usize, Option<String>, String)>,
+}
+
+impl LogBatch {
+    /// Adds one instance's lines (in file order). A line without a timestamp (written
+    /// before timestamps existed) sorts with the line before it in its file.
+    fn add(&mut self, index: u32, lines: Vec<String>) {
+        let mut last = String::new();
+        for (seq, line) in lines.into_iter().enumerate() {
+            match clusterd_runtime::logs::split_timestamp(&line) {
+                Some((ts, text)) => {
+                    last = ts.to_string();
+                    // Milliseconds are plenty to read; the sort uses the full time.
+                    let shown = format!("{}Z", &ts[..ts.len().min(23)]);
+                    self.lines
+                        .push((last.clone(), index, seq, Some(shown), text.to_string()));
+                }
+                None => self.lines.push((last.clone(), index, seq, None, line)),
             }
         }
-        if !any {
-            std::thread::sleep(Duration::from_millis(200));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.lines.is_empty()
+    }
+
+    fn print(mut self, out: &mut impl std::io::Write, app: &str) -> std::io::Result<()> {
+        self.lines
+            .sort_by(|a, b| (&a.0, a.1, a.2).cmp(&(&b.0, b.1, b.2)));
+        for (_, index, _, shown, text) in &self.lines {
+            match shown {
+                Some(t) => writeln!(out, "{t} {app}[{index}] {text}")?,
+                None => writeln!(out, "{app}[{index}] {text}")?,
+            }
         }
+        out.flush()
     }
 }
 

@@ -81,6 +81,8 @@ pub struct Daemon {
     relative_paths: bool,
     /// Extra environment for the daemon process.
     extra_env: Vec<(String, String)>,
+    /// A command the daemon is started under (e.g. `unshare --pid --fork`).
+    wrapper: Vec<String>,
 }
 
 impl Daemon {
@@ -105,6 +107,7 @@ impl Daemon {
             extra_args: extra.iter().map(ToString::to_string).collect(),
             relative_paths: false,
             extra_env: Vec::new(),
+            wrapper: Vec::new(),
         };
         d.spawn();
         d
@@ -132,6 +135,16 @@ impl Daemon {
         d
     }
 
+    /// Starts a daemon under `wrapper` (its argv before the clusterd binary), e.g.
+    /// `unshare --pid --fork` to run it as PID 1. `pid()` is then the wrapper's.
+    pub fn start_under(wrapper: &[&str]) -> Daemon {
+        let mut d = Daemon::start_with(&[]);
+        d.stop();
+        d.wrapper = wrapper.iter().map(ToString::to_string).collect();
+        d.spawn();
+        d
+    }
+
     /// (Re)starts the daemon process on the same dirs.
     pub fn spawn(&mut self) {
         use std::os::unix::process::CommandExt;
@@ -140,7 +153,14 @@ impl Daemon {
             Instant::now().elapsed().as_nanos()
         )))
         .unwrap();
-        let mut cmd = Command::new(clusterd_bin());
+        let mut cmd = match self.wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = Command::new(program);
+                c.args(args).arg(clusterd_bin());
+                c
+            }
+            None => Command::new(clusterd_bin()),
+        };
         let root = self.dir.path();
         let path = |p: &Path| -> PathBuf {
             if self.relative_paths {
@@ -680,6 +700,12 @@ impl Drop for EventFollower {
 }
 
 /// Every live process whose process group is `pgid` (scans /proc; zombies excluded).
+/// Whether `pid` is a worker's log timestamper (it shares the worker's process group).
+pub fn is_timestamper(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end() == clusterd_runtime::shim::TIMESTAMPER_NAME)
+}
+
 pub fn group_members(pgid: i32) -> Vec<i32> {
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {

@@ -56,7 +56,18 @@ pub async fn serve(
     // At the fd limit accept fails at once with the connection still queued: pause,
     // or the loop spins (issue 16).
     let mut backoff = clusterd_runtime::accept::AcceptBackoff::new("control socket");
+    // Anyone allowed on the socket could otherwise hold every descriptor of the daemon
+    // (a connection each) or park connections that never send a request.
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
+    let header_timeout = control_header_timeout();
     loop {
+        let permit = tokio::select! {
+            () = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+        };
         let stream = tokio::select! {
             () = shutdown.cancelled() => return,
             accepted = listener.accept() => match accepted {
@@ -72,6 +83,7 @@ pub async fn serve(
         let events = events.clone();
         let shutdown = shutdown.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let loop_tx = loop_tx.clone();
                 let events = events.clone();
@@ -79,10 +91,26 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(route(req, loop_tx, events, shutdown).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(header_timeout)
                 .serve_connection(TokioIo::new(stream), service)
                 .await;
         });
     }
+}
+
+/// Most control connections served at once; `clusterd` commands use one each, `top`
+/// and `events -f` hold theirs. More wait in the socket's backlog.
+pub const MAX_CONTROL_CONNECTIONS: usize = 64;
+
+/// How long a control connection may take to send a request's headers (or sit idle
+/// between requests) before it is closed. `CLUSTERD_CONTROL_HEADER_TIMEOUT` (a duration
+/// like `500ms`) overrides the 10 s default, for tests.
+fn control_header_timeout() -> std::time::Duration {
+    std::env::var("CLUSTERD_CONTROL_HEADER_TIMEOUT")
+        .ok()
+        .and_then(|v| humantime::parse_duration(&v).ok())
+        .unwrap_or(std::time::Duration::from_secs(10))
 }
 
 async fn route(
@@ -208,16 +236,35 @@ fn line(e: &Event) -> Vec<u8> {
     v
 }
 
-/// Binds the control socket with mode 0600, or 0660 owned by group `clusterd` when that
-/// group exists, so operators in that group can use the CLI without root.
+/// Binds the control socket, replacing a stale socket file but never a live daemon's.
+///
+/// The socket never exists with a wider mode than its final one, not even for a moment:
+/// it is bound inside a fresh 0700 directory, given its mode (0600, or 0660 with a
+/// `clusterd` group), and only then renamed into place. The directory that holds it is
+/// created 0700 when missing, and refused when another user owns it or anyone else may
+/// write to it: there, a squatter could put its own socket in our place and answer our
+/// CLI (see [`check_socket_dir`]).
 ///
 /// # Errors
-/// When the directory cannot be created or another live daemon owns the socket.
+/// When the directory cannot be created or is unsafe, or another live daemon owns the
+/// socket.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => std::path::PathBuf::from("."),
+    };
+    if !dir.exists() {
+        if let Some(up) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(up)?;
+        }
+        match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
     }
+    check_socket_dir(&dir)?;
     if path.exists() {
         if std::os::unix::net::UnixStream::connect(path).is_ok() {
             return Err(std::io::Error::new(
@@ -227,14 +274,60 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         }
         std::fs::remove_file(path)?;
     }
-    let listener = UnixListener::bind(path)?;
-    let group = nix::unistd::Group::from_name("clusterd").ok().flatten();
-    let mode = if let Some(g) = group {
-        let _ = nix::unistd::chown(path, None, Some(g.gid));
-        0o660
-    } else {
-        0o600
+    let private = dir.join(format!(".clusterd-bind-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&private);
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let result = (|| {
+        let tmp = private.join("s");
+        let listener = UnixListener::bind(&tmp)?;
+        let group = nix::unistd::Group::from_name("clusterd").ok().flatten();
+        let mode = if let Some(g) = group {
+            let _ = nix::unistd::chown(&tmp, None, Some(g.gid));
+            0o660
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&tmp, path)?;
+        Ok(listener)
+    })();
+    let _ = std::fs::remove_dir_all(&private);
+    result
+}
+
+/// Refuses a socket directory that someone else could tamper with: not a directory (a
+/// symlink included), owned by another user (root-owned system directories aside), or
+/// writable by others without the sticky bit. A non-root daemon's default,
+/// `/tmp/clusterd-UID`, is the case this is for: anyone can create that name first.
+///
+/// # Errors
+/// `PermissionDenied` naming the directory and what is wrong with it.
+pub fn check_socket_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = std::fs::symlink_metadata(dir)?;
+    let euid = nix::unistd::geteuid().as_raw();
+    let refuse = |why: String| {
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            format!(
+                "refusing the socket directory {}: {why} (expected a directory of user {euid} that only it can write, e.g. mode 0700)",
+                dir.display()
+            ),
+        ))
     };
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
-    Ok(listener)
+    if !meta.file_type().is_dir() {
+        return refuse("it is not a directory".into());
+    }
+    let mode = meta.mode();
+    let sticky = mode & 0o1000 != 0;
+    if meta.uid() != euid && meta.uid() != 0 {
+        return refuse(format!("it belongs to user {}", meta.uid()));
+    }
+    if meta.uid() != euid && !sticky && mode & 0o022 != 0 {
+        return refuse(format!("others may write to it (mode {:o})", mode & 0o7777));
+    }
+    if mode & 0o002 != 0 && !sticky {
+        return refuse(format!("anyone may write to it (mode {:o})", mode & 0o7777));
+    }
+    Ok(())
 }

@@ -136,6 +136,12 @@ impl<E: Effects> Controller<E> {
         &mut self.effects
     }
 
+    /// Loads (parses of the whole set) so far.
+    #[cfg(test)]
+    pub fn manifest_loads(&self) -> usize {
+        self.intake.loads_total
+    }
+
     /// Manifest files read so far (a read of an unchanged file is a bug).
     #[cfg(test)]
     pub fn manifest_reads(&self) -> usize {
@@ -319,6 +325,15 @@ impl<E: Effects> Controller<E> {
                 }
             }
             Report::Ready { app, id } => self.world.on_ready_report(&app, id),
+            Report::Bound {
+                app,
+                id,
+                pid,
+                listener,
+            } => self.world.on_bound(&app, id, pid, listener, &self.events),
+            Report::StrayBind { app, id, message } => {
+                self.world.on_stray_bind(&app, id, message, &self.events);
+            }
             Report::NotifyReady { pgid } => self.world.on_notify_ready(pgid),
             Report::Liveness {
                 app,

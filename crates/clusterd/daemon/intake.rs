@@ -92,6 +92,8 @@ pub struct Intake {
     dirty: bool,
     /// Total manifest reads (for tests and the idle-cost check).
     pub reads_total: usize,
+    /// Total loads (parses of every file), for the same.
+    pub loads_total: usize,
 }
 
 impl Intake {
@@ -105,6 +107,7 @@ impl Intake {
             names: BTreeMap::new(),
             dirty: true,
             reads_total: 0,
+            loads_total: 0,
         }
     }
 
@@ -248,6 +251,7 @@ impl Intake {
             self.dirty = false;
         }
         if changed {
+            self.loads_total += 1;
             let report = self.load(incumbents, &refuse);
             self.names.clear();
             for (name, app) in &report.apps {
@@ -296,6 +300,7 @@ impl Intake {
             &LoadContext {
                 cpus: self.cpus,
                 incumbents,
+                shared_mode_unavailable: clusterd_runtime::seccomp::shared_mode_support().err(),
             },
         );
         refuse(&mut report, &self.dir);
@@ -348,6 +353,7 @@ fn peek_names(path: &Path, cpus: u32) -> Vec<AppName> {
         &LoadContext {
             cpus,
             incumbents: BTreeMap::new(),
+            shared_mode_unavailable: None,
         },
     );
     let mut names: Vec<AppName> = report.apps.into_keys().collect();

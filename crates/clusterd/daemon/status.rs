@@ -58,6 +58,12 @@ pub fn app_status(
                 .collect()
         })
         .unwrap_or_default();
+    let shared = app.current.as_ref().is_some_and(|c| {
+        c.spec
+            .listen
+            .iter()
+            .any(|l| l.mode == clusterd_core::model::ListenMode::Shared)
+    });
     let mut instances: Vec<InstanceStatus> = observed
         .workers
         .values()
@@ -86,6 +92,7 @@ pub fn app_status(
                 last_exit: slot
                     .and_then(|s| s.last_exit.as_ref())
                     .map(|(_, r, _)| r.to_string()),
+                bound: shared.then(|| proc_.map(|p| p.bound.clone()).unwrap_or_default()),
             }
         })
         .collect();
@@ -96,12 +103,11 @@ pub fn app_status(
                 continue;
             }
             if let Some(slot) = observed.slots.get(&index) {
-                let state =
-                    if matches!(d.restart.policy, clusterd_core::model::RestartPolicy::Never) {
-                        InstanceState::Exited
-                    } else {
-                        InstanceState::Backoff
-                    };
+                // Backoff only when a restart will come (the policy allows it).
+                let state = match plan::vacant_state(d, slot) {
+                    plan::VacantState::Backoff => InstanceState::Backoff,
+                    plan::VacantState::Exited => InstanceState::Exited,
+                };
                 instances.push(InstanceStatus {
                     index,
                     pid: None,
@@ -120,6 +126,7 @@ pub fn app_status(
                     inflight: None,
                     port: None,
                     last_exit: slot.last_exit.as_ref().map(|(_, r, _)| r.to_string()),
+                    bound: None,
                 });
             }
         }

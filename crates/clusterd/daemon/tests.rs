@@ -181,6 +181,7 @@ fn revision_of(text: &str, path: &Path) -> String {
         &LoadContext {
             cpus: 2,
             incumbents: BTreeMap::new(),
+            shared_mode_unavailable: None,
         },
     );
     report.apps.values().next().unwrap().revision.0.clone()
@@ -282,17 +283,29 @@ async fn adoption_without_a_manifest_drains() {
 async fn unchanged_files_are_never_read_again_and_open_files_wait_for_close() {
     let mut h = Harness::new(Fake::default());
     h.write("web.yaml", &manifest("web", 1, ""), Duration::from_secs(10));
+    // 2,000 invalid documents (the file that kept the old daemon at 63 % of a CPU).
+    let junk: String = (0..2000)
+        .map(|i| format!("apiVersion: clusterd/v1\nkind: App\nmetadata: {{name: junk{i}}}\nspec: {{bogus: 1}}\n---\n"))
+        .collect();
+    h.write("junk.yaml", &junk, Duration::from_secs(10));
     h.ctl.start();
     h.settle().await;
-    assert_eq!(h.ctl.manifest_reads(), 1);
+    assert_eq!(h.ctl.manifest_reads(), 2);
     for _ in 0..50 {
         h.ctl.rescan();
         h.settle().await;
     }
     assert_eq!(
         h.ctl.manifest_reads(),
-        1,
+        2,
         "an unchanged file was read again"
+    );
+    // Nothing was parsed again either: 50 scans of an unchanged dir cost a readdir and
+    // two stats each.
+    assert_eq!(
+        h.ctl.manifest_loads(),
+        1,
+        "an unchanged dir was parsed again"
     );
 
     // An edit in progress (a writer has the file open, as an editor saving in place):
@@ -308,7 +321,7 @@ async fn unchanged_files_are_never_read_again_and_open_files_wait_for_close() {
     h.settle().await;
     assert_eq!(
         h.ctl.manifest_reads(),
-        1,
+        2,
         "a file still open for writing was read"
     );
     // The writer closes: read at once, no quiet period.
@@ -319,7 +332,7 @@ async fn unchanged_files_are_never_read_again_and_open_files_wait_for_close() {
     });
     h.ctl.rescan();
     h.settle().await;
-    assert_eq!(h.ctl.manifest_reads(), 2);
+    assert_eq!(h.ctl.manifest_reads(), 3);
     let spawned = h
         .calls()
         .iter()
@@ -423,6 +436,112 @@ async fn an_unreadable_manifest_keeps_the_app_running() {
         app.error
     );
     assert!(app.current.is_some());
+}
+
+/// Issue 18.10: an exit the restart policy leaves alone is `Exited`, not `Backoff`, and
+/// no restart; a failure under the same policy is `Backoff`, and counts once restarted.
+#[tokio::test]
+async fn an_exit_that_will_not_be_restarted_is_exited_and_no_restart() {
+    let mut h = Harness::new(Fake::default());
+    let text = manifest("web", 2, "").replace("policy: always", "policy: on-failure");
+    h.write("web.yaml", &text, Duration::from_secs(10));
+    h.ctl.start();
+    h.settle().await;
+    for (id, code) in [(1, 0), (2, 3)] {
+        h.ctl.handle(Msg::Report(Report::Exited {
+            app: AppName("web".into()),
+            id: WorkerId(id),
+            reason: ExitReason::Code(code),
+        }));
+    }
+    h.settle().await;
+    let status = |h: &Harness| {
+        let a = &h.ctl.world().apps[&AppName("web".into())];
+        let d = a.desired(false).flatten();
+        super::status::app_status(a, h.ctl.effects(), d.as_ref(), *h.clock.lock().unwrap())
+    };
+    let s = status(&h);
+    let states: Vec<(u32, String, u32)> = s
+        .instances
+        .iter()
+        .map(|i| (i.index, format!("{:?}", i.state), i.restarts))
+        .collect();
+    assert_eq!(
+        states,
+        vec![(0, "Exited".into(), 0), (1, "Backoff".into(), 0)],
+        "{s:?}"
+    );
+    assert_eq!(s.restarts, 0);
+    h.advance(Duration::from_millis(1100));
+    h.settle().await;
+    let s = status(&h);
+    assert_eq!(s.restarts, 1, "the restart of index 1 counts: {s:?}");
+}
+
+/// Issue 18.1, through the controller: the first reload's surge worker reports ready and
+/// a second reload arrives before the next reconcile. Before the fix the app stayed at
+/// "Progressing 3/4" with 5 workers for good; now it ends Available with 4.
+#[tokio::test]
+async fn two_reloads_back_to_back_do_not_wedge_the_rollout() {
+    let mut h = Harness::new(Fake::default());
+    let text = manifest("web", 4, "").replace("{type: delay, delay: 0s}", "{type: notify}");
+    h.write("web.yaml", &text, Duration::from_secs(10));
+    h.ctl.start();
+    let web = || AppName("web".into());
+    let reload = |h: &mut Harness| {
+        let (tx, _rx) = tokio::sync::oneshot::channel();
+        h.ctl.handle(Msg::Api(
+            super::api::ApiRequest::Reload(Some("web".into())),
+            tx,
+        ));
+    };
+    let ready_all = |h: &mut Harness| {
+        for pid in 1001..=1000 + h.ctl.effects().next_pid {
+            h.ctl.handle(Msg::Report(Report::NotifyReady { pgid: pid }));
+        }
+    };
+    h.settle().await;
+    ready_all(&mut h);
+    h.settle().await;
+    assert_eq!(h.phase("web"), Some(Phase::Available));
+    reload(&mut h);
+    h.settle().await;
+    ready_all(&mut h); // the surge worker is ready...
+    reload(&mut h); // ...and the next reload lands in the same reconcile
+    h.settle().await;
+    let mut exited = std::collections::BTreeSet::new();
+    for _ in 0..50 {
+        let signalled: Vec<u64> = h
+            .calls()
+            .iter()
+            .filter_map(|c| match c {
+                Call::Signal(_, id) | Call::Kill(_, id) => Some(*id),
+                _ => None,
+            })
+            .collect();
+        for id in signalled {
+            if exited.insert(id) {
+                h.ctl.handle(Msg::Report(Report::Exited {
+                    app: web(),
+                    id: WorkerId(id),
+                    reason: ExitReason::Code(0),
+                }));
+            }
+        }
+        ready_all(&mut h);
+        h.advance(Duration::from_millis(100));
+        h.settle().await;
+        if h.phase("web") == Some(Phase::Available) {
+            break;
+        }
+    }
+    let live = h.ctl.world().apps[&web()].observed.workers.len();
+    assert_eq!(
+        (h.phase("web"), live),
+        (Some(Phase::Available), 4),
+        "{:?}",
+        h.calls()
+    );
 }
 
 /// Issue 18.9: a state dir that cannot be written is reported (status and events), the

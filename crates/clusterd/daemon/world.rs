@@ -46,6 +46,8 @@ pub struct ProcFacts {
     pub last_usage: Option<(Instant, GroupUsage)>,
     /// The per-worker cgroup, or why there is none.
     pub cgroup_note: Option<String>,
+    /// Shared mode: the listeners the worker bound, `address:port/protocol by pid N`.
+    pub bound: Vec<String>,
 }
 
 impl ProcFacts {
@@ -58,6 +60,7 @@ impl ProcFacts {
             cpu_percent: None,
             last_usage: None,
             cgroup_note: started.cgroup_note,
+            bound: Vec::new(),
         }
     }
 }
@@ -442,6 +445,50 @@ impl World {
         }
     }
 
+    /// Shared mode: the worker's bind of `listener` by `pid` was answered.
+    pub fn on_bound(
+        &mut self,
+        name: &AppName,
+        id: WorkerId,
+        pid: u32,
+        listener: String,
+        events: &EventLog,
+    ) {
+        let Some(app) = self.apps.get_mut(name) else {
+            return;
+        };
+        let index = app.observed.workers.get(&id).map(|w| w.index);
+        let Some(p) = app.procs.get_mut(&id) else {
+            return;
+        };
+        let entry = format!("{listener} by pid {pid}");
+        if !p.bound.contains(&entry) {
+            events.push(
+                Some(&name.0),
+                index,
+                EventKind::Bound,
+                format!("pid {pid} bound the shared listener {listener}"),
+            );
+            p.bound.push(entry);
+        }
+    }
+
+    /// Shared mode: the worker bound something else than a shared listener.
+    pub fn on_stray_bind(
+        &mut self,
+        name: &AppName,
+        id: WorkerId,
+        message: String,
+        events: &EventLog,
+    ) {
+        let index = self
+            .apps
+            .get(name)
+            .and_then(|a| a.observed.workers.get(&id))
+            .map(|w| w.index);
+        events.push(Some(&name.0), index, EventKind::StrayBind, message);
+    }
+
     /// `READY=1` from a process group: the worker whose pid it is.
     pub fn on_notify_ready(&mut self, pgid: u32) {
         for app in self.apps.values_mut() {
@@ -727,7 +774,10 @@ pub fn desired_app(current: &LoadedApp, generation: u64) -> DesiredApp {
         readiness,
         readiness_timeout: spec.readiness.timeout.0,
         shutdown_timeout: spec.shutdown.timeout.0,
-        drain_waits_for_idle: spec.listen.iter().any(|l| l.mode != ListenMode::Inherit),
+        drain_waits_for_idle: spec
+            .listen
+            .iter()
+            .any(|l| matches!(l.mode, ListenMode::Http | ListenMode::Tcp)),
         restart: spec.restart,
         memory_limit: spec.limits.memory.map(|m| m.0),
         liveness_failure_threshold: spec.liveness.as_ref().map(|l| l.failure_threshold),

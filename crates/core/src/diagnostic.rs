@@ -30,6 +30,21 @@ impl fmt::Display for Diagnostic {
     }
 }
 
+impl Diagnostic {
+    /// The diagnostic as a warning line: `file:line:column: warning: message` (the
+    /// `warning:` word as compilers print it, so editors and CI annotate it as one).
+    #[must_use]
+    pub fn warning_line(&self) -> String {
+        format!(
+            "{}:{}:{}: warning: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
+    }
+}
+
 /// Words a serde-saphyr error the way clusterd words its own: what is wrong, what was
 /// expected, and for an unknown field the closest known name.
 pub(crate) fn describe(err: &serde_saphyr::Error) -> String {
@@ -60,6 +75,29 @@ pub(crate) fn describe(err: &serde_saphyr::Error) -> String {
         },
         E::WithSnippet { .. } => describe(err.without_snippet()),
         other => strip_location(&other.to_string()),
+    }
+}
+
+/// Whether the error concerns one value of a well-formed document (so recovery may cut
+/// that value out and read on), rather than the document as a whole (syntax, budgets).
+pub(crate) fn is_about_one_value(err: &serde_saphyr::Error) -> bool {
+    use serde_saphyr::Error as E;
+    match err {
+        E::WithSnippet { .. } => is_about_one_value(err.without_snippet()),
+        E::Message { .. }
+        | E::Unexpected { .. }
+        | E::InvalidBooleanStrict { .. }
+        | E::NullIntoString { .. }
+        | E::InvalidScalar { .. }
+        | E::NonFiniteFloat { .. }
+        | E::SerdeInvalidType { .. }
+        | E::SerdeInvalidValue { .. }
+        | E::SerdeInvalidLength { .. }
+        | E::SerdeUnknownVariant { .. }
+        | E::SerdeUnknownField { .. }
+        | E::SerdeMissingField { .. }
+        | E::DuplicateMappingKey { .. } => true,
+        _ => false,
     }
 }
 

@@ -27,6 +27,12 @@ pub enum EventKind {
     SpawnFailed,
     /// A worker became ready and takes traffic.
     Ready,
+    /// Shared mode: a worker's bind of a shared listener was answered with the daemon's
+    /// socket (which pid bound which listener).
+    Bound,
+    /// Shared mode: a worker bound some other port ("worker bound 127.0.0.1:9999/tcp
+    /// (pid 42), not the shared listener"); it runs, but likely ignores `PORT`.
+    StrayBind,
     /// Every instance is ready at the desired revision.
     Available,
     /// A worker stopped taking traffic and drains.
@@ -76,6 +82,8 @@ impl EventKind {
             EventKind::Spawn => "spawn",
             EventKind::SpawnFailed => "spawn-failed",
             EventKind::Ready => "ready",
+            EventKind::Bound => "bound",
+            EventKind::StrayBind => "stray-bind",
             EventKind::Available => "available",
             EventKind::Drain => "drain",
             EventKind::Signal => "signal",
@@ -118,6 +126,8 @@ mod tests {
             Spawn,
             SpawnFailed,
             Ready,
+            Bound,
+            StrayBind,
             Available,
             Drain,
             Signal,

@@ -16,6 +16,7 @@ pub mod load;
 pub mod model;
 pub mod net;
 pub mod plan;
+pub mod recover;
 pub mod revision;
 pub mod signal;
 pub mod validate;
@@ -24,5 +25,7 @@ pub mod yaml;
 pub use diagnostic::Diagnostic;
 pub use error::ManifestError;
 pub use instances::resolve_instances;
-pub use load::{load, validate_files, LoadContext, LoadReport, LoadedApp, ManifestFile};
+pub use load::{
+    check_files, load, validate_files, Checked, LoadContext, LoadReport, LoadedApp, ManifestFile,
+};
 pub use revision::revision;

@@ -18,8 +18,11 @@ use crate::diagnostic::Diagnostic;
 use crate::error::ManifestError;
 use crate::model::{AppSpec, Listener};
 use crate::plan::{AppName, Revision};
+use crate::recover;
 use crate::revision::revision;
-use crate::validate::{listener_label, listeners_overlap, validate_manifest};
+use crate::validate::{
+    self, host_issues, listener_label, listeners_overlap, validate_manifest, Issue,
+};
 use crate::yaml::{self, Chunk, Pos, PosIndex, MAX_FILE_BYTES};
 
 /// One manifest file as read from disk. Bytes, not text: a file that is not UTF-8 is
@@ -50,6 +53,10 @@ pub struct LoadContext {
     pub cpus: u32,
     /// Apps running now, and the file each came from.
     pub incumbents: BTreeMap<AppName, PathBuf>,
+    /// Why `mode: shared` cannot work on this host (kernel too old, seccomp unavailable),
+    /// as the runtime's probe words it; `None` when it can, or when unknown (an offline
+    /// `clusterd validate` may run on another machine than the daemon).
+    pub shared_mode_unavailable: Option<String>,
 }
 
 /// A valid app, normalized for the runtime.
@@ -106,6 +113,9 @@ pub struct LoadReport {
     /// Rejected apps, by app name, or by the file's stem when no name could be read;
     /// each list sorted by file, line and column.
     pub errors: BTreeMap<String, Vec<Diagnostic>>,
+    /// Problems that reject nothing but are likely mistakes (`$PORT` in an argv, which
+    /// no shell expands), of valid and rejected apps alike; sorted by file, line, column.
+    pub warnings: Vec<Diagnostic>,
 }
 
 impl LoadReport {
@@ -131,6 +141,8 @@ struct Doc {
     named: Option<Pos>,
     index: PosIndex,
     outcome: Result<LoadedApp, Vec<Diagnostic>>,
+    /// Problems that do not reject the app (`$PORT` that no shell will expand).
+    warnings: Vec<Diagnostic>,
 }
 
 /// Loads manifests: parses every document, validates it, then checks across apps.
@@ -139,12 +151,13 @@ struct Doc {
 /// See the module documentation. Deterministic: same input, same report.
 #[must_use]
 pub fn load(files: &[ManifestFile], ctx: &LoadContext) -> LoadReport {
-    let mut docs: Vec<Doc> = files.iter().flat_map(|f| load_file(f, ctx.cpus)).collect();
+    let mut docs: Vec<Doc> = files.iter().flat_map(|f| load_file(f, ctx)).collect();
     reject_duplicate_names(&mut docs);
     reject_listener_conflicts(&mut docs, ctx);
 
     let mut report = LoadReport::default();
     for doc in docs {
+        report.warnings.extend(doc.warnings);
         match doc.outcome {
             Ok(app) => {
                 report.apps.insert(app.name.clone(), app);
@@ -156,6 +169,8 @@ pub fn load(files: &[ManifestFile], ctx: &LoadContext) -> LoadReport {
         diags.sort();
         diags.dedup();
     }
+    report.warnings.sort();
+    report.warnings.dedup();
     report
 }
 
@@ -169,6 +184,7 @@ pub fn validate_files(files: &[ManifestFile], cpus: u32) -> Vec<String> {
         &LoadContext {
             cpus,
             incumbents: BTreeMap::new(),
+            shared_mode_unavailable: None,
         },
     );
     report
@@ -176,6 +192,48 @@ pub fn validate_files(files: &[ManifestFile], cpus: u32) -> Vec<String> {
         .into_iter()
         .map(ToString::to_string)
         .collect()
+}
+
+/// What `clusterd validate` prints: errors and warnings as `file:line:column:` lines,
+/// in the order the files were given, then by position.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Checked {
+    /// Every line to print; warnings read `file:line:column: warning: ...`.
+    pub lines: Vec<String>,
+    /// How many of them are errors (any error: exit 1; warnings alone: exit 0).
+    pub errors: usize,
+}
+
+/// Like [`validate_files`], with the warnings interleaved in position order.
+#[must_use]
+pub fn check_files(files: &[ManifestFile], cpus: u32) -> Checked {
+    let report = load(
+        files,
+        &LoadContext {
+            cpus,
+            ..LoadContext::default()
+        },
+    );
+    let order = |p: &Path| files.iter().position(|f| f.path == p).unwrap_or(usize::MAX);
+    let errors = report.diagnostics(files);
+    let mut all: Vec<(&Diagnostic, bool)> = errors.iter().map(|d| (*d, false)).collect();
+    all.extend(report.warnings.iter().map(|d| (d, true)));
+    all.sort_by(|(a, aw), (b, bw)| {
+        (order(&a.file), a.line, a.column, aw).cmp(&(order(&b.file), b.line, b.column, bw))
+    });
+    Checked {
+        lines: all
+            .into_iter()
+            .map(|(d, warning)| {
+                if warning {
+                    d.warning_line()
+                } else {
+                    d.to_string()
+                }
+            })
+            .collect(),
+        errors: errors.len(),
+    }
 }
 
 fn stem(path: &Path) -> String {
@@ -194,7 +252,7 @@ fn diag(file: &Path, pos: Pos, message: impl Into<String>) -> Diagnostic {
     }
 }
 
-fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
+fn load_file(file: &ManifestFile, ctx: &LoadContext) -> Vec<Doc> {
     let path = &file.path;
     let whole_file_error = |pos: Pos, e: ManifestError| {
         vec![Doc {
@@ -203,6 +261,7 @@ fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
             named: None,
             index: PosIndex::default(),
             outcome: Err(vec![diag(path, pos, e.to_string())]),
+            warnings: Vec::new(),
         }]
     };
     let start = Pos { line: 1, column: 1 };
@@ -235,12 +294,12 @@ fn load_file(file: &ManifestFile, cpus: u32) -> Vec<Doc> {
     let dir = path.parent().map(Path::to_path_buf).unwrap_or_default();
     chunks
         .into_iter()
-        .map(|chunk| load_document(path, &dir, chunk, cpus))
+        .map(|chunk| load_document(path, &dir, chunk, ctx))
         .collect()
 }
 
-fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
-    let fail = |index: PosIndex, diags: Vec<Diagnostic>| {
+fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, ctx: &LoadContext) -> Doc {
+    let fail = |index: PosIndex, diags: Vec<Diagnostic>, warnings: Vec<Diagnostic>| {
         let named = index.name_hint().map(|_| index.value("metadata.name"));
         let key = index.name_hint().map_or_else(|| stem(path), str::to_string);
         Doc {
@@ -249,18 +308,51 @@ fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
             named,
             index,
             outcome: Err(diags),
+            warnings,
         }
     };
     let index = match yaml::index(chunk) {
         Ok(index) => index,
-        Err(p) => return fail(PosIndex::default(), vec![diag(path, p.pos, p.message)]),
+        Err(p) => {
+            return fail(
+                PosIndex::default(),
+                vec![diag(path, p.pos, p.message)],
+                Vec::new(),
+            )
+        }
     };
-    let manifest = match yaml::parse_typed(chunk) {
-        Ok(m) => m,
-        Err(p) => return fail(index, vec![diag(path, p.pos, p.message)]),
+    let recovered = recover::parse_typed_all(chunk, &index);
+    let mut diags: Vec<Diagnostic> = recovered
+        .problems
+        .iter()
+        .map(|p| diag(path, p.pos, p.message.clone()))
+        .collect();
+    let Some(manifest) = recovered.manifest else {
+        return fail(index, diags, Vec::new());
     };
-    match validate_manifest(&manifest, dir, cpus) {
-        Ok((spec, replicas)) => {
+    let warnings = validate::warnings(&manifest.spec)
+        .into_iter()
+        .map(|i| diag(path, index.value(&i.path), i.message))
+        .collect();
+    let to_diag = |i: Issue| {
+        let pos = if i.at_key {
+            index.key(&i.path)
+        } else {
+            index.value(&i.path)
+        };
+        diag(path, pos, i.message)
+    };
+    let host = host_issues(&manifest.spec, ctx.shared_mode_unavailable.as_deref());
+    let validated = match validate_manifest(&manifest, dir, ctx.cpus) {
+        Ok(_) if !host.is_empty() => Err(host),
+        Ok(ok) => Ok(ok),
+        Err(mut issues) => {
+            issues.extend(host);
+            Err(issues)
+        }
+    };
+    match validated {
+        Ok((spec, replicas)) if diags.is_empty() => {
             let name = AppName(manifest.metadata.name.clone());
             let app = LoadedApp {
                 revision: revision(&spec),
@@ -275,23 +367,37 @@ fn load_document(path: &Path, dir: &Path, chunk: Chunk<'_>, cpus: u32) -> Doc {
                 named: Some(index.value("metadata.name")),
                 index,
                 outcome: Ok(app),
+                warnings,
             }
         }
+        Ok(_) => fail(index, diags, warnings),
         Err(issues) => {
-            let diags = issues
-                .into_iter()
-                .map(|i| {
-                    let pos = if i.at_key {
-                        index.key(&i.path)
-                    } else {
-                        index.value(&i.path)
-                    };
-                    diag(path, pos, i.message)
-                })
-                .collect();
-            fail(index, diags)
+            // After a structural error the manifest was read from an edited text: keep
+            // only the issues the edits cannot have caused.
+            let edited = &recovered.edited;
+            diags.extend(
+                issues
+                    .into_iter()
+                    .filter(|i| !edited.iter().any(|e| caused_by_edit(&i.path, e)))
+                    .map(to_diag),
+            );
+            fail(index, diags, warnings)
         }
     }
+}
+
+/// Whether a validation issue at `issue` may only exist because recovery cut or
+/// replaced `edit`: the same place, above or below it, a later item of a sequence whose
+/// item was cut (indices moved), or a probe check that depends on the listeners.
+fn caused_by_edit(issue: &str, edit: &str) -> bool {
+    let seq = edit
+        .ends_with(']')
+        .then(|| yaml::parent(edit).unwrap_or(""));
+    recover::is_within(issue, edit)
+        || recover::is_within(edit, issue)
+        || seq.is_some_and(|s| recover::is_within(issue, s))
+        || (recover::is_within(edit, "spec.listen")
+            && (issue == "spec.readiness.type" || issue == "spec.liveness.type"))
 }
 
 /// Adds `diag` to a document's errors, turning a loaded app into a rejected one.

@@ -134,7 +134,7 @@ pub struct Listener {
     /// Default `http`.
     #[serde(default)]
     pub mode: ListenMode,
-    /// Default `tcp`; `udp` only with `inherit`.
+    /// Default `tcp`; `udp` only with `inherit` and `shared`.
     #[serde(default)]
     pub protocol: Protocol,
     /// http mode: peers (CIDRs or addresses) whose forwarding headers are believed, such
@@ -232,6 +232,9 @@ pub enum ListenMode {
     Tcp,
     /// The listening socket itself is passed to every worker as fd 3.
     Inherit,
+    /// The app binds `PORT` itself and clusterd answers that bind with its own listening
+    /// socket (seccomp user notification): inherit's data path without code changes.
+    Shared,
 }
 
 /// Transport protocol of a listener.
@@ -243,7 +246,7 @@ pub enum Protocol {
     /// Stream sockets.
     #[default]
     Tcp,
-    /// Datagram sockets (inherit mode only).
+    /// Datagram sockets (inherit and shared modes only).
     Udp,
 }
 
@@ -251,7 +254,8 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Readiness {
-    /// Default: `tcp` in http/tcp modes, `none` in inherit mode (resolved at load).
+    /// Default: `tcp` in http/tcp modes, `none` in inherit mode, `bind` in shared mode
+    /// (resolved at load from the first listener).
     #[serde(default, rename = "type")]
     pub kind: Option<ReadinessKind>,
     /// For `delay`.
@@ -304,6 +308,9 @@ pub enum ReadinessKind {
     Tcp,
     /// GET `path` on the worker's private port answers 2xx/3xx.
     Http,
+    /// Shared mode: the worker's bind of a shared listener's port was answered, i.e. the
+    /// app is listening on the shared socket now.
+    Bind,
 }
 
 /// Liveness probe: a worker failing it `failure_threshold` times in a row is replaced.

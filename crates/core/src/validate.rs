@@ -29,6 +29,7 @@ pub const RESERVED_ENV: &[&str] = &[
     "CLUSTERD_APP",
     "CLUSTERD_INSTANCE",
     "CLUSTERD_REVISION",
+    "CLUSTERD_TREE",
     "LISTEN_FDS",
     "LISTEN_PID",
     "LISTEN_FDNAMES",
@@ -36,6 +37,21 @@ pub const RESERVED_ENV: &[&str] = &[
     "NODE_CHANNEL_FD",
     "PORT",
 ];
+
+/// The longest single `NAME=value` (or argument) execve(2) accepts, in bytes, without
+/// its NUL: Linux's `MAX_ARG_STRLEN` (32 pages of 4 KiB). A longer one fails every spawn
+/// with `E2BIG`.
+pub const MAX_EXEC_STRING: usize = 32 * 4096 - 1;
+
+/// What execve(2) accepts for arguments and environment together (strings with their
+/// NULs, plus one pointer each): a quarter of the stack limit, 2 MiB with the usual
+/// 8 MiB `ulimit -s`.
+pub const EXEC_ARG_MAX: usize = 2 * 1024 * 1024;
+
+/// Of [`EXEC_ARG_MAX`], what a manifest may use: the rest is kept for the variables
+/// clusterd sets, the environment workers inherit from the daemon, and the exec shim's
+/// own arguments.
+pub const MANIFEST_EXEC_BUDGET: usize = EXEC_ARG_MAX - 256 * 1024;
 
 /// One problem, at a YAML path (`spec.listen[0].port`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -167,7 +183,32 @@ fn mode_name(mode: ListenMode) -> &'static str {
         ListenMode::Http => "http",
         ListenMode::Tcp => "tcp",
         ListenMode::Inherit => "inherit",
+        ListenMode::Shared => "shared",
     }
+}
+
+/// Problems of `spec` that depend on the host rather than on the manifest: `mode: shared`
+/// where the runtime found seccomp user notification unusable (`shared_unavailable` is
+/// its reason, naming the kernel). Kept apart from [`validate_manifest`] so an offline
+/// check on another machine judges the manifest alone.
+#[must_use]
+pub fn host_issues(spec: &AppSpec, shared_unavailable: Option<&str>) -> Vec<Issue> {
+    let Some(reason) = shared_unavailable else {
+        return Vec::new();
+    };
+    spec.listen
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.mode == ListenMode::Shared)
+        .map(|(i, _)| {
+            Issue::at(
+                format!("spec.listen[{i}].mode"),
+                format!(
+                    "mode `shared` cannot work on this host: {reason} (expected mode: inherit if the app can take its socket as fd 3, or mode: http)"
+                ),
+            )
+        })
+        .collect()
 }
 
 /// Checks one manifest and normalizes its spec.
@@ -215,6 +256,11 @@ pub fn validate_manifest(
     }
 }
 
+/// Bytes execve(2) counts for these strings: each with its NUL, plus a pointer.
+fn exec_size(lens: impl Iterator<Item = usize>) -> usize {
+    lens.map(|len| len + 1 + std::mem::size_of::<usize>()).sum()
+}
+
 #[allow(clippy::too_many_lines)] // one flat list of rules reads better than a split
 fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpec {
     let mut out = spec.clone();
@@ -255,6 +301,38 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
                 format!("value of `{name}` contains a NUL byte (expected text)"),
             ));
         }
+        let entry = name.len() + 1 + value.len();
+        if entry > MAX_EXEC_STRING {
+            issues.push(Issue::at(
+                &path,
+                format!(
+                    "`{name}=...` is {entry} bytes, more than the {MAX_EXEC_STRING} bytes execve accepts for one variable (expected a shorter value; pass large data in a file)"
+                ),
+            ));
+        }
+    }
+    if let CommandLine::Argv(argv) = &out.command {
+        for (i, arg) in argv.iter().enumerate() {
+            if arg.len() > MAX_EXEC_STRING {
+                issues.push(Issue::at(
+                    "spec.command",
+                    format!(
+                        "argument {i} of the command is {} bytes, more than the {MAX_EXEC_STRING} bytes execve accepts for one argument (expected a shorter argument; pass large data in a file)",
+                        arg.len()
+                    ),
+                ));
+            }
+        }
+        let total = exec_size(argv.iter().map(String::len))
+            + exec_size(spec.env.iter().map(|(k, v)| k.len() + 1 + v.len()));
+        if total > MANIFEST_EXEC_BUDGET {
+            issues.push(Issue::at(
+                if spec.env.is_empty() { "spec.command" } else { "spec.env" },
+                format!(
+                    "command and env take {total} bytes to exec, more than the {MANIFEST_EXEC_BUDGET} bytes a manifest may use (execve accepts {EXEC_ARG_MAX} bytes with an 8 MiB stack limit, and clusterd keeps the rest for its own variables and the inherited environment) (expected less; pass large data in a file)"
+                ),
+            ));
+        }
     }
 
     if let Instances::Count(n) = spec.instances {
@@ -280,6 +358,7 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
     let first_mode = spec.listen.first().map(|l| l.mode);
     let kind = spec.readiness.kind.unwrap_or(match first_mode {
         Some(ListenMode::Http | ListenMode::Tcp) => ReadinessKind::Tcp,
+        Some(ListenMode::Shared) => ReadinessKind::Bind,
         Some(ListenMode::Inherit) | None => ReadinessKind::None,
     });
     out.readiness.kind = Some(kind);
@@ -311,6 +390,14 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
                 issues.push(Issue::at(
                     "spec.readiness",
                     "readiness `delay` needs a delay (expected e.g. delay: 2s)",
+                ));
+            }
+        }
+        ReadinessKind::Bind => {
+            if !spec.listen.iter().any(|l| l.mode == ListenMode::Shared) {
+                issues.push(Issue::at(
+                    "spec.readiness.type",
+                    "readiness `bind` needs a listener in shared mode (it fires when the worker binds that port; expected notify, ipc, delay or none, or a listener with mode: shared)",
                 ));
             }
         }
@@ -463,12 +550,103 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
     out
 }
 
+/// Likely mistakes that do not make the manifest invalid, each at a YAML path.
+///
+/// Today: a shell variable (`$PORT`, `${PORT}`) in an argv that no shell will run. The
+/// worker would get the literal text `$PORT` and typically crash-loop on "invalid port";
+/// clusterd's own `$(PORT)` is what expands without a shell. A command that runs a shell
+/// itself (`[sh, -c, "... $PORT"]`) is left alone.
+#[must_use]
+pub fn warnings(spec: &AppSpec) -> Vec<Issue> {
+    let mut out = Vec::new();
+    let mut check = |command: &CommandLine, base: &str| {
+        let Ok(argv) = command_argv(command) else {
+            return;
+        };
+        if runs_a_shell(&argv) {
+            return;
+        }
+        for (i, arg) in argv.iter().enumerate() {
+            let Some(name) = shell_variable(arg) else {
+                continue;
+            };
+            let path = match command {
+                CommandLine::Argv(_) => format!("{base}[{i}]"),
+                CommandLine::Shell(_) => base.to_string(),
+            };
+            out.push(Issue::at(
+                path,
+                format!(
+                    "`${name}` is passed to the program as written: no shell runs the command, so nothing expands it (expected `$({name})`, which clusterd replaces with the worker's {name})"
+                ),
+            ));
+        }
+    };
+    check(&spec.command, "spec.command");
+    if let Some(cmd) = spec.liveness.as_ref().and_then(|l| l.command.as_ref()) {
+        check(cmd, "spec.liveness.command");
+    }
+    out
+}
+
+/// `sh -c ...`, `bash -lc ...` and the like (also behind `env`): the shell expands
+/// `$VAR` itself.
+fn runs_a_shell(argv: &[String]) -> bool {
+    let is_shell = |a: &str| {
+        matches!(
+            a.rsplit('/').next().unwrap_or(""),
+            "sh" | "bash" | "dash" | "zsh" | "ash" | "ksh" | "fish"
+        )
+    };
+    let is_c =
+        |a: &str| a.len() > 1 && a.starts_with('-') && !a.starts_with("--") && a.contains('c');
+    argv.iter()
+        .position(|a| is_shell(a))
+        .is_some_and(|i| argv[i + 1..].iter().any(|a| is_c(a)))
+}
+
+/// The first `$NAME` or `${NAME}` in `arg` (not clusterd's `$(NAME)`, not `$$`).
+fn shell_variable(arg: &str) -> Option<&str> {
+    let bytes = arg.as_bytes();
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] != b'$' {
+            i += 1;
+            continue;
+        }
+        if bytes.get(i + 1) == Some(&b'$') {
+            i += 2;
+            continue;
+        }
+        let (start, braced) = match bytes.get(i + 1) {
+            Some(b'{') => (i + 2, true),
+            _ => (i + 1, false),
+        };
+        let len = arg[start..]
+            .bytes()
+            .enumerate()
+            .take_while(|(k, b)| {
+                b.is_ascii_alphabetic() || *b == b'_' || (*k > 0 && b.is_ascii_digit())
+            })
+            .count();
+        let closed = !braced || bytes.get(start + len) == Some(&b'}');
+        if len > 0 && closed {
+            return Some(&arg[start..start + len]);
+        }
+        i += 1;
+    }
+    None
+}
+
 /// Why a tcp/http probe cannot work given the first listener's mode, if it cannot.
 fn probe_target_problem(what: &str, word: &str, first_mode: Option<ListenMode>) -> Option<String> {
     match first_mode {
         Some(ListenMode::Http | ListenMode::Tcp) => None,
         Some(ListenMode::Inherit) => Some(format!(
             "{what} `{word}` cannot be used with an `inherit` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected notify, ipc or delay)"
+        )),
+        Some(ListenMode::Shared) => Some(format!(
+            "{what} `{word}` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"
         )),
         None => Some(format!(
             "{what} `{word}` needs a listener in http or tcp mode to probe, and this app has none (expected notify, ipc, delay or none)"
@@ -523,11 +701,13 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
                 ),
             ));
         }
-        if l.protocol == Protocol::Udp && l.mode != ListenMode::Inherit {
+        if l.protocol == Protocol::Udp
+            && !matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
+        {
             issues.push(Issue::at(
                 format!("{base}.protocol"),
                 format!(
-                    "protocol udp needs mode inherit (the {} proxy carries TCP only; expected mode: inherit)",
+                    "protocol udp needs mode inherit or shared (the {} proxy carries TCP only; expected mode: inherit or mode: shared)",
                     mode_name(l.mode)
                 ),
             ));
@@ -549,10 +729,13 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
                 ),
             ));
         }
-        if l.affinity != Affinity::None && l.mode == ListenMode::Inherit {
+        if l.affinity != Affinity::None && !matches!(l.mode, ListenMode::Http | ListenMode::Tcp) {
             issues.push(Issue::at(
                 format!("{base}.affinity"),
-                "affinity needs the daemon to choose the worker, and in mode inherit the kernel does (expected mode: http or tcp, or affinity: none)",
+                format!(
+                    "affinity needs the daemon to choose the worker, and in mode {} the kernel does (expected mode: http or tcp, or affinity: none)",
+                    mode_name(l.mode)
+                ),
             ));
         }
         if l.tls.is_some() && l.mode != ListenMode::Http {

@@ -109,6 +109,8 @@ fn has_content(text: &str) -> bool {
 pub struct PosIndex {
     values: HashMap<String, Pos>,
     keys: HashMap<String, Pos>,
+    /// Where each value ends (exclusive), for cutting a bad entry out when recovering.
+    ends: HashMap<String, Pos>,
     /// `metadata.name` as written, if it is a scalar: names the app's errors even when
     /// the typed parse fails.
     name_hint: Option<String>,
@@ -151,10 +153,74 @@ impl PosIndex {
     pub fn name_hint(&self) -> Option<&str> {
         self.name_hint.as_deref()
     }
+
+    /// The innermost mapping entry (`key: value`, from the key) or sequence item that
+    /// holds `pos`: the part of the document a structural error at `pos` is about.
+    pub(crate) fn element_at(&self, pos: Pos) -> Option<&str> {
+        self.ends
+            .iter()
+            .filter(|(path, end)| {
+                let start = self
+                    .keys
+                    .get(path.as_str())
+                    .or_else(|| self.values.get(path.as_str()));
+                !path.is_empty() && start.is_some_and(|s| *s <= pos) && pos < **end
+            })
+            .max_by_key(|(path, _)| (depth(path), path.len()))
+            .map(|(path, _)| path.as_str())
+    }
+
+    /// Where the value at `path` starts and ends, if present.
+    pub(crate) fn span(&self, path: &str) -> Option<(Pos, Pos)> {
+        Some((*self.values.get(path)?, *self.ends.get(path)?))
+    }
+
+    /// Where the entry or item at `path` starts (its key, or its value for an item).
+    pub(crate) fn start(&self, path: &str) -> Option<Pos> {
+        self.keys
+            .get(path)
+            .or_else(|| self.values.get(path))
+            .copied()
+    }
+
+    /// The first entry (by position) of the mapping at `owner`.
+    pub(crate) fn first_key(&self, owner: &str) -> Option<&str> {
+        self.keys
+            .iter()
+            .filter(|(path, _)| parent(path) == Some(owner))
+            .min_by_key(|(_, pos)| **pos)
+            .map(|(path, _)| path.as_str())
+    }
+
+    /// The value that starts exactly at `pos` (the outermost, if several do).
+    pub(crate) fn value_at(&self, pos: Pos) -> Option<&str> {
+        self.values
+            .iter()
+            .filter(|(_, p)| **p == pos)
+            .min_by_key(|(path, _)| depth(path))
+            .map(|(path, _)| path.as_str())
+    }
+
+    /// The mapping entry whose key sits exactly at `pos`.
+    pub(crate) fn key_at(&self, pos: Pos) -> Option<&str> {
+        self.keys
+            .iter()
+            .find(|(_, p)| **p == pos)
+            .map(|(path, _)| path.as_str())
+    }
+}
+
+/// Number of components of a path (`spec.listen[0].port` has 4).
+fn depth(path: &str) -> usize {
+    if path.is_empty() {
+        0
+    } else {
+        1 + path.matches(['.', '[']).count()
+    }
 }
 
 /// `a.b[2].c` -> `a.b[2]` -> `a.b` -> `a` -> `` -> None.
-fn parent(path: &str) -> Option<&str> {
+pub(crate) fn parent(path: &str) -> Option<&str> {
     if path.is_empty() {
         return None;
     }
@@ -169,6 +235,9 @@ pub struct ParseProblem {
     pub pos: Pos,
     /// What is wrong, and what was expected.
     pub message: String,
+    /// A problem with one value (wrong type, unknown or missing field), after which the
+    /// rest of the document can still be read; not a syntax error or exceeded budget.
+    pub recoverable: bool,
 }
 
 enum Frame {
@@ -201,6 +270,7 @@ pub fn index(chunk: Chunk<'_>) -> Result<PosIndex, ParseProblem> {
     while let Some(next) = parser.next_event() {
         let (event, span) = next.map_err(|e| ParseProblem {
             pos: at(e.marker().line(), e.marker().col()),
+            recoverable: false,
             message: if e.info().contains("recursion limit") {
                 // The scanner's own flow-nesting cap can fire before our depth check.
                 format!("nesting is deeper than {MAX_DEPTH} levels (expected a manifest)")
@@ -213,7 +283,9 @@ pub fn index(chunk: Chunk<'_>) -> Result<PosIndex, ParseProblem> {
             Event::MappingStart(..) | Event::SequenceStart(..) => (true, true),
             Event::Scalar(..) | Event::Alias(..) => (false, true),
             Event::MappingEnd | Event::SequenceEnd => {
-                close(&mut stack);
+                if let Some(path) = close(&mut stack) {
+                    idx.ends.insert(path, at(span.end.line(), span.end.col()));
+                }
                 continue;
             }
             _ => continue,
@@ -221,6 +293,7 @@ pub fn index(chunk: Chunk<'_>) -> Result<PosIndex, ParseProblem> {
         if stack.len() >= MAX_DEPTH {
             return Err(ParseProblem {
                 pos,
+                recoverable: false,
                 message: format!("nesting is deeper than {MAX_DEPTH} levels (expected a manifest)"),
             });
         }
@@ -266,6 +339,11 @@ pub fn index(chunk: Chunk<'_>) -> Result<PosIndex, ParseProblem> {
                 }
             }
             idx.values.entry(path.clone()).or_insert(pos);
+            if !opens {
+                idx.ends
+                    .entry(path.clone())
+                    .or_insert_with(|| at(span.end.line(), span.end.col()));
+            }
         }
         match event {
             Event::MappingStart(..) => stack.push(Frame::Map { path, key: None }),
@@ -276,15 +354,19 @@ pub fn index(chunk: Chunk<'_>) -> Result<PosIndex, ParseProblem> {
     Ok(idx)
 }
 
-fn close(stack: &mut Vec<Frame>) {
+/// Leaves the innermost collection; returns its path unless it was a skipped key.
+fn close(stack: &mut Vec<Frame>) -> Option<String> {
     if let Some(Frame::Skip { depth }) = stack.last_mut() {
         *depth -= 1;
         if *depth == 0 {
             stack.pop();
         }
-        return;
+        return None;
     }
-    stack.pop();
+    match stack.pop()? {
+        Frame::Map { path, .. } | Frame::Seq { path, .. } => Some(path),
+        Frame::Skip { .. } => None,
+    }
 }
 
 fn join(path: &str, key: &str) -> String {
@@ -325,6 +407,7 @@ pub fn parse_typed(chunk: Chunk<'_>) -> Result<AppManifest, ParseProblem> {
                 column,
             },
             message: crate::diagnostic::describe(&e),
+            recoverable: crate::diagnostic::is_about_one_value(&e),
         }
     })
 }

@@ -123,6 +123,19 @@ spec:
 "#,
         1,
     ),
+    (
+        // shared mode: readiness bind (its default) becomes a tcp probe of the port.
+        r#"
+apiVersion: clusterd/v1
+kind: App
+metadata: {name: shared-node}
+spec:
+  command: [node, server.js]
+  instances: 2
+  listen: [{name: web, port: 8080, mode: shared}]
+"#,
+        2,
+    ),
 ];
 
 fn manifests() -> Vec<AppManifest> {
@@ -342,6 +355,16 @@ fn other_readiness_and_liveness_kinds() {
                    {"name": "dns-udp", "containerPort": 53, "protocol": "UDP"}]),
         ),
         (
+            "shared mode: bind readiness as a tcp probe",
+            &container(&docs, "shared-node")["readinessProbe"]["tcpSocket"],
+            json!({"port": "web"}),
+        ),
+        (
+            "shared mode: the app binds PORT itself in a pod",
+            &container(&docs, "shared-node")["ports"],
+            json!([{"name": "web", "containerPort": 8080, "protocol": "TCP"}]),
+        ),
+        (
             "notify approximated by tcp",
             &dns["readinessProbe"]["tcpSocket"],
             json!({"port": "dns-tcp"}),
@@ -422,8 +445,8 @@ fn services_map_ports() {
     let docs = documents(&export_all(None));
     assert_eq!(
         docs.len(),
-        11,
-        "six deployments, five services (worker listens on nothing)"
+        13,
+        "seven deployments, six services (worker listens on nothing)"
     );
     let web = find(&docs, "Service", "web");
     assert_eq!(

@@ -6,7 +6,7 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use clusterd_core::{validate_files, ManifestFile};
+use clusterd_core::{check_files, validate_files, ManifestFile};
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -35,9 +35,9 @@ fn invalid_fixtures_match_their_snapshots() {
     assert!(files.len() >= 8, "fixtures missing");
     let mut mismatches = Vec::new();
     for path in files {
-        let got = validate_files(&[as_given(dir, &path)], 4);
-        assert!(!got.is_empty(), "{} should be rejected", path.display());
-        let text = got.join("\n") + "\n";
+        let got = check_files(&[as_given(dir, &path)], 4);
+        assert!(got.errors > 0, "{} should be rejected", path.display());
+        let text = got.lines.join("\n") + "\n";
         let expected_path = path.with_extension("expected");
         if update {
             fs::write(&expected_path, &text).unwrap();

@@ -72,9 +72,49 @@ fn every_rule_reports_where_and_what() {
             vec![],
         ),
         (
-            "udp needs inherit",
+            "udp needs inherit or shared",
             with_spec("  listen:\n    - {port: 53, protocol: udp}\n"),
-            vec!["/srv/apps/web.yaml:8:28: protocol udp needs mode inherit (the http proxy carries TCP only; expected mode: inherit)"],
+            vec!["/srv/apps/web.yaml:8:28: protocol udp needs mode inherit or shared (the http proxy carries TCP only; expected mode: inherit or mode: shared)"],
+        ),
+        (
+            "udp with shared is fine",
+            with_spec("  listen:\n    - {port: 53, mode: shared, protocol: udp}\n"),
+            vec![],
+        ),
+        (
+            "shared tcp and udp on one port",
+            with_spec("  listen:\n    - {port: 53, mode: shared}\n    - {port: 53, mode: shared, protocol: udp}\n"),
+            vec![],
+        ),
+        (
+            "tcp readiness with shared",
+            with_spec("  listen:\n    - {port: 80, mode: shared}\n  readiness:\n    type: tcp\n"),
+            vec!["/srv/apps/web.yaml:10:11: readiness `tcp` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"],
+        ),
+        (
+            "http readiness with shared",
+            with_spec("  listen:\n    - {port: 80, mode: shared}\n  readiness:\n    type: http\n    path: /healthz\n"),
+            vec!["/srv/apps/web.yaml:10:11: readiness `http` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"],
+        ),
+        (
+            "liveness http with shared",
+            with_spec("  listen: [{port: 80, mode: shared}]\n  liveness:\n    type: http\n    path: /live\n"),
+            vec!["/srv/apps/web.yaml:9:11: liveness `http` cannot be used with a `shared` listener: every worker shares that port, so any worker may answer the probe and it proves nothing (expected bind, notify, ipc or delay)"],
+        ),
+        (
+            "bind readiness needs a shared listener",
+            with_spec("  listen:\n    - {port: 80, mode: inherit}\n  readiness:\n    type: bind\n"),
+            vec!["/srv/apps/web.yaml:10:11: readiness `bind` needs a listener in shared mode (it fires when the worker binds that port; expected notify, ipc, delay or none, or a listener with mode: shared)"],
+        ),
+        (
+            "bind readiness with a second, shared listener",
+            with_spec("  listen:\n    - {port: 80}\n    - {port: 81, mode: shared}\n  readiness:\n    type: bind\n"),
+            vec![],
+        ),
+        (
+            "unknown mode",
+            with_spec("  listen:\n    - {port: 80, mode: share}\n"),
+            vec!["/srv/apps/web.yaml:8:24: unknown value `share`, did you mean `shared`?"],
         ),
         (
             "listener name",
@@ -251,7 +291,47 @@ fn ctx(incumbents: &[(&str, &str)]) -> LoadContext {
             .iter()
             .map(|(n, p)| (AppName((*n).to_string()), PathBuf::from(p)))
             .collect(),
+        shared_mode_unavailable: None,
     }
+}
+
+#[test]
+fn shared_mode_defaults_to_bind_readiness() {
+    let yaml = with_spec("  listen: [{port: 8080, mode: shared}]\n");
+    let report = load(&[ManifestFile::new("/srv/apps/web.yaml", yaml)], &ctx(&[]));
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    let web = &report.apps[&AppName("web".into())];
+    assert_eq!(web.spec.readiness.kind, Some(ReadinessKind::Bind));
+}
+
+/// A host without seccomp user notification rejects `shared` at the listener's mode,
+/// with the runtime's reason; other modes and an offline check (no reason) are unaffected.
+#[test]
+fn shared_mode_on_an_unable_host_is_rejected_with_the_reason() {
+    let yaml = with_spec("  listen:\n    - {port: 8080}\n    - {port: 8081, mode: shared}\n");
+    let host = LoadContext {
+        shared_mode_unavailable: Some(
+            "it needs Linux 5.9 or newer (seccomp user notification with ADDFD), this is Linux 5.4.0".into(),
+        ),
+        ..ctx(&[])
+    };
+    let report = load(
+        &[ManifestFile::new("/srv/apps/web.yaml", yaml.clone())],
+        &host,
+    );
+    assert!(report.apps.is_empty());
+    let lines: Vec<String> = report.errors["web"]
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    assert_eq!(
+        lines,
+        ["/srv/apps/web.yaml:9:26: mode `shared` cannot work on this host: it needs Linux 5.9 or newer (seccomp user notification with ADDFD), this is Linux 5.4.0 (expected mode: inherit if the app can take its socket as fd 3, or mode: http)"]
+    );
+    let inherit = with_spec("  listen: [{port: 8080, mode: inherit}]\n");
+    let report = load(&[ManifestFile::new("/srv/apps/web.yaml", inherit)], &host);
+    assert!(report.errors.is_empty(), "{:?}", report.errors);
+    assert!(check(&yaml).is_empty(), "offline validate knows no host");
 }
 
 fn app(name: &str, port: u32) -> String {
@@ -388,4 +468,80 @@ fn non_utf8_is_an_error_with_a_position() {
             .collect::<Vec<_>>(),
         ["bin.yaml:2:4: file is not UTF-8 text (expected a YAML manifest)"]
     );
+}
+
+/// execve(2) refuses one `NAME=value` over 128 KiB and arguments plus environment over
+/// a quarter of the stack limit: such a manifest could never start a worker (issue 18).
+#[test]
+fn env_too_large_to_exec_is_rejected_where_it_is() {
+    let big = "x".repeat(140_000);
+    let got = check(&with_spec(&format!(
+        "  env:\n    SMALL: y\n    BIG: {big}\n"
+    )));
+    assert_eq!(
+        got,
+        vec!["/srv/apps/web.yaml:9:10: `BIG=...` is 140004 bytes, more than the 131071 bytes execve accepts for one variable (expected a shorter value; pass large data in a file)"]
+    );
+    // Just under the limit for one variable is fine.
+    let fits = "x".repeat(131_071 - "FITS=".len());
+    assert_eq!(
+        check(&with_spec(&format!("  env:\n    FITS: {fits}\n"))),
+        Vec::<String>::new()
+    );
+
+    // Many variables each under the limit, together over what execve accepts (one
+    // manifest file is at most 1 MiB, but YAML aliases repeat a value).
+    let chunk = "y".repeat(120_000);
+    let mut env = format!("  env:\n    V0: &v {chunk}\n");
+    for i in 1..16 {
+        env.push_str(&format!("    V{i}: *v\n"));
+    }
+    let got = check(&with_spec(&env));
+    assert_eq!(got.len(), 1, "{got:#?}");
+    assert!(
+        got[0].starts_with("/srv/apps/web.yaml:8:5: command and env take 1920")
+            && got[0].contains("more than the 1835008 bytes a manifest may use"),
+        "{got:#?}"
+    );
+}
+
+/// `$PORT` in an argv is passed as written (no shell runs the command), so the worker
+/// crash-loops on "invalid port": a warning at the argument, suggesting `$(PORT)`. It
+/// rejects nothing; a command that runs a shell itself gets no warning.
+#[test]
+fn shell_variables_in_an_argv_are_warned_about() {
+    let check = |command: &str| {
+        let yaml = format!(
+            "apiVersion: clusterd/v1\nkind: App\nmetadata: {{name: web}}\nspec:\n  command: {command}\n"
+        );
+        clusterd_core::check_files(&[ManifestFile::new("web.yaml", yaml.as_bytes())], 4)
+    };
+    let got = check("[python3, -m, http.server, $PORT]");
+    assert_eq!(got.errors, 0);
+    assert_eq!(
+        got.lines,
+        ["web.yaml:5:39: warning: `$PORT` is passed to the program as written: no shell runs the command, so nothing expands it (expected `$(PORT)`, which clusterd replaces with the worker's PORT)"]
+    );
+    let got = check("\"gunicorn -b 127.0.0.1:${PORT} app:app\"");
+    assert_eq!(got.lines.len(), 1, "{:?}", got.lines);
+    assert!(
+        got.lines[0].starts_with("web.yaml:5:12: warning: `$PORT`"),
+        "{:?}",
+        got.lines
+    );
+    for quiet in [
+        "[python3, -m, http.server, $(PORT)]",
+        "[sh, -c, \"exec python3 -m http.server $PORT\"]",
+        "[/bin/bash, -lc, \"exec node app.js --port $PORT\"]",
+        "[echo, '$$(PORT)', costs, $5]",
+    ] {
+        let got = check(quiet);
+        assert!(got.lines.is_empty(), "{quiet}: {:?}", got.lines);
+    }
+    // Errors and warnings come out together, in position order.
+    let yaml = "apiVersion: clusterd/v1\nkind: App\nmetadata: {name: web}\nspec:\n  command: [x, $PORT]\n  instances: [1]\n";
+    let got = clusterd_core::check_files(&[ManifestFile::new("web.yaml", yaml.as_bytes())], 4);
+    assert_eq!(got.errors, 1);
+    assert_eq!(got.lines.len(), 2, "{:?}", got.lines);
+    assert!(got.lines[0].contains("warning: `$PORT`"));
 }

@@ -10,10 +10,15 @@
 //!   sets `LISTEN_PID`, rlimits, cgroup and user before exec; [`spawn::adopt`] after a
 //!   daemon restart.
 //! - [`notify`] and [`ipc`]: readiness from sd_notify and Node's `process.send('ready')`.
-//! - [`logs`]: per-instance log files, rotation, tail and follow.
+//! - [`logs`]: per-instance log files, rotation, tail and follow; [`logwatch`]: sizes
+//!   checked as the files grow.
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
+//!   socket (seccomp user notification set up by the shim).
+//! - [`tree`] and [`reaper`]: a worker's whole process tree, and the daemon as child
+//!   subreaper reaping every orphan.
 //! - [`effects`]: all of the above behind the one interface the daemon's controller
 //!   uses ([`effects::Effects`]), with [`effects::LinuxEffects`] as the real host.
 
@@ -25,12 +30,16 @@ pub mod ipc;
 pub mod limits;
 pub mod listener;
 pub mod logs;
+pub mod logwatch;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
 pub mod quiet_read;
+pub mod reaper;
+pub mod seccomp;
 pub mod shim;
 pub mod spawn;
 pub mod tls;
+pub mod tree;
 
 pub use error::{Error, Result};

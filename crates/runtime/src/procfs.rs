@@ -103,7 +103,13 @@ pub fn group_usage(pgid: i32) -> GroupUsage {
 /// The daemon samples all its workers together: one pass per sample, instead of one
 /// per worker (which grew with workers × processes and burned a CPU at 500 workers).
 pub fn usage_by_group() -> std::collections::HashMap<i32, GroupUsage> {
-    let mut out: std::collections::HashMap<i32, GroupUsage> = std::collections::HashMap::new();
+    group_by_pgid(&usage_by_pid())
+}
+
+/// One pass over /proc: each live (non-zombie) process's own usage and process group.
+/// Folded by group ([`group_by_pgid`]) or summed over a worker's cgroup members.
+pub fn usage_by_pid() -> std::collections::HashMap<i32, (i32, GroupUsage)> {
+    let mut out = std::collections::HashMap::new();
     let page = page_size();
     let Ok(dir) = fs::read_dir("/proc") else {
         return out;
@@ -120,12 +126,58 @@ pub fn usage_by_group() -> std::collections::HashMap<i32, GroupUsage> {
         if st.state == 'Z' {
             continue;
         }
-        let usage = out.entry(st.pgid).or_default();
-        usage.processes += 1;
-        usage.cpu_ticks += st.utime + st.stime;
-        usage.rss_bytes += st.rss_pages * page;
+        let usage = GroupUsage {
+            processes: 1,
+            cpu_ticks: st.utime + st.stime,
+            rss_bytes: st.rss_pages * page,
+        };
+        out.insert(pid, (st.pgid, usage));
     }
     out
+}
+
+/// [`usage_by_pid`] summed per process group.
+pub fn group_by_pgid(
+    by_pid: &std::collections::HashMap<i32, (i32, GroupUsage)>,
+) -> std::collections::HashMap<i32, GroupUsage> {
+    let mut out: std::collections::HashMap<i32, GroupUsage> = std::collections::HashMap::new();
+    for (pgid, u) in by_pid.values() {
+        out.entry(*pgid).or_default().add(u);
+    }
+    out
+}
+
+/// [`usage_by_pid`] summed over `pids` (a worker's tree).
+pub fn sum_of(
+    by_pid: &std::collections::HashMap<i32, (i32, GroupUsage)>,
+    pids: &[i32],
+) -> GroupUsage {
+    let mut total = GroupUsage::default();
+    for pid in pids {
+        if let Some((_, u)) = by_pid.get(pid) {
+            total.add(u);
+        }
+    }
+    total
+}
+
+impl GroupUsage {
+    /// Adds another sample (of other processes) to this one.
+    pub fn add(&mut self, other: &GroupUsage) {
+        self.processes += other.processes;
+        self.cpu_ticks += other.cpu_ticks;
+        self.rss_bytes += other.rss_bytes;
+    }
+}
+
+/// Every pid in /proc (processes, not threads).
+pub fn all_pids() -> Vec<i32> {
+    let Ok(dir) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .collect()
 }
 
 /// Pids of the live members of process group `pgid`.

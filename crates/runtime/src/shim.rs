@@ -26,7 +26,7 @@
 
 use std::ffi::{CString, OsString};
 use std::io::Write;
-use std::os::fd::{FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 
@@ -102,12 +102,25 @@ pub struct ShimConfig {
     pub rlimits: Rlimits,
     /// Join this cgroup (write our pid to its `cgroup.procs`).
     pub cgroup: Option<PathBuf>,
+    /// Also join these (cgroup v1 leaves on hybrid hosts: the pids controller for
+    /// `limits.nproc`).
+    #[serde(default)]
+    pub extra_cgroups: Vec<PathBuf>,
     /// Drop to this user (root only).
     pub user: Option<String>,
     /// Primary group (default: the user's).
     pub group: Option<String>,
     /// Working directory.
     pub cwd: Option<PathBuf>,
+    /// Shared listener mode: install the bind filter right before exec and send its
+    /// notification fd over this unix socket ([`crate::seccomp`]).
+    #[serde(default)]
+    pub seccomp_socket: Option<RawFd>,
+    /// Put the worker's stdout and stderr through a pipe to a small logger process that
+    /// writes each line to the log (the shim's stdout) with a timestamp prefix; see
+    /// [`crate::logs`].
+    #[serde(default)]
+    pub timestamps: bool,
 }
 
 /// Builds the full argument list after `program`: leading args, config, argv.
@@ -147,13 +160,20 @@ where
         ),
     };
     let argv: Vec<OsString> = args.collect();
-    let status = match remap_fds(&config.fds, config.status_fd) {
-        Ok(s) => s,
+    let extra: Vec<RawFd> = config
+        .status_fd
+        .into_iter()
+        .chain(config.seccomp_socket)
+        .collect();
+    let mut kept = match remap_fds(&config.fds, &extra) {
+        Ok(s) => s.into_iter(),
         Err(e) => fail(
             None,
             &format!("moving inherited file descriptors failed: {e}"),
         ),
     };
+    let status = config.status_fd.and_then(|_| kept.next());
+    let seccomp_socket = config.seccomp_socket.and_then(|_| kept.next());
     let status = status.as_ref();
     if argv.is_empty() {
         fail(status, "empty command");
@@ -166,7 +186,7 @@ where
     if let Err(e) = apply_rlimits(&config.rlimits) {
         fail(status, &e);
     }
-    if let Some(cg) = &config.cgroup {
+    for cg in config.cgroup.iter().chain(&config.extra_cgroups) {
         let procs = cg.join("cgroup.procs");
         if let Err(e) = std::fs::write(&procs, std::process::id().to_string()) {
             fail(
@@ -192,6 +212,27 @@ where
             );
         }
     }
+    if config.timestamps {
+        if let Err(e) = start_logger() {
+            fail(status, &format!("starting the log timestamper failed: {e}"));
+        }
+    }
+    if let Some(sock) = seccomp_socket {
+        // Last step before exec: from here on this process's bind/listen wait for the
+        // daemon, and nothing below binds.
+        let sent = crate::seccomp::install_bind_filter()
+            .and_then(|notif| crate::seccomp::send_fd(sock.as_fd(), notif.as_fd()));
+        if let Err(e) = sent {
+            fail(
+                status,
+                &format!(
+                    "installing the shared-listener seccomp filter failed: {} (mode: shared needs Linux 5.9 or newer with seccomp; expected mode: inherit or http here)",
+                    errno_text(&e)
+                ),
+            );
+        }
+        drop(sock);
+    }
     let err = std::process::Command::new(&argv[0]).args(&argv[1..]).exec();
     fail(
         status,
@@ -201,6 +242,82 @@ where
             errno_text(&err)
         ),
     )
+}
+
+/// The name (`comm`) of the timestamper process, as `ps` and `/proc/PID/comm` show it.
+pub const TIMESTAMPER_NAME: &str = "clusterd-log";
+
+/// Starts the log timestamper: a grandchild (so it is never the worker's child, which
+/// apps that reap every child would not expect) that reads a pipe and writes each line,
+/// prefixed with the time it arrived, to what is now stdout (the log file). The shim's
+/// stdout and stderr then become the pipe.
+///
+/// The timestamper stays in the worker's process group and cgroup, ignores the stop
+/// signals (the worker's graceful shutdown must not lose its last words), and exits when
+/// every writer has closed the pipe: with the worker and whatever it left behind. A
+/// SIGKILL of the group takes it down with the worker.
+fn start_logger() -> std::io::Result<()> {
+    use nix::sys::wait::waitpid;
+    use nix::unistd::{fork, ForkResult};
+    let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+    // SAFETY: the shim is single-threaded (it starts no thread or runtime), so the child
+    // may do anything the parent could.
+    match unsafe { fork() }? {
+        ForkResult::Child => {
+            drop(w);
+            // SAFETY: as above; the intermediate child exits at once below.
+            match unsafe { fork() } {
+                Ok(ForkResult::Child) => {
+                    // Keep only the pipe and the log: the daemon waits for EOF on the
+                    // status pipe (and on a Node IPC channel) to learn what the worker
+                    // did, and the listeners belong to the worker alone.
+                    let keep = [1, std::os::fd::AsRawFd::as_raw_fd(&r)];
+                    let open: Vec<RawFd> = std::fs::read_dir("/proc/self/fd")
+                        .map(|d| {
+                            d.flatten()
+                                .filter_map(|e| e.file_name().to_str()?.parse().ok())
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    for fd in open.into_iter().filter(|fd| !keep.contains(fd)) {
+                        // SAFETY: closing descriptors this process will never use; the
+                        // directory's own fd may already be gone (EBADF, harmless).
+                        unsafe { libc::close(fd) };
+                    }
+                    // SAFETY: PR_SET_NAME reads a NUL-terminated string of at most 16
+                    // bytes; `ps` then shows what this process is.
+                    unsafe { libc::prctl(libc::PR_SET_NAME, c"clusterd-log".as_ptr()) };
+                    for sig in [
+                        libc::SIGTERM,
+                        libc::SIGINT,
+                        libc::SIGHUP,
+                        libc::SIGQUIT,
+                        libc::SIGUSR1,
+                        libc::SIGUSR2,
+                        libc::SIGWINCH,
+                        libc::SIGTSTP,
+                    ] {
+                        // SAFETY: SIG_IGN installs no handler.
+                        unsafe { libc::signal(sig, libc::SIG_IGN) };
+                    }
+                    crate::logs::timestamp_lines(r, std::io::stdout().lock());
+                    std::process::exit(0)
+                }
+                _ => std::process::exit(0),
+            }
+        }
+        ForkResult::Parent { child } => {
+            let _ = waitpid(child, None);
+            drop(r);
+            for target in [1, 2] {
+                // SAFETY: `w` and `target` are valid descriptors of this process.
+                if unsafe { libc::dup2(std::os::fd::AsRawFd::as_raw_fd(&w), target) } < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        }
+    }
 }
 
 /// Reports a setup failure on stderr (the worker's log) and the status pipe, exits 127.
@@ -223,12 +340,13 @@ pub(crate) fn errno_text(e: &std::io::Error) -> String {
 /// Moves inherited descriptors to their targets with `FD_CLOEXEC` cleared, even when a
 /// source already is its target (`dup2(3, 3)` would leave the flag set). Every source is
 /// first duplicated above all involved numbers, so sources and targets may overlap in any
-/// order. Returns the status pipe at a high, `CLOEXEC` number.
-fn remap_fds(pairs: &[(RawFd, RawFd)], status: Option<RawFd>) -> std::io::Result<Option<OwnedFd>> {
+/// order. Returns the `extra` descriptors (status pipe, seccomp socket) in their order, at
+/// high, `CLOEXEC` numbers.
+fn remap_fds(pairs: &[(RawFd, RawFd)], extra: &[RawFd]) -> std::io::Result<Vec<OwnedFd>> {
     let base = pairs
         .iter()
         .flat_map(|&(s, t)| [s, t])
-        .chain(status)
+        .chain(extra.iter().copied())
         .max()
         .unwrap_or(2)
         .max(2)
@@ -246,9 +364,12 @@ fn remap_fds(pairs: &[(RawFd, RawFd)], status: Option<RawFd>) -> std::io::Result
     for &(src, _) in pairs {
         tmps.push(dup_high(src)?);
     }
-    let status_tmp = status.map(dup_high).transpose()?;
+    let extra_tmp = extra
+        .iter()
+        .map(|&fd| dup_high(fd))
+        .collect::<std::io::Result<Vec<RawFd>>>()?;
     let targets: Vec<RawFd> = pairs.iter().map(|&(_, t)| t).collect();
-    for src in pairs.iter().map(|&(s, _)| s).chain(status) {
+    for src in pairs.iter().map(|&(s, _)| s).chain(extra.iter().copied()) {
         if !targets.contains(&src) {
             // SAFETY: `src` was handed to us by the daemon and is not used again; a
             // failure (already closed) is harmless.
@@ -265,8 +386,11 @@ fn remap_fds(pairs: &[(RawFd, RawFd)], status: Option<RawFd>) -> std::io::Result
         unsafe { libc::close(tmp) };
     }
     cloexec_all_but(&targets)?;
-    // SAFETY: `status_tmp` is a fresh descriptor owned by nothing else.
-    Ok(status_tmp.map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }))
+    Ok(extra_tmp
+        .into_iter()
+        // SAFETY: each is a fresh descriptor owned by nothing else.
+        .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect())
 }
 
 /// Marks every descriptor above 2 except `keep` close-on-exec, so that descriptors the

@@ -1,9 +1,13 @@
 //! Starting, watching and signalling worker processes.
 //!
-//! A worker is a process group: the shim execs the app in a fresh session (`setsid`), so
-//! the worker's pid is also its pgid and sid, `npm start -> sh -> node` chains are
-//! signalled as a whole with `killpg`, and a terminal's Ctrl-C to the daemon does not
-//! reach workers. Workers deliberately do not die with the daemon (no
+//! A worker is a process tree: the shim execs the app in a fresh session (`setsid`), so
+//! the worker's pid is also its pgid and sid, and a terminal's Ctrl-C to the daemon does
+//! not reach workers. Everything the worker starts belongs to it, also what leaves the
+//! group or session (`cmd &` under a shell that exits, `setsid`, Node's
+//! `{detached: true}`): [`crate::tree`] finds the whole tree (a cgroup v2 leaf per worker
+//! where one can be made, else process group, session and ancestry). Signals and SIGKILL
+//! go to the whole tree, and [`WorkerProcess::wait`] resolves only once the tree is
+//! empty, so a worker counts as stopped only when nothing of it runs. Workers deliberately do not die with the daemon (no
 //! `PR_SET_PDEATHSIG`): inherit-mode workers keep serving while the daemon restarts, and
 //! the new daemon takes them back with [`adopt`].
 //!
@@ -15,10 +19,11 @@ use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -33,8 +38,10 @@ use tracing::Instrument;
 
 use crate::error::{Error, Result};
 use crate::ipc::IpcChannel;
+use crate::limits::CgroupTree;
 use crate::procfs;
 use crate::shim::{resolve_credentials, shim_args, Rlimits, ShimCommand, ShimConfig};
+use crate::tree::ProcessTree;
 
 /// Variables the daemon's own environment may carry (when it is itself socket-activated
 /// or a Node child) that must never leak into a worker: they are set per worker or not
@@ -50,6 +57,7 @@ const SCRUBBED_ENV: &[&str] = &[
     "NODE_CHANNEL_FD",
     "NODE_CHANNEL_SERIALIZATION_MODE",
     "NODE_UNIQUE_ID",
+    crate::tree::TREE_ENV,
 ];
 
 /// A listening socket passed to the worker (inherit mode), in order: the first is fd 3.
@@ -86,17 +94,39 @@ pub struct WorkerSpec {
     pub notify_socket: Option<PathBuf>,
     /// Open a Node IPC channel (`NODE_CHANNEL_FD`, json) for `readiness: ipc`.
     pub ipc: bool,
+    /// Shared listener mode: the shim installs the bind filter ([`crate::seccomp`]) and
+    /// the notification fd comes back in [`SpawnedWorker::seccomp_notif`], for
+    /// [`crate::seccomp::SharedBind::start`]. The caller sets `PORT` to the public port.
+    pub shared_bind: bool,
     /// Drop to this user (needs a root daemon).
     pub user: Option<String>,
     /// Primary group.
     pub group: Option<String>,
-    /// rlimits applied by the shim.
+    /// rlimits applied by the shim. `nproc` is enforced with the pids controller
+    /// (`pids.max` of the worker's own leaf: cgroup v2, or a cgroup v1 pids leaf on
+    /// hybrid hosts) where there is one; otherwise with
+    /// RLIMIT_NPROC, which counts every process of the worker's user on the host and
+    /// does not apply to root: a root worker with `nproc` and no pids controller is
+    /// refused.
     pub rlimits: Rlimits,
-    /// cgroup directory to join (see [`crate::limits::CgroupTree`]).
+    /// cgroup directory to join (see [`crate::limits::CgroupTree`]). When `None` and
+    /// `membership_cgroup` is set, the worker gets a leaf of its own anyway, for
+    /// tracking its tree.
     pub cgroup: Option<PathBuf>,
+    /// Put a worker without `cgroup` into a leaf of the membership tree
+    /// ([`CgroupTree::shared_membership`]) where one exists. Default on.
+    pub membership_cgroup: bool,
     /// Log directory: stdout+stderr go to `<log_dir>/<app>/<app>-<index>.log`; `None`
     /// sends them to /dev/null.
     pub log_dir: Option<PathBuf>,
+    /// The app's log policy, given only when no other live worker of this index writes
+    /// its log file: the file is then rotated by rename before the worker gets it (no
+    /// copy, works on a full disk; see [`crate::logs::rotate_unshared`]). `None`: leave
+    /// rotation to the periodic copytruncate.
+    pub log_rotate_unshared: Option<crate::logs::LogPolicy>,
+    /// Prefix each log line with the time it was written (through a timestamper process
+    /// the shim starts; see [`crate::logs`]). On by default; only with a `log_dir`.
+    pub log_timestamps: bool,
     /// How to run the exec shim.
     pub shim: ShimCommand,
 }
@@ -121,11 +151,15 @@ impl WorkerSpec {
             listeners: Vec::new(),
             notify_socket: None,
             ipc: false,
+            shared_bind: false,
             user: None,
             group: None,
             rlimits: Rlimits::default(),
             cgroup: None,
+            membership_cgroup: true,
             log_dir: None,
+            log_rotate_unshared: None,
+            log_timestamps: true,
             shim,
         }
     }
@@ -143,9 +177,14 @@ pub struct SpawnedWorker {
     pub ipc: Option<IpcChannel>,
     /// Its log file, when logging.
     pub log_path: Option<PathBuf>,
+    /// `spec.shared_bind`: the seccomp notification fd of the worker's bind filter. Hand it
+    /// to [`crate::seccomp::SharedBind::start`] at once: until then the worker's
+    /// `bind`/`listen` calls wait.
+    pub seccomp_notif: Option<OwnedFd>,
 }
 
-/// Handle of a worker process group: wait for exit, signal the group. Cheap to clone.
+/// Handle of a worker's process tree: wait for it to be gone, signal all of it. Cheap to
+/// clone.
 #[derive(Debug, Clone)]
 pub struct WorkerProcess {
     inner: Arc<Inner>,
@@ -160,6 +199,12 @@ struct Inner {
     child: bool,
     /// `Some` once the leader is gone (for a child: reaped). Held while signalling.
     gone: Mutex<Option<ExitReason>>,
+    /// Everything the worker started.
+    tree: ProcessTree,
+    /// SIGKILL was asked for: whatever appears in the tree afterwards is killed too.
+    killing: AtomicBool,
+    /// The tree was seen empty: nothing may be signalled any more (pids get reused).
+    finished: AtomicBool,
 }
 
 impl WorkerProcess {
@@ -173,6 +218,28 @@ impl WorkerProcess {
         self.inner.start_time
     }
 
+    /// The worker's cgroup leaf, when its tree is tracked by one.
+    pub fn cgroup(&self) -> Option<&std::path::Path> {
+        self.inner.tree.cgroup()
+    }
+
+    /// Members of the worker's cgroup leaf right now, when its tree is tracked by one: a
+    /// cheap read (no /proc scan), for sampling CPU and memory of the whole tree.
+    pub fn cgroup_members(&self) -> Option<Vec<i32>> {
+        if self.inner.finished.load(Ordering::SeqCst) {
+            return Some(Vec::new());
+        }
+        self.inner.tree.cgroup_members()
+    }
+
+    /// Live processes of the worker's tree right now (the leader included while alive).
+    pub fn tree_members(&self) -> Vec<i32> {
+        if self.inner.finished.load(Ordering::SeqCst) {
+            return Vec::new();
+        }
+        self.inner.tree.members()
+    }
+
     /// Whether the worker was adopted from an earlier daemon.
     pub fn is_adopted(&self) -> bool {
         !self.inner.child
@@ -183,7 +250,8 @@ impl WorkerProcess {
         *self.exit.borrow()
     }
 
-    /// Waits until the leader has exited (and, for a child, was reaped).
+    /// Waits until the whole tree is gone: the leader has exited (and, for a child, was
+    /// reaped) and no process of the tree is left. Returns the leader's exit status.
     pub async fn wait(&self) -> ExitReason {
         let mut rx = self.exit.clone();
         let reason = match rx.wait_for(Option::is_some).await {
@@ -194,47 +262,79 @@ impl WorkerProcess {
         reason
     }
 
-    /// Sends `sig` to the whole process group. Returns `false` when nothing was left to
-    /// signal.
+    /// Sends `sig` to the whole tree, each process once. Returns `false` when nothing was
+    /// left to signal.
     ///
-    /// While the leader is not reaped its pid (= the pgid) cannot be reused, so this is
-    /// race-free. After it exited, the group is signalled only if `/proc` still shows
-    /// members (a pgid stays reserved while any member lives), to catch grandchildren a
-    /// crashed leader left behind.
+    /// While the leader lives, its process group gets `killpg` (race-free: an unreaped
+    /// leader's pid, the pgid, cannot be reused) and the rest of the tree (processes that
+    /// left the group) gets `kill`. After the leader is gone, every member left gets
+    /// `kill`. SIGKILL uses `cgroup.kill` where the tree has a cgroup, and is repeated on
+    /// anything that still appears in the tree until it is empty.
     pub fn signal(&self, sig: Signal) -> Result<bool> {
         let gone = self.inner.gone.lock().unwrap_or_else(|e| e.into_inner());
-        let pgid = self.inner.pid;
-        if gone.is_none() && !self.inner.child {
-            // Adopted: make sure the leader is still the recorded process.
-            if procfs::start_time(pgid) != Some(self.inner.start_time) {
-                return Ok(!procfs::group_members(pgid).is_empty() && killpg(pgid, sig)?);
-            }
-        }
-        if gone.is_some() && procfs::group_members(pgid).is_empty() {
+        if self.inner.finished.load(Ordering::SeqCst) {
             return Ok(false);
         }
-        let sent = killpg(pgid, sig)?;
-        tracing::debug!(pgid, signal = sig.as_str(), sent, "signalled worker group");
+        let pgid = self.inner.pid;
+        // Adopted: the leader counts only while it is still the recorded process.
+        let leader_alive = gone.is_none()
+            && (self.inner.child || procfs::start_time(pgid) == Some(self.inner.start_time));
+        if sig == Signal::SIGKILL {
+            self.inner.killing.store(true, Ordering::SeqCst);
+        }
+        let mut sent = false;
+        if leader_alive {
+            sent |= killpg(pgid, sig)?;
+        }
+        let group = leader_alive.then_some(pgid);
+        let others = if sig == Signal::SIGKILL {
+            usize::from(self.inner.tree.kill(group))
+        } else {
+            self.inner.tree.signal(sig, group)
+        };
+        sent |= others > 0;
+        tracing::debug!(
+            pgid,
+            signal = sig.as_str(),
+            sent,
+            others,
+            "signalled worker tree"
+        );
         Ok(sent)
     }
 
-    /// SIGKILL to the whole group.
+    /// SIGKILL to the whole tree.
     pub fn kill(&self) -> Result<bool> {
         self.signal(Signal::SIGKILL)
     }
 
-    fn start(pid: i32, start_time: u64, child: bool, span: tracing::Span) -> Self {
+    fn start(
+        pid: i32,
+        start_time: u64,
+        child: bool,
+        cgroup: Option<PathBuf>,
+        extra_cgroups: Vec<PathBuf>,
+        mark: Option<&str>,
+        span: tracing::Span,
+    ) -> Self {
         let (tx, rx) = watch::channel(None);
         let inner = Arc::new(Inner {
             pid,
             start_time,
             child,
             gone: Mutex::new(None),
+            tree: ProcessTree::new(pid, start_time, cgroup, mark).with_extra_cgroups(extra_cgroups),
+            killing: AtomicBool::new(false),
+            finished: AtomicBool::new(false),
         });
         let watcher = Arc::clone(&inner);
         tokio::spawn(
             async move {
                 let reason = watch_exit(&watcher).await;
+                if child {
+                    crate::reaper::release(pid);
+                }
+                wait_tree_empty(&watcher).await;
                 tracing::info!(pid, %reason, "worker exited");
                 let _ = tx.send(Some(reason));
             }
@@ -242,6 +342,37 @@ impl WorkerProcess {
         );
         WorkerProcess { inner, exit: rx }
     }
+}
+
+/// After the leader: waits until nothing of the tree is left, killing again whatever
+/// shows up once SIGKILL was asked for. Then removes the worker's cgroup leaf.
+async fn wait_tree_empty(inner: &Inner) {
+    let mut pause = Duration::from_millis(10);
+    let mut logged = false;
+    loop {
+        if inner.tree.is_empty() {
+            break;
+        }
+        if !logged {
+            logged = true;
+            tracing::info!(
+                pid = inner.pid,
+                remaining = inner.tree.members().len(),
+                "worker's main process exited; waiting for the rest of its tree"
+            );
+        }
+        if inner.killing.load(Ordering::SeqCst) {
+            inner.tree.kill(None);
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(200));
+    }
+    {
+        // Under the signal lock: no signal can be on its way to a member that is gone.
+        let _gone = inner.gone.lock().unwrap_or_else(|e| e.into_inner());
+        inner.finished.store(true, Ordering::SeqCst);
+    }
+    inner.tree.remove_cgroup();
 }
 
 fn killpg(pgid: i32, sig: Signal) -> Result<bool> {
@@ -324,6 +455,15 @@ pub(crate) fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     Some(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
 }
 
+/// Variables every worker gets unless the manifest's `env` sets them (they override the
+/// daemon's own environment, which workers otherwise inherit).
+///
+/// `PYTHONUNBUFFERED=1`: Python block-buffers stdout when it is not a terminal, and a
+/// worker's stdout is a log file, so `clusterd logs` would show nothing for minutes (or
+/// lose the tail on SIGKILL). Other runtimes (Node, Ruby's `$stdout.sync` aside, Go) write
+/// through already. `env: {PYTHONUNBUFFERED: ""}` restores Python's buffering.
+pub const DEFAULT_ENV: &[(&str, &str)] = &[("PYTHONUNBUFFERED", "1")];
+
 /// Starts a worker through the exec shim.
 ///
 /// Returns once the shim has exec'd the app, or with [`Error::WorkerStart`] carrying the
@@ -336,34 +476,133 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
         return Err(Error::InvalidSpec("empty command".into()));
     }
     let span2 = span.clone();
-    let (pid, start_time, ipc_fd, log_path) =
-        tokio::task::spawn_blocking(move || span2.in_scope(|| spawn_blocking(spec)))
+    let mark = tree_mark();
+    let mark2 = mark.clone();
+    let (pid, start_time, ipc_fd, log_path, seccomp_notif, (cgroup, extra_cgroups)) =
+        tokio::task::spawn_blocking(move || span2.in_scope(|| spawn_blocking(spec, &mark2)))
             .await
             .map_err(|e| Error::io("spawn task", std::io::Error::other(e)))??;
-    let process = WorkerProcess::start(pid, start_time, true, span.clone());
+    let process = WorkerProcess::start(
+        pid,
+        start_time,
+        true,
+        cgroup,
+        extra_cgroups,
+        Some(&mark),
+        span.clone(),
+    );
     let ipc = ipc_fd.map(IpcChannel::from_fd).transpose()?;
     span.in_scope(|| tracing::info!(pid, "worker started"));
     Ok(SpawnedWorker {
         process,
         ipc,
         log_path,
+        seccomp_notif,
     })
 }
 
-type Spawned = (i32, u64, Option<OwnedFd>, Option<PathBuf>);
+type Spawned = (
+    i32,
+    u64,
+    Option<OwnedFd>,
+    Option<PathBuf>,
+    Option<OwnedFd>,
+    (Option<PathBuf>, Vec<PathBuf>),
+);
 
-fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
+/// A value unique to one worker for [`crate::tree::TREE_ENV`]: daemon pid, boot-relative
+/// daemon start, and a counter.
+fn tree_mark() -> String {
+    use std::sync::atomic::AtomicU64;
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    let me = std::process::id() as i32;
+    format!(
+        "{me}.{}.{}",
+        procfs::start_time(me).unwrap_or(0),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+fn spawn_blocking(mut spec: WorkerSpec, mark: &str) -> Result<Spawned> {
     let start_err = |message: String| Error::WorkerStart {
         app: spec.app.0.clone(),
         index: spec.index,
         message,
     };
     // Fail early, with the daemon's wording, before forking.
-    resolve_credentials(spec.user.as_deref(), spec.group.as_deref())?;
+    let creds = resolve_credentials(spec.user.as_deref(), spec.group.as_deref())?;
+    let as_root = match &creds {
+        Some(c) => c.uid == 0,
+        None => nix::unistd::geteuid().is_root(),
+    };
+    // The worker's own cgroup leaf: given by the caller (limits), or made for membership.
+    let membership = if spec.cgroup.is_none() && spec.membership_cgroup {
+        CgroupTree::shared_membership().ok()
+    } else {
+        None
+    };
+    if let Some(tree) = membership {
+        let leaf = format!("{}-{}", spec.index, spec.revision.0);
+        match tree.create_worker_cgroup(&spec.app.0, &leaf, Default::default()) {
+            Ok(path) => spec.cgroup = Some(path),
+            Err(e) => {
+                tracing::warn!(error = %e, "no cgroup for this worker; tracking its tree by process group and ancestry")
+            }
+        }
+    }
+    let cgroup_for_err = spec.cgroup.clone();
+    let mut extra_cgroups: Vec<PathBuf> = Vec::new();
+    if let Some(n) = spec.rlimits.nproc {
+        let v2 = match &spec.cgroup {
+            Some(cg) => CgroupTree::set_pids_max(cg, n).map_err(|e| e.to_string()),
+            None => Err("the worker has no cgroup v2".to_string()),
+        };
+        // Hybrid hosts: the pids controller lives in cgroup v1.
+        let pids = v2.or_else(|v2_reason| {
+            let leaf = format!("{}-{}", spec.index, spec.revision.0);
+            crate::limits::v1_pids_leaf(&spec.app.0, &leaf, n)
+                .map(|dir| extra_cgroups.push(dir))
+                .map_err(|v1| format!("{v2_reason}; {v1}"))
+        });
+        match pids {
+            // The cgroup counts this worker's processes alone; RLIMIT_NPROC would count
+            // every process of the user on the host.
+            Ok(()) => spec.rlimits.nproc = None,
+            Err(reason) if as_root => {
+                if membership.is_some() {
+                    if let Some(cg) = &cgroup_for_err {
+                        let _ = CgroupTree::remove_worker_cgroup(cg);
+                    }
+                }
+                return Err(start_err(format!(
+                    "limits.nproc cannot be enforced: the worker runs as root, which RLIMIT_NPROC does not limit, and there is no cgroup v2 pids controller for it ({reason}); remove limits.nproc, run the worker as another user, or give clusterd a delegated cgroup v2 subtree with the pids controller"
+                )));
+            }
+            Err(reason) => {
+                tracing::debug!(%reason, "limits.nproc falls back to RLIMIT_NPROC (counts every process of the user)");
+            }
+        }
+    }
+    let fail_cleanup = |e: Error| {
+        if membership.is_some() {
+            if let Some(cg) = &cgroup_for_err {
+                let _ = CgroupTree::remove_worker_cgroup(cg);
+            }
+        }
+        for cg in &extra_cgroups {
+            let _ = CgroupTree::remove_worker_cgroup(cg);
+        }
+        e
+    };
 
     let (log, log_path) = match &spec.log_dir {
         Some(dir) => {
-            let (f, p) = crate::logs::open_instance_log(dir, &spec.app.0, spec.index)?;
+            let (f, p) = crate::logs::open_instance_log_rotated(
+                dir,
+                &spec.app.0,
+                spec.index,
+                spec.log_rotate_unshared,
+            )?;
             (Some(f), Some(p))
         }
         None => (None, None),
@@ -388,6 +627,12 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
     };
     let (status_r, status_w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
         .map_err(|e| Error::io("create status pipe", e.into()))?;
+    let (seccomp_parent, seccomp_child) = if spec.shared_bind {
+        let (a, b) = socketpair()?;
+        (Some(a), Some(b))
+    } else {
+        (None, None)
+    };
 
     let n = spec.listeners.len();
     if n > 0 {
@@ -411,6 +656,7 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
     env.push(("CLUSTERD_APP".into(), spec.app.0.clone()));
     env.push(("CLUSTERD_INSTANCE".into(), spec.index.to_string()));
     env.push(("CLUSTERD_REVISION".into(), spec.revision.0.clone()));
+    env.push((crate::tree::TREE_ENV.into(), mark.to_string()));
 
     let config = ShimConfig {
         fds: pairs.clone(),
@@ -421,16 +667,22 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
             ..spec.rlimits
         },
         cgroup: spec.cgroup.clone(),
+        extra_cgroups: extra_cgroups.clone(),
         user: spec.user.clone(),
         group: spec.group.clone(),
         cwd: spec.cwd.clone(),
+        seccomp_socket: seccomp_child.as_ref().map(AsRawFd::as_raw_fd),
+        timestamps: spec.log_timestamps && log.is_some(),
     };
     let mut cmd = Command::new(&spec.shim.program);
     cmd.args(shim_args(&spec.shim, &config, &spec.argv)?);
     for k in SCRUBBED_ENV {
         cmd.env_remove(k);
     }
-    cmd.envs(&spec.env).envs(&spec.extra_env).envs(env);
+    cmd.envs(DEFAULT_ENV.iter().copied())
+        .envs(&spec.env)
+        .envs(&spec.extra_env)
+        .envs(env);
     cmd.stdin(Stdio::null());
     match &log {
         Some(f) => {
@@ -447,6 +699,7 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
         .iter()
         .map(|&(s, _)| s)
         .chain([status_w.as_raw_fd()])
+        .chain(seccomp_child.as_ref().map(AsRawFd::as_raw_fd))
         .collect();
     // SAFETY: the closure runs between fork and exec in the child and only makes
     // async-signal-safe calls (setsid, fcntl) on descriptors that this spawn owns; it
@@ -464,18 +717,24 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
             Ok(())
         });
     }
+    // Forked and claimed under the reaper's fork lock: the reaper never takes the exit
+    // status that the watcher below collects.
+    let fork_guard = crate::reaper::fork_guard();
     let child = cmd.spawn().map_err(|e| {
-        start_err(format!(
+        fail_cleanup(start_err(format!(
             "cannot run the exec shim `{}`: {}",
             spec.shim.program.display(),
             crate::shim::errno_text(&e)
-        ))
+        )))
     })?;
     let pid = child.id() as i32;
+    crate::reaper::claim(pid);
+    drop(fork_guard);
     // Close our copies of what the child got, then read the status until the exec closes
     // the write end (EOF, success) or the shim reports an error.
     drop(status_w);
     drop(ipc_child);
+    drop(seccomp_child);
     drop(spec.listeners);
     drop(log);
     let mut message = String::new();
@@ -483,12 +742,41 @@ fn spawn_blocking(spec: WorkerSpec) -> Result<Spawned> {
     if !message.is_empty() {
         // The shim exits 127 right after writing; reap it.
         let _ = waitpid(Pid::from_raw(pid), None);
-        return Err(start_err(message));
+        crate::reaper::release(pid);
+        return Err(fail_cleanup(start_err(message)));
     }
+    // The shim sent the notification fd before its exec, so it is queued by now.
+    let seccomp_notif = match &seccomp_parent {
+        Some(sock) => match crate::seccomp::recv_fd(sock.as_fd()) {
+            Ok(Some(fd)) => Some(fd),
+            Ok(None) => {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                return Err(start_err(
+                    "the exec shim sent no seccomp notification fd".into(),
+                ));
+            }
+            Err(e) => {
+                let _ = nix::sys::signal::killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                let _ = waitpid(Pid::from_raw(pid), None);
+                return Err(start_err(format!(
+                    "receiving the seccomp notification fd failed: {e}"
+                )));
+            }
+        },
+        None => None,
+    };
     // Our unreaped child: its stat is there even if it already exited.
     let start_time = procfs::start_time(pid).unwrap_or(0);
     drop(child); // std's Child neither kills nor waits on drop; the watcher reaps.
-    Ok((pid, start_time, ipc_parent, log_path))
+    Ok((
+        pid,
+        start_time,
+        ipc_parent,
+        log_path,
+        seccomp_notif,
+        (spec.cgroup, extra_cgroups),
+    ))
 }
 
 fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
@@ -507,7 +795,9 @@ fn socketpair() -> Result<(OwnedFd, OwnedFd)> {
 /// Refused when the pid is gone, belongs to another process (start time differs: the pid
 /// was reused), or is not a process-group leader (every worker is one). Its exit is
 /// observed with a pidfd; the exit status is unknown ([`ExitReason::Unknown`]) because
-/// the worker is not our child.
+/// the worker is not our child. Its tree is found again from its cgroup
+/// (`/proc/PID/cgroup`, when that is a worker leaf of a clusterd subtree), else by
+/// process group, session and ancestry.
 pub fn adopt(app: &AppName, index: u32, pid: i32, start_time: u64) -> Result<WorkerProcess> {
     let not = |reason: String| Error::NotAdoptable { pid, reason };
     let st = procfs::stat(pid).ok_or_else(|| not("no such process".into()))?;
@@ -530,5 +820,26 @@ pub fn adopt(app: &AppName, index: u32, pid: i32, start_time: u64) -> Result<Wor
     span.in_scope(|| tracing::info!(pid, "worker adopted"));
     // A child of ours (same daemon process) can be reaped; anything else cannot.
     let child = st.ppid == std::process::id() as i32;
-    Ok(WorkerProcess::start(pid, start_time, child, span))
+    if child {
+        crate::reaper::claim(pid);
+    }
+    let cgroup = crate::limits::worker_cgroup_of(pid);
+    let mark = std::fs::read(format!("/proc/{pid}/environ"))
+        .ok()
+        .and_then(|env| {
+            let prefix = format!("{}=", crate::tree::TREE_ENV);
+            env.split(|&b| b == 0)
+                .find_map(|kv| kv.strip_prefix(prefix.as_bytes()).map(<[u8]>::to_vec))
+        })
+        .and_then(|v| String::from_utf8(v).ok());
+    // A cgroup v1 pids leaf of an adopted worker stays behind (empty) when it stops.
+    Ok(WorkerProcess::start(
+        pid,
+        start_time,
+        child,
+        cgroup,
+        Vec::new(),
+        mark.as_deref(),
+        span,
+    ))
 }

@@ -273,18 +273,23 @@ async fn group_signal_reaches_grandchildren() {
     );
 }
 
-/// A leader that exits early leaves its children; the group can still be killed.
+/// A leader that exits early leaves its children: the worker is not over while they
+/// run, and killing it takes them.
 #[tokio::test]
-async fn leftover_group_members_can_be_killed_after_the_leader_exits() {
+async fn leftover_group_members_keep_the_worker_until_killed() {
     let w = spawn_worker(spec(0, &["sh", "-c", "sleep 1000 & exit 0"]))
         .await
         .unwrap();
     let _g = Guard(w.process.clone());
     let pgid = w.process.pid();
-    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
-    wait_until("orphan visible", || !procfs::group_members(pgid).is_empty()).await;
+    wait_until("leader reaped, orphan visible", || {
+        procfs::stat(pgid).is_none() && !procfs::group_members(pgid).is_empty()
+    })
+    .await;
+    assert_eq!(w.process.exit_reason(), None, "not over while sleep runs");
     assert!(w.process.kill().unwrap());
-    wait_until("group empty", || procfs::group_members(pgid).is_empty()).await;
+    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
+    assert!(procfs::group_members(pgid).is_empty());
 }
 
 #[tokio::test]
@@ -430,4 +435,102 @@ async fn udp_listener_is_inherited_too() {
     assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
     let log = std::fs::read_to_string(&path).unwrap();
     assert!(log.contains("got=hello"), "{log}");
+}
+
+/// A Python worker's print shows up in its log while it runs (stdout is a file, which
+/// Python block-buffers unless PYTHONUNBUFFERED is set), and the manifest can turn the
+/// default off.
+#[tokio::test]
+async fn python_output_reaches_the_log_while_the_worker_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let script = "import os, time\nprint('unbuffered=%r' % os.environ.get('PYTHONUNBUFFERED'))\ntime.sleep(60)\n";
+    let mut s = spec(0, &["python3", "-c", script]);
+    s.log_dir = Some(dir.path().to_path_buf());
+    s.log_timestamps = true;
+    let w = spawn_worker(s).await.unwrap();
+    let _g = Guard(w.process.clone());
+    let log = w.log_path.clone().unwrap();
+    wait_until("the print in the log", || {
+        std::fs::read_to_string(&log).is_ok_and(|t| t.contains("unbuffered='1'"))
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    let (_, line) = logs::split_timestamp(text.lines().next().unwrap()).expect("a timestamp");
+    assert_eq!(line, "unbuffered='1'");
+    w.process.kill().unwrap();
+
+    let mut s = spec(
+        1,
+        &[
+            "python3",
+            "-c",
+            "import os\nprint('unbuffered=%r' % os.environ.get('PYTHONUNBUFFERED'))",
+        ],
+    );
+    s.log_dir = Some(dir.path().to_path_buf());
+    s.env.insert("PYTHONUNBUFFERED".into(), String::new());
+    let w = spawn_worker(s).await.unwrap();
+    let _g = Guard(w.process.clone());
+    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
+    let text = std::fs::read_to_string(w.log_path.unwrap()).unwrap();
+    assert!(text.contains("unbuffered=''"), "{text}");
+}
+
+/// With the timestamper: every line (stdout and stderr) is stamped, the worker's output
+/// survives its graceful stop signal (the timestamper ignores it), rotation still works
+/// (copytruncate: the timestamper writes O_APPEND), and the timestamper is gone once the
+/// worker and its output are.
+#[tokio::test]
+async fn timestamped_logs_rotate_and_end_with_the_worker() {
+    let dir = tempfile::tempdir().unwrap();
+    let go = dir.path().join("go");
+    let script = format!(
+        "trap 'echo bye; exit 0' TERM; echo one; echo two >&2; while [ ! -e {} ]; do sleep 0.02; done; echo three; while :; do sleep 0.02; done",
+        go.display()
+    );
+    let mut s = spec(4, &["sh", "-c", &script]);
+    s.log_dir = Some(dir.path().to_path_buf());
+    s.log_timestamps = true;
+    let w = spawn_worker(s).await.unwrap();
+    let _g = Guard(w.process.clone());
+    let path = w.log_path.clone().unwrap();
+    let lines = |p: &std::path::Path| -> Vec<String> {
+        std::fs::read_to_string(p)
+            .unwrap_or_default()
+            .lines()
+            .map(|l| logs::split_timestamp(l).expect("stamped").1.to_string())
+            .collect()
+    };
+    wait_until("two lines", || lines(&path).len() == 2).await;
+    assert_eq!(lines(&path), ["one", "two"]);
+    let policy = logs::LogPolicy {
+        max_size: 1,
+        max_files: 1,
+    };
+    assert_eq!(logs::rotate_app(dir.path(), "t", policy).unwrap(), 1);
+    std::fs::write(&go, "").unwrap();
+    wait_until("the line after rotation", || lines(&path) == ["three"]).await;
+    assert_eq!(lines(&logs::rotated_path(&path, 1)), ["one", "two"]);
+    // The group gets the stop signal: the worker's last words still reach the log.
+    let pgid = w.process.pid();
+    nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGTERM).unwrap();
+    assert_eq!(within("exit", w.process.wait()).await, ExitReason::Code(0));
+    // (sh may also report its killed `sleep` as "Terminated".)
+    wait_until("bye", || {
+        let l = lines(&path);
+        l.first().is_some_and(|f| f == "three") && l.last().is_some_and(|b| b == "bye")
+    })
+    .await;
+    wait_until("the timestamper to exit", || {
+        std::fs::read_dir("/proc").unwrap().flatten().all(|e| {
+            std::fs::read_to_string(e.path().join("stat"))
+                .ok()
+                .and_then(|st| {
+                    let rest = st.rsplit_once(") ")?.1.to_string();
+                    rest.split(' ').nth(2).map(|g| g != pgid.to_string())
+                })
+                .unwrap_or(true)
+        })
+    })
+    .await;
 }

@@ -150,7 +150,7 @@ fn ports(listen: &[Listener]) -> Vec<Port<'_>> {
         let fallback = match (listener.protocol, listener.mode) {
             (Protocol::Udp, _) => "udp",
             (Protocol::Tcp, ListenMode::Http) => "http",
-            (Protocol::Tcp, ListenMode::Tcp | ListenMode::Inherit) => "tcp",
+            (Protocol::Tcp, ListenMode::Tcp | ListenMode::Inherit | ListenMode::Shared) => "tcp",
         };
         let base = listener
             .name
@@ -331,6 +331,7 @@ fn readiness(app: &ExportApp<'_>, ports: &[Port<'_>]) -> ReadinessMapping {
     // The loader defaults the kind; default it the same way here for specs that did not
     // pass through it: tcp when there is a proxied port, none otherwise.
     let kind = r.kind.unwrap_or(match app.spec.listen.first() {
+        Some(l) if l.mode == ListenMode::Shared => ReadinessKind::Bind,
         Some(l) if l.mode != ListenMode::Inherit => ReadinessKind::Tcp,
         _ => ReadinessKind::None,
     });
@@ -401,6 +402,22 @@ fn readiness(app: &ExportApp<'_>, ports: &[Port<'_>]) -> ReadinessMapping {
                     "Without a port to probe, the pod counts as ready once it has started.",
                 );
             }
+        }
+        (ReadinessKind::Bind, Some(port)) => {
+            notes.comment(
+                "readiness `bind` (ready once the app binds its port): in a pod the app binds the\n\
+                 port itself, so a TCP probe of that port says the same.",
+            );
+            probe = Some(
+                Map::new()
+                    .with("tcpSocket", Map::new().with("port", port.name.as_str()))
+                    .with("periodSeconds", period),
+            );
+        }
+        (ReadinessKind::Bind, None) => {
+            notes.comment(
+                "readiness `bind` on a UDP port has no Kubernetes probe: the pod counts as ready once it has started.",
+            );
         }
         (ReadinessKind::Http | ReadinessKind::Tcp, None) => {
             notes.comment(

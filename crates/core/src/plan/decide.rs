@@ -14,7 +14,6 @@ use super::{
     Action, AppName, Desired, DesiredApp, DrainPolicy, DrainReason, ExitReason, Observed,
     ObservedApp, Plan, ReadinessGate, Template, Worker, WorkerId, WorkerState,
 };
-use crate::model::RestartPolicy;
 
 impl DesiredApp {
     /// How this app's workers are stopped.
@@ -103,6 +102,11 @@ struct AppPlanner<'a> {
     policy: DrainPolicy,
     /// Spawns decided in this plan (no id yet, so not in `obs`).
     spawned: usize,
+    /// Their indexes.
+    spawned_at: Vec<u32>,
+    /// Ready workers (below `replicas`) when the plan began: the planner never takes
+    /// the count below `min(this, replicas - maxUnavailable)`.
+    ready_start: usize,
     actions: Vec<Action>,
     wake_at: Option<Instant>,
 }
@@ -125,6 +129,8 @@ impl<'a> AppPlanner<'a> {
             now,
             policy,
             spawned: 0,
+            spawned_at: Vec::new(),
+            ready_start: 0,
             actions: Vec::new(),
             wake_at: None,
         }
@@ -170,6 +176,7 @@ impl<'a> AppPlanner<'a> {
     }
 
     fn spawn(&mut self, index: u32, template: Template) {
+        self.spawned_at.push(index);
         self.emit(Action::Spawn {
             app: self.app.clone(),
             index,
@@ -190,6 +197,7 @@ impl<'a> AppPlanner<'a> {
 
     fn reconcile(&mut self, d: &DesiredApp) {
         let n = d.replicas;
+        self.ready_start = self.ready_count(n);
         // Scale down: everything at an index >= replicas goes, highest index first.
         let mut beyond = self.ids(|w| w.state != WorkerState::Draining && w.index >= n);
         beyond.reverse();
@@ -198,9 +206,18 @@ impl<'a> AppPlanner<'a> {
         }
         self.readiness(d);
         self.crashed_rollout(d);
+        let failed = self.failed(d);
         self.normalize(d);
         self.trim_surge(d);
         self.fill(d);
+        if self.failed(d) != failed {
+            // This plan drained the last fallback of a failed rollout, so the failure no
+            // longer blocks: decide again with the new targets now rather than in the
+            // next plan (idempotence).
+            self.normalize(d);
+            self.trim_surge(d);
+            self.fill(d);
+        }
         self.available(d);
     }
 
@@ -365,9 +382,15 @@ impl<'a> AppPlanner<'a> {
 
     /// Per index: once a healthy Ready worker of the target template is there, every
     /// other worker of the index drains; before that, only starting workers that will
-    /// never be the one (a duplicate, an old template) drain. Ready ones keep serving.
+    /// never be the one (a duplicate, an old template) drain, except the reload
+    /// predecessor (see [`Self::predecessor`]), which is left to finish. Ready ones keep
+    /// serving, but only one per index: a second Ready worker that is not the target
+    /// (left by overlapping reloads, or adopted after a restart) is redundant and drains,
+    /// as far as the ready floor allows, or it would hold the surge the rollout needs.
     fn normalize(&mut self, d: &DesiredApp) {
-        for index in 0..d.replicas {
+        let n = d.replicas;
+        let floor = (n as usize).saturating_sub(d.rollout.max_unavailable as usize);
+        for index in 0..n {
             let here = self.here(index);
             let Some(target) = self.target(d, &here) else {
                 continue;
@@ -384,19 +407,73 @@ impl<'a> AppPlanner<'a> {
                         .find(|w| w.state == WorkerState::Starting && w.template == target)
                 })
                 .map(|w| (w.id, w.state));
-            let doomed: Vec<(WorkerId, DrainReason)> = here
-                .iter()
-                .filter(|w| match keeper {
+            let predecessor = match keeper {
+                None => Self::predecessor(&here, &target),
+                Some(_) => None,
+            };
+            let best_ready = match keeper {
+                Some((_, WorkerState::Ready)) => None,
+                _ => Self::best_ready(d, &here, &target),
+            };
+            let mut doomed: Vec<(WorkerId, DrainReason)> = Vec::new();
+            for w in &here {
+                let drain = match keeper {
                     Some((id, WorkerState::Ready)) => w.id != id,
                     Some((id, _)) => w.id != id && w.state == WorkerState::Starting,
-                    None => w.state == WorkerState::Starting,
-                })
-                .map(|w| (w.id, self.replace_reason(d, w)))
-                .collect();
+                    None => w.state == WorkerState::Starting && Some(w.id) != predecessor,
+                } || (w.state == WorkerState::Ready
+                    && best_ready.is_some_and(|best| best != w.id));
+                if drain {
+                    doomed.push((w.id, self.replace_reason(d, w)));
+                }
+            }
             for (id, reason) in doomed {
+                // Ready workers go only as far as the ready floor allows (a duplicate is
+                // capacity too); what stays is drained by a later plan.
+                if self.worker(id).state == WorkerState::Ready
+                    && self.ready_count(n) <= self.ready_start.min(floor)
+                {
+                    continue;
+                }
                 self.drain(id, reason);
             }
         }
+    }
+
+    /// Reload coalescing: a starting worker of the target's revision but an older
+    /// generation (spawned by an earlier reload that a newer one superseded) is left to
+    /// finish starting, and no worker of the target is spawned at its index meanwhile.
+    /// Once Ready it serves in place of the worker it was replacing, and is replaced in
+    /// turn by a worker started after the newest request. A burst of reloads thus costs
+    /// one extra start per burst instead of one start per request, and every index still
+    /// ends at a worker spawned after the last request (`clusterd reload` after a deploy
+    /// never leaves old code behind). A different revision (an edit) never waits: its
+    /// starting workers are useless and drain at once.
+    fn predecessor(here: &[&Worker], target: &Template) -> Option<WorkerId> {
+        here.iter()
+            .filter(|w| {
+                w.state == WorkerState::Starting
+                    && w.template.revision == target.revision
+                    && w.template.generation < target.generation
+            })
+            .max_by_key(|w| (w.template.generation, w.id))
+            .map(|w| w.id)
+    }
+
+    /// The Ready worker that keeps serving an index that has no Ready worker of its
+    /// target yet: healthy first, then of the target's revision, then the newest.
+    fn best_ready(d: &DesiredApp, here: &[&Worker], target: &Template) -> Option<WorkerId> {
+        here.iter()
+            .filter(|w| w.state == WorkerState::Ready)
+            .max_by_key(|w| {
+                (
+                    d.unhealthy(w).is_none(),
+                    w.template.revision == target.revision,
+                    w.template.generation,
+                    w.id,
+                )
+            })
+            .map(|w| w.id)
     }
 
     /// A scale-down can leave more surge in flight than `replicas + maxSurge` allows
@@ -454,7 +531,10 @@ impl<'a> AppPlanner<'a> {
                     && (w.state == WorkerState::Starting
                         || (w.state == WorkerState::Ready && d.unhealthy(w).is_none()))
             });
-            if settled {
+            if settled
+                || Self::predecessor(&here, &target).is_some()
+                || self.spawned_at.contains(&index)
+            {
                 continue;
             }
             let serving: Vec<WorkerId> = here.iter().map(|w| w.id).collect();
@@ -502,12 +582,7 @@ impl<'a> AppPlanner<'a> {
         };
         match &slot.last_exit {
             Some((at, _, template)) if slot.restart_pending && template == target => {
-                let forbidden = match d.restart.policy {
-                    RestartPolicy::Always => false,
-                    RestartPolicy::OnFailure => !slot.last_exit_failed,
-                    RestartPolicy::Never => true,
-                };
-                if empty && forbidden {
+                if empty && slot.restart_forbidden(d.restart.policy) {
                     return SpawnGate::Blocked;
                 }
                 let due = *at + backoff_delay(&d.restart.backoff, slot.consecutive_failures);

@@ -200,3 +200,50 @@ impl World {
             .collect()
     }
 }
+
+/// What [`World::run_on`] saw.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RunStats {
+    /// `Spawn` actions carried out.
+    pub spawns: usize,
+    /// Whether the world went quiet (no action, no wake-up left).
+    pub quiet: bool,
+}
+
+impl World {
+    /// The world on its own, for at most `rounds` rounds: plans are carried out, every
+    /// starting worker reports ready, every signalled worker exits, and time jumps to
+    /// `wake_at` when nothing else happens.
+    pub fn run_on(&mut self, rounds: usize) -> RunStats {
+        let mut stats = RunStats::default();
+        for _ in 0..rounds {
+            let p = self.plan();
+            stats.spawns += self.apply(&p).len();
+            if !p.actions.is_empty() {
+                continue;
+            }
+            let mut happened = false;
+            for id in self.ids(|_| true) {
+                let x = self.worker(id).clone();
+                if x.state == super::WorkerState::Starting && !x.ready_reported {
+                    self.obs_mut().record_ready_report(id);
+                    happened = true;
+                }
+                if x.drain.as_ref().is_some_and(|d| d.signalled_at.is_some()) {
+                    self.exit(id, ExitReason::Code(0));
+                    happened = true;
+                }
+            }
+            if !happened {
+                match p.wake_at {
+                    Some(at) => self.now = at,
+                    None => {
+                        stats.quiet = true;
+                        return stats;
+                    }
+                }
+            }
+        }
+        stats
+    }
+}

@@ -92,11 +92,13 @@ mod fixtures;
 #[cfg(test)]
 mod proptests;
 #[cfg(test)]
+mod reloads;
+#[cfg(test)]
 mod tests;
 
 pub use backoff::{backoff_delay, stable_after, MIN_STABLE_RUN};
 pub use decide::{plan, plan_app};
-pub use phase::{describe_template, phase};
+pub use phase::{describe_template, phase, vacant_state, VacantState};
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -305,7 +307,9 @@ impl ExitReason {
 /// Restart bookkeeping of one instance index; survives its workers.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SlotHistory {
-    /// Total unplanned exits of this index (shown as `restarts`).
+    /// Times this index was restarted after an unplanned end: a worker (or a failed
+    /// spawn) started for a pending restart, or a replacement for memory or liveness.
+    /// An exit the restart policy leaves alone is no restart (shown as `restarts`).
     pub restarts: u32,
     /// Unplanned exits in a row without a long-enough clean run; drives the backoff.
     pub consecutive_failures: u32,

@@ -3,9 +3,11 @@
 
 use std::time::Instant;
 
+use serde::{Deserialize, Serialize};
+
 use super::backoff::backoff_delay;
 use super::decide::{describe_exit, human};
-use super::{DesiredApp, DrainReason, ObservedApp, Phase, Template, WorkerState};
+use super::{DesiredApp, DrainReason, ObservedApp, Phase, SlotHistory, Template, WorkerState};
 use crate::model::RestartPolicy;
 
 /// The phase of an app and why (`None` when there is nothing to say).
@@ -91,11 +93,7 @@ pub fn phase(
             continue;
         };
         let reason = *reason;
-        let forbidden = match d.restart.policy {
-            RestartPolicy::Always => false,
-            RestartPolicy::OnFailure => !slot.last_exit_failed,
-            RestartPolicy::Never => true,
-        };
+        let forbidden = slot.restart_forbidden(d.restart.policy);
         if slot.restart_pending && forbidden && !ready_at(index) && !starting_at(index) {
             let policy = match d.restart.policy {
                 RestartPolicy::OnFailure => "on-failure",
@@ -160,6 +158,40 @@ pub fn phase(
         format!("{draining} worker(s) draining")
     };
     (Phase::Progressing, Some(why))
+}
+
+/// What status shows for an index that has history but no live worker (DESIGN.md
+/// instance states).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VacantState {
+    /// Its last worker ended unplanned and it restarts once the backoff is over.
+    Backoff,
+    /// Its last worker ended and nothing will restart it: the restart policy says no
+    /// (`never`, or `on-failure` after exit code 0), or it was stopped on purpose.
+    Exited,
+}
+
+impl VacantState {
+    /// The name shown in status (`Backoff`, `Exited`).
+    #[must_use]
+    pub fn as_str(self) -> &'static str {
+        match self {
+            VacantState::Backoff => "Backoff",
+            VacantState::Exited => "Exited",
+        }
+    }
+}
+
+/// The state of an index with no live worker: `Backoff` only when a restart will come
+/// (pending and allowed by the restart policy), else `Exited`. An index waiting for a
+/// restart the policy forbids must not look like it is about to come back.
+#[must_use]
+pub fn vacant_state(d: &DesiredApp, slot: &SlotHistory) -> VacantState {
+    if slot.restart_pending && !slot.restart_forbidden(d.restart.policy) {
+        VacantState::Backoff
+    } else {
+        VacantState::Exited
+    }
 }
 
 /// `revision 3f2a9c1e`, or `revision 3f2a9c1e (reload 2)` for a reload.

@@ -63,6 +63,20 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
+/// Reloads and edits during rollouts, between readiness reports and exits: no crash,
+/// no failing template, so every run must end Available at the newest template.
+fn storm_op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        5 => any::<usize>().prop_map(Op::Report),
+        4 => Just(Op::Reload),
+        1 => Just(Op::NewTemplate(Fate::Good)),
+        3 => any::<usize>().prop_map(Op::Exit),
+        1 => any::<usize>().prop_map(Op::Idle),
+        2 => (0u64..3_000).prop_map(Op::Advance),
+        1 => Just(Op::AdvanceToWake),
+    ]
+}
+
 fn spec() -> impl Strategy<Value = DesiredApp> {
     let gate = prop_oneof![
         Just(ReadinessGate::Immediate),
@@ -92,6 +106,8 @@ struct Sim {
     revisions: u32,
     /// Workers that ignore the shutdown signal (exit only when killed).
     stubborn: BTreeSet<WorkerId>,
+    /// Workers spawned so far.
+    spawns: usize,
 }
 
 /// Ready, non-draining workers at an index below `n`.
@@ -114,6 +130,19 @@ fn live_count(w: &World, n: u32) -> usize {
     })
 }
 
+/// (id, index, generation/revision, state) of every worker, for failure messages.
+fn summary(o: &super::ObservedApp) -> Vec<String> {
+    o.workers
+        .values()
+        .map(|x| {
+            format!(
+                "{}@{} {}/{} {:?}",
+                x.id, x.index, x.template.revision, x.template.generation, x.state
+            )
+        })
+        .collect()
+}
+
 fn key(a: &Action) -> String {
     format!("{a:?}")
 }
@@ -127,6 +156,7 @@ impl Sim {
             fates,
             revisions: 0,
             stubborn: BTreeSet::new(),
+            spawns: 0,
         }
     }
 
@@ -166,47 +196,74 @@ impl Sim {
         if let Some(at) = p.wake_at {
             prop_assert!(at > self.w.now, "wake_at not in the future");
         }
-        // A failed readiness (or a failed rollout) never drains a worker that serves.
+        // A failed readiness never drains a worker that serves; a failed rollout drains
+        // only workers of the failed template, and every index that had an old Ready
+        // worker still has one after the plan (fail closed: old workers keep serving).
         for a in &p.actions {
             if let Action::Drain { worker, reason, .. } = a {
                 let was = &before.workers[worker];
-                if matches!(
-                    reason,
-                    DrainReason::ReadinessTimeout | DrainReason::RolloutFailed
-                ) {
-                    prop_assert_ne!(
-                        was.state,
-                        WorkerState::Ready,
-                        "{:?} drained a ready worker",
-                        reason
-                    );
+                if *reason == DrainReason::ReadinessTimeout {
+                    prop_assert_ne!(was.state, WorkerState::Ready, "{:?}", p.actions);
                 }
-                if p.actions
-                    .iter()
-                    .any(|a| matches!(a, Action::FailRollout { .. }))
-                    && was.state == WorkerState::Ready
-                {
-                    prop_assert!(false, "a failing rollout drained ready worker {}", worker);
+                if *reason == DrainReason::RolloutFailed {
+                    prop_assert_eq!(
+                        &was.template,
+                        &d.template,
+                        "RolloutFailed drained an old worker"
+                    );
                 }
             }
         }
+        let failing = p
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::FailRollout { .. }));
+        let old_ready_at = |o: &super::ObservedApp, index: u32| {
+            o.workers.values().any(|x| {
+                x.index == index && x.state == WorkerState::Ready && x.template != d.template
+            })
+        };
         let spawned = self.apply(&p);
+        if failing {
+            let after = self.w.obs().clone();
+            for index in 0..n {
+                // (A sick old worker may be replaced by a healthy one of any template.)
+                let sick_only = before.workers.values().all(|x| {
+                    x.index != index
+                        || x.state != WorkerState::Ready
+                        || x.template == d.template
+                        || d.unhealthy(x).is_some()
+                });
+                if old_ready_at(&before, index) && !sick_only {
+                    prop_assert!(
+                        old_ready_at(&after, index),
+                        "a failing rollout took index {}'s old worker: {:?} from {:?}",
+                        index,
+                        p.actions,
+                        summary(&before)
+                    );
+                }
+            }
+        }
         let after_ready = ready_count(&self.w, n);
         let floor = (n as usize).saturating_sub(d.rollout.max_unavailable as usize);
         prop_assert!(
             after_ready >= before_ready.min(floor),
-            "ready {} -> {} (floor {}): {:?}",
+            "ready {} -> {} (floor {}): {:?} from {:?}",
             before_ready,
             after_ready,
             floor,
-            p.actions
+            p.actions,
+            summary(&before)
         );
         let cap = (n + d.rollout.max_surge) as usize;
         prop_assert!(
             live_count(&self.w, n) <= cap,
-            "{} live > {}",
+            "{} live > {}: {:?} from {:?}",
             live_count(&self.w, n),
-            cap
+            cap,
+            p.actions,
+            summary(&before)
         );
         if let Some(o) = self.w.observed.apps.get(&app()) {
             let mut seen = BTreeSet::new();
@@ -234,9 +291,10 @@ impl Sim {
         if !spawned {
             prop_assert!(
                 again.actions.is_empty(),
-                "not idempotent: {:?} then {:?}",
+                "not idempotent: {:?} then {:?} from {:?}",
                 p.actions,
-                again.actions
+                again.actions,
+                summary(&before)
             );
         }
         let did = !p.actions.is_empty();
@@ -246,6 +304,7 @@ impl Sim {
     /// Carries a plan out like the runtime would; crash-at-start workers die at once.
     fn apply(&mut self, p: &Plan) -> bool {
         let ids = self.w.apply(p);
+        self.spawns += ids.len();
         for id in &ids {
             let t = self.w.worker(*id).template.clone();
             if self.fate(&t) == Fate::CrashAtStart {
@@ -385,14 +444,25 @@ impl Sim {
     }
 }
 
-fn run(d: DesiredApp, ops: &[Op]) -> Result<Sim, TestCaseError> {
+/// Delivers the events; one whose flag is false is followed by the next event before
+/// any plan (the runtime records several events between two plans: a readiness report
+/// and a reload request can land together).
+fn run(d: DesiredApp, ops: &[(Op, bool)]) -> Result<Sim, TestCaseError> {
     let mut sim = Sim::new(d);
     let mut wake = sim.plan_until_quiet()?;
-    for op in ops {
+    for (op, plan_after) in ops {
         sim.event(op, wake);
-        wake = sim.plan_until_quiet()?;
+        if *plan_after {
+            wake = sim.plan_until_quiet()?;
+        }
     }
+    sim.plan_until_quiet()?;
     Ok(sim)
+}
+
+/// Events, most of them followed by a plan.
+fn ops(max: usize) -> impl Strategy<Value = Vec<(Op, bool)>> {
+    proptest::collection::vec((op(), proptest::bool::weighted(0.7)), 0..max)
 }
 
 proptest! {
@@ -400,10 +470,11 @@ proptest! {
 
     /// Around every plan: live workers <= replicas + maxSurge; the planner never takes
     /// the ready count below replicas - maxUnavailable (nor below where it was); a failed
-    /// readiness or rollout drains no ready worker; live indexes are in 0..replicas and
-    /// unique per template; planning again at the same instant repeats nothing.
+    /// readiness drains no ready worker, a failed rollout leaves every index its old
+    /// Ready worker; live indexes are in 0..replicas and unique per template; planning
+    /// again at the same instant repeats nothing.
     #[test]
-    fn safety_invariants_hold_at_every_step(d in spec(), ops in proptest::collection::vec(op(), 0..40)) {
+    fn safety_invariants_hold_at_every_step(d in spec(), ops in ops(40)) {
         let mut sim = run(d, &ops)?;
         sim.settle()?;
     }
@@ -412,7 +483,7 @@ proptest! {
     /// desired template at indexes 0..replicas and nothing draining, unless the desired
     /// template failed (then: full count at the old template(s)) or cannot run at all.
     #[test]
-    fn converges_to_the_desired_set(d in spec(), ops in proptest::collection::vec(op(), 0..40)) {
+    fn converges_to_the_desired_set(d in spec(), ops in ops(40)) {
         let mut sim = run(d, &ops)?;
         let quiet = sim.settle()?;
         let d = sim.w.d().clone();
@@ -443,6 +514,39 @@ proptest! {
             prop_assert!(live.iter().all(|(_, x)| *x == t), "not all at {:?}: {:?}", t, live);
             prop_assert_eq!(o.last_good.as_ref(), Some(&t));
             prop_assert_eq!(ph, Phase::Available, "{:?}", why);
+        }
+    }
+
+    /// Reload and edit storms during rollouts (overlapping reloads, a readiness report
+    /// landing together with a reload, edits during reloads): every run converges to
+    /// `replicas` Ready workers of the newest template, and once the storm is over the
+    /// last rollout starts at most one worker per index (superseded reloads coalesce).
+    #[test]
+    fn reload_and_edit_storms_always_converge(
+        d in spec(),
+        ops in proptest::collection::vec((storm_op(), proptest::bool::weighted(0.5)), 0..60),
+    ) {
+        let mut sim = run(d, &ops)?;
+        let before = sim.spawns;
+        prop_assert!(sim.settle()?, "a storm of reloads never settled: {:?}", summary(sim.w.obs()));
+        let d = sim.w.d().clone();
+        let o = sim.w.obs().clone();
+        let failed = o.failed.as_ref().is_some_and(|f| f.template == d.template);
+        let (ph, why) = phase(Some(&d), &o, sim.w.now);
+        prop_assert_eq!(o.workers.len(), d.replicas as usize, "{:?}", summary(&o));
+        prop_assert!(o.workers.values().all(|x| x.state == WorkerState::Ready), "{:?}", summary(&o));
+        if failed {
+            // Only a readiness timeout (time passing in the storm) fails a good template.
+            prop_assert_eq!(ph, Phase::Degraded);
+        } else {
+            prop_assert!(o.workers.values().all(|x| x.template == d.template), "{:?}", summary(&o));
+            prop_assert_eq!(ph, Phase::Available, "{:?}", why);
+            prop_assert!(
+                sim.spawns - before <= d.replicas as usize,
+                "{} spawns after the storm for {} replicas",
+                sim.spawns - before,
+                d.replicas
+            );
         }
     }
 }

@@ -4,8 +4,8 @@ use std::time::Duration;
 
 use super::fixtures::{app, tpl, World, READY_TIMEOUT, SHUTDOWN};
 use super::{
-    phase, Action, DesiredApp, DrainReason, ExitReason, Phase, ReadinessGate, Template, WorkerId,
-    WorkerState,
+    phase, vacant_state, Action, DesiredApp, DrainReason, ExitReason, Phase, ReadinessGate,
+    Template, VacantState, WorkerId, WorkerState,
 };
 use crate::model::RestartPolicy;
 
@@ -244,6 +244,51 @@ fn restart_policy_never_and_on_failure() {
         w.plan().actions,
         vec![spawn(1, &tpl("a"))],
         "only the failure restarts"
+    );
+}
+
+#[test]
+fn an_exit_the_policy_does_not_restart_is_exited_and_no_restart() {
+    let mut w = running(DesiredApp::test(2).policy(RestartPolicy::OnFailure));
+    let ids = w.ids(|_| true);
+    w.exit(ids[0], ExitReason::Code(0));
+    w.exit(ids[1], ExitReason::Code(3));
+    let d = w.d().clone();
+    let slot = |w: &World, i: u32| w.obs().slots[&i].clone();
+    assert_eq!(vacant_state(&d, &slot(&w, 0)), VacantState::Exited);
+    assert_eq!(vacant_state(&d, &slot(&w, 1)), VacantState::Backoff);
+    assert_eq!(
+        (slot(&w, 0).restarts, slot(&w, 1).restarts),
+        (0, 0),
+        "a restart counts when it happens"
+    );
+    w.advance(Duration::from_secs(1));
+    let p = w.plan();
+    w.apply(&p);
+    assert_eq!((slot(&w, 0).restarts, slot(&w, 1).restarts), (0, 1));
+
+    let mut w = running(DesiredApp::test(1).policy(RestartPolicy::Never));
+    let id = w.ids(|_| true)[0];
+    w.exit(id, ExitReason::Signal(9));
+    w.advance(Duration::from_secs(60));
+    w.settle();
+    assert_eq!(vacant_state(w.d(), &w.obs().slots[&0]), VacantState::Exited);
+    assert_eq!(w.obs().slots[&0].restarts, 0);
+}
+
+#[test]
+fn a_failed_restart_attempt_counts_as_a_restart() {
+    let mut w = running(DesiredApp::test(1));
+    let id = w.ids(|_| true)[0];
+    w.exit(id, ExitReason::Code(1));
+    w.advance(Duration::from_secs(1));
+    assert_eq!(w.plan().actions, vec![spawn(0, &tpl("a"))]);
+    let now = w.now;
+    w.obs_mut().record_spawn_failed(0, tpl("a"), now);
+    assert_eq!(w.obs().slots[&0].restarts, 1);
+    assert_eq!(
+        vacant_state(w.d(), &w.obs().slots[&0]),
+        VacantState::Backoff
     );
 }
 

@@ -4,6 +4,8 @@
 
 use std::time::{Duration, Instant};
 
+use crate::model::RestartPolicy;
+
 use super::{
     Action, Desired, DrainProgress, DrainReason, ExitReason, Observed, ObservedApp, RolloutFailure,
     SlotHistory, Template, Worker, WorkerId, WorkerState,
@@ -24,9 +26,9 @@ impl ObservedApp {
     }
 
     /// A worker was started for `index` from `template`. It is `Starting`; the index's
-    /// pending restart (if any) is consumed.
+    /// pending restart (if any) is consumed and counted in `restarts`.
     pub fn record_spawn(&mut self, id: WorkerId, index: u32, template: Template, now: Instant) {
-        self.slots.entry(index).or_default().restart_pending = false;
+        self.slots.entry(index).or_default().consume_restart();
         self.workers
             .insert(id, Worker::starting(id, index, template, now));
     }
@@ -43,9 +45,11 @@ impl ObservedApp {
     }
 
     /// Starting a worker for `index` failed (exec error, bad user...). Counts as an
-    /// unplanned exit of that index: restarts, backoff, and possibly a failed rollout.
+    /// unplanned exit of that index: backoff, and possibly a failed rollout; if the
+    /// attempt was a restart, it counts in `restarts` like a successful one.
     pub fn record_spawn_failed(&mut self, index: u32, template: Template, now: Instant) {
         let slot = self.slots.entry(index).or_default();
+        slot.consume_restart();
         slot.record_failure(now, ExitReason::SpawnFailed, template, false);
     }
 
@@ -63,8 +67,9 @@ impl ObservedApp {
 
     /// The worker's process ended; it leaves `workers` and is returned.
     ///
-    /// - Not draining: an unplanned exit (crash). The index's `restarts` and
-    ///   `consecutive_failures` go up, and a restart becomes pending. If the worker had
+    /// - Not draining: an unplanned exit (crash). The index's `consecutive_failures`
+    ///   goes up and a restart becomes pending (counted in `restarts` when the restart
+    ///   happens, so an exit the restart policy leaves alone is no restart). If the worker had
     ///   been Ready for at least `stable_after` (see [`super::stable_after`]), or the
     ///   previous failure of the index was of another template, the streak restarts at 1.
     /// - Drained because it was not ready in time (and its template's rollout did not
@@ -189,6 +194,26 @@ impl ObservedApp {
 }
 
 impl SlotHistory {
+    /// A worker is being started for the index: a pending restart is consumed, and
+    /// counted.
+    fn consume_restart(&mut self) {
+        if self.restart_pending {
+            self.restart_pending = false;
+            self.restarts = self.restarts.saturating_add(1);
+        }
+    }
+
+    /// The restart policy forbids restarting the index's last unplanned exit
+    /// (`never`; `on-failure` after a clean exit).
+    #[must_use]
+    pub fn restart_forbidden(&self, policy: RestartPolicy) -> bool {
+        match policy {
+            RestartPolicy::Always => false,
+            RestartPolicy::OnFailure => !self.last_exit_failed,
+            RestartPolicy::Never => true,
+        }
+    }
+
     fn record_failure(
         &mut self,
         now: Instant,
@@ -200,7 +225,6 @@ impl SlotHistory {
             .last_exit
             .as_ref()
             .is_some_and(|(_, _, t)| *t == template);
-        self.restarts = self.restarts.saturating_add(1);
         self.consecutive_failures = if ran_clean || !same_template {
             1
         } else {

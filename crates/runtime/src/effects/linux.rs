@@ -20,9 +20,11 @@ use super::probes;
 use super::{AdoptRequest, Effects, ListenKey, Report, SpawnRequest, Started};
 use crate::limits::{CgroupLimits, CgroupTree};
 use crate::listener::BoundListener;
+use crate::logwatch::LogSizeWatch;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
+use crate::seccomp::{BindEvent, SharedBind, SharedListener};
 use crate::shim::ShimCommand;
 use crate::spawn::{spawn_worker, InheritedListener, WorkerProcess, WorkerSpec};
 
@@ -68,9 +70,26 @@ impl ListenerSet {
 /// A live worker's OS handles.
 struct Proc {
     handle: WorkerProcess,
+    /// Its instance index: the log file it writes.
+    index: u32,
     ports: Vec<(ListenKey, u16)>,
     /// Readiness and liveness probes; cancelled on drain and exit.
     probes: CancellationToken,
+    /// Shared mode: answers the worker's binds for as long as it lives (dropping it
+    /// would make the worker's later binds fail with ENOSYS). `None` for other modes and
+    /// for adopted workers (the previous daemon's notification fd is gone; they already
+    /// hold the socket).
+    _shared: Option<SharedBind>,
+}
+
+/// What [`LinuxEffects::start`] hands back.
+struct StartedProcess {
+    process: WorkerProcess,
+    ipc: Option<crate::ipc::IpcChannel>,
+    cgroup_note: Option<String>,
+    /// Shared mode: the notification fd and the sockets to answer binds with, labelled
+    /// `address:port/protocol` for reports.
+    shared: Option<(std::os::fd::OwnedFd, Vec<SharedListener>, Vec<String>)>,
 }
 
 /// The real host.
@@ -84,6 +103,10 @@ pub struct LinuxEffects {
     ports_in_use: HashSet<u16>,
     cgroups: Result<CgroupTree, String>,
     tasks: TaskTracker,
+    /// Checks log sizes as workers write them (`None`: inotify unavailable; the periodic
+    /// [`Effects::rotate_logs`] still runs).
+    log_watch: Option<LogSizeWatch>,
+    log_watch_stop: CancellationToken,
 }
 
 impl LinuxEffects {
@@ -111,6 +134,10 @@ impl LinuxEffects {
                 }
             }
         });
+        let log_watch_stop = CancellationToken::new();
+        let log_watch = LogSizeWatch::start(log_watch_stop.clone())
+            .map_err(|e| tracing::warn!(error = %e, "log sizes checked only periodically"))
+            .ok();
         let cgroups = CgroupTree::detect().map_err(|e| e.to_string());
         if let Err(e) = &cgroups {
             tracing::info!(reason = %e, "cgroup backstop unavailable; memory limits are enforced by sampling only");
@@ -125,6 +152,8 @@ impl LinuxEffects {
             ports_in_use: HashSet::new(),
             cgroups,
             tasks,
+            log_watch,
+            log_watch_stop,
         })
     }
 
@@ -140,6 +169,7 @@ impl LinuxEffects {
         for (_, set) in std::mem::take(&mut self.listeners) {
             set.close();
         }
+        self.log_watch_stop.cancel();
         self.tasks.close();
     }
 
@@ -163,6 +193,13 @@ impl LinuxEffects {
         for (_, p) in ports {
             self.ports_in_use.remove(p);
         }
+    }
+
+    /// Whether a live (or draining) worker of `app` writes the log of `index`.
+    fn writes_log(&self, app: &AppName, index: u32) -> bool {
+        self.procs
+            .iter()
+            .any(|((a, _), p)| a == app && p.index == index)
     }
 
     fn watch_exit(&self, app: &AppName, id: WorkerId, process: WorkerProcess) {
@@ -214,26 +251,44 @@ impl LinuxEffects {
         &mut self,
         req: SpawnRequest<'_>,
         ports: &[(ListenKey, u16)],
-    ) -> Result<
-        (
-            WorkerProcess,
-            Option<crate::ipc::IpcChannel>,
-            Option<String>,
-        ),
-        String,
-    > {
+    ) -> Result<StartedProcess, String> {
         let spec = &req.spec.spec;
+        // PORT is the first listener's port that the app binds itself: the private port
+        // of a proxied listener, the public port of a shared one (inherit-mode apps get
+        // fd 3 instead). PORT_<NAME> for each named one.
         let mut extra_env = BTreeMap::new();
-        for (key, port) in ports {
+        let set = self.listeners.get(req.app);
+        let mut shared = Vec::new();
+        let mut shared_labels = Vec::new();
+        for l in &spec.listen {
+            let key = ListenKey::of(l);
+            let entry = set.and_then(|s| s.entries.iter().find(|e| e.key == key));
+            let port = match l.mode {
+                ListenMode::Http | ListenMode::Tcp => {
+                    ports.iter().find(|(k, _)| *k == key).map(|(_, p)| *p)
+                }
+                ListenMode::Shared => {
+                    let Some(e) = entry else {
+                        return Err(format!(
+                            "the shared listener {}:{} is not bound",
+                            l.address, l.port
+                        ));
+                    };
+                    shared.push(SharedListener {
+                        addr: e.bound.local_addr(),
+                        protocol: e.bound.protocol(),
+                        fd: e.bound.inherit_fd().map_err(|e| e.to_string())?,
+                    });
+                    shared_labels.push(format!("{}/{}", e.bound.local_addr(), l.protocol));
+                    Some(e.bound.local_addr().port())
+                }
+                ListenMode::Inherit => None,
+            };
+            let Some(port) = port else { continue };
             extra_env
                 .entry("PORT".to_string())
                 .or_insert_with(|| port.to_string());
-            if let Some(name) = spec
-                .listen
-                .iter()
-                .find(|l| ListenKey::of(l) == *key)
-                .and_then(|l| l.name.as_ref())
-            {
+            if let Some(name) = &l.name {
                 extra_env.insert(format!("PORT_{}", env_suffix(name)), port.to_string());
             }
         }
@@ -268,13 +323,130 @@ impl LinuxEffects {
         }
         ws.notify_socket = Some(self.config.notify_path.clone());
         ws.ipc = spec.readiness.kind == Some(ReadinessKind::Ipc);
+        ws.shared_bind = !shared.is_empty();
         ws.user.clone_from(&spec.user);
         ws.group.clone_from(&spec.group);
         ws.rlimits = (&spec.limits).into();
         ws.log_dir = Some(self.config.log_dir.clone());
+        // Nobody else writes this index's log: rotate it by rename (no copy, works on a
+        // full disk) before the new worker gets it.
+        if !self.writes_log(req.app, req.index) {
+            ws.log_rotate_unshared = Some((&spec.logs).into());
+        }
         let cgroup_note = self.cgroup_for(&req, &mut ws);
-        let spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
-        Ok((spawned.process, spawned.ipc, cgroup_note))
+        let mut spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
+        let shared = spawned
+            .seccomp_notif
+            .take()
+            .map(|notif| (notif, shared, shared_labels));
+        Ok(StartedProcess {
+            process: spawned.process,
+            ipc: spawned.ipc,
+            cgroup_note,
+            shared,
+        })
+    }
+
+    /// An adopted shared-mode worker bound under the previous daemon, whose answers are
+    /// gone with it: report which of its processes hold which shared socket (found by
+    /// inode in `/proc/<pid>/fd`), so status still says who bound what.
+    /// Called once the app's sockets are bound or recovered (adoption comes first).
+    fn report_adopted_binds(&self, app: &AppName, listens: &[Listener]) {
+        let Some(set) = self.listeners.get(app) else {
+            return;
+        };
+        let shared: Vec<(String, String)> = listens
+            .iter()
+            .filter(|l| l.mode == ListenMode::Shared)
+            .filter_map(|l| {
+                let key = ListenKey::of(l);
+                let e = set.entries.iter().find(|e| e.key == key)?;
+                let link = std::fs::read_link(format!(
+                    "/proc/self/fd/{}",
+                    std::os::fd::AsRawFd::as_raw_fd(&e.bound)
+                ))
+                .ok()?;
+                Some((
+                    link.to_string_lossy().into_owned(),
+                    format!("{}/{}", e.bound.local_addr(), l.protocol),
+                ))
+            })
+            .collect();
+        if shared.is_empty() {
+            return;
+        }
+        let adopted = self
+            .procs
+            .iter()
+            .filter(|((a, _), p)| a == app && p.handle.is_adopted())
+            .map(|((_, id), p)| (*id, p.handle.pid()));
+        for (id, pgid) in adopted {
+            self.report_binds_of(app, id, pgid, &shared);
+        }
+    }
+
+    fn report_binds_of(&self, app: &AppName, id: WorkerId, pgid: i32, shared: &[(String, String)]) {
+        for member in procfs::group_members(pgid) {
+            let Ok(fds) = std::fs::read_dir(format!("/proc/{member}/fd")) else {
+                continue;
+            };
+            let links: HashSet<String> = fds
+                .flatten()
+                .filter_map(|f| std::fs::read_link(f.path()).ok())
+                .map(|l| l.to_string_lossy().into_owned())
+                .collect();
+            for (socket, label) in shared {
+                if links.contains(socket) {
+                    let _ = self.reports.send(Report::Bound {
+                        app: app.clone(),
+                        id,
+                        pid: u32::try_from(member).unwrap_or_default(),
+                        listener: label.clone(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Starts answering a shared-mode worker's binds; each answered bind is reported
+    /// ([`Report::Bound`]), the first one also as [`Report::Ready`] when the readiness is
+    /// `bind`, and a bind elsewhere as [`Report::StrayBind`].
+    fn answer_binds(
+        &self,
+        req: &SpawnRequest<'_>,
+        notif: std::os::fd::OwnedFd,
+        listeners: Vec<SharedListener>,
+        labels: Vec<String>,
+    ) -> Result<SharedBind, String> {
+        let tx = self.reports.clone();
+        let app = req.app.clone();
+        let id = req.id;
+        let ready_on_bind = req.spec.spec.readiness.kind == Some(ReadinessKind::Bind);
+        let first = std::sync::atomic::AtomicBool::new(true);
+        SharedBind::start(notif, listeners, move |event| match event {
+            BindEvent::Bound(b) => {
+                let _ = tx.send(Report::Bound {
+                    app: app.clone(),
+                    id,
+                    pid: u32::try_from(b.pid).unwrap_or_default(),
+                    listener: labels.get(b.listener).cloned().unwrap_or_default(),
+                });
+                if ready_on_bind && first.swap(false, std::sync::atomic::Ordering::Relaxed) {
+                    let _ = tx.send(Report::Ready {
+                        app: app.clone(),
+                        id,
+                    });
+                }
+            }
+            BindEvent::Stray(s) => {
+                let _ = tx.send(Report::StrayBind {
+                    app: app.clone(),
+                    id,
+                    message: s.to_string(),
+                });
+            }
+        })
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -311,7 +483,9 @@ impl Effects for LinuxEffects {
                 // Workers adopted from a previous daemon still hold an inherit-mode
                 // socket: take that very socket back rather than binding (which would
                 // fail anyway while they hold it).
-                let recovered = if l.mode == ListenMode::Inherit && !adopted.is_empty() {
+                let recovered = if matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
+                    && !adopted.is_empty()
+                {
                     BoundListener::recover_from(adopted, addr, l.protocol).unwrap_or_else(|e| {
                         tracing::warn!(app = %app, error = %e, "cannot recover the listener from adopted workers");
                         None
@@ -329,7 +503,8 @@ impl Effects for LinuxEffects {
                 let mut trusted = None;
                 let mut tls = None;
                 let (routes, proxy) = match l.mode {
-                    ListenMode::Inherit => (None, CancellationToken::new()),
+                    // The workers themselves accept on these; no proxy.
+                    ListenMode::Inherit | ListenMode::Shared => (None, CancellationToken::new()),
                     mode => {
                         let routes = RouteTable::new();
                         routes.set_affinity(l.affinity == Affinity::ClientIp);
@@ -373,7 +548,11 @@ impl Effects for LinuxEffects {
         })();
         match result {
             Ok(()) => {
+                let recovered = !adopted.is_empty() && !added.is_empty();
                 set.entries.extend(added);
+                if recovered {
+                    self.report_adopted_binds(app, listens);
+                }
                 Ok(())
             }
             Err(e) => {
@@ -427,7 +606,7 @@ impl Effects for LinuxEffects {
             .spec
             .listen
             .iter()
-            .filter(|l| l.mode != ListenMode::Inherit)
+            .filter(|l| matches!(l.mode, ListenMode::Http | ListenMode::Tcp))
         {
             match self.allocate_port() {
                 Ok(p) => ports.push((ListenKey::of(l), p)),
@@ -437,12 +616,30 @@ impl Effects for LinuxEffects {
                 }
             }
         }
-        let (process, ipc, cgroup_note) = match self.start(req, &ports).await {
+        let StartedProcess {
+            process,
+            ipc,
+            cgroup_note,
+            shared,
+        } = match self.start(req, &ports).await {
             Ok(r) => r,
             Err(e) => {
                 self.release_ports(&ports);
                 return Err(e);
             }
+        };
+        let shared = match shared {
+            Some((notif, listeners, labels)) => {
+                match self.answer_binds(&req, notif, listeners, labels) {
+                    Ok(s) => Some(s),
+                    Err(e) => {
+                        let _ = process.kill();
+                        self.release_ports(&ports);
+                        return Err(format!("cannot answer the worker's binds: {e}"));
+                    }
+                }
+            }
+            None => None,
         };
         let pid = u32::try_from(process.pid()).unwrap_or_default();
         if let Some(ipc) = ipc {
@@ -481,10 +678,18 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes,
+                _shared: shared,
             },
         );
+        if let Some(watch) = &self.log_watch {
+            watch.track(
+                crate::logs::instance_log_path(&self.config.log_dir, &req.app.0, req.index),
+                (&req.spec.spec.logs).into(),
+            );
+        }
         Ok(started)
     }
 
@@ -514,8 +719,10 @@ impl Effects for LinuxEffects {
             (req.app.clone(), req.id),
             Proc {
                 handle: process,
+                index: req.index,
                 ports,
                 probes: CancellationToken::new(),
+                _shared: None,
             },
         );
         Ok(started)
@@ -607,6 +814,15 @@ impl Effects for LinuxEffects {
         let Some(p) = self.procs.remove(&(app.clone(), id)) else {
             return;
         };
+        if !self.writes_log(app, p.index) {
+            if let Some(watch) = &self.log_watch {
+                watch.untrack(crate::logs::instance_log_path(
+                    &self.config.log_dir,
+                    &app.0,
+                    p.index,
+                ));
+            }
+        }
         p.probes.cancel();
         self.notify_registry.remove(p.handle.pid());
         if let Some(set) = self.listeners.get(app) {
@@ -624,15 +840,19 @@ impl Effects for LinuxEffects {
     }
 
     fn sample(&mut self) -> BTreeMap<u32, GroupUsage> {
-        let by_group = procfs::usage_by_group();
+        // One /proc pass for all workers; a worker with a cgroup counts its whole tree
+        // (setsid'd children included), one without counts its process group.
+        let by_pid = procfs::usage_by_pid();
+        let by_group = procfs::group_by_pgid(&by_pid);
         self.procs
             .values()
             .filter_map(|p| {
                 let pid = p.handle.pid();
-                Some((
-                    u32::try_from(pid).ok()?,
-                    by_group.get(&pid).copied().unwrap_or_default(),
-                ))
+                let usage = match p.handle.cgroup_members() {
+                    Some(members) => procfs::sum_of(&by_pid, &members),
+                    None => by_group.get(&pid).copied().unwrap_or_default(),
+                };
+                Some((u32::try_from(pid).ok()?, usage))
             })
             .collect()
     }
@@ -668,6 +888,18 @@ impl Effects for LinuxEffects {
     fn rotate_logs(&mut self, app: &AppName, logs: &Logs) {
         if let Err(e) = crate::logs::rotate_app(&self.config.log_dir, &app.0, logs.into()) {
             tracing::warn!(app = %app, error = %e, "log rotation");
+        }
+        // Keep the size watch's policy current (a `logs` edit touches no worker), and
+        // track workers it has not seen (adopted ones).
+        if let Some(watch) = &self.log_watch {
+            for ((a, _), p) in &self.procs {
+                if a == app {
+                    watch.track(
+                        crate::logs::instance_log_path(&self.config.log_dir, &app.0, p.index),
+                        logs.into(),
+                    );
+                }
+            }
         }
     }
 }

@@ -60,6 +60,28 @@ pub enum Report {
         /// Why it failed.
         detail: String,
     },
+    /// Shared mode: the worker's bind of a shared listener was answered with the
+    /// daemon's socket. With readiness `bind` a [`Report::Ready`] follows the first one.
+    Bound {
+        /// App.
+        app: AppName,
+        /// Worker.
+        id: WorkerId,
+        /// The process that bound (the worker or one of its children).
+        pid: u32,
+        /// The listener, `address:port/protocol` as bound by the daemon.
+        listener: String,
+    },
+    /// Shared mode: the worker bound another port than a shared listener's; it runs, and
+    /// the message says what it bound.
+    StrayBind {
+        /// App.
+        app: AppName,
+        /// Worker.
+        id: WorkerId,
+        /// "worker bound 127.0.0.1:9999/tcp (pid 42), not the shared listener".
+        message: String,
+    },
     /// Nothing is in flight to a draining worker any more.
     Drained {
         /// App.

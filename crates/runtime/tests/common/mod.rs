@@ -33,14 +33,18 @@ pub fn demo_server() -> PathBuf {
 }
 
 /// A spec for app `t`, instance `index`.
+/// Logs are written raw (no timestamper) so tests can read a worker's log the moment it
+/// exits; the tests of the timestamper turn it on.
 pub fn spec(index: u32, argv: &[&str]) -> WorkerSpec {
-    WorkerSpec::new(
+    let mut s = WorkerSpec::new(
         AppName("t".into()),
         index,
         Revision("rev1".into()),
         argv.iter().map(OsString::from).collect(),
         shim(),
-    )
+    );
+    s.log_timestamps = false;
+    s
 }
 
 /// Kills the worker's whole process group when dropped (also on test failure).

@@ -1,0 +1,366 @@
+//! `mode: shared` with the real binary: unmodified servers that bind `$PORT` share the
+//! daemon's socket (seccomp user notification), readiness `bind`, status and events
+//! naming the pid that bound, a stray bind reported, UDP, and a reload under
+//! new-connection load that loses nothing.
+
+use std::collections::BTreeSet;
+use std::net::UdpSocket;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+const T: Duration = Duration::from_secs(20);
+
+/// A shared-mode manifest for any command (argv as YAML flow list items); `listen` lines
+/// (indented 4) replace the default TCP listener when given.
+fn shared_manifest(name: &str, port: u16, instances: u32, argv: &[&str], extra: &str) -> String {
+    let argv: Vec<String> = argv
+        .iter()
+        .map(|a| serde_json::to_string(a).unwrap())
+        .collect();
+    format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: {name}\nspec:\n  command: [{}]\n  instances: {instances}\n  listen:\n    - {{name: web, port: {port}, address: 127.0.0.1, mode: shared}}\n  shutdown: {{signal: SIGTERM, timeout: 10s}}\n  restart: {{backoff: {{initial: 100ms, max: 2s}}}}\n{extra}",
+        argv.join(", ")
+    )
+}
+
+fn node() -> Option<PathBuf> {
+    ["/usr/bin/node", "/usr/local/bin/node"]
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.exists())
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| require_tool(std::path::Path::new("/usr/bin/node"), "node shared mode"))
+}
+
+/// New connections until every pid in `want` answered (at most 1000, in rounds of 200).
+fn distinct_pids(port: u16, want: &BTreeSet<String>) -> BTreeSet<String> {
+    let mut seen = BTreeSet::new();
+    for _ in 0..5 {
+        for _ in 0..200 {
+            let (status, body) = http_get(local(port), "/").unwrap();
+            assert_eq!(status, 200, "{body}");
+            seen.insert(body.trim().to_string());
+        }
+        if seen.is_superset(want) {
+            break;
+        }
+    }
+    seen
+}
+
+fn pids_of(app: &Value) -> BTreeSet<String> {
+    instance_pids(app)
+        .into_iter()
+        .map(|(_, p)| p.to_string())
+        .collect()
+}
+
+const NODE_APP: &str = r#"// Unmodified: listen on PORT (Node binds :: dual-stack), drain on SIGTERM.
+const server = require('http').createServer((req, res) => {
+  res.end(String(process.pid));
+}).listen(process.env.PORT);
+process.on('SIGTERM', () => { server.close(() => process.exit(0)); server.closeIdleConnections(); });
+"#;
+
+/// Node workers that call `listen(process.env.PORT)` share the socket: Available through
+/// readiness `bind` (the default), every worker answers, status and events say which pid
+/// bound the listener, and a reload under new-connection load loses nothing.
+#[test]
+fn node_listen_port_workers_share_the_socket_and_reload_without_loss() {
+    let Some(node) = node() else { return };
+    let d = Daemon::start();
+    let script = d.dir.path().join("server.js");
+    std::fs::write(&script, NODE_APP).unwrap();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &shared_manifest(
+            "web",
+            port,
+            3,
+            &[node.to_str().unwrap(), script.to_str().unwrap()],
+            "",
+        ),
+    );
+    let app = d.wait_phase("web", "Available", T);
+    assert_eq!(app["ready"], 3);
+    assert_eq!(app["listen"][0]["mode"], "shared");
+    let want = pids_of(&app);
+    for i in app["instances"].as_array().unwrap() {
+        let pid = i["pid"].as_i64().unwrap();
+        assert_eq!(
+            i["bound"],
+            serde_json::json!([format!("127.0.0.1:{port}/tcp by pid {pid}")]),
+            "{i}"
+        );
+        assert_eq!(
+            proc_env(pid as i32, "PORT"),
+            Some(port.to_string()),
+            "PORT is the public port"
+        );
+    }
+    assert_eq!(
+        distinct_pids(port, &want),
+        want,
+        "every worker took connections"
+    );
+    let events = d.events("web");
+    let bound: Vec<&str> = events
+        .iter()
+        .filter(|e| e["kind"] == "bound")
+        .filter_map(|e| e["message"].as_str())
+        .collect();
+    assert_eq!(bound.len(), 3, "{events:?}");
+    assert!(
+        bound
+            .iter()
+            .all(|m| m.ends_with(&format!("bound the shared listener 127.0.0.1:{port}/tcp"))),
+        "{bound:?}"
+    );
+    let table = d.cli(&["status", "web"]);
+    let text = String::from_utf8_lossy(&table.stdout);
+    assert!(text.contains("BOUND"), "{text}");
+    assert!(
+        text.contains(&format!("127.0.0.1:{port}/tcp by pid")),
+        "{text}"
+    );
+
+    let stats = d.reload_under("web", Load::start(local(port), "/", 4, false));
+    assert!(stats.ok > 0);
+    eprintln!(
+        "shared-mode reload under new-connection load: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    let after = d.wait_phase("web", "Available", T);
+    let new = pids_of(&after);
+    assert!(
+        new.is_disjoint(&want),
+        "every worker was replaced: {want:?} -> {new:?}"
+    );
+    assert_eq!(distinct_pids(port, &new), new);
+}
+
+/// `python3 -m http.server $(PORT)` unmodified, and a UDP server binding `PORT_DNS`: both
+/// as 2 workers on shared sockets, all of them answering.
+#[test]
+fn python_http_server_and_udp_workers_share_their_sockets() {
+    let d = Daemon::start();
+    let port = free_port();
+    let www = d.dir.path().join("www");
+    std::fs::create_dir(&www).unwrap();
+    std::fs::write(www.join("index.html"), "hello from http.server").unwrap();
+    let yaml = format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: py\nspec:\n  command: [python3, -m, http.server, \"$(PORT)\"]\n  workingDir: {}\n  instances: 2\n  listen:\n    - {{port: {port}, address: 127.0.0.1, mode: shared}}\n",
+        www.display()
+    );
+    d.write_manifest("py.yaml", &yaml);
+    let udp_port = free_port();
+    let script = d.dir.path().join("udp.py");
+    std::fs::write(
+        &script,
+        "import os, socket, time\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\ns.bind(('0.0.0.0', int(os.environ['PORT_DNS'])))\nwhile True:\n    _, peer = s.recvfrom(100)\n    time.sleep(0.005)\n    s.sendto(str(os.getpid()).encode(), peer)\n",
+    )
+    .unwrap();
+    let udp = format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: dns\nspec:\n  command: [python3, \"{}\"]\n  instances: 2\n  listen:\n    - {{name: dns, port: {udp_port}, address: 127.0.0.1, mode: shared, protocol: udp}}\n",
+        script.display()
+    );
+    d.write_manifest("dns.yaml", &udp);
+
+    let app = d.wait_phase("py", "Available", T);
+    // http.server names no pid, but logs every request to its instance's log.
+    let mut served = BTreeSet::new();
+    for _ in 0..5 {
+        for _ in 0..200 {
+            let (status, body) = http_get(local(port), "/").unwrap();
+            assert_eq!(status, 200, "{body}");
+            assert!(body.contains("hello from http.server"), "{body}");
+        }
+        for index in ["0", "1"] {
+            let out = d.cli(&["logs", "py", "--instance", index, "--tail", "5"]);
+            if String::from_utf8_lossy(&out.stdout).contains("\"GET / HTTP/1.1\" 200") {
+                served.insert(index);
+            }
+        }
+        if served.len() == 2 {
+            break;
+        }
+    }
+    assert_eq!(served.len(), 2, "both http.server workers took connections");
+    for i in app["instances"].as_array().unwrap() {
+        assert_eq!(i["bound"].as_array().map(Vec::len), Some(1), "{i}");
+    }
+
+    let dns = d.wait_phase("dns", "Available", T);
+    let want = pids_of(&dns);
+    let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+    client.set_read_timeout(Some(T)).unwrap();
+    let mut answered = BTreeSet::new();
+    for _ in 0..1000 {
+        client.send_to(b"who", ("127.0.0.1", udp_port)).unwrap();
+        let mut buf = [0u8; 32];
+        let (n, _) = client.recv_from(&mut buf).unwrap();
+        answered.insert(String::from_utf8_lossy(&buf[..n]).into_owned());
+        if answered.len() == want.len() {
+            break;
+        }
+    }
+    assert_eq!(answered, want, "every UDP worker received datagrams");
+    for i in dns["instances"].as_array().unwrap() {
+        let pid = i["pid"].as_i64().unwrap();
+        assert_eq!(
+            i["bound"],
+            serde_json::json!([format!("127.0.0.1:{udp_port}/udp by pid {pid}")])
+        );
+    }
+}
+
+/// An app that binds another port than `PORT` runs but is reported, never becomes ready
+/// through `bind`, and the status marks it as not bound.
+#[test]
+fn a_worker_binding_another_port_is_reported_and_never_ready() {
+    let d = Daemon::start();
+    let port = free_port();
+    let other = free_port();
+    let script = d.dir.path().join("stray.py");
+    std::fs::write(
+        &script,
+        format!("import socket, time\ns = socket.socket()\ns.bind(('127.0.0.1', {other}))\ns.listen()\ntime.sleep(600)\n"),
+    )
+    .unwrap();
+    d.write_manifest(
+        "stray.yaml",
+        &shared_manifest(
+            "stray",
+            port,
+            1,
+            &["python3", script.to_str().unwrap()],
+            "  readiness: {timeout: 2s}\n",
+        ),
+    );
+    let message = eventually(T, "a stray-bind event", || {
+        d.events("stray")
+            .iter()
+            .find(|e| e["kind"] == "stray-bind")
+            .and_then(|e| e["message"].as_str().map(String::from))
+    });
+    let pid = eventually(T, "the worker's pid", || {
+        d.instances("stray").first()?["pid"].as_i64()
+    });
+    assert_eq!(
+        message,
+        format!("worker bound 127.0.0.1:{other}/tcp (pid {pid}), not the shared listener")
+    );
+    let instance = &d.instances("stray")[0];
+    assert_eq!(instance["state"], "Starting", "{instance}");
+    assert_eq!(instance["bound"], serde_json::json!([]), "{instance}");
+    let table = d.cli(&["status", "stray"]);
+    assert!(
+        String::from_utf8_lossy(&table.stdout).contains("not bound"),
+        "{}",
+        String::from_utf8_lossy(&table.stdout)
+    );
+    // Its readiness times out like any other worker's that never gets ready.
+    eventually(T, "the readiness timeout to act", || {
+        d.events("stray")
+            .iter()
+            .any(|e| e["kind"] == "rollout-failed" || e["kind"] == "drain")
+            .then_some(())
+    });
+}
+
+/// A daemon SIGKILLed and restarted adopts shared-mode workers: they keep serving the
+/// shared socket meanwhile (no request lost), the new daemon recovers that socket from
+/// them and its status still says which pid bound it; a reload then replaces them
+/// through fresh bind answers.
+#[test]
+fn shared_workers_survive_a_daemon_restart_and_are_adopted() {
+    let Some(node) = node() else { return };
+    let mut d = Daemon::start();
+    let script = d.dir.path().join("server.js");
+    std::fs::write(&script, NODE_APP).unwrap();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &shared_manifest(
+            "web",
+            port,
+            2,
+            &[node.to_str().unwrap(), script.to_str().unwrap()],
+            "",
+        ),
+    );
+    d.wait_phase("web", "Available", T);
+    let before = d.ready_pids("web");
+    let load = Load::start(local(port), "/", 4, false);
+    load.wait_for(50);
+    d.kill_daemon();
+    load.wait_for(200); // served with no daemon at all
+    d.spawn();
+    let app = d.wait_phase("web", "Available", T);
+    load.wait_for(50);
+    let stats = load.stop();
+    assert_eq!(
+        (stats.failed, stats.non2xx),
+        (0, 0),
+        "requests lost across the daemon restart: {:?}",
+        stats.errors
+    );
+    assert_eq!(d.ready_pids("web"), before, "adopted, not replaced: {app}");
+    eventually(T, "adopted workers' binds in status", || {
+        let instances = d.instances("web");
+        instances
+            .iter()
+            .all(|i| {
+                let pid = i["pid"].as_i64().unwrap_or(0);
+                i["bound"] == serde_json::json!([format!("127.0.0.1:{port}/tcp by pid {pid}")])
+            })
+            .then_some(())
+    });
+    let stats = d.reload_under("web", Load::start(local(port), "/", 4, false));
+    assert!(stats.ok > 0);
+    let after = d.ready_pids("web");
+    assert!(before.iter().all(|p| !after.contains(p)));
+}
+
+/// `uvicorn app:app --port $(PORT)` unmodified (asyncio, non-blocking socket) as 2 shared
+/// workers: both answer.
+#[test]
+fn uvicorn_port_workers_share_the_socket() {
+    let Some(uvicorn) = require_tool(&repo_root().join(".venv/bin/uvicorn"), "uvicorn") else {
+        return;
+    };
+    let d = Daemon::start();
+    std::fs::write(
+        d.dir.path().join("asgi.py"),
+        r#"import os
+
+async def app(scope, receive, send):
+    assert scope["type"] == "http"
+    body = str(os.getpid()).encode()
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+"#,
+    )
+    .unwrap();
+    let port = free_port();
+    let yaml = format!(
+        "apiVersion: clusterd/v1\nkind: App\nmetadata:\n  name: asgi\nspec:\n  command: [\"{}\", asgi:app, --host, 127.0.0.1, --port, \"$(PORT)\", --no-access-log]\n  workingDir: {}\n  instances: 2\n  listen:\n    - {{port: {port}, address: 127.0.0.1, mode: shared}}\n  shutdown: {{signal: SIGTERM, timeout: 10s}}\n",
+        uvicorn.display(),
+        d.dir.path().display()
+    );
+    d.write_manifest("asgi.yaml", &yaml);
+    let app = d.wait_phase("asgi", "Available", T);
+    let want = pids_of(&app);
+    assert_eq!(want.len(), 2);
+    assert_eq!(
+        distinct_pids(port, &want),
+        want,
+        "every uvicorn worker took connections"
+    );
+}
