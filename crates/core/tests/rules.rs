@@ -157,7 +157,10 @@ fn every_rule_reports_where_and_what() {
         (
             "tls unknown field",
             with_spec("  listen:\n    - port: 443\n      tls: {certs: []}\n"),
-            vec!["/srv/apps/web.yaml:9:13: unknown field `certs` (expected one of `certificates`, `acme`)"],
+            vec![
+                "/srv/apps/web.yaml:9:12: no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default)",
+                "/srv/apps/web.yaml:9:13: unknown field `certs` (expected one of `certificates`, `acme`)",
+            ],
         ),
         (
             "tls acme not yet",
