@@ -23,6 +23,9 @@ mod safety;
 #[path = "e2e/gitops.rs"]
 mod gitops;
 
+#[path = "e2e/upgrade.rs"]
+mod upgrade;
+
 #[path = "e2e/faults.rs"]
 mod faults;
 

@@ -174,6 +174,10 @@ pub struct InstanceStatus {
     /// Requests (http) or connections (tcp) in flight through the daemon.
     #[serde(default)]
     pub inflight: Option<u64>,
+    /// Requests (http) or connections (tcp) sent to it through the daemon so far (a
+    /// counter: `clusterd top` shows its rate).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub requests_total: Option<u64>,
     /// Private port (http/tcp modes).
     #[serde(default)]
     pub port: Option<u16>,
@@ -227,6 +231,17 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// `POST /v1/upgrade`: the next daemon has taken over.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct UpgradeReply {
+    /// The daemon that answered, and exits now.
+    pub old_pid: u32,
+    /// The daemon that serves from now on.
+    pub new_pid: u32,
+    /// From starting the new binary to its "taken over".
+    pub took_ms: u64,
+}
+
 /// `GET /v1/daemon`: where the daemon keeps things (for `clusterd logs`).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DaemonInfo {
@@ -238,4 +253,7 @@ pub struct DaemonInfo {
     pub log_dir: String,
     /// State.
     pub state_dir: String,
+    /// The daemon's pid (it changes on `clusterd upgrade`).
+    #[serde(default)]
+    pub pid: Option<u32>,
 }

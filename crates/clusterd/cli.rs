@@ -110,6 +110,13 @@ enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Replace the running daemon with the binary now on disk, keeping every worker and
+    /// every open port (also: SIGUSR2 to the daemon). Exit 1 if the new binary did not
+    /// take over (the old daemon keeps running).
+    Upgrade {
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Export manifests for another platform.
     Export {
         #[command(subcommand)]
@@ -390,6 +397,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             output::events(&conn.client(), app.as_deref(), follow)
         }
         Command::Sync { conn } => output::sync(&conn.client()),
+        Command::Upgrade { conn } => output::upgrade(&conn.client()),
         Command::Export {
             target: ExportTarget::Kubernetes { files, image },
         } => output::export_kubernetes(&files, image.as_deref()),

@@ -651,6 +651,27 @@ pub fn events(client: &Client, app: Option<&str>, follow: bool) -> anyhow::Resul
 }
 
 /// `clusterd sync`.
+/// `clusterd upgrade`: 0 when the new daemon has taken over; 1 with the reason when it
+/// did not (the old daemon keeps running); 2 when no daemon answered.
+pub fn upgrade(client: &Client) -> anyhow::Result<ExitCode> {
+    let info: crate::api_types::DaemonInfo = client.get("/v1/daemon")?;
+    match client.post::<crate::api_types::UpgradeReply>("/v1/upgrade") {
+        Ok(r) => {
+            println!(
+                "upgraded: daemon pid {} replaced by pid {} in {} ms; workers and ports kept",
+                r.old_pid, r.new_pid, r.took_ms
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            let pid = info.pid.map_or_else(String::new, |p| format!(" (pid {p})"));
+            eprintln!("clusterd: upgrade failed: {e:#}");
+            eprintln!("clusterd: the running daemon{pid} keeps serving");
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
 pub fn sync(client: &Client) -> anyhow::Result<ExitCode> {
     let answer: serde_json::Value = client.post("/v1/sync")?;
     println!("{}", serde_json::to_string_pretty(&answer)?);

@@ -44,10 +44,10 @@ pub fn run(client: &Client) -> anyhow::Result<ExitCode> {
     // Fail before taking over the terminal, so the error prints like any other command's.
     let first: StatusReport = client.get("/v1/apps")?;
     let mut view = View {
-        report: Some(first),
         socket: client.socket().display().to_string(),
         ..View::default()
     };
+    view.take(first, Instant::now());
     let mut terminal = ratatui::try_init()?;
     let result = event_loop(&mut terminal, client, &mut view);
     ratatui::restore();
@@ -70,7 +70,7 @@ fn event_loop(
         if now >= next_fetch {
             match client.get::<StatusReport>("/v1/apps") {
                 Ok(r) => {
-                    view.report = Some(r);
+                    view.take(r, now);
                     view.error = None;
                 }
                 Err(e) => view.error = Some(format!("{e:#}")),
@@ -180,9 +180,38 @@ pub struct View {
     log_lines: VecDeque<String>,
     /// Fetch counter, shown so a frozen screen is visible as such.
     fetched: u64,
+    /// Per worker pid: its request counter at the previous fetch, and when.
+    seen: std::collections::HashMap<u32, (Instant, u64)>,
+    /// Per worker pid: requests per second between the last two fetches.
+    rates: std::collections::HashMap<u32, f64>,
 }
 
 impl View {
+    /// Takes a new report in, and turns the workers' request counters into rates.
+    fn take(&mut self, report: StatusReport, now: Instant) {
+        let mut seen = std::collections::HashMap::new();
+        self.rates.clear();
+        for i in report.apps.iter().flat_map(|a| a.instances.iter()) {
+            let (Some(pid), Some(total)) = (i.pid, i.requests_total) else {
+                continue;
+            };
+            if let Some((then, before)) = self.seen.get(&pid) {
+                let secs = now.duration_since(*then).as_secs_f64();
+                if secs > 0.0 && total >= *before {
+                    #[allow(clippy::cast_precision_loss)]
+                    self.rates.insert(pid, (total - before) as f64 / secs);
+                }
+            }
+            seen.insert(pid, (now, total));
+        }
+        self.seen = seen;
+        self.report = Some(report);
+    }
+
+    fn rate(&self, pid: Option<u32>) -> Option<f64> {
+        pid.and_then(|p| self.rates.get(&p).copied())
+    }
+
     fn selected_app(&self) -> Option<&AppStatus> {
         let apps = &self.report.as_ref()?.apps;
         apps.get(self.selected.min(apps.len().saturating_sub(1)))
@@ -251,6 +280,10 @@ fn opt_cpu(c: Option<f64>) -> String {
     c.map_or_else(|| "-".into(), |c| format!("{c:.1}"))
 }
 
+fn opt_rate(r: Option<f64>) -> String {
+    r.map_or_else(|| "-".into(), |r| format!("{r:.0}"))
+}
+
 /// Draws the whole screen.
 pub fn draw(frame: &mut Frame<'_>, view: &View) {
     let apps: &[AppStatus] = view.report.as_ref().map_or(&[], |r| &r.apps);
@@ -288,8 +321,8 @@ pub fn draw(frame: &mut Frame<'_>, view: &View) {
         header,
     );
 
-    draw_apps(frame, apps_area, apps, selected);
-    draw_workers(frame, workers_area, apps.get(selected));
+    draw_apps(frame, apps_area, view, apps, selected);
+    draw_workers(frame, workers_area, view, apps.get(selected));
 
     if let Some(app) = &view.log_app {
         let height = usize::from(logs_area.height.saturating_sub(2));
@@ -329,9 +362,9 @@ pub fn draw(frame: &mut Frame<'_>, view: &View) {
     );
 }
 
-fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: usize) {
+fn draw_apps(frame: &mut Frame<'_>, area: Rect, view: &View, apps: &[AppStatus], selected: usize) {
     let header = Row::new([
-        "APP", "PHASE", "READY", "RESTARTS", "CPU%", "RSS", "INFLIGHT", "LISTEN", "AGE",
+        "APP", "PHASE", "READY", "RESTARTS", "CPU%", "RSS", "INFLIGHT", "REQ/S", "LISTEN", "AGE",
     ])
     .style(Style::default().add_modifier(Modifier::BOLD));
     let rows = apps.iter().map(|a| {
@@ -343,6 +376,10 @@ fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: us
         let rss: Option<u64> = live
             .clone()
             .filter_map(|i| i.rss_bytes)
+            .reduce(|x, y| x + y);
+        let rate: Option<f64> = live
+            .clone()
+            .filter_map(|i| view.rate(i.pid))
             .reduce(|x, y| x + y);
         let inflight: Option<u64> = live.filter_map(|i| i.inflight).reduce(|x, y| x + y);
         let listen = a
@@ -359,6 +396,7 @@ fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: us
             Cell::from(opt_cpu(cpu)),
             Cell::from(opt_bytes(rss)),
             Cell::from(inflight.map_or_else(|| "-".into(), |n| n.to_string())),
+            Cell::from(opt_rate(rate)),
             Cell::from(if listen.is_empty() {
                 "-".into()
             } else {
@@ -381,6 +419,7 @@ fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: us
         Constraint::Length(6),
         Constraint::Length(8),
         Constraint::Length(8),
+        Constraint::Length(7),
         Constraint::Fill(1),
         Constraint::Length(5),
     ];
@@ -393,7 +432,7 @@ fn draw_apps(frame: &mut Frame<'_>, area: Rect, apps: &[AppStatus], selected: us
     frame.render_stateful_widget(table, area, &mut state);
 }
 
-fn draw_workers(frame: &mut Frame<'_>, area: Rect, app: Option<&AppStatus>) {
+fn draw_workers(frame: &mut Frame<'_>, area: Rect, view: &View, app: Option<&AppStatus>) {
     let Some(app) = app else {
         frame.render_widget(
             Paragraph::new("No apps. Drop a manifest into the apps dir.")
@@ -409,6 +448,7 @@ fn draw_workers(frame: &mut Frame<'_>, area: Rect, app: Option<&AppStatus>) {
         "CPU%",
         "RSS",
         "INFLIGHT",
+        "REQ/S",
         "RESTARTS",
         "UPTIME",
         "REVISION",
@@ -423,6 +463,7 @@ fn draw_workers(frame: &mut Frame<'_>, area: Rect, app: Option<&AppStatus>) {
             opt_cpu(i.cpu_percent),
             opt_bytes(i.rss_bytes),
             i.inflight.map_or_else(|| "-".into(), |n| n.to_string()),
+            opt_rate(view.rate(i.pid)),
             i.restarts.to_string(),
             if i.pid.is_some() {
                 age(i.uptime_secs)
@@ -440,6 +481,7 @@ fn draw_workers(frame: &mut Frame<'_>, area: Rect, app: Option<&AppStatus>) {
         Constraint::Length(6),
         Constraint::Length(8),
         Constraint::Length(8),
+        Constraint::Length(7),
         Constraint::Length(8),
         Constraint::Length(6),
         Constraint::Length(9),
@@ -568,5 +610,22 @@ mod tests {
         let s = screen(&v);
         assert!(s.contains("No apps"), "{s}");
         assert!(s.contains("cannot reach clusterd"), "{s}");
+    }
+
+    /// REQ/S is the difference of the daemon's request counter between two fetches.
+    #[test]
+    fn request_rates_come_from_the_counters() {
+        let with_total = |total: u64| {
+            let mut a = app("web", &[4242]);
+            a.instances[0].requests_total = Some(total);
+            report(vec![a])
+        };
+        let mut view = View::default();
+        let t0 = Instant::now();
+        view.take(with_total(100), t0);
+        assert_eq!(view.rate(Some(4242)), None, "one sample is no rate");
+        view.take(with_total(400), t0 + Duration::from_secs(2));
+        assert_eq!(view.rate(Some(4242)), Some(150.0));
+        assert!(screen(&view).contains("150"), "{}", screen(&view));
     }
 }

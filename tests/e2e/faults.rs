@@ -14,7 +14,11 @@ fn workers_of(app: &str) -> Vec<i32> {
         .unwrap()
         .flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| alive(*pid) && proc_env(*pid, "CLUSTERD_APP").as_deref() == Some(app))
+        .filter(|pid| {
+            alive(*pid)
+                && !is_timestamper(*pid)
+                && proc_env(*pid, "CLUSTERD_APP").as_deref() == Some(app)
+        })
         .collect();
     pids.sort_unstable();
     pids

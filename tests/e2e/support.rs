@@ -81,6 +81,12 @@ pub struct Daemon {
     relative_paths: bool,
     /// Extra environment for the daemon process.
     extra_env: Vec<(String, String)>,
+    /// The daemon started by `clusterd upgrade` (not our child): its pid.
+    upgraded: Option<i32>,
+    /// Daemons that handed over and are exiting (our children), to reap and check.
+    retired: Vec<Child>,
+    /// Sockets to pass to the next `spawn` the way systemd does (LISTEN_FDS).
+    pub listen_fds: Vec<(String, std::os::fd::OwnedFd)>,
     /// A command the daemon is started under (e.g. `unshare --pid --fork`).
     wrapper: Vec<String>,
 }
@@ -107,6 +113,9 @@ impl Daemon {
             extra_args: extra.iter().map(ToString::to_string).collect(),
             relative_paths: false,
             extra_env: Vec::new(),
+            upgraded: None,
+            retired: Vec::new(),
+            listen_fds: Vec::new(),
             wrapper: Vec::new(),
         };
         d.spawn();
@@ -153,13 +162,24 @@ impl Daemon {
             Instant::now().elapsed().as_nanos()
         )))
         .unwrap();
-        let mut cmd = match self.wrapper.split_first() {
-            Some((program, args)) => {
-                let mut c = Command::new(program);
-                c.args(args).arg(clusterd_bin());
-                c
+        let listen_fds = std::mem::take(&mut self.listen_fds);
+        let mut cmd = if !listen_fds.is_empty() {
+            use std::os::fd::AsFd;
+            let borrowed: Vec<(String, std::os::fd::BorrowedFd<'_>)> = listen_fds
+                .iter()
+                .map(|(n, f)| (n.clone(), f.as_fd()))
+                .collect();
+            clusterd_runtime::handover::systemd_style_command(&clusterd_bin(), &borrowed)
+                .expect("systemd-style command")
+        } else {
+            match self.wrapper.split_first() {
+                Some((program, args)) => {
+                    let mut c = Command::new(program);
+                    c.args(args).arg(clusterd_bin());
+                    c
+                }
+                None => Command::new(clusterd_bin()),
             }
-            None => Command::new(clusterd_bin()),
         };
         let root = self.dir.path();
         let path = |p: &Path| -> PathBuf {
@@ -201,10 +221,64 @@ impl Daemon {
 
     /// The daemon's pid.
     pub fn pid(&self) -> i32 {
-        self.child
-            .as_ref()
-            .map(|c| c.id() as i32)
+        self.upgraded
+            .or_else(|| self.child.as_ref().map(|c| c.id() as i32))
             .expect("daemon running")
+    }
+
+    /// Extra environment for the next `spawn`.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.extra_env.push((key.to_string(), value.to_string()));
+    }
+
+    /// The pid the daemon reports for itself (`GET /v1/daemon`).
+    pub fn reported_pid(&self) -> Option<i32> {
+        let info: Value = serde_json::from_str(&api_get(&self.socket, "/v1/daemon")).ok()?;
+        info["pid"].as_i64().map(|p| p as i32)
+    }
+
+    /// `clusterd upgrade`; on success the harness follows the new daemon (its pid from
+    /// the answer) and keeps the old one to reap in [`Daemon::wait_retired`].
+    pub fn upgrade(&mut self) -> Output {
+        let out = self.cli(&["upgrade"]);
+        if out.status.success() {
+            let text = String::from_utf8_lossy(&out.stdout).to_string();
+            let new_pid: i32 = text
+                .split("replaced by pid ")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or_else(|| panic!("no new pid in {text:?}"));
+            self.follow_upgrade(new_pid);
+        }
+        out
+    }
+
+    /// The daemon is now `new_pid` (started by the previous one).
+    pub fn follow_upgrade(&mut self, new_pid: i32) {
+        if let Some(old) = self.child.take() {
+            self.retired.push(old);
+        }
+        self.upgraded = Some(new_pid);
+    }
+
+    /// Waits for every daemon that handed over to exit, and asserts it exited 0.
+    pub fn wait_retired(&mut self, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        for mut child in std::mem::take(&mut self.retired) {
+            let status = loop {
+                if let Some(s) = child.try_wait().unwrap() {
+                    break s;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the old daemon {} did not exit after handing over",
+                    child.id()
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            assert!(status.success(), "the old daemon exited with {status}");
+        }
     }
 
     /// Everything the daemon wrote to stderr (for assertion messages).
@@ -295,6 +369,23 @@ impl Daemon {
 
     /// SIGTERM and wait for a clean exit; returns the exit status.
     pub fn stop(&mut self) -> Option<std::process::ExitStatus> {
+        if let Some(pid) = self.upgraded.take() {
+            // Not our child: SIGTERM, then wait for the pid to go (SIGKILL at the end).
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while alive(pid) {
+                if Instant::now() > deadline {
+                    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            for mut old in std::mem::take(&mut self.retired) {
+                let _ = old.kill();
+                let _ = old.wait();
+            }
+            return None;
+        }
         let mut child = self.child.take()?;
         let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -312,6 +403,13 @@ impl Daemon {
 
     /// SIGKILL the daemon only (its workers keep running).
     pub fn kill_daemon(&mut self) {
+        if let Some(pid) = self.upgraded.take() {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+            while alive(pid) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            return;
+        }
         if let Some(mut child) = self.child.take() {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
             let _ = child.wait();
@@ -321,7 +419,7 @@ impl Daemon {
 
 impl Drop for Daemon {
     fn drop(&mut self) {
-        if self.child.is_some() {
+        if self.child.is_some() || self.upgraded.is_some() {
             let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                 let _ = self.status();
             }));
@@ -871,5 +969,95 @@ impl Daemon {
             stats.errors
         );
         stats
+    }
+}
+
+/// systemd's part for a daemon crash: a `NOTIFY_SOCKET` that keeps the descriptors the
+/// daemon stores (`FDSTORE=1` + `FDNAME=`, the fd over `SCM_RIGHTS`) and drops them on
+/// `FDSTOREREMOVE=1`, so a restarted daemon can be given them as `LISTEN_FDS`
+/// (`Daemon::listen_fds`), as `Restart=` does with `FileDescriptorStoreMax=`.
+pub struct FdStoreHost {
+    pub path: PathBuf,
+    pub store: Arc<Mutex<Vec<(String, std::os::fd::OwnedFd)>>>,
+    /// Every message received (for assertions), descriptors aside.
+    pub messages: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl FdStoreHost {
+    /// Binds `dir/systemd-notify.sock` and starts receiving.
+    pub fn start(dir: &Path) -> FdStoreHost {
+        use std::os::fd::OwnedFd;
+        let path = dir.join("systemd-notify.sock");
+        let socket = std::os::unix::net::UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let store: Arc<Mutex<Vec<(String, OwnedFd)>>> = Arc::default();
+        let messages: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (store, messages, stop) = (store.clone(), messages.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    let Ok((text, fds)) = clusterd_runtime::fdstore::receive_notify(&socket) else {
+                        continue;
+                    };
+                    let field = |key: &str| {
+                        text.lines()
+                            .find_map(|l| l.strip_prefix(key))
+                            .map(str::to_string)
+                    };
+                    let name = field("FDNAME=").unwrap_or_else(|| "stored".into());
+                    let mut store = store.lock().unwrap();
+                    if field("FDSTORE=").as_deref() == Some("1") {
+                        for fd in fds {
+                            store.push((name.clone(), fd));
+                        }
+                    }
+                    if field("FDSTOREREMOVE=").as_deref() == Some("1") {
+                        store.retain(|(n, _)| *n != name);
+                    }
+                    messages.lock().unwrap().push(text);
+                }
+            })
+        };
+        FdStoreHost {
+            path,
+            store,
+            messages,
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Names currently stored.
+    pub fn names(&self) -> Vec<String> {
+        self.store
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Duplicates of everything stored, to pass as LISTEN_FDS (systemd keeps its own).
+    pub fn duplicates(&self) -> Vec<(String, std::os::fd::OwnedFd)> {
+        self.store
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(n, f)| (n.clone(), f.try_clone().unwrap()))
+            .collect()
+    }
+}
+
+impl Drop for FdStoreHost {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }

@@ -46,13 +46,19 @@ pub enum ApiReply {
     Text(String),
 }
 
-/// Serves until `shutdown` is cancelled.
+/// Serves until `shutdown` is cancelled, then gives the connections in progress a moment
+/// to send their answers (an upgrade's reply is written after the next daemon took over).
+/// While `paused` is true nothing is accepted: during an upgrade new requests wait in the
+/// socket's queue for whichever daemon serves next, instead of reaching a controller that
+/// may never answer them.
 pub async fn serve(
     listener: UnixListener,
     loop_tx: mpsc::UnboundedSender<Msg>,
     events: EventLog,
     shutdown: CancellationToken,
+    mut paused: tokio::sync::watch::Receiver<bool>,
 ) {
+    let connections = tokio_util::task::TaskTracker::new();
     // At the fd limit accept fails at once with the connection still queued: pause,
     // or the loop spins (issue 16).
     let mut backoff = clusterd_runtime::accept::AcceptBackoff::new("control socket");
@@ -61,15 +67,34 @@ pub async fn serve(
     let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONTROL_CONNECTIONS));
     let header_timeout = control_header_timeout();
     loop {
+        if *paused.borrow_and_update() && !shutdown.is_cancelled() {
+            tokio::select! {
+                () = shutdown.cancelled() => {}
+                Ok(()) = paused.changed() => continue,
+            }
+        }
         let permit = tokio::select! {
-            () = shutdown.cancelled() => return,
+            () = shutdown.cancelled() => {
+                connections.close();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
+                return;
+            }
             p = slots.clone().acquire_owned() => match p {
                 Ok(p) => p,
                 Err(_) => return,
             },
         };
         let stream = tokio::select! {
-            () = shutdown.cancelled() => return,
+            // Biased: a daemon shutting down (or retiring after an upgrade) or pausing
+            // must not accept one more connection it would never answer.
+            biased;
+            () = shutdown.cancelled() => {
+                connections.close();
+                let _ = tokio::time::timeout(std::time::Duration::from_secs(2), connections.wait()).await;
+                return;
+            }
+            // Paused while waiting here: stop accepting at once, not after one more.
+            Ok(()) = paused.changed() => continue,
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
                 Err(e) => {
@@ -82,7 +107,7 @@ pub async fn serve(
         let loop_tx = loop_tx.clone();
         let events = events.clone();
         let shutdown = shutdown.clone();
-        tokio::spawn(async move {
+        connections.spawn(async move {
             let _permit = permit;
             let service = hyper::service::service_fn(move |req| {
                 let loop_tx = loop_tx.clone();
@@ -133,6 +158,14 @@ async fn route(
         }
         (&Method::POST, ["v1", "reload"]) => reply(ask(ApiRequest::Reload(None)).await),
         (&Method::POST, ["v1", "sync"]) => reply(ask(ApiRequest::Sync).await),
+        (&Method::POST, ["v1", "upgrade"]) => {
+            let (tx, rx) = oneshot::channel();
+            let answer = match loop_tx.send(Msg::Upgrade(Some(tx))) {
+                Ok(()) => rx.await.ok(),
+                Err(_) => None,
+            };
+            reply(answer)
+        }
         (&Method::GET, ["metrics"]) => reply(ask(ApiRequest::Metrics).await),
         (&Method::GET, ["v1", "daemon"]) => reply(ask(ApiRequest::Info).await),
         (&Method::GET, ["v1", "events"]) => events_response(&events, &query, shutdown),

@@ -11,6 +11,7 @@ mod state;
 mod status;
 #[cfg(test)]
 mod tests;
+mod upgrade;
 mod watch;
 mod world;
 
@@ -45,6 +46,9 @@ pub enum Msg {
     Api(api::ApiRequest, oneshot::Sender<api::ApiReply>),
     /// SIGTERM or SIGINT: drain everything and exit.
     Shutdown,
+    /// `POST /v1/upgrade` (with its reply) or SIGUSR2: start the binary on disk as the
+    /// next daemon, hand it every socket and the workers, and exit without touching them.
+    Upgrade(Option<oneshot::Sender<api::ApiReply>>),
     /// A GitOps sync attempt finished.
     Synced(Box<clusterd_runtime::gitops::SyncReport>),
 }
@@ -89,6 +93,11 @@ pub struct Config {
 /// Start-up failures (directories, the control socket) are reported and exit non-zero.
 pub fn run(options: Options) -> anyhow::Result<ExitCode> {
     init_logging(options.json_logs);
+    // Before any thread exists: it edits the environment (no worker may see
+    // LISTEN_FDS or the upgrade pair) and takes ownership of inherited descriptors.
+    let handover = clusterd_runtime::handover::Handover::from_env()
+        .map_err(|e| anyhow::anyhow!("taking over from the previous daemon: {e}"))?;
+    let upgrade = upgrade::Spec::from_env();
     // Absolute paths: workers run in their manifest's directory (NOTIFY_SOCKET lives in
     // the state dir), and `clusterd logs` reads the log dir from another working dir.
     let absolute = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
@@ -122,7 +131,7 @@ pub fn run(options: Options) -> anyhow::Result<ExitCode> {
         .thread_name("clusterd")
         .build()
         .context("tokio runtime")?;
-    rt.block_on(serve(config))?;
+    rt.block_on(serve(config, handover, upgrade))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -140,17 +149,27 @@ fn runtime_threads(cpus: u32) -> usize {
 /// A second daemon on either would take over the notify socket, adopt the first one's
 /// workers (and kill them when it stops), or run every app twice.
 ///
+/// On upgrade the previous daemon hands its locked descriptors over (`lock/state`,
+/// `lock/apps`): a flock belongs to the open file description, so the new daemon holds
+/// the very same locks, and they never lapse between the two daemons.
+///
 /// # Errors
 /// Another process holds a lock: says which pid, from /proc/locks.
-fn lock_dirs(config: &Config) -> anyhow::Result<Vec<nix::fcntl::Flock<std::fs::File>>> {
+fn lock_dirs(
+    config: &Config,
+    handover: &mut clusterd_runtime::handover::Handover,
+) -> anyhow::Result<Vec<nix::fcntl::Flock<std::fs::File>>> {
     use nix::fcntl::{Flock, FlockArg};
     let mut locks = Vec::new();
-    for (dir, what) in [
-        (&config.state_dir, "state dir"),
-        (&config.apps_dir, "apps dir"),
+    for (dir, what, name) in [
+        (&config.state_dir, "state dir", upgrade::LOCK_STATE),
+        (&config.apps_dir, "apps dir", upgrade::LOCK_APPS),
     ] {
-        let file = std::fs::File::open(dir)
-            .with_context(|| format!("opening the {what} {}", dir.display()))?;
+        let file = match handover.take(name) {
+            Some(fd) => std::fs::File::from(fd),
+            None => std::fs::File::open(dir)
+                .with_context(|| format!("opening the {what} {}", dir.display()))?,
+        };
         match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
             Ok(lock) => locks.push(lock),
             Err((file, _)) => {
@@ -191,14 +210,30 @@ fn lock_holder(dev: u64, ino: u64) -> Option<u32> {
     })
 }
 
-async fn serve(config: Config) -> anyhow::Result<()> {
-    let _locks = lock_dirs(&config)?;
-    let (tx, rx) = mpsc::unbounded_channel();
+async fn serve(
+    config: Config,
+    mut handover: clusterd_runtime::handover::Handover,
+    upgrade: upgrade::Spec,
+) -> anyhow::Result<()> {
+    let locks = lock_dirs(&config, &mut handover)?;
+    let (tx, mut rx) = mpsc::unbounded_channel();
     let shutdown = CancellationToken::new();
     let events = events::EventLog::new();
 
-    let control = api::bind(&config.socket)
-        .with_context(|| format!("binding the control socket {}", config.socket.display()))?;
+    if !handover.is_empty() {
+        tracing::info!(source = handover.source, sockets = ?handover.names(), "sockets handed over by the previous daemon");
+    }
+    let successor = handover.successor();
+    let upgraded = successor.is_some();
+    let control = match handover.take(clusterd_runtime::handover::CONTROL) {
+        // The old daemon's control socket: requests queued on it are answered here.
+        Some(fd) => upgrade::control_from(fd).with_context(|| {
+            format!("the handed-over control socket {}", config.socket.display())
+        })?,
+        None => api::bind(&config.socket)
+            .with_context(|| format!("binding the control socket {}", config.socket.display()))?,
+    };
+    let control_dup = upgrade::duplicate(&control);
     let watch_dir = config.apps_dir.clone();
     let watch_tx = tx.clone();
     let mut current_watch: Option<watch::Watch> = None;
@@ -217,11 +252,13 @@ async fn serve(config: Config) -> anyhow::Result<()> {
         }
     };
     rewatch();
+    let (pause_api, api_paused) = tokio::sync::watch::channel(false);
     let api_task = tokio::spawn(api::serve(
         control,
         tx.clone(),
         events.clone(),
         shutdown.clone(),
+        api_paused,
     ));
     spawn_signal_handler(tx.clone());
 
@@ -247,25 +284,109 @@ async fn serve(config: Config) -> anyhow::Result<()> {
             }
         }
     });
-    let effects = LinuxEffects::new(
+    let effects = LinuxEffects::with_handover(
         LinuxEffectsConfig {
             log_dir: config.log_dir.clone(),
             notify_path: config.state_dir.join("notify.sock"),
         },
         report_tx,
+        handover,
+        clusterd_runtime::fdstore::FdStore::from_env(),
     )
     .context("binding the notify socket")?;
-    let controller = controller::Controller::new(
+    let mut controller = controller::Controller::new(
         config.clone(),
         effects,
-        events,
+        events.clone(),
         sync_trigger,
         Some(Box::new(rewatch)),
     );
-    tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, "clusterd started");
-    notify_systemd_ready();
-    let mut effects = controller.run(rx).await;
-    effects.close_all();
+    if let Some(successor) = successor {
+        let (started_tx, started_rx) = oneshot::channel();
+        controller.notify_started(started_tx);
+        let events = events.clone();
+        tokio::spawn(async move {
+            if started_rx.await.is_ok() {
+                match successor.took_over() {
+                    Ok(()) => {
+                        tracing::info!("took over from the previous daemon");
+                        events.push(
+                            None,
+                            None,
+                            clusterd_core::event::EventKind::Upgrade,
+                            format!(
+                                "pid {} took over the sockets and workers",
+                                std::process::id()
+                            ),
+                        );
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot tell the previous daemon that this one took over")
+                    }
+                }
+            }
+        });
+    }
+    tracing::info!(apps_dir = %config.apps_dir.display(), socket = %config.socket.display(), cpus = config.cpus, pid = std::process::id(), "clusterd started");
+    // An upgraded daemon joins a service systemd already sees as ready; it becomes the
+    // main process when its predecessor sends MAINPID= (before that, NotifyAccess=main
+    // would drop the message anyway).
+    if !upgraded {
+        notify_systemd_ready();
+    }
+    loop {
+        match controller.run_until(&mut rx).await {
+            controller::Stop::Stopped => break,
+            controller::Stop::Upgrade(reply) => {
+                // Control requests from now on wait in the socket's queue: the next
+                // daemon answers them, or this one if the upgrade fails.
+                pause_api.send_replace(true);
+                let outcome = upgrade::hand_over(
+                    &upgrade,
+                    controller.effects_mut(),
+                    control_dup.as_ref(),
+                    &locks,
+                )
+                .await;
+                match outcome {
+                    Ok(took) => {
+                        // Requests that reached this daemon just before the pause: the
+                        // controller will not answer them any more.
+                        rx.close();
+                        while let Ok(msg) = rx.try_recv() {
+                            if let Msg::Api(_, r) | Msg::Upgrade(Some(r)) = msg {
+                                let _ = r.send(upgrade::moved_on());
+                            }
+                        }
+                        upgrade::retire(took, reply, controller.effects_mut(), shutdown, api_task)
+                            .await;
+                        // The sockets, the notify socket, workers.json and the control
+                        // socket's path now belong to the next daemon: touch none of them.
+                        return Ok(());
+                    }
+                    Err(e) => {
+                        pause_api.send_replace(false);
+                        controller.effects_mut().resume_notify();
+                        tracing::error!(error = %e, "upgrade failed");
+                        events.push(
+                            None,
+                            None,
+                            clusterd_core::event::EventKind::UpgradeFailed,
+                            e.clone(),
+                        );
+                        controller.upgrade_failed();
+                        if let Some(reply) = reply {
+                            let _ = reply.send(api::ApiReply::Json(
+                                hyper::StatusCode::INTERNAL_SERVER_ERROR,
+                                serde_json::json!({ "error": e }),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    controller.into_effects().close_all();
 
     shutdown.cancel();
     let _ = api_task.await;
@@ -277,10 +398,11 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 fn spawn_signal_handler(tx: mpsc::UnboundedSender<Msg>) {
     use tokio::signal::unix::{signal, SignalKind};
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut hup), Ok(mut usr2)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
             signal(SignalKind::hangup()),
+            signal(SignalKind::user_defined2()),
         ) else {
             tracing::error!("cannot install signal handlers");
             return;
@@ -294,6 +416,12 @@ fn spawn_signal_handler(tx: mpsc::UnboundedSender<Msg>) {
                 _ = hup.recv() => {
                     tracing::info!("SIGHUP: scanning the apps dir");
                     let _ = tx.send(Msg::Rescan);
+                }
+                // SIGUSR2 (nginx's and HAProxy's convention): upgrade to the binary on
+                // disk, exactly as `clusterd upgrade`; the outcome goes to the log.
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: upgrading to the binary on disk");
+                    let _ = tx.send(Msg::Upgrade(None));
                 }
             }
         }

@@ -88,6 +88,7 @@ pub fn app_status(
                 cpu_percent: proc_.and_then(|p| p.cpu_percent),
                 rss_bytes: w.rss,
                 inflight: effects.has_proxy(&app.name).then_some(w.inflight),
+                requests_total: effects.served(&app.name, w.id),
                 port: proc_.and_then(|p| p.ports.first().map(|(_, port)| *port)),
                 last_exit: slot
                     .and_then(|s| s.last_exit.as_ref())
@@ -124,6 +125,7 @@ pub fn app_status(
                     cpu_percent: None,
                     rss_bytes: None,
                     inflight: None,
+                    requests_total: None,
                     port: None,
                     last_exit: slot.last_exit.as_ref().map(|(_, r, _)| r.to_string()),
                     bound: None,
@@ -265,6 +267,12 @@ pub fn metrics(report: &StatusReport) -> String {
         "gauge",
         "Requests or connections in flight through the daemon.",
         per_instance(&|i| i.inflight),
+    );
+    family(
+        "clusterd_instance_requests_total",
+        "counter",
+        "Requests (http) or connections (tcp) sent to the worker through the daemon.",
+        per_instance(&|i| i.requests_total),
     );
     family(
         "clusterd_instance_rss_bytes",

@@ -242,15 +242,25 @@ async fn adoption_with_a_fresh_manifest_keeps_workers_and_socket() {
         "nothing but adoption may happen while the manifest settles"
     );
     // The writer closes: the manifest is accepted, the socket recovered from the adopted
-    // workers, and nothing is replaced (same revision).
+    // workers, the adopted Ready workers given traffic once it is bound (the planner
+    // never marks them ready again: http/tcp modes served nothing after a restart), and
+    // nothing is replaced (same revision).
     drop(writer);
     h.ctl.rescan();
     h.settle().await;
     assert_eq!(
         &h.calls()[2..],
-        &[Call::Ensure("web".into(), vec![4001, 4002])],
+        &[
+            Call::Ensure("web".into(), vec![4001, 4002]),
+            Call::Route("web".into(), 1),
+            Call::Route("web".into(), 2),
+        ],
         "the socket must be taken back from the adopted workers, nothing else"
     );
+    // Routed once: a later scan of the same manifest does not route them again.
+    h.ctl.rescan();
+    h.settle().await;
+    assert_eq!(h.calls().len(), 5, "{:?}", h.calls());
     assert_eq!(h.phase("web"), Some(Phase::Available));
 }
 

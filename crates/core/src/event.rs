@@ -64,6 +64,10 @@ pub enum EventKind {
     SyncFailed,
     /// The daemon was asked to stop.
     Shutdown,
+    /// The daemon handed its sockets and workers to the next daemon and exits.
+    Upgrade,
+    /// The next daemon did not start or take over; this one keeps running.
+    UpgradeFailed,
     /// The worker state file cannot be written (adoption after a restart is at risk).
     StateFailed,
     /// The worker state file is written again.
@@ -99,6 +103,8 @@ impl EventKind {
             EventKind::Sync => "sync",
             EventKind::SyncFailed => "sync-failed",
             EventKind::Shutdown => "shutdown",
+            EventKind::Upgrade => "upgrade",
+            EventKind::UpgradeFailed => "upgrade-failed",
             EventKind::StateFailed => "state-failed",
             EventKind::StateSaved => "state-saved",
         }
@@ -143,6 +149,10 @@ mod tests {
             Sync,
             SyncFailed,
             Shutdown,
+            Upgrade,
+            UpgradeFailed,
+            StateFailed,
+            StateSaved,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));

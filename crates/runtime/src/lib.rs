@@ -15,6 +15,8 @@
 //! - [`proxy`]: the http and tcp modes' proxies and their route tables.
 //! - [`accept`]: accept-error backoff, connection caps, the daemon's fd limit.
 //! - [`procfs`] and [`limits`]: CPU/RSS of a worker's group, the cgroup v2 backstop.
+//! - [`handover`] and [`fdstore`]: the public sockets outlive the daemon (upgrade
+//!   handover to the next daemon; systemd's fd store across a crash).
 //! - [`seccomp`]: shared listener mode, an app's `bind(PORT)` answered with the daemon's
 //!   socket (seccomp user notification set up by the shim).
 //! - [`tree`] and [`reaper`]: a worker's whole process tree, and the daemon as child
@@ -25,19 +27,30 @@
 pub mod accept;
 pub mod effects;
 pub mod error;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
+pub mod fdstore;
 pub mod gitops;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
+pub mod handover;
 pub mod ipc;
 pub mod limits;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod listener;
 pub mod logs;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod logwatch;
 pub mod notify;
 pub mod procfs;
 pub mod proxy;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod quiet_read;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod reaper;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod seccomp;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod shim;
+#[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod spawn;
 pub mod tls;
 pub mod tree;

@@ -207,6 +207,47 @@ impl BoundListener {
         Ok(None)
     }
 
+    /// Wraps a listening socket a previous daemon handed over (upgrade pair or systemd's
+    /// fd store), leaving its flags alone: in inherit mode the workers share its open file
+    /// description, in the proxy modes [`BoundListener::proxy_listener`] sets
+    /// `O_NONBLOCK` as before.
+    ///
+    /// # Errors
+    /// When `fd` is not a socket of `protocol` bound to an inet address.
+    pub fn from_handover(fd: OwnedFd, protocol: Protocol) -> Result<Self> {
+        let socket = socket2::Socket::from(fd);
+        let wrong = |what: String| Error::io("handed-over socket", std::io::Error::other(what));
+        let local_addr = socket
+            .local_addr()
+            .map_err(|e| Error::io("handed-over socket: getsockname", e))?
+            .as_socket()
+            .ok_or_else(|| wrong("not an inet socket".into()))?;
+        let ty = socket
+            .r#type()
+            .map_err(|e| Error::io("handed-over socket: SO_TYPE", e))?;
+        let expected = match protocol {
+            Protocol::Tcp => Type::STREAM,
+            Protocol::Udp => Type::DGRAM,
+        };
+        if ty != expected {
+            return Err(wrong(format!(
+                "{local_addr} is not a {} socket",
+                protocol_name(protocol)
+            )));
+        }
+        Ok(BoundListener {
+            fd: socket.into(),
+            local_addr,
+            protocol,
+        })
+    }
+
+    /// The socket itself (to keep it for a later handover).
+    #[must_use]
+    pub fn into_fd(self) -> OwnedFd {
+        self.fd
+    }
+
     /// Whether the socket is currently in non-blocking mode (for checks and tests).
     pub fn is_nonblocking(&self) -> Result<bool> {
         fd_is_nonblocking(self.fd.as_fd())

@@ -110,6 +110,48 @@ impl NotifySocket {
         })
     }
 
+    /// Wraps the notify socket a previous daemon handed over on upgrade (bound at `path`,
+    /// `SO_PASSCRED` already on), so workers' `READY=1` keeps arriving at the same path.
+    /// Needs a tokio runtime.
+    ///
+    /// # Errors
+    /// When `fd` is not a datagram socket tokio can register.
+    pub fn from_handover(fd: std::os::fd::OwnedFd, path: &Path) -> Result<Self> {
+        let std_socket = std::os::unix::net::UnixDatagram::from(fd);
+        std_socket
+            .set_nonblocking(true)
+            .ctx(|| format!("handed-over notify socket {}", path.display()))?;
+        let socket = UnixDatagram::from_std(std_socket)
+            .ctx(|| format!("handed-over notify socket {}", path.display()))?;
+        setsockopt(&socket, sockopt::PassCred, &true)
+            .map_err(|e| Error::io("set SO_PASSCRED on notify socket", e.into()))?;
+        Ok(NotifySocket {
+            socket,
+            path: path.to_path_buf(),
+            registry: Registry::default(),
+        })
+    }
+
+    /// Shares `registry` (the adopted groups) instead of a fresh one: a reader started
+    /// again on the same socket accepts the same workers.
+    #[must_use]
+    pub fn with_registry(mut self, registry: Registry) -> Self {
+        self.registry = registry;
+        self
+    }
+
+    /// A duplicate of the socket, to hand to the next daemon on upgrade.
+    ///
+    /// # Errors
+    /// When `dup` fails (out of descriptors).
+    pub fn duplicate(&self) -> Result<std::os::fd::OwnedFd> {
+        use std::os::fd::AsFd;
+        self.socket
+            .as_fd()
+            .try_clone_to_owned()
+            .ctx(|| format!("dup notify socket {}", self.path.display()))
+    }
+
     /// The path to put in `NOTIFY_SOCKET`.
     pub fn path(&self) -> &Path {
         &self.path

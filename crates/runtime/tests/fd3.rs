@@ -1,6 +1,7 @@
 //! The listener already *is* fd 3 in the daemon, with FD_CLOEXEC set (the pitfall:
 //! `dup2(3, 3)` does not clear the flag, so the socket would silently close at exec).
 //! Alone in its own test binary, so that fd 3 is free before the test takes it.
+#![allow(unsafe_code)] // reads fd flags of the test process itself
 
 mod common;
 

@@ -107,8 +107,10 @@ async fn keepalive_requests_reuse_one_worker_connection() {
         assert_eq!(got, Bytes::from(i.to_string()));
         assert_eq!(client.get("/").await.unwrap(), (200, Bytes::from("0")));
     }
-    // Sequential requests: every one finds the previous one's connection in the pool.
-    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // Sequential requests reuse pooled connections, except that a connection which
+    // carried a request body is never pooled again (the CL.0 defence of issue 16): the
+    // empty-bodied first POST and every GET reuse one, each of the 49 uploads costs one.
+    assert_eq!(accepted.load(Ordering::SeqCst), 50);
     let s = &proxy.routes.snapshot()[0];
     assert_eq!((s.total, s.errors, s.inflight), (100, 0, 0));
     proxy.stop().await;
@@ -211,11 +213,18 @@ async fn worker_answering_an_upload_early_keeps_the_next_request_right() {
         .unwrap()
         .to_bytes();
     assert_eq!(got, format!("early {UPLOAD}"));
+    // The proxy may close the client connection after an early answer (the rest of the
+    // upload cannot be told from a next request); the next requests then come on a new
+    // one, and must be answered right.
     for _ in 0..3 {
-        assert_eq!(
-            within("next request", client.get("/")).await.unwrap(),
-            (200, Bytes::from("early 0"))
-        );
+        let answer = match within("next request", client.get("/")).await {
+            Ok(a) => a,
+            Err(_) => {
+                client = Client::connect(proxy.addr).await.unwrap();
+                within("next request", client.get("/")).await.unwrap()
+            }
+        };
+        assert_eq!(answer, (200, Bytes::from("early 0")));
     }
     eventually(Duration::from_secs(5), "nothing in flight", || {
         let routes = Arc::clone(&proxy.routes);
@@ -223,11 +232,7 @@ async fn worker_answering_an_upload_early_keeps_the_next_request_right() {
     })
     .await;
     assert_eq!(proxy.routes.snapshot()[0].errors, 0);
-    // The whole upload reached the worker (+1000), after its answer.
-    eventually(Duration::from_secs(5), "upload complete", || {
-        let accepted = Arc::clone(&accepted);
-        async move { accepted.load(Ordering::SeqCst) >= 1000 }
-    })
-    .await;
+    // The rest of the upload is not forced on a worker that already answered: its
+    // connection carried a body and is closed, never pooled (issue 16, CL.0).
     proxy.stop().await;
 }

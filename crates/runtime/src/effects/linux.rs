@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashSet};
 use std::ffi::OsString;
 use std::net::{SocketAddr, TcpListener as StdTcpListener};
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -18,6 +19,8 @@ use tracing::Instrument;
 
 use super::probes;
 use super::{AdoptRequest, Effects, ListenKey, Report, SpawnRequest, Started};
+use crate::fdstore::FdStore;
+use crate::handover::{self, Handover};
 use crate::limits::{CgroupLimits, CgroupTree};
 use crate::listener::BoundListener;
 use crate::logwatch::LogSizeWatch;
@@ -39,6 +42,8 @@ pub struct LinuxEffectsConfig {
 
 struct ListenerEntry {
     key: ListenKey,
+    /// [`handover::listener_name`]: its name in a handover and in systemd's fd store.
+    name: String,
     /// http mode: the proxy's `trustedProxies`, updated in place by a new manifest.
     trusted: Option<proxy::TrustedProxies>,
     /// http mode: the listener's `tls`, updated in place by a new manifest.
@@ -46,6 +51,10 @@ struct ListenerEntry {
     bound: BoundListener,
     routes: Option<Arc<RouteTable>>,
     proxy: CancellationToken,
+    /// Stops the proxy for an upgrade (see [`proxy::serve_http_retirable`]).
+    retire: CancellationToken,
+    /// Taken from a handover rather than bound here.
+    handed: bool,
 }
 
 /// An app's public sockets. Bound once and kept for the app's whole life, so no worker
@@ -103,6 +112,17 @@ pub struct LinuxEffects {
     ports_in_use: HashSet<u16>,
     cgroups: Result<CgroupTree, String>,
     tasks: TaskTracker,
+    /// The proxies alone, so an upgrade can wait for their requests in flight.
+    proxies: TaskTracker,
+    /// Sockets a previous daemon handed over, taken instead of binding.
+    handover: Handover,
+    /// systemd's fd store, when run by systemd: every public socket is kept there too.
+    fdstore: Option<FdStore>,
+    /// A duplicate of the notify socket, for the next daemon on upgrade.
+    notify_dup: Option<OwnedFd>,
+    /// The notify socket's reader: paused while the next daemon starts (its workers'
+    /// `READY=1` must reach the daemon that will act on it), stopped once it took over.
+    notify_task: tokio::task::JoinHandle<()>,
     /// Checks log sizes as workers write them (`None`: inotify unavailable; the periodic
     /// [`Effects::rotate_logs`] still runs).
     log_watch: Option<LogSizeWatch>,
@@ -119,10 +139,32 @@ impl LinuxEffects {
         config: LinuxEffectsConfig,
         reports: mpsc::UnboundedSender<Report>,
     ) -> crate::Result<Self> {
-        let notify = NotifySocket::bind(&config.notify_path)?;
+        Self::with_handover(config, reports, Handover::default(), None)
+    }
+
+    /// [`LinuxEffects::new`], taking the sockets a previous daemon handed over (the
+    /// notify socket now, public sockets as apps claim them) and keeping every public
+    /// socket in systemd's fd store when `fdstore` is given.
+    ///
+    /// # Errors
+    /// When the notify socket cannot be bound (or the handed-over one used).
+    pub fn with_handover(
+        config: LinuxEffectsConfig,
+        reports: mpsc::UnboundedSender<Report>,
+        mut handover: Handover,
+        fdstore: Option<FdStore>,
+    ) -> crate::Result<Self> {
+        let notify = match handover.take(handover::NOTIFY) {
+            Some(fd) => NotifySocket::from_handover(fd, &config.notify_path)?,
+            None => NotifySocket::bind(&config.notify_path)?,
+        };
+        let notify_dup = notify
+            .duplicate()
+            .map_err(|e| tracing::warn!(error = %e, "an upgrade will rebind the notify socket"))
+            .ok();
         let notify_registry = notify.registry();
         let (notify_reports, mut rx) = mpsc::channel::<WorkerReport>(256);
-        notify.spawn(notify_reports.clone());
+        let notify_task = notify.spawn(notify_reports.clone());
         let tasks = TaskTracker::new();
         let forward = reports.clone();
         tasks.spawn(async move {
@@ -152,6 +194,11 @@ impl LinuxEffects {
             ports_in_use: HashSet::new(),
             cgroups,
             tasks,
+            proxies: TaskTracker::new(),
+            handover,
+            fdstore,
+            notify_dup,
+            notify_task,
             log_watch,
             log_watch_stop,
         })
@@ -164,15 +211,106 @@ impl LinuxEffects {
         self.tasks.clone()
     }
 
-    /// Closes every socket and stops every proxy (daemon shutdown).
+    /// Closes every socket and stops every proxy (daemon shutdown): closed for good, so
+    /// they leave systemd's fd store too.
     pub fn close_all(&mut self) {
         for (_, set) in std::mem::take(&mut self.listeners) {
+            for e in &set.entries {
+                self.unstore(&e.name);
+            }
             set.close();
         }
+        self.settle_handover();
         self.log_watch_stop.cancel();
         self.tasks.close();
     }
 
+    /// Duplicates of every public socket and of the notify socket, by name, for the next
+    /// daemon (upgrade). This daemon keeps serving on its own copies meanwhile.
+    ///
+    /// # Errors
+    /// When a descriptor cannot be duplicated (out of descriptors).
+    pub fn handover_fds(&self) -> Result<Vec<(String, OwnedFd)>, String> {
+        let mut out = Vec::new();
+        for set in self.listeners.values() {
+            for e in &set.entries {
+                let fd = e.bound.inherit_fd().map_err(|e| e.to_string())?;
+                out.push((e.name.clone(), fd));
+            }
+        }
+        if let Some(n) = &self.notify_dup {
+            let fd = n
+                .try_clone()
+                .map_err(|e| format!("dup notify socket: {e}"))?;
+            out.push((handover::NOTIFY.to_string(), fd));
+        }
+        Ok(out)
+    }
+
+    /// Stops reading the notify socket while the next daemon starts: datagrams queue in
+    /// the socket for whichever daemon serves next ([`LinuxEffects::resume_notify`] if
+    /// the upgrade fails).
+    pub fn pause_notify(&mut self) {
+        self.notify_task.abort();
+    }
+
+    /// Reads the notify socket again (an upgrade failed).
+    pub fn resume_notify(&mut self) {
+        let Some(dup) = self.notify_dup.as_ref().and_then(|d| d.try_clone().ok()) else {
+            tracing::error!(
+                "cannot read the notify socket again; readiness falls back to timeouts"
+            );
+            return;
+        };
+        match NotifySocket::from_handover(dup, &self.config.notify_path) {
+            Ok(notify) => {
+                self.notify_task = notify
+                    .with_registry(self.notify_registry.clone())
+                    .spawn(self.notify_reports.clone());
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the notify socket again; readiness falls back to timeouts");
+            }
+        }
+    }
+
+    /// The next daemon has taken over (upgrade): stop reading the notify socket (its
+    /// messages are for the new daemon now), stop accepting on every public socket, and
+    /// let connections in flight finish (http: `Connection: close` on their next
+    /// response), bounded by the proxies' shutdown grace. The sockets stay open (and in
+    /// systemd's fd store) and no worker is touched. The future resolves when every
+    /// proxy has returned.
+    pub fn retire(&mut self) -> impl std::future::Future<Output = ()> + Send + 'static {
+        self.notify_task.abort();
+        for set in self.listeners.values() {
+            for e in &set.entries {
+                e.retire.cancel();
+            }
+        }
+        let proxies = self.proxies.clone();
+        proxies.close();
+        async move { proxies.wait().await }
+    }
+
+    /// Closes handed-over sockets that no app claimed (their app is gone, or its port
+    /// changed while no daemon ran) and drops them from systemd's fd store.
+    fn settle_handover(&mut self) {
+        for (name, fd) in self.handover.drain() {
+            if name != handover::CONTROL && name != handover::NOTIFY {
+                tracing::info!(socket = %name, "closing a handed-over socket no app claims");
+                self.unstore(&name);
+            }
+            drop(fd);
+        }
+    }
+
+    fn unstore(&self, name: &str) {
+        if let Some(store) = &self.fdstore {
+            if let Err(e) = store.remove(name) {
+                tracing::warn!(socket = %name, error = %e, "FDSTOREREMOVE");
+            }
+        }
+    }
     /// A port the kernel considers free right now and no live worker holds. Something
     /// else may still take it before the worker binds: the worker then fails readiness
     /// and is replaced, which the planner already handles.
@@ -480,10 +618,22 @@ impl Effects for LinuxEffects {
                     continue;
                 }
                 let addr = socket_addr(&l.address, l.port)?;
+                let name = handover::listener_name(&app.0, &key);
+                // A previous daemon's very socket (upgrade, or systemd's fd store after a
+                // crash): connections queued on it while no daemon accepted are served.
+                let handed = self.handover.take(&name).and_then(|fd| {
+                    BoundListener::from_handover(fd, l.protocol)
+                        .inspect(|b| tracing::info!(app = %app, socket = %name, addr = %b.local_addr(), "took over a handed-over socket"))
+                        .map_err(|e| tracing::warn!(app = %app, socket = %name, error = %e, "unusable handed-over socket; binding"))
+                        .ok()
+                });
+                let fresh = handed.is_none();
                 // Workers adopted from a previous daemon still hold an inherit-mode
                 // socket: take that very socket back rather than binding (which would
                 // fail anyway while they hold it).
-                let recovered = if matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
+                let recovered = if handed.is_some() {
+                    handed
+                } else if matches!(l.mode, ListenMode::Inherit | ListenMode::Shared)
                     && !adopted.is_empty()
                 {
                     BoundListener::recover_from(adopted, addr, l.protocol).unwrap_or_else(|e| {
@@ -500,15 +650,24 @@ impl Effects for LinuxEffects {
                             format!("cannot listen on {addr}: {}", describe_bind_error(&e, addr))
                         })?,
                 };
+                if fresh {
+                    if let Some(store) = &self.fdstore {
+                        if let Err(e) = store.store(&name, bound.as_fd()) {
+                            tracing::warn!(app = %app, socket = %name, error = %e, "FDSTORE: this socket would close if the daemon crashed");
+                        }
+                    }
+                }
+                let cancel = CancellationToken::new();
+                // Cancelled by `cancel` too: the proxy stops either way.
+                let retire = cancel.child_token();
                 let mut trusted = None;
                 let mut tls = None;
-                let (routes, proxy) = match l.mode {
+                let routes = match l.mode {
                     // The workers themselves accept on these; no proxy.
-                    ListenMode::Inherit | ListenMode::Shared => (None, CancellationToken::new()),
+                    ListenMode::Inherit | ListenMode::Shared => None,
                     mode => {
                         let routes = RouteTable::new();
                         routes.set_affinity(l.affinity == Affinity::ClientIp);
-                        let cancel = CancellationToken::new();
                         let std_listener = bound.proxy_listener().map_err(|e| e.to_string())?;
                         let listener = tokio::net::TcpListener::from_std(std_listener)
                             .map_err(|e| e.to_string())?;
@@ -517,31 +676,44 @@ impl Effects for LinuxEffects {
                             let cfg = http_proxy_config(l);
                             trusted = Some(cfg.trusted_proxies.clone());
                             tls = Some(cfg.tls.clone());
-                            self.tasks.spawn(
-                                proxy::serve_http(listener, routes.clone(), cfg, cancel.clone())
-                                    .instrument(span),
+                            self.proxies.spawn(
+                                proxy::serve_http_retirable(
+                                    listener,
+                                    routes.clone(),
+                                    cfg,
+                                    cancel.clone(),
+                                    retire.clone(),
+                                )
+                                .instrument(span),
                             );
                         } else {
-                            self.tasks.spawn(
+                            // A tcp connection has no way to say "reconnect": on an
+                            // upgrade it runs on until it closes or the grace passes,
+                            // exactly as at shutdown.
+                            self.proxies.spawn(
                                 proxy::serve_tcp(
                                     listener,
                                     routes.clone(),
                                     proxy::TcpProxyConfig::default(),
-                                    cancel.clone(),
+                                    retire.clone(),
                                 )
                                 .instrument(span),
                             );
                         }
-                        (Some(routes), cancel)
+                        Some(routes)
                     }
                 };
+                let proxy = cancel;
                 added.push(ListenerEntry {
                     key,
+                    name,
                     trusted,
                     tls,
                     bound,
                     routes,
                     proxy,
+                    retire,
+                    handed: !fresh,
                 });
             }
             Ok(())
@@ -558,6 +730,13 @@ impl Effects for LinuxEffects {
             Err(e) => {
                 for a in added {
                     a.proxy.cancel();
+                    if a.handed {
+                        // Still the previous daemon's socket: keep it for the next try.
+                        self.handover.put_back(a.name, a.bound.into_fd());
+                    } else if let Some(store) = &self.fdstore {
+                        // Bound for nothing: it must not linger in the fd store either.
+                        let _ = store.remove(&a.name);
+                    }
                 }
                 if set.entries.is_empty() {
                     self.listeners.remove(app);
@@ -570,13 +749,22 @@ impl Effects for LinuxEffects {
     fn retain_listeners(&mut self, app: &AppName, keep: &[Listener]) {
         let keys: Vec<ListenKey> = keep.iter().map(ListenKey::of).collect();
         if let Some(set) = self.listeners.get_mut(app) {
+            let mut closed = Vec::new();
             set.entries.retain(|e| {
                 let keep = keys.contains(&e.key);
                 if !keep {
                     e.proxy.cancel();
+                    closed.push(e.name.clone());
                 }
                 keep
             });
+            for name in closed {
+                if let Some(store) = &self.fdstore {
+                    if let Err(e) = store.remove(&name) {
+                        tracing::warn!(socket = %name, error = %e, "FDSTOREREMOVE");
+                    }
+                }
+            }
             if set.entries.is_empty() {
                 self.listeners.remove(app);
             }
@@ -833,6 +1021,19 @@ impl Effects for LinuxEffects {
         self.release_ports(&p.ports);
     }
 
+    fn served(&self, app: &AppName, id: WorkerId) -> Option<u64> {
+        let set = self.listeners.get(app)?;
+        let mut tables = set.routes().peekable();
+        tables.peek()?;
+        Some(
+            tables
+                .flat_map(|r| r.snapshot())
+                .filter(|b| b.id == id)
+                .map(|b| b.total)
+                .sum(),
+        )
+    }
+
     fn inflight(&self, app: &AppName, id: WorkerId) -> u64 {
         self.listeners
             .get(app)
@@ -855,6 +1056,10 @@ impl Effects for LinuxEffects {
                 Some((u32::try_from(pid).ok()?, usage))
             })
             .collect()
+    }
+
+    fn settle(&mut self) {
+        self.settle_handover();
     }
 
     fn repair_listeners(&mut self) -> Vec<(AppName, String)> {

@@ -229,11 +229,21 @@ pub trait Effects: Send {
     /// Requests or connections in flight to the worker through the daemon.
     fn inflight(&self, app: &AppName, id: WorkerId) -> u64;
 
+    /// Requests (http) or connections (tcp) ever sent to the worker through the daemon;
+    /// `None` when none of the app's listeners is proxied.
+    fn served(&self, _app: &AppName, _id: WorkerId) -> Option<u64> {
+        None
+    }
+
     /// CPU time and RSS of every worker's process group, by pid.
     fn sample(&mut self) -> BTreeMap<u32, GroupUsage>;
 
     /// Rotates the app's logs that passed their size limit.
     fn rotate_logs(&mut self, app: &AppName, logs: &Logs);
+
+    /// Every app has had its chance to claim its sockets (a complete scan, nothing held
+    /// back): sockets a previous daemon handed over that nobody claimed are closed.
+    fn settle(&mut self) {}
 
     /// Inherit-mode sockets that stopped listening (a worker shut its copy down, which
     /// stops it for every worker) are bound anew; returns the apps affected and what

@@ -106,6 +106,8 @@ impl Front {
                             () = hard_stop.cancelled() => Ok(()),
                         }
                     }
+                    // A retired proxy (daemon upgrade) cuts what is left at its grace.
+                    () = hard_stop.cancelled() => Ok(()),
                 }
             }};
         }

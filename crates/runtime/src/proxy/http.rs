@@ -221,6 +221,22 @@ pub async fn serve_http(
     cfg: HttpProxyConfig,
     shutdown: CancellationToken,
 ) {
+    serve_http_retirable(listener, routes, cfg, shutdown, CancellationToken::new()).await;
+}
+
+/// [`serve_http`], plus a second way to stop for a daemon upgrade: when `retire` is
+/// cancelled the proxy stops accepting (the next daemon accepts on the same socket), and
+/// each open connection gets `Connection: close` on its next response instead of being
+/// closed while idle, so a keep-alive client never has a request cut by the handover
+/// (closing an idle connection races with the request the client is sending). Idle
+/// connections end at the keep-alive bound, whatever is left at `cfg.shutdown_grace`.
+pub async fn serve_http_retirable(
+    listener: TcpListener,
+    routes: Arc<RouteTable>,
+    cfg: HttpProxyConfig,
+    shutdown: CancellationToken,
+    retire: CancellationToken,
+) {
     let tracker = TaskTracker::new();
     let ctx = Arc::new(Ctx {
         routes,
@@ -247,6 +263,7 @@ pub async fn serve_http(
         };
         let (stream, peer) = tokio::select! {
             () = shutdown.cancelled() => break,
+            () = retire.cancelled() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -274,14 +291,27 @@ pub async fn serve_http(
         };
         let service = service_fn({
             let ctx = Arc::clone(&ctx);
+            let retire = retire.clone();
             move |req| {
                 let ctx = Arc::clone(&ctx);
-                async move { Ok::<_, Infallible>(proxy_request(req, &ctx, client).await) }
+                let retire = retire.clone();
+                async move {
+                    let mut resp = proxy_request(req, &ctx, client).await;
+                    // Retired (daemon upgrade): HTTP/1.1 clients are asked to reconnect,
+                    // to the new daemon. hyper drops the header on HTTP/2.
+                    if retire.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+                    }
+                    Ok::<_, Infallible>(resp)
+                }
             }
         });
         tracker.spawn(
             async move {
                 let stream = WriteIdle::new(stream, ctx.cfg.response_write_timeout);
+                // Retired: the connection runs on (see serve_http_retirable) until it
+                // closes or the grace passes (`hard_stop`).
                 let result = front
                     .serve(stream, tls, service, &shutdown, &ctx.hard_stop)
                     .await;

@@ -23,7 +23,7 @@ mod timeouts;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-pub use http::{serve_http, HttpProxyConfig, TrustedProxies};
+pub use http::{serve_http, serve_http_retirable, HttpProxyConfig, TrustedProxies};
 pub use routes::{BackendStats, RouteTable};
 pub use tcp::{serve_tcp, TcpProxyConfig};
 

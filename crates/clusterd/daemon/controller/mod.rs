@@ -9,8 +9,11 @@
 //! timers only when the planner, a held-back file, a listen retry, a memory limit or
 //! log rotation asks for one.
 
+mod answers;
+mod refuse;
+
+use refuse::refuse_insecure;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -22,12 +25,11 @@ use hyper::StatusCode;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
 
-use super::api::{ApiReply, ApiRequest};
+use super::api::ApiReply;
 use super::events::EventLog;
 use super::intake::{Intake, Scan};
 use super::world::{self, World};
-use super::{state, status, Config, Msg};
-use crate::api_types::{ReloadAccepted, ReloadReply, SyncReply};
+use super::{state, Config, Msg};
 
 /// Re-planning rounds per wake-up (a plan's actions may enable more).
 const MAX_ROUNDS: usize = 16;
@@ -64,6 +66,30 @@ pub struct Controller<E: Effects> {
     watching: bool,
     /// The planner's clock (`Instant::now`, or a test's manual clock).
     clock: Box<dyn Fn() -> Instant + Send>,
+    /// Adoption and the first scan are done (they happen once, even if `run_until`
+    /// returns for an upgrade attempt and is called again).
+    started: bool,
+    /// Told once the first plan has been carried out: this daemon serves now.
+    on_started: Option<oneshot::Sender<()>>,
+    /// Handed-over sockets nobody claimed have been released (after the first scan
+    /// with nothing held back).
+    settled: bool,
+    /// An upgrade was asked for (`POST /v1/upgrade` or SIGUSR2): return to the owner,
+    /// which holds the real host and starts the next daemon.
+    upgrade: Option<Option<oneshot::Sender<ApiReply>>>,
+    /// Adopted Ready workers not yet given traffic: the planner never marks them ready
+    /// again, so they are routed once their app's sockets are bound.
+    unrouted: Vec<(AppName, plan::WorkerId)>,
+}
+
+/// Why [`Controller::run_until`] returned.
+#[derive(Debug)]
+pub enum Stop {
+    /// Shutdown drained every worker, or every sender is gone.
+    Stopped,
+    /// Start the next daemon and hand over; answer the requester (if any) with the
+    /// outcome. The world is written down (`workers.json`) and stays frozen meanwhile.
+    Upgrade(Option<oneshot::Sender<ApiReply>>),
 }
 
 impl<E: Effects> Controller<E> {
@@ -98,7 +124,35 @@ impl<E: Effects> Controller<E> {
             rewatch,
             config,
             clock: Box::new(Instant::now),
+            started: false,
+            on_started: None,
+            settled: false,
+            upgrade: None,
+            unrouted: Vec::new(),
         }
+    }
+
+    /// `tx` is told once the first plan has been carried out (workers adopted, sockets
+    /// claimed): what an upgraded daemon waits for before telling its predecessor.
+    pub fn notify_started(&mut self, tx: oneshot::Sender<()>) {
+        self.on_started = Some(tx);
+    }
+
+    /// The host (the owner hands its sockets over on upgrade).
+    pub fn effects_mut(&mut self) -> &mut E {
+        &mut self.effects
+    }
+
+    /// The host, once the controller is done.
+    pub fn into_effects(self) -> E {
+        self.effects
+    }
+
+    /// An upgrade failed: the next daemon may have written `workers.json` before it
+    /// died, so write ours again at the next reconcile.
+    pub fn upgrade_failed(&mut self) {
+        self.last_saved = None;
+        self.world.dirty = true;
     }
 
     /// Replaces the clock (tests drive time by hand).
@@ -128,12 +182,6 @@ impl<E: Effects> Controller<E> {
     #[cfg(test)]
     pub fn state_error(&self) -> Option<&str> {
         self.state_error.as_deref()
-    }
-
-    /// The effects, for tests that change the host.
-    #[cfg(test)]
-    pub fn effects_mut(&mut self) -> &mut E {
-        &mut self.effects
     }
 
     /// Loads (parses of the whole set) so far.
@@ -191,19 +239,24 @@ impl<E: Effects> Controller<E> {
                 listens: &listens,
             });
             match adopted {
-                Ok(started) => self.world.on_adopted(
-                    &app,
-                    id,
-                    w.index,
-                    plan::Template {
-                        revision: plan::Revision(w.revision.clone()),
-                        generation: w.generation,
-                    },
-                    state,
-                    started,
-                    now,
-                    &self.events,
-                ),
+                Ok(started) => {
+                    if state == WorkerState::Ready {
+                        self.unrouted.push((app.clone(), id));
+                    }
+                    self.world.on_adopted(
+                        &app,
+                        id,
+                        w.index,
+                        plan::Template {
+                            revision: plan::Revision(w.revision.clone()),
+                            generation: w.generation,
+                        },
+                        state,
+                        started,
+                        now,
+                        &self.events,
+                    );
+                }
                 Err(e) => self.events.push(
                     Some(&w.app),
                     Some(w.index),
@@ -215,11 +268,36 @@ impl<E: Effects> Controller<E> {
         self.apply_scan(scan, now);
     }
 
-    /// Runs until shutdown has drained every worker.
-    pub async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Msg>) -> E {
-        self.start();
+    /// Runs until shutdown has drained every worker, or an upgrade is asked for. The
+    /// first call adopts the previous daemon's workers and scans; a later call (after a
+    /// failed upgrade) carries on where the last one stopped.
+    pub async fn run_until(&mut self, rx: &mut mpsc::UnboundedReceiver<Msg>) -> Stop {
+        if !self.started {
+            self.started = true;
+            self.start();
+        }
         loop {
             let wake_at = self.reconcile().await;
+            if let Some(tx) = self.on_started.take() {
+                let _ = tx.send(());
+            }
+            if !self.settled && self.recheck_at.is_none() {
+                self.settled = true;
+                self.effects.settle();
+            }
+            if let Some(reply) = self.upgrade.take() {
+                if self.world.shutting_down.is_none() {
+                    self.world.dirty = true;
+                    self.persist();
+                    return Stop::Upgrade(reply);
+                }
+                if let Some(reply) = reply {
+                    let _ = reply.send(ApiReply::Json(
+                        StatusCode::CONFLICT,
+                        json!({"error": "the daemon is shutting down"}),
+                    ));
+                }
+            }
             if self.world.shutting_down.is_some() && self.world.all_stopped() {
                 self.events.push(
                     None,
@@ -228,7 +306,7 @@ impl<E: Effects> Controller<E> {
                     "every worker has stopped".into(),
                 );
                 state::clear(&self.config.state_dir);
-                return self.effects;
+                return Stop::Stopped;
             }
             let sleep = wake_at.map_or(Duration::from_secs(3600), |t| {
                 t.saturating_duration_since(Instant::now())
@@ -247,7 +325,7 @@ impl<E: Effects> Controller<E> {
                             self.apply_scan(scan, now);
                         }
                     }
-                    None => return self.effects,
+                    None => return Stop::Stopped,
                 },
                 () = tokio::time::sleep(sleep) => self.on_timer(),
             }
@@ -301,6 +379,14 @@ impl<E: Effects> Controller<E> {
             Msg::Rescan => return true,
             Msg::Report(report) => self.on_report(report, now),
             Msg::Api(request, reply) => self.answer(request, reply),
+            Msg::Upgrade(reply) => {
+                if let Some(Some(earlier)) = self.upgrade.replace(reply) {
+                    let _ = earlier.send(ApiReply::Json(
+                        StatusCode::CONFLICT,
+                        json!({"error": "another upgrade was asked for at the same time"}),
+                    ));
+                }
+            }
             Msg::Synced(report) => return self.on_synced(*report),
             Msg::Shutdown => {
                 if self.world.shutting_down.is_none() {
@@ -451,8 +537,33 @@ impl<E: Effects> Controller<E> {
             .effects
             .ensure_listeners(&loaded.name, &loaded.spec.listen, &adopted)
         {
-            Ok(()) => self.world.on_manifest_accepted(loaded, &self.events),
+            Ok(()) => {
+                let name = loaded.name.clone();
+                self.world.on_manifest_accepted(loaded, &self.events);
+                self.route_adopted(&name);
+            }
             Err(e) => self.world.on_listen_failed(loaded, e, now, &self.events),
+        }
+    }
+
+    /// Gives traffic to the app's adopted Ready workers still in that state, now that its
+    /// sockets are bound.
+    fn route_adopted(&mut self, name: &AppName) {
+        let (mine, rest) = std::mem::take(&mut self.unrouted)
+            .into_iter()
+            .partition(|(a, _)| a == name);
+        self.unrouted = rest;
+        let Some(app) = self.world.apps.get(name) else {
+            return;
+        };
+        for (_, id) in mine {
+            let Some(w) = app.observed.workers.get(&id) else {
+                continue;
+            };
+            if w.state == WorkerState::Ready {
+                let spec = app.spec(&w.template.revision).cloned();
+                self.effects.route(name, id, spec.as_deref());
+            }
         }
     }
 
@@ -659,150 +770,6 @@ impl<E: Effects> Controller<E> {
             }
         }
     }
-
-    fn answer(&mut self, request: ApiRequest, reply: oneshot::Sender<ApiReply>) {
-        let now = self.now();
-        if matches!(request, ApiRequest::Status(_) | ApiRequest::Metrics)
-            && self
-                .last_sample
-                .is_none_or(|t| now.duration_since(t) >= SAMPLE_ON_DEMAND)
-        {
-            self.sample(now);
-        }
-        let answer = match request {
-            ApiRequest::Status(None) => {
-                ApiReply::Json(StatusCode::OK, json!(self.status_report(None)))
-            }
-            ApiRequest::Status(Some(name)) => {
-                let report = self.status_report(Some(&name));
-                match report.apps.into_iter().next() {
-                    Some(app) => ApiReply::Json(StatusCode::OK, json!(app)),
-                    None => not_found(&name),
-                }
-            }
-            ApiRequest::Reload(target) => self.reload(target),
-            ApiRequest::Sync => {
-                self.answer_sync(reply);
-                return;
-            }
-            ApiRequest::Metrics => ApiReply::Text(status::metrics(&self.status_report(None))),
-            ApiRequest::Info => ApiReply::Json(
-                StatusCode::OK,
-                json!(crate::api_types::DaemonInfo {
-                    version: env!("CARGO_PKG_VERSION").to_string(),
-                    apps_dir: self.config.apps_dir.display().to_string(),
-                    log_dir: self.config.log_dir.display().to_string(),
-                    state_dir: self.config.state_dir.display().to_string(),
-                }),
-            ),
-        };
-        let _ = reply.send(answer);
-    }
-
-    fn answer_sync(&self, reply: oneshot::Sender<ApiReply>) {
-        let Some(trigger) = self.sync_trigger.clone() else {
-            let _ = reply.send(ApiReply::Json(
-                StatusCode::CONFLICT,
-                json!({"error": "this daemon does not follow a git repository (start it with --git-repo)"}),
-            ));
-            return;
-        };
-        // A fetch can take as long as the git timeout: answer from a task so the loop
-        // keeps reconciling meanwhile.
-        tokio::spawn(async move {
-            let (tx, rx) = oneshot::channel();
-            let stopped = || {
-                ApiReply::Json(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    json!({"error": "the sync loop has stopped"}),
-                )
-            };
-            let answer = if trigger.send(tx).await.is_err() {
-                stopped()
-            } else {
-                match rx.await {
-                    Ok(Ok(o)) => ApiReply::Json(
-                        StatusCode::OK,
-                        json!(SyncReply {
-                            commit: o.commit.0,
-                            added: o.added,
-                            changed: o.changed,
-                            removed: o.removed,
-                        }),
-                    ),
-                    Ok(Err(e)) => ApiReply::Json(StatusCode::BAD_GATEWAY, json!({"error": e})),
-                    Err(_) => stopped(),
-                }
-            };
-            let _ = reply.send(answer);
-        });
-    }
-
-    fn reload(&mut self, target: Option<String>) -> ApiReply {
-        let names: Vec<AppName> = match target {
-            Some(name) => {
-                let name = AppName(name);
-                match self.world.apps.get(&name) {
-                    Some(a) if a.current.is_some() && !a.removed => vec![name],
-                    Some(_) => {
-                        return ApiReply::Json(
-                            StatusCode::CONFLICT,
-                            json!({"error": format!("{} has no valid manifest to reload", name)}),
-                        )
-                    }
-                    None => return not_found(&name.0),
-                }
-            }
-            None => self
-                .world
-                .apps
-                .values()
-                .filter(|a| a.current.is_some() && !a.removed)
-                .map(|a| a.name.clone())
-                .collect(),
-        };
-        let mut reloads = Vec::new();
-        for name in names {
-            if let Some(generation) = self.world.on_reload(&name, &self.events) {
-                reloads.push(ReloadAccepted {
-                    app: name.0,
-                    generation,
-                });
-            }
-        }
-        ApiReply::Json(StatusCode::ACCEPTED, json!(ReloadReply { reloads }))
-    }
-
-    fn status_report(&self, only: Option<&str>) -> crate::api_types::StatusReport {
-        let now = self.now();
-        let shutting_down = self.world.shutting_down.is_some();
-        let apps = self
-            .world
-            .apps
-            .values()
-            .filter(|a| only.is_none_or(|n| n == a.name.0))
-            .map(|a| {
-                status::app_status(
-                    a,
-                    &self.effects,
-                    a.desired(shutting_down).flatten().as_ref(),
-                    now,
-                )
-            })
-            .collect();
-        let sync = self.sync.as_ref().map(|s| crate::api_types::SyncStatus {
-            repo: s.repo.clone(),
-            git_ref: s.git_ref.clone(),
-            commit: s.commit.clone(),
-            error: s.error.clone(),
-            at: s.at.map(super::rfc3339),
-        });
-        crate::api_types::StatusReport {
-            apps,
-            sync,
-            daemon_errors: self.state_error.iter().cloned().collect(),
-        }
-    }
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
@@ -810,13 +777,6 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
     }
-}
-
-fn not_found(name: &str) -> ApiReply {
-    ApiReply::Json(
-        StatusCode::NOT_FOUND,
-        json!({"error": format!("no app named {name}")}),
-    )
 }
 
 impl state::SavedWorker {
@@ -831,52 +791,5 @@ impl state::SavedWorker {
             None if self.ready => Some(WorkerState::Ready),
             _ => None,
         }
-    }
-}
-
-/// As root, a manifest decides what runs as root: like sshd's StrictModes, refuse one
-/// that someone other than root could have written (the file or its directory owned by
-/// another user, or writable by group or others). The app keeps its last good revision
-/// (phase Invalid), exactly as for a manifest that does not parse.
-fn refuse_insecure(report: &mut clusterd_core::LoadReport, apps_dir: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let problem = |path: &Path, what: &str| -> Option<String> {
-        let meta = std::fs::metadata(path).ok()?;
-        let mode = meta.mode() & 0o7777;
-        if meta.uid() != 0 {
-            Some(format!(
-                "refusing {what} {}: owned by uid {}, not root (fix: chown root {})",
-                path.display(),
-                meta.uid(),
-                path.display()
-            ))
-        } else if mode & 0o022 != 0 {
-            Some(format!(
-                "refusing {what} {}: writable by group or others (mode {mode:04o}; fix: chmod go-w {})",
-                path.display(),
-                path.display()
-            ))
-        } else {
-            None
-        }
-    };
-    let dir_problem = problem(apps_dir, "the apps dir");
-    let names: Vec<AppName> = report.apps.keys().cloned().collect();
-    for name in names {
-        let source = report.apps[&name].source.clone();
-        let Some(message) = dir_problem.clone().or_else(|| problem(&source, "manifest")) else {
-            continue;
-        };
-        report.apps.remove(&name);
-        report
-            .errors
-            .entry(name.0.clone())
-            .or_default()
-            .push(clusterd_core::Diagnostic {
-                file: source,
-                line: 1,
-                column: 1,
-                message,
-            });
     }
 }
