@@ -43,3 +43,6 @@ mod import_pm2;
 
 #[path = "e2e/top.rs"]
 mod top;
+
+#[path = "e2e/tls.rs"]
+mod tls;

@@ -143,6 +143,76 @@ pub struct Listener {
     /// [`crate::net::Cidr`] by validation.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trusted_proxies: Vec<String>,
+    /// http and tcp modes: whether a client keeps going to the same worker.
+    #[serde(default, skip_serializing_if = "Affinity::is_none")]
+    pub affinity: Affinity,
+    /// http mode: terminate TLS on this listener (HTTP/2 offered by ALPN).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// `listen[].affinity`: how the proxy chooses a worker for a client.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "camelCase")]
+pub enum Affinity {
+    /// Each request (http) or connection (tcp) goes to the least-busy worker.
+    #[default]
+    None,
+    /// The same client address keeps its worker (rendezvous hashing over the
+    /// routable workers, so a reload or a scale moves only the clients of the
+    /// workers that changed).
+    #[serde(rename = "clientIP")]
+    ClientIp,
+}
+
+impl Affinity {
+    /// Whether this is the default (left out of serialized manifests and the revision).
+    #[must_use]
+    pub fn is_none(&self) -> bool {
+        *self == Affinity::None
+    }
+}
+
+/// `listen[].tls`: certificates for TLS termination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Tls {
+    /// PEM files, chosen by SNI; the first is the default for clients that send no
+    /// name or a name no certificate covers. Files are watched and reloaded.
+    #[serde(default)]
+    pub certificates: Vec<TlsCertificate>,
+    /// Obtain and renew a certificate automatically (not implemented yet: refused by
+    /// validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acme: Option<Acme>,
+}
+
+/// One certificate chain and its private key, as PEM files. Relative paths are
+/// resolved against the manifest's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificate {
+    /// The chain, leaf first.
+    pub cert: PathBuf,
+    /// The private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `listen[].tls.acme`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Acme {
+    /// Names the certificate covers.
+    #[serde(default)]
+    pub domains: Vec<String>,
+    /// Contact address for the ACME account.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// The ACME directory URL.
+    #[serde(default)]
+    pub directory: Option<String>,
 }
 
 fn default_address() -> String {

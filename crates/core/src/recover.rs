@@ -432,7 +432,7 @@ mod tests {
             got,
             [
                 "4:3: unknown field `nme`, did you mean `name`?",
-                "8:7: unknown field `bogus` (expected one of `name`, `port`, `address`, `mode`, `protocol`, `trustedProxies`)",
+                "8:7: unknown field `bogus` (expected one of `name`, `port`, `address`, `mode`, `protocol`, `trustedProxies`, `affinity`, `tls`)",
                 "7:7: missing field `port`",
                 "6:3: missing field `command`",
             ]

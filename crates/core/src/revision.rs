@@ -1,6 +1,7 @@
 //! The revision: a short, stable hash of everything that shapes a worker process.
 //!
-//! Included: command (as argv), workingDir (resolved), env, user, group, limits, listen.
+//! Included: command (as argv), workingDir (resolved), env, user, group, limits, listen
+//! (address, port, mode, protocol, and affinity and tls when set; not trustedProxies).
 //! Excluded, because changing them must not replace any worker: instances (scaling),
 //! rollout, shutdown, restart (daemon-side policies), readiness and liveness (how the
 //! daemon watches a worker, not what the worker is), and logs (rotation is done by the
@@ -19,7 +20,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::{AppSpec, CommandLine, ListenMode, Protocol};
+use crate::model::{Affinity, AppSpec, CommandLine, ListenMode, Protocol, Tls};
 use crate::plan::Revision;
 
 /// Bumped only if the canonical form must change on purpose (it rolls every app).
@@ -62,6 +63,13 @@ struct CanonicalListener<'a> {
     address: &'a str,
     mode: ListenMode,
     protocol: Protocol,
+    /// Left out when `none`, so revisions from before the field existed stay the same.
+    #[serde(skip_serializing_if = "Affinity::is_none")]
+    affinity: Affinity,
+    /// Left out when absent, for the same reason. Paths only: a renewed certificate
+    /// in the same files is picked up by the proxy without a new revision.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    tls: Option<&'a Tls>,
 }
 
 /// Computes the revision of a loaded spec (command already normalized to argv and
@@ -101,6 +109,8 @@ pub fn revision(spec: &AppSpec) -> Revision {
                 address: &l.address,
                 mode: l.mode,
                 protocol: l.protocol,
+                affinity: l.affinity,
+                tls: l.tls.as_ref(),
             })
             .collect(),
     };

@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::error::ManifestError;
 use crate::instances::{resolve_instances, MAX_INSTANCES};
 use crate::model::{
-    AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind, Protocol,
-    ReadinessKind, SignalName,
+    Affinity, AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind,
+    Protocol, ReadinessKind, SignalName, Tls,
 };
 use crate::net::Cidr;
 use crate::signal::normalize_signal;
@@ -347,6 +347,11 @@ fn normalize_spec(spec: &AppSpec, dir: &Path, issues: &mut Vec<Issue>) -> AppSpe
     }
 
     check_listeners(&spec.listen, issues);
+    for (i, l) in out.listen.iter_mut().enumerate() {
+        if let Some(tls) = &mut l.tls {
+            normalize_tls(tls, &format!("spec.listen[{i}].tls"), dir, issues);
+        }
+    }
 
     // Readiness: resolve the default, then check the type against the first listener
     // (the one whose private port is in PORT, the one a probe would hit).
@@ -649,6 +654,34 @@ fn probe_target_problem(what: &str, word: &str, first_mode: Option<ListenMode>) 
     }
 }
 
+/// Checks `listen[].tls` and resolves its paths against the manifest's directory.
+fn normalize_tls(tls: &mut Tls, base: &str, dir: &Path, issues: &mut Vec<Issue>) {
+    if tls.acme.is_some() {
+        issues.push(Issue::at_key(
+            format!("{base}.acme"),
+            "tls.acme is not supported by this version of clusterd yet (expected certificates: [{cert, key}] obtained by another ACME client such as certbot; files are reloaded when renewed)",
+        ));
+    }
+    if tls.certificates.is_empty() {
+        issues.push(Issue::at(
+            format!("{base}.certificates"),
+            "no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default)",
+        ));
+    }
+    for (j, c) in tls.certificates.iter_mut().enumerate() {
+        for (field, path) in [("cert", &mut c.cert), ("key", &mut c.key)] {
+            if path.as_os_str().is_empty() {
+                issues.push(Issue::at(
+                    format!("{base}.certificates[{j}].{field}"),
+                    format!("{field} is empty (expected the path of a PEM file)"),
+                ));
+            } else {
+                *path = dir.join(&*path);
+            }
+        }
+    }
+}
+
 fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
     let mut names: BTreeMap<String, usize> = BTreeMap::new();
     for (i, l) in listen.iter().enumerate() {
@@ -692,6 +725,24 @@ fn check_listeners(listen: &[Listener], issues: &mut Vec<Issue>) {
                 format!("{base}.trustedProxies"),
                 format!(
                     "trustedProxies applies to forwarding headers, which only the http proxy adds (this listener is mode {}; expected mode: http or no trustedProxies)",
+                    mode_name(l.mode)
+                ),
+            ));
+        }
+        if l.affinity != Affinity::None && !matches!(l.mode, ListenMode::Http | ListenMode::Tcp) {
+            issues.push(Issue::at(
+                format!("{base}.affinity"),
+                format!(
+                    "affinity needs the daemon to choose the worker, and in mode {} the kernel does (expected mode: http or tcp, or affinity: none)",
+                    mode_name(l.mode)
+                ),
+            ));
+        }
+        if l.tls.is_some() && l.mode != ListenMode::Http {
+            issues.push(Issue::at_key(
+                format!("{base}.tls"),
+                format!(
+                    "tls is terminated by the http proxy only (this listener is mode {}; expected mode: http, or TLS handled by the workers)",
                     mode_name(l.mode)
                 ),
             ));

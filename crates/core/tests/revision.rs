@@ -60,10 +60,31 @@ fn only_worker_shaping_fields_change_it() {
     ] {
         assert_ne!(rev(changed), base, "{changed}");
     }
+    // Listener additions that are off by default keep the revision of older manifests.
+    assert_eq!(
+        rev("").as_str(),
+        {
+            let text = BASE.replace("{port: 8080}", "{port: 8080, affinity: none}");
+            let report = load(
+                &[ManifestFile::new("/srv/apps/web.yaml", text)],
+                &LoadContext {
+                    cpus: 4,
+                    ..LoadContext::default()
+                },
+            );
+            report.apps[&AppName("web".into())].revision.0.clone()
+        }
+        .as_str()
+    );
     let env = BASE.replace("A: \"1\"", "A: \"3\"");
+    let affinity = BASE.replace("{port: 8080}", "{port: 8080, affinity: clientIP}");
+    let tls = BASE.replace(
+        "{port: 8080}",
+        "{port: 8080, tls: {certificates: [{cert: a.pem, key: a.key}]}}",
+    );
     let listen = BASE.replace("8080", "8081");
     let command = BASE.replace("server.js", "app.js");
-    for text in [env, listen, command] {
+    for text in [env, listen, command, affinity, tls] {
         let report = load(
             &[ManifestFile::new("/srv/apps/web.yaml", text)],
             &LoadContext {

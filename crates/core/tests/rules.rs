@@ -135,6 +135,49 @@ fn every_rule_reports_where_and_what() {
             vec!["/srv/apps/web.yaml:8:45: trustedProxies applies to forwarding headers, which only the http proxy adds (this listener is mode tcp; expected mode: http or no trustedProxies)"],
         ),
         (
+            "tls and affinity valid",
+            with_spec("  listen:\n    - port: 443\n      affinity: clientIP\n      tls:\n        certificates:\n          - {cert: site.pem, key: site.key}\n    - {port: 81, mode: tcp, affinity: clientIP}\n"),
+            vec![],
+        ),
+        (
+            "tls needs http mode",
+            with_spec("  listen:\n    - port: 443\n      mode: tcp\n      tls: {certificates: [{cert: a.pem, key: a.key}]}\n"),
+            vec!["/srv/apps/web.yaml:10:7: tls is terminated by the http proxy only (this listener is mode tcp; expected mode: http, or TLS handled by the workers)"],
+        ),
+        (
+            "tls needs a certificate",
+            with_spec("  listen:\n    - port: 443\n      tls: {certificates: []}\n"),
+            vec!["/srv/apps/web.yaml:9:27: no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default)"],
+        ),
+        (
+            "tls certificate fields",
+            with_spec("  listen:\n    - port: 443\n      tls: {certificates: [{cert: \"\", key: a.key}]}\n"),
+            vec!["/srv/apps/web.yaml:9:35: cert is empty (expected the path of a PEM file)"],
+        ),
+        (
+            "tls unknown field",
+            with_spec("  listen:\n    - port: 443\n      tls: {certs: []}\n"),
+            vec![
+                "/srv/apps/web.yaml:9:12: no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default)",
+                "/srv/apps/web.yaml:9:13: unknown field `certs` (expected one of `certificates`, `acme`)",
+            ],
+        ),
+        (
+            "tls acme not yet",
+            with_spec("  listen:\n    - port: 443\n      tls:\n        acme: {domains: [example.com]}\n        certificates: [{cert: a.pem, key: a.key}]\n"),
+            vec!["/srv/apps/web.yaml:10:9: tls.acme is not supported by this version of clusterd yet (expected certificates: [{cert, key}] obtained by another ACME client such as certbot; files are reloaded when renewed)"],
+        ),
+        (
+            "affinity values",
+            with_spec("  listen:\n    - {port: 80, affinity: sourceIP}\n"),
+            vec!["/srv/apps/web.yaml:8:28: unknown value `sourceIP` (expected one of `none`, `clientIP`)"],
+        ),
+        (
+            "affinity not in inherit mode",
+            with_spec("  listen:\n    - {port: 80, mode: inherit, affinity: clientIP}\n"),
+            vec!["/srv/apps/web.yaml:8:43: affinity needs the daemon to choose the worker, and in mode inherit the kernel does (expected mode: http or tcp, or affinity: none)"],
+        ),
+        (
             "listener names unique",
             with_spec("  listen:\n    - {port: 80, name: admin-api}\n    - {port: 81, name: admin_api}\n"),
             vec!["/srv/apps/web.yaml:9:24: listener name `admin_api` is already used by listener 0 (both would be PORT_ADMIN_API; expected unique names)"],

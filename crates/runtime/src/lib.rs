@@ -52,6 +52,7 @@ pub mod seccomp;
 pub mod shim;
 #[allow(unsafe_code)] // fd and syscall plumbing, each block with a SAFETY comment
 pub mod spawn;
+pub mod tls;
 pub mod tree;
 
 pub use error::{Error, Result};

@@ -10,7 +10,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use clusterd_core::model::{ListenMode, Listener, Logs, ReadinessKind};
+use clusterd_core::model::{Affinity, ListenMode, Listener, Logs, ReadinessKind};
 use clusterd_core::plan::{AppName, WorkerId};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -46,6 +46,8 @@ struct ListenerEntry {
     name: String,
     /// http mode: the proxy's `trustedProxies`, updated in place by a new manifest.
     trusted: Option<proxy::TrustedProxies>,
+    /// http mode: the listener's `tls`, updated in place by a new manifest.
+    tls: Option<crate::tls::TlsTerminator>,
     bound: BoundListener,
     routes: Option<Arc<RouteTable>>,
     proxy: CancellationToken,
@@ -607,6 +609,12 @@ impl Effects for LinuxEffects {
                     if let Some(trusted) = &e.trusted {
                         trusted.set(trusted_proxies(l));
                     }
+                    if let Some(tls) = &e.tls {
+                        tls.set(l.tls.as_ref());
+                    }
+                    if let Some(routes) = &e.routes {
+                        routes.set_affinity(l.affinity == Affinity::ClientIp);
+                    }
                     continue;
                 }
                 let addr = socket_addr(&l.address, l.port)?;
@@ -653,11 +661,13 @@ impl Effects for LinuxEffects {
                 // Cancelled by `cancel` too: the proxy stops either way.
                 let retire = cancel.child_token();
                 let mut trusted = None;
+                let mut tls = None;
                 let routes = match l.mode {
                     // The workers themselves accept on these; no proxy.
                     ListenMode::Inherit | ListenMode::Shared => None,
                     mode => {
                         let routes = RouteTable::new();
+                        routes.set_affinity(l.affinity == Affinity::ClientIp);
                         let std_listener = bound.proxy_listener().map_err(|e| e.to_string())?;
                         let listener = tokio::net::TcpListener::from_std(std_listener)
                             .map_err(|e| e.to_string())?;
@@ -665,6 +675,7 @@ impl Effects for LinuxEffects {
                         if mode == ListenMode::Http {
                             let cfg = http_proxy_config(l);
                             trusted = Some(cfg.trusted_proxies.clone());
+                            tls = Some(cfg.tls.clone());
                             self.proxies.spawn(
                                 proxy::serve_http_retirable(
                                     listener,
@@ -697,6 +708,7 @@ impl Effects for LinuxEffects {
                     key,
                     name,
                     trusted,
+                    tls,
                     bound,
                     routes,
                     proxy,
@@ -1116,6 +1128,7 @@ fn describe_bind_error(e: &crate::Error, addr: SocketAddr) -> String {
 fn http_proxy_config(l: &Listener) -> proxy::HttpProxyConfig {
     proxy::HttpProxyConfig {
         trusted_proxies: proxy::TrustedProxies::new(trusted_proxies(l)),
+        tls: crate::tls::TlsTerminator::new(l.tls.as_ref()),
         ..proxy::HttpProxyConfig::default().with_env()
     }
 }

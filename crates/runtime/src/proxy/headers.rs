@@ -5,7 +5,7 @@
 //!   client without one, the address it connected to.
 //! - `X-Forwarded-For`: the client's address. From a trusted proxy
 //!   (`listen[].trustedProxies`), appended to the list it sent.
-//! - `X-Forwarded-Proto`: `http`; `X-Forwarded-Host`: the Host; `X-Forwarded-Port`: the
+//! - `X-Forwarded-Proto`: `http`, or `https` on a TLS listener; `X-Forwarded-Host`: the Host; `X-Forwarded-Port`: the
 //!   public port. From a trusted proxy, its own values are kept when present.
 //! - `Forwarded` (RFC 7239): one element `for=...;proto=http;host="..."` for this hop;
 //!   from a trusted proxy, appended after the elements it sent.
@@ -122,6 +122,23 @@ pub(crate) fn host_of(
     local.and_then(|a| HeaderValue::from_str(&a.to_string()).ok())
 }
 
+/// HTTP/2 lets a client split `Cookie` into one field per cookie (RFC 9113 §8.2.3);
+/// an HTTP/1.1 worker expects one line, so they are joined with `"; "`.
+pub(crate) fn join_cookies(headers: &mut HeaderMap) {
+    let mut all = headers.get_all(header::COOKIE).iter();
+    if all.next().is_none() || all.next().is_none() {
+        return;
+    }
+    let joined: Vec<&[u8]> = headers
+        .get_all(header::COOKIE)
+        .iter()
+        .map(HeaderValue::as_bytes)
+        .collect();
+    if let Ok(v) = HeaderValue::from_bytes(&joined.join(&b"; "[..])) {
+        headers.insert(header::COOKIE, v);
+    }
+}
+
 /// The request target as a worker expects it from a proxy: origin-form.
 pub(crate) fn origin_form(uri: &Uri) -> Uri {
     match uri.path_and_query() {
@@ -141,6 +158,8 @@ pub(crate) struct Hop<'a> {
     pub(crate) host: Option<&'a HeaderValue>,
     /// Whether `peer` is in `trustedProxies`: its forwarding headers are believed.
     pub(crate) trusted: bool,
+    /// Whether the client connection is TLS (`X-Forwarded-Proto: https`).
+    pub(crate) https: bool,
 }
 
 /// Sets the forwarding headers for this hop: `X-Forwarded-For/Proto/Host/Port` and an
@@ -178,7 +197,10 @@ pub(crate) fn forwarding(headers: &mut HeaderMap, hop: Hop<'_>) {
         headers.insert("x-forwarded-for", v);
     }
     if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", HeaderValue::from_static("http"));
+        headers.insert(
+            "x-forwarded-proto",
+            HeaderValue::from_static(if hop.https { "https" } else { "http" }),
+        );
     }
     if let Some(h) = hop.host {
         if !headers.contains_key("x-forwarded-host") {
@@ -195,7 +217,8 @@ pub(crate) fn forwarding(headers: &mut HeaderMap, hop: Hop<'_>) {
     } else {
         format!("for={ip}")
     };
-    let mut element = format!("{node};proto=http");
+    let proto = if hop.https { "https" } else { "http" };
+    let mut element = format!("{node};proto={proto}");
     if let Some(h) = hop.host.and_then(|h| h.to_str().ok()) {
         if !h.contains(['"', '\\']) {
             element.push_str(&format!(";host=\"{h}\""));
@@ -283,6 +306,7 @@ mod tests {
                 local: Some("192.0.2.1:8080".parse().unwrap()),
                 host: Some(&host),
                 trusted: false,
+                https: false,
             },
         );
         assert_eq!(
@@ -309,6 +333,7 @@ mod tests {
                 local: Some("192.0.2.1:8080".parse().unwrap()),
                 host: Some(&host),
                 trusted: true,
+                https: false,
             },
         );
         assert_eq!(
@@ -338,6 +363,7 @@ mod tests {
                 local: None,
                 host: None,
                 trusted: false,
+                https: false,
             },
         );
         assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=http");

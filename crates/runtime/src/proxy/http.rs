@@ -42,11 +42,13 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use super::front::Front;
 use super::pool::{connect, BoxError, UpstreamBody, UpstreamConn};
 use super::routes::{Lease, RouteTable};
 use super::timeouts::{BodyReadTimeout, Idle, WriteIdle};
 use super::{guard, headers};
 use crate::accept::{AcceptBackoff, ConnLimiter};
+use crate::tls::TlsTerminator;
 
 /// Bounds of the http proxy. The defaults suit a web app on the same host.
 #[derive(Debug, Clone)]
@@ -91,6 +93,8 @@ pub struct HttpProxyConfig {
     pub allowed_upgrades: Vec<String>,
     /// Connection caps, shared by every proxy of the daemon.
     pub limiter: Arc<ConnLimiter>,
+    /// `listen[].tls`: terminate TLS (and offer HTTP/2) on this listener.
+    pub tls: TlsTerminator,
 }
 
 impl Default for HttpProxyConfig {
@@ -109,6 +113,7 @@ impl Default for HttpProxyConfig {
             trusted_proxies: TrustedProxies::default(),
             allowed_upgrades: vec!["websocket".to_string()],
             limiter: ConnLimiter::global(),
+            tls: TlsTerminator::default(),
         }
     }
 }
@@ -193,7 +198,7 @@ impl TrustedProxies {
 /// most one replay of a request a worker may have seen.
 const MAX_ATTEMPTS: usize = 8;
 
-type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
+pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// State shared by every connection of one `serve_http`.
 struct Ctx {
@@ -245,6 +250,11 @@ pub async fn serve_http_retirable(
         .header_read_timeout(ctx.cfg.header_read_timeout)
         .max_header_size(ctx.cfg.max_header_bytes)
         .max_buf_size(ctx.cfg.max_header_bytes.max(8192) * 2);
+    let front = Front::new(
+        server,
+        ctx.cfg.max_header_bytes,
+        ctx.cfg.header_read_timeout,
+    );
     let mut backoff = AcceptBackoff::new("http proxy");
     loop {
         let slot = tokio::select! {
@@ -269,50 +279,42 @@ pub async fn serve_http_retirable(
         };
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
+        let tls = ctx.cfg.tls.acceptor();
         let ctx = Arc::clone(&ctx);
         let shutdown = shutdown.clone();
-        let conn = server.serve_connection(
-            TokioIo::new(WriteIdle::new(stream, ctx.cfg.response_write_timeout)),
-            service_fn({
+        let front = front.clone();
+        let client = Client {
+            peer,
+            local,
+            trusted,
+            https: tls.is_some(),
+        };
+        let service = service_fn({
+            let ctx = Arc::clone(&ctx);
+            let retire = retire.clone();
+            move |req| {
                 let ctx = Arc::clone(&ctx);
                 let retire = retire.clone();
-                move |req| {
-                    let ctx = Arc::clone(&ctx);
-                    let retire = retire.clone();
-                    let client = Client {
-                        peer,
-                        local,
-                        trusted,
-                    };
-                    async move {
-                        let mut resp = proxy_request(req, &ctx, client).await;
-                        if retire.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS
-                        {
-                            resp.headers_mut()
-                                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                        }
-                        Ok::<_, Infallible>(resp)
+                async move {
+                    let mut resp = proxy_request(req, &ctx, client).await;
+                    // Retired (daemon upgrade): HTTP/1.1 clients are asked to reconnect,
+                    // to the new daemon. hyper drops the header on HTTP/2.
+                    if retire.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                        resp.headers_mut()
+                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
                     }
+                    Ok::<_, Infallible>(resp)
                 }
-            }),
-        );
+            }
+        });
         tracker.spawn(
             async move {
-                let conn = conn.with_upgrades();
-                tokio::pin!(conn);
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    () = shutdown.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        tokio::select! {
-                            r = conn.as_mut() => r,
-                            () = ctx.hard_stop.cancelled() => Ok(()),
-                        }
-                    }
-                    // Retired: the connection runs on (see serve_http_retirable) until
-                    // it closes or the grace passes.
-                    () = ctx.hard_stop.cancelled() => Ok(()),
-                };
+                let stream = WriteIdle::new(stream, ctx.cfg.response_write_timeout);
+                // Retired: the connection runs on (see serve_http_retirable) until it
+                // closes or the grace passes (`hard_stop`).
+                let result = front
+                    .serve(stream, tls, service, &shutdown, &ctx.hard_stop)
+                    .await;
                 if let Err(err) = result {
                     tracing::debug!(cause = %err, "client connection ended with error");
                 }
@@ -360,6 +362,8 @@ struct Client {
     local: Option<SocketAddr>,
     /// In `trustedProxies`: its forwarding headers are believed.
     trusted: bool,
+    /// Over TLS.
+    https: bool,
 }
 
 async fn proxy_request(
@@ -369,6 +373,7 @@ async fn proxy_request(
         peer,
         local,
         trusted,
+        https,
     }: Client,
 ) -> Response<ProxyBody> {
     if let Err(reject) = guard::check_request(req.method(), req.uri(), req.version(), req.headers())
@@ -388,6 +393,9 @@ async fn proxy_request(
     let client_host = headers::host_of(&parts.uri, &headers, local);
     let upgrade_to = headers.get(header::UPGRADE).cloned();
     headers::strip_hop_by_hop(&mut headers);
+    if parts.version == Version::HTTP_2 {
+        headers::join_cookies(&mut headers);
+    }
     if let (true, Some(to)) = (upgrade, upgrade_to) {
         // The one case where the hop-by-hop handshake must reach the worker.
         headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
@@ -403,6 +411,7 @@ async fn proxy_request(
             local,
             host: client_host.as_ref(),
             trusted,
+            https,
         },
     );
     let uri = headers::origin_form(&parts.uri);
@@ -432,7 +441,7 @@ async fn proxy_request(
     let deadline = Instant::now() + ctx.cfg.no_backend_wait;
     let mut failed: Vec<WorkerId> = Vec::new();
     for _ in 0..MAX_ATTEMPTS {
-        let Some(lease) = ctx.routes.acquire(&failed, deadline).await else {
+        let Some(lease) = ctx.routes.acquire(Some(peer.ip()), &failed, deadline).await else {
             return if failed.is_empty() {
                 tracing::warn!(%method, "no routable worker");
                 error_response(StatusCode::SERVICE_UNAVAILABLE, "no worker available\n")

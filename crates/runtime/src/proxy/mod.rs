@@ -7,9 +7,11 @@
 //! [`RouteTable::stop_routing`], awaiting [`RouteTable::drained`] (under its shutdown
 //! timeout), and only then signalling the worker.
 //!
-//! - [`serve_http`]: HTTP/1.1 reverse proxy, balancing *requests*.
+//! - [`serve_http`]: HTTP/1.1 reverse proxy, balancing *requests*; with TLS
+//!   (`listen[].tls`, [`crate::tls`]) also HTTP/2 to clients, by ALPN.
 //! - [`serve_tcp`]: L4 proxy, balancing *connections*.
 
+mod front;
 mod guard;
 mod headers;
 mod http;

@@ -7,7 +7,8 @@
 //! atomics so that finishing a request never takes the table lock.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
+use std::hash::{Hash, Hasher};
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -96,6 +97,16 @@ impl Drop for Lease {
     }
 }
 
+/// The rendezvous score of `worker` for `client`. SipHash with fixed keys: the same
+/// on every run, so a daemon restart keeps clients where they were.
+fn affinity_score(client: IpAddr, worker: WorkerId) -> u64 {
+    #[allow(deprecated)] // SipHasher is the one std hasher with fixed, stable keys.
+    let mut h = std::hash::SipHasher::new_with_keys(0x636c_7573_7465_7264, 0x6166_6669_6e69_7479);
+    client.to_canonical().hash(&mut h);
+    worker.0.hash(&mut h);
+    h.finish()
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     backends: BTreeMap<WorkerId, Arc<Backend>>,
@@ -113,6 +124,8 @@ struct Inner {
 #[derive(Debug, Default)]
 pub struct RouteTable {
     inner: Mutex<Inner>,
+    /// `listen[].affinity: clientIP`: a client address keeps its worker.
+    affinity: AtomicBool,
     /// Woken when a backend becomes routable, for requests waiting for one.
     routable_added: Notify,
 }
@@ -188,6 +201,12 @@ impl RouteTable {
         }
     }
 
+    /// Turns sticky sessions (`affinity: clientIP`) on or off, for work assigned from
+    /// now on.
+    pub fn set_affinity(&self, client_ip: bool) {
+        self.affinity.store(client_ip, Ordering::Relaxed);
+    }
+
     /// Requests (http) or connections (tcp) in flight on `id`; 0 if unknown.
     #[must_use]
     pub fn inflight(&self, id: WorkerId) -> u64 {
@@ -222,28 +241,49 @@ impl RouteTable {
         self.lock().backends.values().map(|b| b.stats()).collect()
     }
 
-    /// Assigns one unit of work to the least-loaded routable backend not in `exclude`
-    /// (ties go round-robin), counting it in flight before the lock is released so
-    /// that concurrent picks see each other.
-    pub(crate) fn pick(&self, exclude: &[WorkerId]) -> Option<Lease> {
+    /// Assigns one unit of work from `client` to a routable backend not in `exclude`,
+    /// counting it in flight before the lock is released so that concurrent picks see
+    /// each other.
+    ///
+    /// Without affinity: the least-loaded backend (ties go round-robin). With
+    /// affinity: the backend that ranks highest for this client by rendezvous
+    /// (highest-random-weight) hashing. Each (client, worker) pair has a fixed score, so
+    /// a client stays on its worker while that worker is routable, and a change in
+    /// the set moves only the clients whose top worker left or arrived.
+    pub(crate) fn pick(&self, client: Option<IpAddr>, exclude: &[WorkerId]) -> Option<Lease> {
         let mut inner = self.lock();
         let n = inner.backends.len();
         if n == 0 {
             return None;
         }
-        let start = inner.cursor % n;
+        let candidates = || {
+            inner
+                .backends
+                .values()
+                .filter(|b| b.is_routable() && !exclude.contains(&b.id))
+        };
         let mut best: Option<(&Arc<Backend>, u64)> = None;
-        for b in inner
-            .backends
-            .values()
-            .cycle()
-            .skip(start)
-            .take(n)
-            .filter(|b| b.is_routable() && !exclude.contains(&b.id))
-        {
-            let load = b.inflight.load(Ordering::Acquire);
-            if best.is_none_or(|(_, l)| load < l) {
-                best = Some((b, load));
+        match client {
+            Some(ip) if self.affinity.load(Ordering::Relaxed) => {
+                best = candidates()
+                    .map(|b| (b, affinity_score(ip, b.id)))
+                    .max_by_key(|&(_, score)| score);
+            }
+            _ => {
+                let start = inner.cursor % n;
+                for b in inner
+                    .backends
+                    .values()
+                    .cycle()
+                    .skip(start)
+                    .take(n)
+                    .filter(|b| b.is_routable() && !exclude.contains(&b.id))
+                {
+                    let load = b.inflight.load(Ordering::Acquire);
+                    if best.is_none_or(|(_, l)| load < l) {
+                        best = Some((b, load));
+                    }
+                }
             }
         }
         let backend = Arc::clone(best?.0);
@@ -259,17 +299,111 @@ impl RouteTable {
     /// Like `pick`, but if nothing is routable, waits until `deadline` for a backend
     /// to appear: during a rollout or restart there can be a moment with no ready
     /// worker, and a short wait beats an error.
-    pub(crate) async fn acquire(&self, exclude: &[WorkerId], deadline: Instant) -> Option<Lease> {
+    pub(crate) async fn acquire(
+        &self,
+        client: Option<IpAddr>,
+        exclude: &[WorkerId],
+        deadline: Instant,
+    ) -> Option<Lease> {
         loop {
             let notified = self.routable_added.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(lease) = self.pick(exclude) {
+            if let Some(lease) = self.pick(client, exclude) {
                 return Some(lease);
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 return None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+
+    use clusterd_core::plan::WorkerId;
+
+    use super::RouteTable;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    fn clients() -> Vec<IpAddr> {
+        (0..400u32)
+            .map(|i| IpAddr::V4(Ipv4Addr::from(0x0a00_0000 + i * 7919)))
+            .collect()
+    }
+
+    /// Where each client goes now (leases dropped at once).
+    fn placement(t: &RouteTable) -> BTreeMap<IpAddr, WorkerId> {
+        clients()
+            .into_iter()
+            .map(|ip| (ip, t.pick(Some(ip), &[]).unwrap().backend().id))
+            .collect()
+    }
+
+    #[test]
+    fn affinity_keeps_clients_and_moves_only_those_of_changed_workers() {
+        let t = RouteTable::new();
+        t.set_affinity(true);
+        for i in 1..=4 {
+            t.add(WorkerId(i), addr(1000 + i as u16));
+        }
+        let before = placement(&t);
+        assert_eq!(placement(&t), before, "same client, same worker");
+        // Every worker gets a share (400 clients over 4 workers).
+        for i in 1..=4 {
+            let n = before.values().filter(|w| **w == WorkerId(i)).count();
+            assert!(n > 40, "worker {i} got only {n} of 400 clients");
+        }
+
+        // A draining worker's clients move; nobody else does.
+        t.stop_routing(WorkerId(2));
+        let drained = placement(&t);
+        for (ip, w) in &before {
+            if *w == WorkerId(2) {
+                assert_ne!(drained[ip], WorkerId(2));
+            } else {
+                assert_eq!(drained[ip], *w, "{ip} moved though its worker stayed");
+            }
+        }
+
+        // A new worker takes clients only for itself; nobody else moves.
+        t.add(WorkerId(5), addr(1005));
+        let scaled = placement(&t);
+        let mut gained = 0;
+        for (ip, w) in &drained {
+            if scaled[ip] != *w {
+                assert_eq!(
+                    scaled[ip],
+                    WorkerId(5),
+                    "{ip} moved to a worker that did not change"
+                );
+                gained += 1;
+            }
+        }
+        assert!(gained > 0);
+
+        // An excluded (unreachable) worker sends the client to its next choice.
+        let ip = clients()[0];
+        let first = scaled[&ip];
+        let next = t.pick(Some(ip), &[first]).unwrap().backend().id;
+        assert_ne!(next, first);
+        assert_eq!(t.pick(Some(ip), &[first]).unwrap().backend().id, next);
+    }
+
+    #[test]
+    fn without_affinity_the_least_loaded_worker_wins() {
+        let t = RouteTable::new();
+        t.add(WorkerId(1), addr(1001));
+        t.add(WorkerId(2), addr(1002));
+        let ip = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+        let a = t.pick(ip, &[]).unwrap();
+        let b = t.pick(ip, &[]).unwrap();
+        assert_ne!(a.backend().id, b.backend().id, "busy worker skipped");
     }
 }

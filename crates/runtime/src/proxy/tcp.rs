@@ -87,7 +87,7 @@ pub async fn serve_tcp(
         tracker.spawn(
             async move {
                 tokio::select! {
-                    () = forward(client, &routes, &cfg) => {}
+                    () = forward(client, peer.ip(), &routes, &cfg) => {}
                     () = hard_stop.cancelled() => tracing::debug!("connection cut at shutdown"),
                 }
                 drop(permit);
@@ -98,11 +98,16 @@ pub async fn serve_tcp(
     drain_tasks(&tracker, &hard_stop, cfg.shutdown_grace).await;
 }
 
-async fn forward(mut client: TcpStream, routes: &RouteTable, cfg: &TcpProxyConfig) {
+async fn forward(
+    mut client: TcpStream,
+    peer: std::net::IpAddr,
+    routes: &RouteTable,
+    cfg: &TcpProxyConfig,
+) {
     let deadline = Instant::now() + cfg.no_backend_wait;
     let mut failed: Vec<WorkerId> = Vec::new();
     let (lease, mut upstream) = loop {
-        let Some(lease) = routes.acquire(&failed, deadline).await else {
+        let Some(lease) = routes.acquire(Some(peer), &failed, deadline).await else {
             tracing::warn!(tried = failed.len(), "no worker for connection; closing it");
             return;
         };

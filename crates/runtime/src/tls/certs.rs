@@ -1,0 +1,356 @@
+//! The certificates of one TLS listener: loading, SNI choice and renewal.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rustls::crypto::CryptoProvider;
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+
+/// How often, at most, the files are checked for a change (on a handshake).
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+
+/// Why a certificate/key pair was refused. The previous good pair, if any, stays.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The certificate file holds no PEM `CERTIFICATE` block.
+    #[error("{path}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)")]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The key file holds no usable PEM private key.
+    #[error("{path}: no PEM private key found (expected a PKCS#8, RSA or EC PRIVATE KEY block): {reason}")]
+    NoKey {
+        /// The file.
+        path: PathBuf,
+        /// The parser's reason.
+        reason: String,
+    },
+    /// The key is of a kind rustls cannot sign with.
+    #[error("{path}: unsupported private key: {reason}")]
+    Key {
+        /// The file.
+        path: PathBuf,
+        /// rustls' reason.
+        reason: String,
+    },
+    /// The key does not belong to the certificate.
+    #[error("{key} does not match the certificate in {cert}: {reason}")]
+    Mismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// rustls' reason.
+        reason: String,
+    },
+    /// The leaf certificate is not a parsable X.509 certificate.
+    #[error("{path}: invalid certificate: {reason}")]
+    BadCertificate {
+        /// The file.
+        path: PathBuf,
+        /// The parser's reason.
+        reason: String,
+    },
+}
+
+/// Reads and checks one pair: a chain (leaf first) and the leaf's private key.
+pub(crate) fn load_pair(
+    cert: &Path,
+    key: &Path,
+    provider: &CryptoProvider,
+) -> Result<Arc<CertifiedKey>, CertError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| CertError::Read {
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let cert_pem = read(cert)?;
+    let key_pem = read(key)?;
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&cert_pem)
+        .filter_map(Result::ok)
+        .collect();
+    let Some(leaf) = chain.first() else {
+        return Err(CertError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
+    };
+    webpki::EndEntityCert::try_from(leaf).map_err(|e| CertError::BadCertificate {
+        path: cert.to_path_buf(),
+        reason: format!("{e:?}"),
+    })?;
+    let der = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| CertError::NoKey {
+        path: key.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| CertError::Key {
+            path: key.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified.keys_match().map_err(|e| CertError::Mismatch {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        reason: e.to_string(),
+    })?;
+    Ok(Arc::new(certified))
+}
+
+/// What identifies a version of a file without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    dev: u64,
+    ino: u64,
+    len: u64,
+    mtime: (i64, i64),
+    ctime: (i64, i64),
+}
+
+fn stamp(path: &Path) -> Option<Stamp> {
+    use std::os::unix::fs::MetadataExt;
+    // Follows symlinks: certbot's live/ files are links into archive/.
+    let m = std::fs::metadata(path).ok()?;
+    Some(Stamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        len: m.len(),
+        mtime: (m.mtime(), m.mtime_nsec()),
+        ctime: (m.ctime(), m.ctime_nsec()),
+    })
+}
+
+#[derive(Debug)]
+struct Slot {
+    cert: PathBuf,
+    key: PathBuf,
+    /// The files as they were at the last load attempt (`None`: a file was missing).
+    seen: Option<Option<(Stamp, Stamp)>>,
+    /// The last pair that loaded.
+    good: Option<Arc<CertifiedKey>>,
+    /// The last refusal, so that a file that stays broken is reported once.
+    last_error: Option<String>,
+}
+
+impl Slot {
+    fn new(cert: PathBuf, key: PathBuf) -> Self {
+        Self {
+            cert,
+            key,
+            seen: None,
+            good: None,
+            last_error: None,
+        }
+    }
+
+    /// Reloads the pair if either file changed since the last attempt.
+    fn refresh(&mut self, provider: &CryptoProvider) {
+        let now = stamp(&self.cert).zip(stamp(&self.key));
+        if self.seen == Some(now) {
+            return;
+        }
+        self.seen = Some(now);
+        match load_pair(&self.cert, &self.key, provider) {
+            Ok(ck) => {
+                if self.good.is_some() {
+                    tracing::info!(cert = %self.cert.display(), "certificate reloaded; new connections get it");
+                } else {
+                    tracing::info!(cert = %self.cert.display(), "certificate loaded");
+                }
+                self.good = Some(ck);
+                self.last_error = None;
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                if self.last_error.as_deref() != Some(&msg) {
+                    if self.good.is_some() {
+                        tracing::error!(cert = %self.cert.display(), key = %self.key.display(), error = %msg, "certificate refused; still serving the previous one");
+                    } else {
+                        tracing::error!(cert = %self.cert.display(), key = %self.key.display(), error = %msg, "certificate refused; no certificate to serve for it yet");
+                    }
+                }
+                self.last_error = Some(msg);
+            }
+        }
+    }
+
+    /// Whether this slot's certificate covers `name` (wildcards per RFC 6125, as a
+    /// client would check it).
+    fn covers(&self, name: &ServerName<'_>) -> bool {
+        let Some(ck) = &self.good else {
+            return false;
+        };
+        ck.end_entity_cert()
+            .ok()
+            .and_then(|leaf| webpki::EndEntityCert::try_from(leaf).ok())
+            .is_some_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
+    }
+}
+
+/// The pairs of one listener, in manifest order.
+#[derive(Debug)]
+pub(crate) struct CertStore {
+    slots: Mutex<Vec<Slot>>,
+    last_check: Mutex<Option<Instant>>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl CertStore {
+    /// Loads `pairs` now (refusals are logged).
+    pub(crate) fn new(pairs: Vec<(PathBuf, PathBuf)>) -> Self {
+        let store = Self {
+            slots: Mutex::new(Vec::new()),
+            last_check: Mutex::new(None),
+            provider: Arc::new(rustls::crypto::ring::default_provider()),
+        };
+        store.set_pairs(pairs);
+        store
+    }
+
+    fn slots(&self) -> MutexGuard<'_, Vec<Slot>> {
+        self.slots
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Replaces the list; pairs with the same paths keep what they loaded.
+    pub(crate) fn set_pairs(&self, pairs: Vec<(PathBuf, PathBuf)>) {
+        let mut slots = self.slots();
+        let mut old: Vec<Slot> = std::mem::take(&mut *slots);
+        for (cert, key) in pairs {
+            let slot = match old.iter().position(|s| s.cert == cert && s.key == key) {
+                Some(i) => old.swap_remove(i),
+                None => Slot::new(cert, key),
+            };
+            slots.push(slot);
+        }
+        for s in slots.iter_mut() {
+            s.refresh(&self.provider);
+        }
+        *self
+            .last_check
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(Instant::now());
+    }
+
+    /// Re-checks the files if the last check is older than [`CHECK_EVERY`].
+    fn refresh_if_due(&self) {
+        {
+            let mut last = self
+                .last_check
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            if last.is_some_and(|t| t.elapsed() < CHECK_EVERY) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        for s in self.slots().iter_mut() {
+            s.refresh(&self.provider);
+        }
+    }
+
+    /// The certificate for a client that asked for `sni`: the first (in manifest
+    /// order) that covers it, else the first that loaded.
+    pub(crate) fn choose(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
+        self.refresh_if_due();
+        let slots = self.slots();
+        if let Some(name) = sni.and_then(|n| ServerName::try_from(n).ok()) {
+            if let Some(s) = slots.iter().find(|s| s.covers(&name)) {
+                return s.good.clone();
+            }
+        }
+        slots.iter().find_map(|s| s.good.clone())
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let chosen = self.choose(hello.server_name());
+        if chosen.is_none() {
+            tracing::warn!(sni = ?hello.server_name(), "TLS handshake refused: no certificate loaded");
+        }
+        chosen
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write_pair(dir: &Path, stem: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+        let ck = rcgen::generate_simple_self_signed(
+            names.iter().map(|n| (*n).to_string()).collect::<Vec<_>>(),
+        )
+        .unwrap();
+        let cert = dir.join(format!("{stem}.pem"));
+        let key = dir.join(format!("{stem}.key"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.key_pair.serialize_pem()).unwrap();
+        (cert, key)
+    }
+
+    #[test]
+    fn bad_pairs_are_refused_with_the_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::ring::default_provider();
+        let (a_cert, a_key) = write_pair(dir.path(), "a", &["a.test"]);
+        let (_, b_key) = write_pair(dir.path(), "b", &["b.test"]);
+        assert!(load_pair(&a_cert, &a_key, &provider).is_ok());
+        let err = load_pair(&a_cert, &b_key, &provider).unwrap_err();
+        assert!(matches!(err, CertError::Mismatch { .. }), "{err}");
+        let garbage = dir.path().join("garbage.pem");
+        std::fs::write(&garbage, "not a pem file\n").unwrap();
+        let err = load_pair(&garbage, &a_key, &provider).unwrap_err();
+        assert!(matches!(err, CertError::NoCertificate { .. }), "{err}");
+        let err = load_pair(&a_cert, &garbage, &provider).unwrap_err();
+        assert!(matches!(err, CertError::NoKey { .. }), "{err}");
+        let err = load_pair(&dir.path().join("missing.pem"), &a_key, &provider).unwrap_err();
+        assert!(err.to_string().contains("missing.pem"), "{err}");
+    }
+
+    #[test]
+    fn sni_exact_then_wildcard_then_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = write_pair(dir.path(), "a", &["a.test"]);
+        let w = write_pair(dir.path(), "w", &["*.wild.test"]);
+        let store = CertStore::new(vec![a, w]);
+        let leaf = |sni: Option<&str>| {
+            store
+                .choose(sni)
+                .unwrap()
+                .end_entity_cert()
+                .unwrap()
+                .clone()
+                .into_owned()
+        };
+        let a_leaf = leaf(None);
+        let w_leaf = leaf(Some("x.wild.test"));
+        assert_ne!(a_leaf, w_leaf);
+        assert_eq!(leaf(Some("a.test")), a_leaf);
+        assert_eq!(leaf(Some("X.Wild.Test")), w_leaf);
+        assert_eq!(
+            leaf(Some("wild.test")),
+            a_leaf,
+            "a wildcard does not cover the apex"
+        );
+        assert_eq!(leaf(Some("a.b.wild.test")), a_leaf, "nor two labels");
+        assert_eq!(leaf(Some("other.test")), a_leaf);
+    }
+}
