@@ -120,7 +120,7 @@ impl Tmux {
     }
 
     fn wait_exit(&self) -> String {
-        eventually(Duration::from_secs(10), "top to exit", || {
+        eventually(Duration::from_secs(30), "top to exit", || {
             let p = self.pane();
             // tmux marks the pane dead at EOF and learns the status at SIGCHLD: wait for both.
             (p.starts_with("1 ") && p.split(' ').all(|f| !f.is_empty())).then_some(p)
