@@ -76,8 +76,34 @@ struct CanonicalListener<'a> {
 /// workingDir resolved; a `Shell` command is split here the same way for robustness).
 #[must_use]
 pub fn revision(spec: &AppSpec) -> Revision {
+    // Exhaustive destructuring: a new field of the spec, its limits or its listeners does
+    // not compile until it is placed on one side of the rule above (as `diff.rs` does
+    // for what it shows), so "diffed but not hashed" cannot happen by omission.
+    let AppSpec {
+        command,
+        working_dir,
+        env,
+        instances: _,
+        listen,
+        readiness: _,
+        liveness: _,
+        rollout: _,
+        shutdown: _,
+        restart: _,
+        limits,
+        user,
+        group,
+        logs: _,
+    } = spec;
+    let crate::model::Limits {
+        memory,
+        nofile,
+        cpu,
+        nproc,
+        core,
+    } = limits;
     let split;
-    let command: Vec<&str> = match &spec.command {
+    let command: Vec<&str> = match command {
         CommandLine::Argv(argv) => argv.iter().map(String::as_str).collect(),
         CommandLine::Shell(line) => {
             split = shell_words::split(line).unwrap_or_else(|_| vec![line.clone()]);
@@ -86,31 +112,42 @@ pub fn revision(spec: &AppSpec) -> Revision {
     };
     let canonical = Canonical {
         command,
-        working_dir: spec
-            .working_dir
+        working_dir: working_dir
             .as_ref()
             .map(|p| p.to_string_lossy().into_owned()),
-        env: &spec.env,
-        user: spec.user.as_deref(),
-        group: spec.group.as_deref(),
+        env,
+        user: user.as_deref(),
+        group: group.as_deref(),
         limits: CanonicalLimits {
-            memory: spec.limits.memory.map(|s| s.0),
-            nofile: spec.limits.nofile,
-            cpu_bits: spec.limits.cpu.map(|c| c.0.to_bits()),
-            nproc: spec.limits.nproc,
-            core: spec.limits.core.map(|s| s.0),
+            memory: memory.map(|s| s.0),
+            nofile: *nofile,
+            cpu_bits: cpu.map(|c| c.0.to_bits()),
+            nproc: *nproc,
+            core: core.map(|s| s.0),
         },
-        listen: spec
-            .listen
+        listen: listen
             .iter()
-            .map(|l| CanonicalListener {
-                name: l.name.as_deref(),
-                port: l.port,
-                address: &l.address,
-                mode: l.mode,
-                protocol: l.protocol,
-                affinity: l.affinity,
-                tls: l.tls.as_ref(),
+            .map(|l| {
+                let crate::model::Listener {
+                    name,
+                    port,
+                    address,
+                    mode,
+                    protocol,
+                    // Read by the proxy per connection; changing it replaces no worker.
+                    trusted_proxies: _,
+                    affinity,
+                    tls,
+                } = l;
+                CanonicalListener {
+                    name: name.as_deref(),
+                    port: *port,
+                    address,
+                    mode: *mode,
+                    protocol: *protocol,
+                    affinity: *affinity,
+                    tls: tls.as_ref(),
+                }
             })
             .collect(),
     };
