@@ -29,10 +29,13 @@ impl Tmux {
         }
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("tmux.sock");
+        // The shell waits for top and writes its exit status down: tmux sometimes never
+        // learns a pane's exit status (its child stays a zombie on a loaded machine).
         let cmd = format!(
-            "exec env CLUSTERD_SOCKET='{}' TERM=xterm-256color '{}' top",
+            "env CLUSTERD_SOCKET='{}' TERM=xterm-256color '{}' top; echo $? > '{}'",
             daemon_socket.display(),
-            clusterd_bin().display()
+            clusterd_bin().display(),
+            dir.path().join("exit").display()
         );
         let t = Tmux { _dir: dir, socket };
         let out = t
@@ -119,12 +122,20 @@ impl Tmux {
         }
     }
 
+    /// `1 STATUS ALTERNATE_ON` once top has exited: its status from the wrapping shell,
+    /// whether the terminal is still on the alternate screen from tmux.
     fn wait_exit(&self) -> String {
-        eventually(Duration::from_secs(30), "top to exit", || {
-            let p = self.pane();
-            // tmux marks the pane dead at EOF and learns the status at SIGCHLD: wait for both.
-            (p.starts_with("1 ") && p.split(' ').all(|f| !f.is_empty())).then_some(p)
-        })
+        let status = eventually(Duration::from_secs(30), "top to exit", || {
+            let text = std::fs::read_to_string(self._dir.path().join("exit")).ok()?;
+            text.ends_with('\n').then(|| text.trim().to_string())
+        });
+        let alternate = self
+            .pane()
+            .rsplit(' ')
+            .next()
+            .unwrap_or_default()
+            .to_string();
+        format!("1 {status} {alternate}")
     }
 }
 
