@@ -186,7 +186,7 @@ impl BoundListener {
                 else {
                     continue;
                 };
-                let fd = pidfd_getfd(pid, fd_num)
+                let fd = pidfd_getfd_of(pid, fd_num)
                     .ctx(|| format!("pidfd_getfd({pid}, {fd_num}) for {addr}"))?;
                 let socket = socket2::Socket::from(fd);
                 // Leave O_NONBLOCK alone: it belongs to the open file description the
@@ -311,8 +311,13 @@ fn listening_inodes(addr: SocketAddr, protocol: Protocol) -> Vec<String> {
     out
 }
 
-fn pidfd_getfd(pid: i32, target: RawFd) -> std::io::Result<OwnedFd> {
+fn pidfd_getfd_of(pid: i32, target: RawFd) -> std::io::Result<OwnedFd> {
     let pidfd = crate::spawn::pidfd_open(pid).ok_or_else(std::io::Error::last_os_error)?;
+    pidfd_getfd(pidfd.as_fd(), target)
+}
+
+/// A duplicate of another process's fd `target` (`pidfd_getfd(2)`, Linux 5.6+).
+pub(crate) fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> std::io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd takes plain integers (an fd we own, an fd number in the target,
     // flags 0) and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };

@@ -790,15 +790,7 @@ fn file_id(fd: BorrowedFd<'_>) -> Option<(u64, u64)> {
     Some((u64::from(st.st_dev), u64::from(st.st_ino)))
 }
 
-fn pidfd_getfd(pidfd: BorrowedFd<'_>, target: RawFd) -> std::io::Result<OwnedFd> {
-    // SAFETY: pidfd_getfd takes plain integers and returns a new descriptor or -1.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), target, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: the kernel just created this descriptor (close-on-exec) for us alone.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
-}
+use crate::listener::pidfd_getfd;
 
 #[cfg(test)]
 mod tests {
