@@ -46,7 +46,7 @@ use super::front::Front;
 use super::pool::{connect, BoxError, UpstreamBody, UpstreamConn};
 use super::routes::{Lease, RouteTable};
 use super::timeouts::{BodyReadTimeout, Idle, WriteIdle};
-use super::{guard, headers};
+use super::{guard, headers, threads};
 use crate::accept::{AcceptBackoff, ConnLimiter};
 use crate::tls::TlsTerminator;
 
@@ -255,6 +255,44 @@ pub async fn serve_http_retirable(
         ctx.cfg.max_header_bytes,
         ctx.cfg.header_read_timeout,
     );
+    // Dropped (the caller gave up on this future): stop the accept loops and cut the
+    // connections on the proxy threads, as dropping a task on the caller's own
+    // runtime would have.
+    let shutdown = shutdown.child_token();
+    let stop_on_drop = shutdown.clone().drop_guard();
+    let cut_on_drop = ctx.hard_stop.clone().drop_guard();
+    let loops = match threads::on_proxy_threads(listener, |listener| {
+        accept_loop(
+            listener,
+            Arc::clone(&ctx),
+            front.clone(),
+            shutdown.clone(),
+            retire.clone(),
+        )
+    }) {
+        Ok(loops) => loops,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot serve on the proxy threads");
+            return;
+        }
+    };
+    for l in loops {
+        let _ = l.await;
+    }
+    drain_tasks(&tracker, &ctx.hard_stop, ctx.cfg.shutdown_grace).await;
+    // Finished: nothing left to stop.
+    stop_on_drop.disarm();
+    cut_on_drop.disarm();
+}
+
+/// Accepts client connections on one proxy thread until `shutdown` or `retire`.
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    front: Front,
+    shutdown: CancellationToken,
+    retire: CancellationToken,
+) {
     let mut backoff = AcceptBackoff::new("http proxy");
     loop {
         let slot = tokio::select! {
@@ -280,7 +318,7 @@ pub async fn serve_http_retirable(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let tls = ctx.cfg.tls.acceptor();
-        let ctx = Arc::clone(&ctx);
+        let conn_ctx = Arc::clone(&ctx);
         let shutdown = shutdown.clone();
         let front = front.clone();
         let client = Client {
@@ -307,8 +345,9 @@ pub async fn serve_http_retirable(
                 }
             }
         });
-        tracker.spawn(
+        ctx.tracker.spawn(
             async move {
+                let ctx = conn_ctx;
                 let stream = WriteIdle::new(stream, ctx.cfg.response_write_timeout);
                 // Retired: the connection runs on (see serve_http_retirable) until it
                 // closes or the grace passes (`hard_stop`).
@@ -323,7 +362,6 @@ pub async fn serve_http_retirable(
             .instrument(tracing::debug_span!("client", %peer)),
         );
     }
-    drain_tasks(&tracker, &ctx.hard_stop, ctx.cfg.shutdown_grace).await;
 }
 
 /// Waits for `tracker`'s tasks, cutting them after `grace`.

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::http::drain_tasks;
 use super::routes::RouteTable;
+use super::threads;
 use crate::accept::{AcceptBackoff, ConnLimiter};
 
 /// Bounds of the tcp proxy.
@@ -60,6 +61,44 @@ pub async fn serve_tcp(
     let tracker = TaskTracker::new();
     let hard_stop = CancellationToken::new();
     let cfg = Arc::new(cfg);
+    // Dropped (the caller gave up on this future): stop the accept loops and cut the
+    // connections on the proxy threads.
+    let shutdown = shutdown.child_token();
+    let stop_on_drop = shutdown.clone().drop_guard();
+    let cut_on_drop = hard_stop.clone().drop_guard();
+    let loops = match threads::on_proxy_threads(listener, |listener| {
+        accept_loop(
+            listener,
+            Arc::clone(&routes),
+            Arc::clone(&cfg),
+            tracker.clone(),
+            hard_stop.clone(),
+            shutdown.clone(),
+        )
+    }) {
+        Ok(loops) => loops,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot serve on the proxy threads");
+            return;
+        }
+    };
+    for l in loops {
+        let _ = l.await;
+    }
+    drain_tasks(&tracker, &hard_stop, cfg.shutdown_grace).await;
+    stop_on_drop.disarm();
+    cut_on_drop.disarm();
+}
+
+/// Accepts client connections on one proxy thread until `shutdown`.
+async fn accept_loop(
+    listener: TcpListener,
+    routes: Arc<RouteTable>,
+    cfg: Arc<TcpProxyConfig>,
+    tracker: TaskTracker,
+    hard_stop: CancellationToken,
+    shutdown: CancellationToken,
+) {
     let mut backoff = AcceptBackoff::new("tcp proxy");
     loop {
         let slot = tokio::select! {
@@ -95,7 +134,6 @@ pub async fn serve_tcp(
             .instrument(tracing::debug_span!("client", %peer)),
         );
     }
-    drain_tasks(&tracker, &hard_stop, cfg.shutdown_grace).await;
 }
 
 async fn forward(
