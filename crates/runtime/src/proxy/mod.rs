@@ -17,6 +17,7 @@ mod headers;
 mod http;
 mod pool;
 mod routes;
+mod stop;
 mod tcp;
 mod threads;
 mod timeouts;

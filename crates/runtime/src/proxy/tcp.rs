@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use super::http::drain_tasks;
 use super::routes::RouteTable;
+use super::stop::{Stop, StopOnDrop};
 use super::threads;
 use crate::accept::{AcceptBackoff, ConnLimiter};
 
@@ -59,13 +60,12 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let hard_stop = CancellationToken::new();
+    let hard_stop = Stop::default();
     let cfg = Arc::new(cfg);
     // Dropped (the caller gave up on this future): stop the accept loops and cut the
     // connections on the proxy threads.
-    let shutdown = shutdown.child_token();
-    let stop_on_drop = shutdown.clone().drop_guard();
-    let cut_on_drop = hard_stop.clone().drop_guard();
+    let shutdown = Stop::following(&shutdown);
+    let on_drop = StopOnDrop(vec![shutdown.clone(), hard_stop.clone()]);
     let loops = match threads::on_proxy_threads(listener, |listener| {
         accept_loop(
             listener,
@@ -86,8 +86,7 @@ pub async fn serve_tcp(
         let _ = l.await;
     }
     drain_tasks(&tracker, &hard_stop, cfg.shutdown_grace).await;
-    stop_on_drop.disarm();
-    cut_on_drop.disarm();
+    on_drop.disarm();
 }
 
 /// Accepts client connections on one proxy thread until `shutdown`.
@@ -96,17 +95,17 @@ async fn accept_loop(
     routes: Arc<RouteTable>,
     cfg: Arc<TcpProxyConfig>,
     tracker: TaskTracker,
-    hard_stop: CancellationToken,
-    shutdown: CancellationToken,
+    hard_stop: Stop,
+    shutdown: Stop,
 ) {
     let mut backoff = AcceptBackoff::new("tcp proxy");
     loop {
         let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.stopped() => break,
             slot = cfg.limiter.reserve() => slot,
         };
         let (client, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -127,7 +126,7 @@ async fn accept_loop(
             async move {
                 tokio::select! {
                     () = forward(client, peer.ip(), &routes, &cfg) => {}
-                    () = hard_stop.cancelled() => tracing::debug!("connection cut at shutdown"),
+                    () = hard_stop.stopped() => tracing::debug!("connection cut at shutdown"),
                 }
                 drop(permit);
             }
