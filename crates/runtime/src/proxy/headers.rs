@@ -23,23 +23,61 @@ use hyper::Uri;
 
 /// Headers that carry "the client's address" or the original request's scheme, host
 /// or port in some framework's convention; only a trusted proxy may set them.
-pub(crate) const CLIENT_IP_HEADERS: &[&str] = &[
-    "x-real-ip",
-    "true-client-ip",
-    "x-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-original-forwarded-for",
-    "x-forwarded",
-    "forwarded-for",
-    "x-forwarded-server",
-    "x-forwarded-scheme",
-    "x-forwarded-ssl",
-    "x-url-scheme",
-    "front-end-https",
-    "x-forwarded-prefix",
+pub(crate) static CLIENT_IP_HEADERS: [HeaderName; 15] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-original-forwarded-for"),
+    HeaderName::from_static("x-forwarded"),
+    HeaderName::from_static("forwarded-for"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("front-end-https"),
+    HeaderName::from_static("x-forwarded-prefix"),
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// What this hop sets, and an untrusted client may therefore not send.
+static FORWARDING_HEADERS: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PORT,
+    header::FORWARDED,
+];
+
+/// Hop-by-hop headers that are always removed (RFC 9110 §7.6.1), besides those a
+/// `Connection` header names.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("http2-settings"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes every header whose name `doomed` picks, in one pass over the (few) names
+/// present. Removing a list of candidates one by one instead would hash every
+/// candidate, present or not: dozens of lookups per request, the largest user-space
+/// item of the proxy's profile.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
 
 /// Whether `Connection` lists `token` (case-insensitive, comma-separated).
 pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -55,16 +93,13 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// (RFC 9110 §7.6.1): those named in `Connection`, and the well-known ones. `TE` is
 /// kept only as `TE: trailers`, the one value meaningful end to end.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
     let te_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -75,18 +110,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 .next()
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        HeaderName::from_static("http2-settings"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
+    remove_where(headers, |n| HOP_BY_HOP.contains(n) || listed.contains(n));
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -198,21 +222,14 @@ impl ClientHop {
 /// for ([`host_of`]).
 pub(crate) fn forwarding(headers: &mut HeaderMap, hop: &ClientHop, host: Option<&HeaderValue>) {
     if !hop.trusted {
-        for name in CLIENT_IP_HEADERS {
-            headers.remove(*name);
-        }
-        for name in [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-forwarded-port",
-        ] {
-            headers.remove(name);
-        }
-        headers.remove(header::FORWARDED);
+        remove_where(headers, |n| {
+            CLIENT_IP_HEADERS.contains(n) || FORWARDING_HEADERS.contains(n)
+        });
     }
+    // From an untrusted peer nothing of these is left: skip the lookups.
+    let kept = |headers: &HeaderMap, name: &HeaderName| hop.trusted && headers.contains_key(name);
     let mut prior = headers
-        .get_all("x-forwarded-for")
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .peekable();
@@ -225,19 +242,19 @@ pub(crate) fn forwarding(headers: &mut HeaderMap, hop: &ClientHop, host: Option<
         HeaderValue::try_from(joined).ok()
     };
     if let Some(v) = xff {
-        headers.insert("x-forwarded-for", v);
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert("x-forwarded-proto", hop.proto.clone());
+    if !kept(headers, &X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, hop.proto.clone());
     }
     if let Some(h) = host {
-        if !headers.contains_key("x-forwarded-host") {
-            headers.insert("x-forwarded-host", h.clone());
+        if !kept(headers, &X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, h.clone());
         }
     }
     if let Some(port) = &hop.port {
-        if !headers.contains_key("x-forwarded-port") {
-            headers.insert("x-forwarded-port", port.clone());
+        if !kept(headers, &X_FORWARDED_PORT) {
+            headers.insert(X_FORWARDED_PORT, port.clone());
         }
     }
     let element = match host.and_then(|h| h.to_str().ok()) {

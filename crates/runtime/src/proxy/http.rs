@@ -441,7 +441,13 @@ async fn proxy_request(
     headers::forwarding(&mut headers, &hop, client_host.as_ref());
     let uri = headers::origin_form(&parts.uri);
 
-    let (done_tx, done_rx) = watch::channel(false);
+    // Only a request with a body needs to say when it is done (see `send`).
+    let (done_tx, done_rx) = if body_empty {
+        (None, None)
+    } else {
+        let (tx, rx) = watch::channel(false);
+        (Some(tx), Some(rx))
+    };
     let template = |body: UpstreamBody| {
         let mut r = Request::new(body);
         *r.method_mut() = method.clone();
@@ -453,7 +459,7 @@ async fn proxy_request(
     let mut pending = Some(template(
         RequestBody {
             inner: body,
-            done: Some(done_tx),
+            done: done_tx,
             idle: Idle::new(ctx.cfg.body_read_timeout),
         }
         .boxed_unsync(),
@@ -585,15 +591,13 @@ async fn proxy_request(
 async fn send(
     conn: &mut UpstreamConn,
     request: Request<UpstreamBody>,
-    mut body_done: watch::Receiver<bool>,
+    body_done: Option<watch::Receiver<bool>>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, SendFailure> {
     let body_already_done = request.body().is_end_stream();
     let response = conn.sender.try_send_request(request);
     tokio::pin!(response);
-    let outcome = if body_already_done {
-        tokio::time::timeout(timeout, response).await
-    } else {
+    let outcome = if let (false, Some(mut body_done)) = (body_already_done, body_done) {
         let first = tokio::select! {
             r = response.as_mut() => Some(r),
             // The guard `wait_for` returns is not Send: drop it inside the branch.
@@ -603,6 +607,8 @@ async fn send(
             Some(r) => Ok(r),
             None => tokio::time::timeout(timeout, response).await,
         }
+    } else {
+        tokio::time::timeout(timeout, response).await
     };
     match outcome {
         Err(_) => Err(SendFailure::Timeout),
