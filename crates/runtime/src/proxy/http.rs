@@ -438,7 +438,7 @@ async fn proxy_request(
     if let Some(host) = &client_host {
         headers.insert(header::HOST, host.clone());
     }
-    headers::forwarding(&mut headers, &hop, client_host.as_ref());
+    headers::forwarding(&mut headers, hop, client_host.as_ref());
     let uri = headers::origin_form(&parts.uri);
 
     // Only a request with a body needs to say when it is done (see `send`).
