@@ -726,19 +726,17 @@ impl Effects for LinuxEffects {
                         Some(routes)
                     }
                 };
-                let acme = tls
-                    .as_ref()
-                    .and_then(|tls| {
-                        start_acme(
-                            app,
-                            l,
-                            tls,
-                            &cancel,
-                            &self.config.state_dir,
-                            &self.reports,
-                            &self.tasks,
-                        )
-                    });
+                let acme = tls.as_ref().and_then(|tls| {
+                    start_acme(
+                        app,
+                        l,
+                        tls,
+                        &cancel,
+                        &self.config.state_dir,
+                        &self.reports,
+                        &self.tasks,
+                    )
+                });
                 let proxy = cancel;
                 added.push(ListenerEntry {
                     key,

@@ -165,7 +165,11 @@ pub async fn run(job: AcmeJob, cancel: CancellationToken, report: impl Fn(AcmeEv
                     message: format!(
                         "certificate for {} {} from {}, valid until {}; new connections get it",
                         job.acme.domains.join(", "),
-                        if kind == AcmeEventKind::Renewed { "renewed" } else { "obtained" },
+                        if kind == AcmeEventKind::Renewed {
+                            "renewed"
+                        } else {
+                            "obtained"
+                        },
                         job.directory(),
                         humantime::format_rfc3339_seconds(new.not_after),
                     ),
@@ -176,8 +180,12 @@ pub async fn run(job: AcmeJob, cancel: CancellationToken, report: impl Fn(AcmeEv
             Err(e) => {
                 failures += 1;
                 let now = SystemTime::now();
-                let delay =
-                    rules::retry_delay(failures, job.retry_first, now, current.map(|c| c.not_after));
+                let delay = rules::retry_delay(
+                    failures,
+                    job.retry_first,
+                    now,
+                    current.map(|c| c.not_after),
+                );
                 let still = match current {
                     Some(c) => format!(
                         "; still serving the current certificate (valid until {})",
@@ -236,9 +244,10 @@ fn load_stored(job: &AcmeJob) -> Result<Option<Current>> {
 
 /// The first of `domains` that `ck` does not cover.
 fn uncovered<'a>(ck: &CertifiedKey, domains: &'a [String]) -> Option<&'a str> {
-    domains.iter().map(String::as_str).find(|d| {
-        !ServerName::try_from(*d).is_ok_and(|name| covers(ck, &name))
-    })
+    domains
+        .iter()
+        .map(String::as_str)
+        .find(|d| !ServerName::try_from(*d).is_ok_and(|name| covers(ck, &name)))
 }
 
 /// One order: account, TLS-ALPN-01 for each pending authorization, CSR, certificate,
@@ -263,12 +272,12 @@ async fn order(job: &AcmeJob) -> Result<Current> {
         what: "the certificate's key",
         source,
     })?;
-    let mut params = rcgen::CertificateParams::new(job.acme.domains.clone()).map_err(
-        |source| Error::AcmeKey {
+    let mut params = rcgen::CertificateParams::new(job.acme.domains.clone()).map_err(|source| {
+        Error::AcmeKey {
             what: "the certificate request",
             source,
-        },
-    )?;
+        }
+    })?;
     params.distinguished_name = rcgen::DistinguishedName::new();
     let csr = params
         .serialize_request(&key)
@@ -289,8 +298,9 @@ async fn order(job: &AcmeJob) -> Result<Current> {
     let provider = rustls::crypto::ring::default_provider();
     let ck = load_pair(&job.dir.join(CERT_FILE), &job.dir.join(KEY_FILE), &provider)
         .map_err(|e| Error::AcmeOrder(format!("the issued certificate: {e}")))?;
-    let (not_before, not_after) = leaf_validity(&ck)
-        .ok_or_else(|| Error::AcmeOrder("the issued certificate has no readable validity".into()))?;
+    let (not_before, not_after) = leaf_validity(&ck).ok_or_else(|| {
+        Error::AcmeOrder("the issued certificate has no readable validity".into())
+    })?;
     if let Some(d) = uncovered(&ck, &job.acme.domains) {
         return Err(Error::AcmeOrder(format!(
             "the issued certificate does not cover {d}"
@@ -398,7 +408,10 @@ fn challenge_cert(
         .key_provider
         .load_private_key(der)
         .map_err(|e| Error::AcmeOrder(format!("loading the challenge key: {e}")))?;
-    Ok(Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)))
+    Ok(Arc::new(CertifiedKey::new(
+        vec![cert.der().clone()],
+        signing,
+    )))
 }
 
 /// The account file: the credentials with the directory they belong to, so that a
@@ -621,7 +634,9 @@ mod tests {
         // id-pe-acmeIdentifier 1.3.6.1.5.5.7.1.31, then the OCTET STRING of the digest.
         let oid = [0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x01, 0x1f];
         assert!(der.windows(oid.len()).any(|w| w == oid));
-        assert!(der.windows(34).any(|w| w[..2] == [0x04, 0x20] && w[2..] == [7u8; 32]));
+        assert!(der
+            .windows(34)
+            .any(|w| w[..2] == [0x04, 0x20] && w[2..] == [7u8; 32]));
         // (webpki refuses to parse it: the extension is critical and unknown to it,
         // which is why `covers` is never asked about a challenge certificate.)
         assert!(!covers(&ck, &ServerName::try_from("a.test").unwrap()));
