@@ -191,10 +191,13 @@ impl Drop for KeepAlive {
     }
 }
 
-fn wait_event(d: &Daemon, kind: &str, n: usize) -> Vec<serde_json::Value> {
+fn wait_event(d: &Daemon, app: &str, kind: &str, n: usize) -> Vec<serde_json::Value> {
     eventually(Duration::from_secs(30), kind, || {
-        let evs = d.events("web");
-        if let Some(f) = evs.iter().find(|e| e["kind"] == "certificate-failed") {
+        let evs = d.events(app);
+        if let Some(f) = evs
+            .iter()
+            .find(|e| e["kind"] == "certificate-failed" && kind != "certificate-failed")
+        {
             panic!("{f}\n{}", d.log());
         }
         let got: Vec<_> = evs.into_iter().filter(|e| e["kind"] == kind).collect();
@@ -229,7 +232,7 @@ fn acme_obtains_reuses_and_renews_a_certificate_from_pebble() {
     d.wait_phase("web", "Available", Duration::from_secs(30));
 
     // Obtained: served for `localhost`, issued by pebble's intermediate, stored.
-    let obtained = wait_event(&d, "certificate-obtained", 1);
+    let obtained = wait_event(&d, "web", "certificate-obtained", 1);
     assert!(
         obtained[0]["message"]
             .as_str()
@@ -257,6 +260,11 @@ fn acme_obtains_reuses_and_renews_a_certificate_from_pebble() {
     assert_eq!(mode("key.pem"), 0o600);
     assert_eq!(mode("account.json"), 0o600);
     assert_eq!(pebble.issued(), 1);
+    let expires = d.app("web").unwrap()["listen"][0]["certificate_expires"].clone();
+    assert!(
+        expires.as_str().is_some_and(|t| t.ends_with('Z')),
+        "{expires}"
+    );
 
     // A restart reuses the stored certificate; with the test knob it is renewed a
     // few seconds later, while a keep-alive connection stays open.
@@ -272,7 +280,7 @@ fn acme_obtains_reuses_and_renews_a_certificate_from_pebble() {
         .iter()
         .filter(|k| *k == "certificate-renewed")
         .count();
-    let renewed = wait_event(&d, "certificate-renewed", before + 1);
+    let renewed = wait_event(&d, "web", "certificate-renewed", before + 1);
     let kinds = d.event_kinds("web");
     assert!(
         !kinds.iter().any(|k| k == "certificate-obtained"),
@@ -291,6 +299,22 @@ fn acme_obtains_reuses_and_renews_a_certificate_from_pebble() {
         "the keep-alive connection still works"
     );
     drop(conn);
+
+    // A failed order is an event with pebble's reason: this listener's port is not the
+    // one pebble validates on, so the challenge is answered by `web` (wrongly).
+    let other = free_port();
+    d.write_manifest(
+        "other.yaml",
+        &manifest
+            .replace("name: web", "name: other")
+            .replace(&format!("port: {port}"), &format!("port: {other}")),
+    );
+    let failed = wait_event(&d, "other", "certificate-failed", 1);
+    let message = failed[0]["message"].as_str().unwrap();
+    assert!(
+        message.contains("localhost") && message.contains("next attempt in"),
+        "{message}"
+    );
     d.stop();
 }
 

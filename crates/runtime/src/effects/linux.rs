@@ -622,6 +622,11 @@ impl Effects for LinuxEffects {
                     if e.acme.as_ref().map(|(a, _)| a) != wanted {
                         if let Some((_, stop)) = e.acme.take() {
                             stop.cancel();
+                            if wanted.is_none() {
+                                if let Some(tls) = &e.tls {
+                                    tls.clear_acme();
+                                }
+                            }
                         }
                         if let Some(tls) = &e.tls {
                             e.acme = start_acme(
@@ -814,6 +819,18 @@ impl Effects for LinuxEffects {
             .iter()
             .find(|e| e.key == key)
             .map(|e| e.bound.local_addr().to_string())
+    }
+
+    fn certificate_expiry(&self, app: &AppName, l: &Listener) -> Option<std::time::SystemTime> {
+        let key = ListenKey::of(l);
+        let e = self
+            .listeners
+            .get(app)?
+            .entries
+            .iter()
+            .find(|e| e.key == key)?;
+        e.acme.as_ref()?;
+        e.tls.as_ref()?.acme_expiry()
     }
 
     fn has_proxy(&self, app: &AppName) -> bool {

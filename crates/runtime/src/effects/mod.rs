@@ -214,6 +214,11 @@ pub trait Effects: Send {
     /// Whether any of the app's listeners is proxied (in-flight counts mean something).
     fn has_proxy(&self, app: &AppName) -> bool;
 
+    /// `tls.acme`: when the certificate the listener serves now expires (for status).
+    fn certificate_expiry(&self, _app: &AppName, _l: &Listener) -> Option<std::time::SystemTime> {
+        None
+    }
+
     /// Starts a worker.
     ///
     /// # Errors

@@ -201,14 +201,10 @@ pub async fn run(job: AcmeJob, cancel: CancellationToken, report: impl Fn(AcmeEv
                         humantime::format_duration(delay)
                     ),
                 });
+                // Then `due` (already past) makes the loop try again at once.
                 tokio::select! {
                     () = tokio::time::sleep(delay) => {}
                     () = cancel.cancelled() => return,
-                }
-                // Retried now even if the knob-free renewal time is later: `due` is
-                // recomputed, and a failure means it had passed.
-                if let Some(c) = &mut current {
-                    c.loaded = c.loaded.min(now);
                 }
             }
         }

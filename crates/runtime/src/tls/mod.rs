@@ -95,6 +95,11 @@ impl TlsTerminator {
         self.acceptor().is_some()
     }
 
+    /// Stops serving the ACME certificate (the manifest no longer has `tls.acme`).
+    pub(crate) fn clear_acme(&self) {
+        self.acme.set_cert(None);
+    }
+
     /// When the certificate `tls.acme` obtained expires (`None`: no ACME certificate
     /// is served yet).
     #[must_use]
