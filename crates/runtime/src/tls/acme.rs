@@ -607,6 +607,13 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_default_http_client_builds_with_the_system_roots() {
+        // ring is rustls' only provider in this build, so no provider has to be
+        // installed by the daemon first.
+        assert!(Account::builder().is_ok());
+    }
+
+    #[test]
     fn validity_of_a_generated_certificate() {
         let mut params = rcgen::CertificateParams::new(vec!["a.test".to_string()]).unwrap();
         params.not_before = rcgen::date_time_ymd(2024, 2, 29);

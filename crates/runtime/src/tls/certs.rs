@@ -427,4 +427,34 @@ mod tests {
         assert_eq!(leaf(Some("a.b.wild.test")), a_leaf, "nor two labels");
         assert_eq!(leaf(Some("other.test")), a_leaf);
     }
+
+    #[test]
+    fn the_acme_certificate_serves_its_names_and_files_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::ring::default_provider();
+        let a = write_pair(dir.path(), "a", &["a.test"]);
+        let b = write_pair(dir.path(), "b", &["b.test"]);
+        let acme_ck = load_pair(&b.0, &b.1, &provider).unwrap();
+        let acme = Arc::new(AcmeCerts::default());
+        let leaf = |store: &CertStore, sni: Option<&str>| {
+            store
+                .choose(sni)
+                .map(|ck| ck.end_entity_cert().unwrap().clone().into_owned())
+        };
+        let b_leaf = acme_ck.end_entity_cert().unwrap().clone().into_owned();
+        // ACME alone: nothing to serve until it arrives, then the default.
+        let alone = CertStore::new(vec![], Arc::clone(&acme));
+        assert!(leaf(&alone, Some("b.test")).is_none());
+        acme.set_cert(Some((Arc::clone(&acme_ck), SystemTime::now())));
+        assert_eq!(leaf(&alone, None), Some(b_leaf.clone()));
+        // With files: the files stay the default.
+        let both = CertStore::new(vec![a], Arc::clone(&acme));
+        let a_leaf = leaf(&both, None).unwrap();
+        assert_ne!(a_leaf, b_leaf);
+        assert_eq!(leaf(&both, Some("b.test")), Some(b_leaf));
+        assert_eq!(leaf(&both, Some("a.test")), Some(a_leaf.clone()));
+        assert_eq!(leaf(&both, Some("c.test")), Some(a_leaf));
+        acme.set_cert(None);
+        assert!(leaf(&alone, Some("b.test")).is_none());
+    }
 }
