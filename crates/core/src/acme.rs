@@ -110,8 +110,8 @@ pub fn renew_at(
         .duration_since(not_before)
         .unwrap_or(Duration::ZERO);
     let normal = not_after - lifetime / 3;
-    match renew_after {
-        Some(d) => normal.min(loaded + d),
+    match renew_after.and_then(|d| loaded.checked_add(d)) {
+        Some(t) => normal.min(t),
         None => normal,
     }
 }
@@ -229,8 +229,9 @@ mod tests {
             renew_at(t0, t0 + 90 * day, t0 + day, Some(Duration::from_secs(5))),
             t0 + day + Duration::from_secs(5)
         );
-        // The knob never delays past the normal time.
+        // The knob never delays past the normal time, nor overflows.
         assert_eq!(renew_at(t0, t0 + 90 * day, t0, Some(100 * day)), at);
+        assert_eq!(renew_at(t0, t0 + 90 * day, t0, Some(Duration::MAX)), at);
         // Nonsense validity: due at its end (which is already past for a caller).
         assert_eq!(renew_at(t0 + day, t0, t0, None), t0);
     }
