@@ -18,6 +18,8 @@ struct Pebble {
     directory: String,
     /// The CA of pebble's own HTTPS certificate (the manifest's `caBundle`).
     ca: PathBuf,
+    /// Pebble's management API (its issuing root, made anew each run).
+    management: String,
 }
 
 impl Drop for Pebble {
@@ -86,7 +88,24 @@ impl Pebble {
             log,
             directory: format!("https://127.0.0.1:{acme_port}/dir"),
             ca,
+            management: format!("https://127.0.0.1:{mgmt_port}"),
         }
+    }
+
+    /// Writes the root pebble issues under to `path` (from its management API).
+    fn write_root(&self, path: &Path) {
+        let out = Command::new("curl")
+            .args(["-sS", "--fail", "--max-time", "10", "--cacert"])
+            .arg(&self.ca)
+            .arg(format!("{}/roots/0", self.management))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        std::fs::write(path, &out.stdout).unwrap();
     }
 
     /// How many certificates pebble has issued.
@@ -95,30 +114,46 @@ impl Pebble {
     }
 }
 
+/// Pebble, if installed (and curl and openssl, which check what is served); else
+/// `None` after printing why, or a failure in CI (`CLUSTERD_REQUIRE_TOOLS=1`).
 fn find_pebble() -> Option<PathBuf> {
     let found = ["/usr/bin/pebble", "/usr/local/bin/pebble"]
         .into_iter()
         .map(PathBuf::from)
         .find(|p| p.exists());
-    if found.is_none() {
-        assert!(
-            std::env::var_os("CLUSTERD_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
-            "pebble is missing and CLUSTERD_REQUIRE_TOOLS=1 (run .ci/run: apt-get install pebble)"
-        );
-        eprintln!("SKIP acme: pebble is not installed (apt-get install pebble)");
-    }
-    found
+    let tools = ["curl", "openssl"]
+        .iter()
+        .all(|t| Command::new(t).arg("--version").output().is_ok());
+    let missing = match (&found, tools) {
+        (Some(_), true) => return found,
+        (None, _) => "pebble is not installed (apt-get install pebble)",
+        (Some(_), false) => "curl or openssl is missing",
+    };
+    assert!(
+        std::env::var_os("CLUSTERD_REQUIRE_TOOLS").is_none_or(|v| v != "1"),
+        "{missing} and CLUSTERD_REQUIRE_TOOLS=1 (run .ci/run)"
+    );
+    eprintln!("SKIP acme: {missing}");
+    None
 }
 
-/// What `openssl s_client` sees for SNI `localhost`: (issuer line, leaf PEM).
-fn served(port: u16) -> (String, String) {
+/// What `openssl s_client` sees for SNI `localhost`, verifying the chain against
+/// pebble's `root` and the name `localhost`: (issuer line, leaf PEM). Fails unless the
+/// verification passed.
+fn served(port: u16, root: &Path) -> (String, String) {
     let out = Command::new("openssl")
         .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-        .args(["-servername", "localhost"])
+        .args(["-servername", "localhost", "-verify_hostname", "localhost"])
+        .arg("-CAfile")
+        .arg(root)
         .stdin(Stdio::null())
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        text.contains("Verify return code: 0 (ok)"),
+        "the served chain does not verify against pebble's root for localhost:\n{text}"
+    );
     let issuer = text
         .lines()
         .find(|l| l.trim_start().starts_with("i:"))
@@ -240,9 +275,11 @@ fn acme_obtains_reuses_and_renews_a_certificate_from_pebble() {
             .contains("localhost"),
         "{obtained:?}"
     );
-    let (issuer, first) = served(port);
+    let root = tmp.path().join("pebble-root.pem");
+    pebble.write_root(&root);
+    let (issuer, first) = served(port, &root);
     assert!(issuer.contains("Pebble Intermediate CA"), "{issuer}");
-    let (code, body) = https_get(port);
+    let (code, body) = https_get(port, &root);
     assert_eq!(code, "200", "{body}");
     assert!(body.contains("pid"), "{body}");
     let files = d
@@ -291,7 +328,7 @@ fn acme_obtains_reuses_and_renews_a_certificate_from_pebble() {
         "one order by the first daemon, then renewals only: {} issued, {renewed:?}",
         pebble.issued()
     );
-    let (issuer, second) = served(port);
+    let (issuer, second) = served(port, &root);
     assert!(issuer.contains("Pebble Intermediate CA"), "{issuer}");
     assert_ne!(first, second, "the renewed certificate is served");
     assert!(
@@ -318,17 +355,22 @@ fn acme_obtains_reuses_and_renews_a_certificate_from_pebble() {
     d.stop();
 }
 
-/// A request over TLS with curl (`-k`: the issuer is checked with openssl above;
-/// pebble's roots change every run); returns (status, body).
-fn https_get(port: u16) -> (String, String) {
+/// A request over TLS with curl, trusting pebble's `root` only; returns (status, body).
+fn https_get(port: u16, root: &Path) -> (String, String) {
     let out = Command::new("curl")
-        .args(["-sS", "-k", "--max-time", "10"])
+        .args(["-sS", "--max-time", "10", "--cacert"])
+        .arg(root)
         .arg("--resolve")
         .arg(format!("localhost:{port}:127.0.0.1"))
         .args(["-w", "\n%{http_code}"])
         .arg(format!("https://localhost:{port}/"))
         .output()
         .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
     (code.to_string(), body.to_string())
