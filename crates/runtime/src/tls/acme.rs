@@ -37,6 +37,9 @@ use crate::error::{Error, IoContext as _, Result};
 /// How long one order may wait for validation or for the certificate.
 const ORDER_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// The longest whole attempt (account, order, validation, certificate).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// The longest single sleep, so that a clock change is noticed within the hour.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
@@ -147,7 +150,15 @@ pub async fn run(job: AcmeJob, cancel: CancellationToken, report: impl Fn(AcmeEv
             }
         }
         let attempt = tokio::select! {
-            r = order(&job) => r,
+            // instant-acme's HTTP client has no timeout of its own: a server that stops
+            // answering must not stall renewals forever.
+            r = tokio::time::timeout(ATTEMPT_TIMEOUT, order(&job)) => r.unwrap_or_else(|_| {
+                Err(Error::AcmeOrder(format!(
+                    "no answer from {} within {}",
+                    job.directory(),
+                    humantime::format_duration(ATTEMPT_TIMEOUT)
+                )))
+            }),
             () = cancel.cancelled() => {
                 clear_challenges(&job);
                 return;
@@ -178,6 +189,8 @@ pub async fn run(job: AcmeJob, cancel: CancellationToken, report: impl Fn(AcmeEv
                 current = Some(new);
             }
             Err(e) => {
+                // An attempt cut short (timeout) leaves its challenges behind.
+                clear_challenges(&job);
                 failures += 1;
                 let now = SystemTime::now();
                 let delay = rules::retry_delay(
