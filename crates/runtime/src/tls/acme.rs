@@ -501,8 +501,8 @@ fn make_dir(dir: &Path) -> Result<()> {
 }
 
 /// Writes the key (mode 0600) then the chain, each through a temporary file and a
-/// rename, so a crash leaves either the old pair or the new one... or a new key with
-/// the old chain, which [`load_stored`] refuses as a mismatch and orders anew.
+/// rename. A crash between the two renames leaves the new key with the old chain:
+/// [`load_stored`] refuses that pair as a mismatch, and the next start orders anew.
 fn store_files(dir: &Path, chain: &str, key_pem: &str) -> Result<()> {
     make_dir(dir)?;
     write_file(&dir.join(KEY_FILE), key_pem.as_bytes(), 0o600)?;
