@@ -147,27 +147,56 @@ pub(crate) fn origin_form(uri: &Uri) -> Uri {
     }
 }
 
-/// Who is on the other end of a client connection, for [`forwarding`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Hop<'a> {
-    /// The client's address as the socket sees it.
-    pub(crate) peer: SocketAddr,
-    /// The public address it connected to.
-    pub(crate) local: Option<SocketAddr>,
-    /// The host it asked for ([`host_of`]).
-    pub(crate) host: Option<&'a HeaderValue>,
-    /// Whether `peer` is in `trustedProxies`: its forwarding headers are believed.
-    pub(crate) trusted: bool,
-    /// Whether the client connection is TLS (`X-Forwarded-Proto: https`).
-    pub(crate) https: bool,
+/// Who is on the other end of a client connection, for [`forwarding`]: the parts of
+/// the forwarding headers that depend only on the connection, formatted once when it
+/// is accepted rather than for every request on it.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientHop {
+    /// Whether the peer is in `trustedProxies`: its forwarding headers are believed.
+    trusted: bool,
+    /// `X-Forwarded-Proto`: whether the client connection is TLS.
+    proto: HeaderValue,
+    /// The client's address (canonical: no IPv4-mapped IPv6), for `X-Forwarded-For`.
+    ip: HeaderValue,
+    /// `X-Forwarded-Port`: the public port it connected to.
+    port: Option<HeaderValue>,
+    /// This hop's `Forwarded` element without its host: `for=...;proto=...`.
+    element: String,
+}
+
+impl ClientHop {
+    /// `peer` connected to `local` (over TLS if `https`); `trusted` if it is in
+    /// `trustedProxies`.
+    pub(crate) fn new(
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        trusted: bool,
+        https: bool,
+    ) -> Self {
+        let ip = peer.ip().to_canonical();
+        let proto = if https { "https" } else { "http" };
+        let element = if ip.is_ipv6() {
+            format!("for=\"[{ip}]\";proto={proto}")
+        } else {
+            format!("for={ip};proto={proto}")
+        };
+        Self {
+            trusted,
+            proto: HeaderValue::from_static(proto),
+            ip: HeaderValue::try_from(ip.to_string())
+                .expect("an IP address is a valid header value"),
+            port: local.map(|l| HeaderValue::from(l.port())),
+            element,
+        }
+    }
 }
 
 /// Sets the forwarding headers for this hop: `X-Forwarded-For/Proto/Host/Port` and an
 /// RFC 7239 `Forwarded` element. From an untrusted peer every such header it sent is
 /// replaced (and [`CLIENT_IP_HEADERS`] removed); from a trusted proxy its values are
-/// kept and this hop is appended to the lists.
-pub(crate) fn forwarding(headers: &mut HeaderMap, hop: Hop<'_>) {
-    let ip = hop.peer.ip().to_canonical();
+/// kept and this hop is appended to the lists. `host` is the host the request asked
+/// for ([`host_of`]).
+pub(crate) fn forwarding(headers: &mut HeaderMap, hop: &ClientHop, host: Option<&HeaderValue>) {
     if !hop.trusted {
         for name in CLIENT_IP_HEADERS {
             headers.remove(*name);
@@ -182,49 +211,47 @@ pub(crate) fn forwarding(headers: &mut HeaderMap, hop: Hop<'_>) {
         }
         headers.remove(header::FORWARDED);
     }
-    let prior: Vec<String> = headers
+    let mut prior = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let xff = if prior.is_empty() {
-        ip.to_string()
+        .peekable();
+    let xff = if prior.peek().is_none() {
+        Some(hop.ip.clone())
     } else {
-        format!("{}, {ip}", prior.join(", "))
+        let mut joined = prior.collect::<Vec<_>>().join(", ");
+        joined.push_str(", ");
+        joined.push_str(hop.ip.to_str().unwrap_or_default());
+        HeaderValue::try_from(joined).ok()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
+    if let Some(v) = xff {
         headers.insert("x-forwarded-for", v);
     }
     if !headers.contains_key("x-forwarded-proto") {
-        headers.insert(
-            "x-forwarded-proto",
-            HeaderValue::from_static(if hop.https { "https" } else { "http" }),
-        );
+        headers.insert("x-forwarded-proto", hop.proto.clone());
     }
-    if let Some(h) = hop.host {
+    if let Some(h) = host {
         if !headers.contains_key("x-forwarded-host") {
             headers.insert("x-forwarded-host", h.clone());
         }
     }
-    if let Some(local) = hop.local {
+    if let Some(port) = &hop.port {
         if !headers.contains_key("x-forwarded-port") {
-            headers.insert("x-forwarded-port", HeaderValue::from(local.port()));
+            headers.insert("x-forwarded-port", port.clone());
         }
     }
-    let node = if ip.is_ipv6() {
-        format!("for=\"[{ip}]\"")
-    } else {
-        format!("for={ip}")
+    let element = match host.and_then(|h| h.to_str().ok()) {
+        Some(h) if !h.contains(['"', '\\']) => {
+            let mut e = String::with_capacity(hop.element.len() + h.len() + 8);
+            e.push_str(&hop.element);
+            e.push_str(";host=\"");
+            e.push_str(h);
+            e.push('"');
+            HeaderValue::try_from(e).ok()
+        }
+        _ => HeaderValue::try_from(hop.element.as_str()).ok(),
     };
-    let proto = if hop.https { "https" } else { "http" };
-    let mut element = format!("{node};proto={proto}");
-    if let Some(h) = hop.host.and_then(|h| h.to_str().ok()) {
-        if !h.contains(['"', '\\']) {
-            element.push_str(&format!(";host=\"{h}\""));
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&element) {
+    if let Some(v) = element {
         headers.append(header::FORWARDED, v);
     }
 }
@@ -301,13 +328,13 @@ mod tests {
         let host = HeaderValue::from_static("app.example:8080");
         forwarding(
             &mut h,
-            Hop {
-                peer: "203.0.113.9:5000".parse().unwrap(),
-                local: Some("192.0.2.1:8080".parse().unwrap()),
-                host: Some(&host),
-                trusted: false,
-                https: false,
-            },
+            &ClientHop::new(
+                "203.0.113.9:5000".parse().unwrap(),
+                Some("192.0.2.1:8080".parse().unwrap()),
+                false,
+                false,
+            ),
+            Some(&host),
         );
         assert_eq!(
             lines(&h),
@@ -328,13 +355,13 @@ mod tests {
         let host = HeaderValue::from_static("app.example");
         forwarding(
             &mut h,
-            Hop {
-                peer: "[::ffff:10.9.9.9]:5000".parse().unwrap(),
-                local: Some("192.0.2.1:8080".parse().unwrap()),
-                host: Some(&host),
-                trusted: true,
-                https: false,
-            },
+            &ClientHop::new(
+                "[::ffff:10.9.9.9]:5000".parse().unwrap(),
+                Some("192.0.2.1:8080".parse().unwrap()),
+                true,
+                false,
+            ),
+            Some(&host),
         );
         assert_eq!(
             lines(&h),
@@ -358,13 +385,8 @@ mod tests {
         let mut h = HeaderMap::new();
         forwarding(
             &mut h,
-            Hop {
-                peer: "[::1]:5000".parse().unwrap(),
-                local: None,
-                host: None,
-                trusted: false,
-                https: false,
-            },
+            &ClientHop::new("[::1]:5000".parse().unwrap(), None, false, false),
+            None,
         );
         assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-for"], "::1");
