@@ -72,6 +72,13 @@ pub enum EventKind {
     StateFailed,
     /// The worker state file is written again.
     StateSaved,
+    /// `tls.acme`: a listener's first certificate was obtained (none was stored, or the
+    /// stored one does not cover the domains).
+    CertificateObtained,
+    /// `tls.acme`: a listener's certificate was replaced before its expiry.
+    CertificateRenewed,
+    /// `tls.acme`: an order failed (the reason, and when the next attempt is).
+    CertificateFailed,
 }
 
 impl EventKind {
@@ -107,6 +114,9 @@ impl EventKind {
             EventKind::UpgradeFailed => "upgrade-failed",
             EventKind::StateFailed => "state-failed",
             EventKind::StateSaved => "state-saved",
+            EventKind::CertificateObtained => "certificate-obtained",
+            EventKind::CertificateRenewed => "certificate-renewed",
+            EventKind::CertificateFailed => "certificate-failed",
         }
     }
 }
@@ -153,6 +163,9 @@ mod tests {
             UpgradeFailed,
             StateFailed,
             StateSaved,
+            CertificateObtained,
+            CertificateRenewed,
+            CertificateFailed,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));

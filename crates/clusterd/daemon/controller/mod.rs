@@ -432,6 +432,21 @@ impl<E: Effects> Controller<E> {
             } => self.world.on_liveness(&app, id, ok, detail, &self.events),
             // In-flight counts are read before every plan.
             Report::Drained { .. } => {}
+            Report::Certificate {
+                app,
+                listener,
+                kind,
+                message,
+            } => {
+                use clusterd_runtime::tls::acme::AcmeEventKind;
+                let kind = match kind {
+                    AcmeEventKind::Obtained => EventKind::CertificateObtained,
+                    AcmeEventKind::Renewed => EventKind::CertificateRenewed,
+                    AcmeEventKind::Failed => EventKind::CertificateFailed,
+                };
+                self.events
+                    .push(Some(&app.0), None, kind, format!("{listener}: {message}"));
+            }
         }
     }
 

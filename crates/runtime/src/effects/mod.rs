@@ -98,6 +98,18 @@ pub enum Report {
         /// Worker.
         id: WorkerId,
     },
+    /// `tls.acme`: a listener's certificate was obtained or renewed, or an attempt
+    /// failed.
+    Certificate {
+        /// App.
+        app: AppName,
+        /// The listener, `address:port` as written.
+        listener: String,
+        /// What happened.
+        kind: crate::tls::acme::AcmeEventKind,
+        /// The domains and expiry, or the reason of the failure.
+        message: String,
+    },
 }
 
 /// Identity of a public socket within an app: what must stay bound while any spec of the
@@ -201,6 +213,11 @@ pub trait Effects: Send {
 
     /// Whether any of the app's listeners is proxied (in-flight counts mean something).
     fn has_proxy(&self, app: &AppName) -> bool;
+
+    /// `tls.acme`: when the certificate the listener serves now expires (for status).
+    fn certificate_expiry(&self, _app: &AppName, _l: &Listener) -> Option<std::time::SystemTime> {
+        None
+    }
 
     /// Starts a worker.
     ///
