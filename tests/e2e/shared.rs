@@ -8,6 +8,8 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::support::*;
@@ -363,4 +365,144 @@ async def app(scope, receive, send):
         want,
         "every uvicorn worker took connections"
     );
+}
+
+/// A worker that binds `PORT` again later: it serves from a forked child that binds on
+/// SIGUSR1 (the parent closes its own copy first, so only the child's bind can serve).
+/// Python, blocking sockets, one connection at a time: just enough HTTP for `http_get`.
+const REBIND_APP: &str = r#"import os, signal, socket
+port = int(os.environ['PORT'])
+def bind():
+    s = socket.socket()
+    s.bind(('127.0.0.1', port))
+    s.listen(16)
+    return s
+def serve(s):
+    while True:
+        c, _ = s.accept()
+        data = b''
+        while b'\r\n\r\n' not in data:
+            data += c.recv(65536)
+        body = str(os.getpid()).encode()
+        c.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n' % len(body) + body)
+        c.close()
+class Fork(Exception):
+    pass
+def on_usr1(*_):
+    raise Fork()
+signal.signal(signal.SIGUSR1, on_usr1)
+s = bind()
+try:
+    serve(s)
+except Fork:
+    pass
+s.close()
+if os.fork() == 0:
+    serve(bind())
+os.wait()
+"#;
+
+/// How the daemon is replaced in [`a_worker_binding_after_the_daemon_changed`].
+enum Handover {
+    /// `clusterd upgrade`.
+    Upgrade,
+    /// SIGKILL, restarted with the sockets of systemd's fd store (`FdStoreHost`).
+    CrashWithFdStore,
+}
+
+/// After the daemon changed, an adopted worker's new bind (a child it forks, which
+/// inherits the seccomp filter) is answered by the new daemon with the shared socket,
+/// because the worker's notification fd was handed over (upgrade) or kept in systemd's fd
+/// store (crash). Without that the child's bind fails with ENOSYS.
+fn a_worker_binding_after_the_daemon_changed(how: Handover) {
+    let mut d = Daemon::start();
+    let host = match how {
+        Handover::Upgrade => None,
+        Handover::CrashWithFdStore => {
+            d.stop();
+            let host = FdStoreHost::start(d.dir.path());
+            d.set_env("NOTIFY_SOCKET", host.path.to_str().unwrap());
+            d.spawn();
+            Some(host)
+        }
+    };
+    let script = d.dir.path().join("rebind.py");
+    std::fs::write(&script, REBIND_APP).unwrap();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &shared_manifest("web", port, 1, &["python3", script.to_str().unwrap()], ""),
+    );
+    d.wait_phase("web", "Available", T);
+    let pid = d.ready_pids("web")[0];
+    assert_eq!(http_get(local(port), "/").unwrap().1, pid.to_string());
+    match &host {
+        None => {
+            let out = d.upgrade();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            d.wait_retired(T);
+        }
+        Some(host) => {
+            let name = format!("web/seccomp/{pid}/");
+            eventually(T, "the notification fd in the fd store", || {
+                host.names()
+                    .iter()
+                    .any(|n| n.starts_with(&name))
+                    .then_some(())
+            });
+            d.kill_daemon();
+            d.listen_fds = host.duplicates();
+            d.spawn();
+        }
+    }
+    d.wait_phase("web", "Available", T);
+    assert_eq!(d.ready_pids("web"), vec![pid], "adopted");
+    assert!(
+        d.log().contains("answering an adopted worker's binds"),
+        "{}",
+        d.log()
+    );
+    // The worker forks a child that binds PORT: the new daemon answers it.
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    let child = eventually(T, "the child's answer", || {
+        let (status, body) = http_get(local(port), "/").ok()?;
+        (status == 200 && body.trim() != pid.to_string()).then(|| body.trim().to_string())
+    });
+    let bound = format!("pid {child} bound the shared listener 127.0.0.1:{port}/tcp");
+    eventually(T, "a bound event for the child", || {
+        d.events("web")
+            .iter()
+            .any(|e| e["kind"] == "bound" && e["message"] == bound.as_str())
+            .then_some(())
+    });
+    let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+    assert!(
+        status.contains(&format!("\nPPid:\t{pid}\n")),
+        "{child} is the worker's child: {status}"
+    );
+    assert_eq!(d.ready_pids("web"), vec![pid], "the same worker");
+    for _ in 0..20 {
+        assert_eq!(http_get(local(port), "/").unwrap().1.trim(), child);
+    }
+    if let Some(host) = host {
+        // The worker goes (app removed): its notification fd leaves the store with it.
+        d.remove_manifest("web.yaml");
+        eventually(T, "FDSTOREREMOVE of socket and notification fd", || {
+            host.names().is_empty().then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_worker_binding_after_an_upgrade_gets_the_shared_socket() {
+    a_worker_binding_after_the_daemon_changed(Handover::Upgrade);
+}
+
+#[test]
+fn a_worker_binding_after_a_crash_gets_the_shared_socket_from_the_fd_store() {
+    a_worker_binding_after_the_daemon_changed(Handover::CrashWithFdStore);
 }

@@ -201,6 +201,29 @@ pub fn install_bind_filter() -> std::io::Result<OwnedFd> {
     Err(last)
 }
 
+/// Whether `pid` is still the process a handed-over notification fd was made for: the
+/// same start time (the name carries it, see [`crate::handover::seccomp_name`]) read
+/// through a pidfd, so the answer cannot be about a process that took the pid meanwhile,
+/// and the process runs under a seccomp filter (`Seccomp: 2` in its status).
+#[must_use]
+pub fn is_filtered_worker(pid: i32, start_time: u64) -> bool {
+    // The pidfd pins the process: if the start time matches after opening it, the pidfd
+    // (and so everything below) is about that very process, not a reuse of its pid.
+    let Some(pidfd) = crate::spawn::pidfd_open(pid) else {
+        return false;
+    };
+    if crate::procfs::start_time(pid) != Some(start_time) {
+        return false;
+    }
+    let filtered = std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .is_some_and(|v| v.trim() == "2")
+    });
+    // Still alive after the read (a pidfd polls readable once the process exited).
+    filtered && !poll_now(pidfd.as_fd()).0
+}
+
 /// Sends `fd` over the unix socket `sock` (SCM_RIGHTS), with one byte of payload.
 ///
 /// # Errors
@@ -314,11 +337,18 @@ pub enum BindEvent {
 ///
 /// Runs until every process of the worker has exited (the notification fd hangs up) or
 /// until dropped. Dropping it closes the notification fd: from then on the worker's
-/// `bind`/`listen` calls fail with `ENOSYS`, so keep it as long as the worker.
+/// `bind`/`listen` calls fail with `ENOSYS`, so keep it as long as the worker, and hand
+/// it to the next daemon on an upgrade ([`SharedBind::duplicate`]).
 #[derive(Debug)]
 pub struct SharedBind {
-    task: JoinHandle<()>,
+    /// `None` while paused.
+    task: Option<JoinHandle<()>>,
     first: watch::Receiver<Option<BoundEvent>>,
+    supervisor: Arc<Supervisor>,
+    /// The notification fd; the task polls a duplicate of it, so that pausing (which
+    /// drops the task and its duplicate) keeps the notifications for whoever answers
+    /// next.
+    notif: OwnedFd,
 }
 
 struct Target {
@@ -353,21 +383,63 @@ impl SharedBind {
                 id: (u64::from(st.st_dev), u64::from(st.st_ino)),
             });
         }
+        let (tx, first) = watch::channel(None);
+        let supervisor = Arc::new(Supervisor {
+            targets,
+            first: tx,
+            on_event: Box::new(on_event),
+        });
+        let mut bind = SharedBind {
+            task: None,
+            first,
+            supervisor,
+            notif,
+        };
+        bind.resume()?;
+        Ok(bind)
+    }
+
+    /// A duplicate of the notification fd, for the next daemon (upgrade) or systemd's fd
+    /// store: whoever holds it can answer the worker's binds after this daemon is gone.
+    ///
+    /// # Errors
+    /// When the descriptor cannot be duplicated (out of descriptors).
+    pub fn duplicate(&self) -> std::io::Result<OwnedFd> {
+        self.notif.try_clone()
+    }
+
+    /// Stops answering, and returns once the task is gone, so that another reader of the
+    /// same notification fd (the next daemon) never races this one: `SECCOMP_IOCTL_NOTIF_RECV`
+    /// blocks, and two readers polling one fd could leave one blocked on a tokio thread.
+    /// Notifications meanwhile wait in the kernel (the worker's `bind` blocks).
+    pub async fn pause(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Answers again after [`SharedBind::pause`] (an upgrade failed); a no-op when running.
+    ///
+    /// # Errors
+    /// When the fd cannot be duplicated or registered with tokio.
+    pub fn resume(&mut self) -> Result<()> {
+        if self.task.is_some() {
+            return Ok(());
+        }
+        let dup = self
+            .notif
+            .try_clone()
+            .map_err(|e| Error::io("dup seccomp notification fd", e))?;
         // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open for its whole
         // life and always reports the same descriptor.
-        let afd = unsafe { AsyncFd::register_with_interest(notif, Interest::READABLE) }
+        let afd = unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }
             .map_err(|e| Error::io("register seccomp notification fd", e.into()))?;
-        let (tx, first) = watch::channel(None);
-        let on_event = Arc::new(on_event);
-        let task = tokio::spawn(async move {
-            let supervisor = Supervisor {
-                targets,
-                first: tx,
-                on_event,
-            };
+        let supervisor = Arc::clone(&self.supervisor);
+        self.task = Some(tokio::spawn(async move {
             supervisor.run(afd).await;
-        });
-        Ok(SharedBind { task, first })
+        }));
+        Ok(())
     }
 
     /// Waits for the first answered bind (readiness `bind`); `None` when the worker is gone
@@ -388,20 +460,32 @@ impl SharedBind {
 
     /// Whether the supervisor still runs (some process of the worker is alive).
     pub fn is_running(&self) -> bool {
-        !self.task.is_finished()
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
 impl Drop for SharedBind {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
     }
 }
 
-struct Supervisor<F> {
+type OnEvent = Box<dyn Fn(BindEvent) + Send + Sync + 'static>;
+
+struct Supervisor {
     targets: Vec<Target>,
     first: watch::Sender<Option<BoundEvent>>,
-    on_event: Arc<F>,
+    on_event: OnEvent,
+}
+
+impl fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Supervisor")
+            .field("listeners", &self.targets.iter().map(|t| t.addr).collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
 }
 
 /// What to tell the kernel about one notification.
@@ -417,8 +501,8 @@ enum Reply {
     Nothing,
 }
 
-impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
-    async fn run(self, afd: AsyncFd<OwnedFd>) {
+impl Supervisor {
+    async fn run(&self, afd: AsyncFd<OwnedFd>) {
         loop {
             let mut guard = match afd.readable().await {
                 Ok(g) => g,
