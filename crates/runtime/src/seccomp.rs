@@ -37,10 +37,18 @@
 //! daemon is already answering (golang/go#37942).
 //!
 //! `O_NONBLOCK` lives on the open file description that the daemon and every worker share,
-//! so each answered bind sets the shared socket's `O_NONBLOCK` to what the app asked of
-//! its own socket (libuv and Go create non-blocking sockets, Python a blocking one): all
-//! workers of an app run the same program, so they agree. `FD_CLOEXEC` is per fd and
-//! copied from the app's socket.
+//! so an answered bind sets the shared socket's `O_NONBLOCK` to what the app asked of its
+//! own socket (libuv and Go create non-blocking sockets, Python's `http.server` a blocking
+//! one): all workers of an app run the same program, so they agree. With one exception:
+//! a blocking bind never *clears* `O_NONBLOCK` while other workers of the app hold the
+//! socket ([`Peers`]). Many event-loop servers create a blocking socket, bind it, and only
+//! then make it non-blocking (Rust's `std::net::TcpListener::bind` + `set_nonblocking`,
+//! Python's asyncio): clearing the flag for that moment made a running worker's event
+//! loop call `accept()` on a blocking socket and sleep in the kernel, deaf to its
+//! shutdown signal, until the stop timeout's SIGKILL reset its connections (seen as
+//! connection resets during reloads). The flag the app asked for is applied as soon as
+//! it is the only worker that holds the socket. `FD_CLOEXEC` is per fd and copied from
+//! the app's socket.
 //!
 //! Consequence of `no_new_privs`: setuid/setgid programs started by a shared-mode worker
 //! do not gain privileges (sudo, ping on old systems, ...). Needs Linux 5.9 (ADDFD);
@@ -50,6 +58,7 @@ use std::fmt;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags};
@@ -272,6 +281,27 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<Option<OwnedFd>> {
     Ok(None)
 }
 
+/// How many workers of one app have bound (hold) its shared sockets: an answered bind
+/// only clears the shared socket's `O_NONBLOCK` when no other worker holds it (see the
+/// module docs). Each [`SharedBind`] counts its worker once, from its first answered bind
+/// (or from the start, for a worker adopted with its socket) until it is dropped.
+#[derive(Debug, Default)]
+pub struct Peers(AtomicUsize);
+
+impl Peers {
+    /// A new count, for one app.
+    #[must_use]
+    pub fn new() -> Arc<Peers> {
+        Arc::new(Peers::default())
+    }
+
+    /// Workers holding the app's shared sockets now.
+    #[must_use]
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
 /// One daemon socket a worker may bind in shared mode.
 #[derive(Debug)]
 pub struct SharedListener {
@@ -371,6 +401,22 @@ impl SharedBind {
         listeners: Vec<SharedListener>,
         on_event: impl Fn(BindEvent) + Send + Sync + 'static,
     ) -> Result<SharedBind> {
+        Self::start_among(notif, listeners, Peers::new(), false, on_event)
+    }
+
+    /// [`SharedBind::start`] for one of an app's workers, counted in `peers` (shared by
+    /// the app's workers) once it binds, or from now when `holds` (an adopted worker that
+    /// already holds the socket).
+    ///
+    /// # Errors
+    /// As [`SharedBind::start`].
+    pub fn start_among(
+        notif: OwnedFd,
+        listeners: Vec<SharedListener>,
+        peers: Arc<Peers>,
+        holds: bool,
+        on_event: impl Fn(BindEvent) + Send + Sync + 'static,
+    ) -> Result<SharedBind> {
         let mut targets = Vec::with_capacity(listeners.len());
         for l in listeners {
             let st = nix::sys::stat::fstat(l.fd.as_fd())
@@ -384,10 +430,15 @@ impl SharedBind {
             });
         }
         let (tx, first) = watch::channel(None);
+        if holds {
+            peers.0.fetch_add(1, Ordering::SeqCst);
+        }
         let supervisor = Arc::new(Supervisor {
             targets,
-            first: tx,
+            first: std::sync::Mutex::new(Some(tx)),
             on_event: Box::new(on_event),
+            peers,
+            counted: AtomicBool::new(holds),
         });
         let mut bind = SharedBind {
             task: None,
@@ -469,6 +520,9 @@ impl Drop for SharedBind {
         if let Some(task) = &self.task {
             task.abort();
         }
+        if self.supervisor.counted.swap(false, Ordering::SeqCst) {
+            self.supervisor.peers.0.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
@@ -476,14 +530,23 @@ type OnEvent = Box<dyn Fn(BindEvent) + Send + Sync + 'static>;
 
 struct Supervisor {
     targets: Vec<Target>,
-    first: watch::Sender<Option<BoundEvent>>,
+    /// Dropped (taken) when the worker is gone, so [`SharedBind::first_bind`] ends; kept
+    /// across a pause.
+    first: std::sync::Mutex<Option<watch::Sender<Option<BoundEvent>>>>,
     on_event: OnEvent,
+    /// The app's workers holding its shared sockets.
+    peers: Arc<Peers>,
+    /// Whether this worker is counted in `peers`.
+    counted: AtomicBool,
 }
 
 impl fmt::Debug for Supervisor {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Supervisor")
-            .field("listeners", &self.targets.iter().map(|t| t.addr).collect::<Vec<_>>())
+            .field(
+                "listeners",
+                &self.targets.iter().map(|t| t.addr).collect::<Vec<_>>(),
+            )
             .finish_non_exhaustive()
     }
 }
@@ -503,6 +566,12 @@ enum Reply {
 
 impl Supervisor {
     async fn run(&self, afd: AsyncFd<OwnedFd>) {
+        self.supervise(afd).await;
+        // Not reached when paused (the task is aborted at its await): the worker is gone.
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    async fn supervise(&self, afd: AsyncFd<OwnedFd>) {
         loop {
             let mut guard = match afd.readable().await {
                 Ok(g) => g,
@@ -630,8 +699,17 @@ impl Supervisor {
         let target = &self.targets[index];
         if file_id(theirs.as_fd()) != Some(target.id) {
             let (nonblocking, cloexec) = fd_flags(pid, fd).unwrap_or((false, true));
-            if let Err(e) = set_nonblocking(target.fd.as_fd(), nonblocking) {
-                tracing::warn!(error = %e, "cannot set O_NONBLOCK on the shared listener");
+            // Never clear O_NONBLOCK under other workers' event loops (module docs).
+            let others = self.peers.count() > usize::from(self.counted.load(Ordering::SeqCst));
+            if nonblocking || !others {
+                if let Err(e) = set_nonblocking(target.fd.as_fd(), nonblocking) {
+                    tracing::warn!(error = %e, "cannot set O_NONBLOCK on the shared listener");
+                }
+            } else {
+                tracing::debug!(
+                    pid,
+                    "blocking bind: O_NONBLOCK of the shared listener kept, other workers hold it"
+                );
             }
             let mut addfd = libc::seccomp_notif_addfd {
                 id: n.id,
@@ -666,15 +744,25 @@ impl Supervisor {
             addr: target.addr,
             requested,
         };
+        if !self.counted.swap(true, Ordering::SeqCst) {
+            self.peers.0.fetch_add(1, Ordering::SeqCst);
+        }
         tracing::info!(pid, fd, listener = %target.addr, requested = %requested, "worker bound the shared listener");
-        self.first.send_if_modified(|v| {
-            if v.is_none() {
-                *v = Some(event.clone());
-                true
-            } else {
-                false
-            }
-        });
+        if let Some(tx) = self
+            .first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            tx.send_if_modified(|v| {
+                if v.is_none() {
+                    *v = Some(event.clone());
+                    true
+                } else {
+                    false
+                }
+            });
+        }
         (self.on_event)(BindEvent::Bound(event));
         Reply::Success
     }

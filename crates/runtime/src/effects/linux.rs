@@ -27,7 +27,7 @@ use crate::logwatch::LogSizeWatch;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
-use crate::seccomp::{BindEvent, SharedBind, SharedListener};
+use crate::seccomp::{BindEvent, Peers, SharedBind, SharedListener};
 use crate::shim::ShimCommand;
 use crate::spawn::{spawn_worker, InheritedListener, WorkerProcess, WorkerSpec};
 
@@ -136,6 +136,9 @@ pub struct LinuxEffects {
     /// [`Effects::rotate_logs`] still runs).
     log_watch: Option<LogSizeWatch>,
     log_watch_stop: CancellationToken,
+    /// Per shared-mode app: how many of its workers hold its shared sockets (an answered
+    /// bind never clears `O_NONBLOCK` under the others; see [`crate::seccomp`]).
+    peers: BTreeMap<AppName, Arc<Peers>>,
 }
 
 impl LinuxEffects {
@@ -210,6 +213,7 @@ impl LinuxEffects {
             notify_task,
             log_watch,
             log_watch_stop,
+            peers: BTreeMap::new(),
         })
     }
 
@@ -623,7 +627,7 @@ impl LinuxEffects {
             else {
                 continue;
             };
-            match self.answer_binds(app, id, false, notif, listeners, labels) {
+            match self.answer_binds(app, id, false, true, notif, (listeners, labels)) {
                 Ok(bind) => {
                     if let Some(p) = self.procs.get_mut(&(app.clone(), id)) {
                         tracing::info!(app = %app, pid = p.handle.pid(), "answering an adopted worker's binds");
@@ -668,19 +672,23 @@ impl LinuxEffects {
     /// Starts answering a shared-mode worker's binds; each answered bind is reported
     /// ([`Report::Bound`]), the first one also as [`Report::Ready`] when `ready_on_bind`
     /// (readiness `bind`), and a bind elsewhere as [`Report::StrayBind`].
+    ///
+    /// `holds`: the worker already holds the sockets (adopted), so it counts among the
+    /// app's [`Peers`] from now rather than from its first answered bind.
     fn answer_binds(
-        &self,
+        &mut self,
         app: &AppName,
         id: WorkerId,
         ready_on_bind: bool,
+        holds: bool,
         notif: std::os::fd::OwnedFd,
-        listeners: Vec<SharedListener>,
-        labels: Vec<String>,
+        (listeners, labels): (Vec<SharedListener>, Vec<String>),
     ) -> Result<SharedBind, String> {
+        let peers = Arc::clone(self.peers.entry(app.clone()).or_insert_with(Peers::new));
         let tx = self.reports.clone();
         let app = app.clone();
         let first = std::sync::atomic::AtomicBool::new(true);
-        SharedBind::start(notif, listeners, move |event| match event {
+        SharedBind::start_among(notif, listeners, peers, holds, move |event| match event {
             BindEvent::Bound(b) => {
                 let _ = tx.send(Report::Bound {
                     app: app.clone(),
@@ -939,7 +947,14 @@ impl Effects for LinuxEffects {
         let shared = match shared {
             Some((notif, listeners, labels)) => {
                 let ready_on_bind = req.spec.spec.readiness.kind == Some(ReadinessKind::Bind);
-                match self.answer_binds(req.app, req.id, ready_on_bind, notif, listeners, labels) {
+                match self.answer_binds(
+                    req.app,
+                    req.id,
+                    ready_on_bind,
+                    false,
+                    notif,
+                    (listeners, labels),
+                ) {
                     Ok(s) => Some(s),
                     Err(e) => {
                         let _ = process.kill();
@@ -955,9 +970,11 @@ impl Effects for LinuxEffects {
         // crash answers this worker's later binds.
         let stored_notif = match (&shared, &self.fdstore) {
             (Some(bind), Some(store)) => {
-                let name =
-                    handover::seccomp_name(&req.app.0, process.pid(), process.start_time());
-                match bind.duplicate().and_then(|fd| store.store(&name, fd.as_fd())) {
+                let name = handover::seccomp_name(&req.app.0, process.pid(), process.start_time());
+                match bind
+                    .duplicate()
+                    .and_then(|fd| store.store(&name, fd.as_fd()))
+                {
                     Ok(()) => Some(name),
                     Err(e) => {
                         tracing::warn!(app = %req.app, pid, error = %e, "FDSTORE: after a daemon crash this worker's later binds would fail");
@@ -1048,7 +1065,8 @@ impl Effects for LinuxEffects {
             }
         });
         // Already in the fd store (the previous daemon put it there).
-        let stored_notif = (pending_notif.is_some() && self.fdstore.is_some()).then_some(notif_name);
+        let stored_notif =
+            (pending_notif.is_some() && self.fdstore.is_some()).then_some(notif_name);
         self.watch_exit(req.app, req.id, process.clone());
         let started = Started {
             pid: u32::try_from(process.pid()).unwrap_or_default(),
