@@ -506,3 +506,181 @@ fn a_worker_binding_after_an_upgrade_gets_the_shared_socket() {
 fn a_worker_binding_after_a_crash_gets_the_shared_socket_from_the_fd_store() {
     a_worker_binding_after_the_daemon_changed(Handover::CrashWithFdStore);
 }
+
+/// An unmodified Express app: `app.listen(process.env.PORT)`. The SIGINT/SIGTERM handler
+/// is the usual graceful shutdown a user writes for any process manager (stop accepting
+/// with `server.close()`, let requests in flight finish); clusterd needs nothing of it,
+/// but without it Node exits at once on SIGTERM and a reload would cut requests in
+/// flight, as it would under any manager.
+const EXPRESS_APP: &str = r#"const express = require('express');
+const app = express();
+app.get('/', (req, res) => res.send(String(process.pid)));
+const server = app.listen(process.env.PORT);
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, () => { server.close(() => process.exit(0)); server.closeIdleConnections(); });
+}
+"#;
+
+/// Express (from npm, installed by .ci/run into .node/node_modules) as 3 shared workers:
+/// every worker takes new connections, and a reload under new-connection load loses
+/// nothing.
+#[test]
+fn express_app_listen_port_workers_share_the_socket_and_reload_without_loss() {
+    let Some(node) = node() else { return };
+    let modules = repo_root().join(".node/node_modules");
+    if require_tool(&modules.join("express/package.json"), "express shared mode").is_none() {
+        return;
+    }
+    let d = Daemon::start();
+    let script = d.dir.path().join("app.js");
+    std::fs::write(&script, EXPRESS_APP).unwrap();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &shared_manifest(
+            "web",
+            port,
+            3,
+            &[node.to_str().unwrap(), script.to_str().unwrap()],
+            &format!("  env:\n    NODE_PATH: \"{}\"\n", modules.display()),
+        ),
+    );
+    let app = d.wait_phase("web", "Available", T);
+    let want = pids_of(&app);
+    assert_eq!(want.len(), 3);
+    assert_eq!(
+        distinct_pids(port, &want),
+        want,
+        "every Express worker took connections"
+    );
+    let stats = d.reload_under("web", Load::start(local(port), "/", 4, false));
+    eprintln!(
+        "Express shared-mode reload under new-connection load: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    let new = pids_of(&d.wait_phase("web", "Available", T));
+    assert!(new.is_disjoint(&want), "{want:?} -> {new:?}");
+    assert_eq!(distinct_pids(port, &new), new);
+}
+
+/// A Go server with the standard library only: `net.Listen("tcp", ":"+PORT)` (Go binds
+/// `[::]` dual-stack, from whichever runtime thread runs the goroutine, and its runtime
+/// sends preemption signals that must not restart a bind the daemon is answering:
+/// WAIT_KILLABLE_RECV). On SIGTERM it closes its listener and finishes the connections
+/// it accepted: a drain.
+const GO_APP: &str = r#"package main
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+)
+
+func main() {
+	ln, err := net.Listen("tcp", ":"+os.Getenv("PORT"))
+	if err != nil {
+		panic(err)
+	}
+	go func() {
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+		<-sig
+		ln.Close()
+	}()
+	var wg sync.WaitGroup
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			r := bufio.NewReader(c)
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if line == "\r\n" {
+					break
+				}
+			}
+			body := fmt.Sprint(os.Getpid())
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+		}()
+	}
+	wg.Wait()
+}
+"#;
+
+/// Go (Debian's golang-go, stdlib only, built offline here) as 3 shared workers through
+/// the daemon: every worker takes new connections, and a reload under new-connection
+/// load loses nothing.
+#[test]
+fn go_net_listen_workers_share_the_socket_and_reload_without_loss() {
+    let Some(go) = ["/usr/bin/go", "/usr/lib/go/bin/go", "/usr/local/go/bin/go"]
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.exists())
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| require_tool(std::path::Path::new("/usr/bin/go"), "go shared mode"))
+    else {
+        return;
+    };
+    let d = Daemon::start();
+    let src = d.dir.path().join("go");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("main.go"), GO_APP).unwrap();
+    let bin = src.join("server");
+    let out = std::process::Command::new(&go)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg("main.go")
+        .current_dir(&src)
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOCACHE", src.join("cache"))
+        .env("GOPATH", src.join("gopath"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    d.write_manifest(
+        "go.yaml",
+        &shared_manifest("go", port, 3, &[bin.to_str().unwrap()], ""),
+    );
+    let app = d.wait_phase("go", "Available", T);
+    let want = pids_of(&app);
+    assert_eq!(want.len(), 3);
+    for i in app["instances"].as_array().unwrap() {
+        let pid = i["pid"].as_i64().unwrap();
+        assert_eq!(
+            i["bound"],
+            serde_json::json!([format!("127.0.0.1:{port}/tcp by pid {pid}")]),
+            "{i}"
+        );
+    }
+    assert_eq!(
+        distinct_pids(port, &want),
+        want,
+        "every Go worker took connections"
+    );
+    let stats = d.reload_under("go", Load::start(local(port), "/", 4, false));
+    eprintln!(
+        "Go shared-mode reload under new-connection load: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    let new = pids_of(&d.wait_phase("go", "Available", T));
+    assert!(new.is_disjoint(&want), "{want:?} -> {new:?}");
+    assert_eq!(distinct_pids(port, &new), new);
+}
