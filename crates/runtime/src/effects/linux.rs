@@ -94,7 +94,8 @@ struct Proc {
     /// Adopted shared-mode worker: its handed-over notification fd, until the app's
     /// sockets are there to answer with ([`LinuxEffects::answer_adopted_binds`]).
     /// Meanwhile the worker's binds wait in the kernel.
-    pending_notif: Option<OwnedFd>,
+    /// With whether its first answered bind makes it ready (readiness `bind`).
+    pending_notif: Option<(OwnedFd, bool)>,
     /// The notification fd's name in systemd's fd store, removed when the worker is
     /// forgotten.
     stored_notif: Option<String>,
@@ -261,7 +262,7 @@ impl LinuxEffects {
         for ((app, _), p) in &self.procs {
             let fd = match (&p.shared, &p.pending_notif) {
                 (Some(s), _) => s.duplicate(),
-                (None, Some(fd)) => fd.try_clone(),
+                (None, Some((fd, _))) => fd.try_clone(),
                 (None, None) => continue,
             }
             .map_err(|e| format!("dup seccomp notification fd: {e}"))?;
@@ -602,9 +603,9 @@ impl LinuxEffects {
     }
 
     /// Adopted shared-mode workers of `app` whose notification fds were handed over:
-    /// answer their binds now that the app's sockets are here. Their readiness was
-    /// decided by the previous daemon, so a bind is reported but does not make them
-    /// ready.
+    /// answer their binds now that the app's sockets are here. With readiness `bind`, a
+    /// worker adopted while still starting becomes ready when its bind is answered (for
+    /// one already ready, the report changes nothing).
     fn answer_adopted_binds(&mut self, app: &AppName, listens: &[Listener]) {
         let ids: Vec<WorkerId> = self
             .procs
@@ -620,14 +621,14 @@ impl LinuxEffects {
                     continue;
                 }
             };
-            let Some(notif) = self
+            let Some((notif, ready_on_bind)) = self
                 .procs
                 .get_mut(&(app.clone(), id))
                 .and_then(|p| p.pending_notif.take())
             else {
                 continue;
             };
-            match self.answer_binds(app, id, false, true, notif, (listeners, labels)) {
+            match self.answer_binds(app, id, ready_on_bind, true, notif, (listeners, labels)) {
                 Ok(bind) => {
                     if let Some(p) = self.procs.get_mut(&(app.clone(), id)) {
                         tracing::info!(app = %app, pid = p.handle.pid(), "answering an adopted worker's binds");
@@ -1057,7 +1058,7 @@ impl Effects for LinuxEffects {
         let notif_name = handover::seccomp_name(&req.app.0, req.pid, req.start_time);
         let pending_notif = self.handover.take(&notif_name).and_then(|fd| {
             if crate::seccomp::is_filtered_worker(req.pid, req.start_time) {
-                Some(fd)
+                Some((fd, req.ready_on_bind))
             } else {
                 tracing::warn!(app = %req.app, pid = req.pid, "a handed-over seccomp notification fd is not this worker's; closing it");
                 self.unstore(&notif_name);
