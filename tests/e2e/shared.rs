@@ -408,9 +408,12 @@ enum Handover {
     Upgrade,
     /// SIGKILL, restarted with the sockets of systemd's fd store (`FdStoreHost`).
     CrashWithFdStore,
+    /// `clusterd upgrade` to a binary that fails: the old daemon, which paused its
+    /// supervisors for the handover, answers again.
+    FailedUpgrade,
 }
 
-/// After the daemon changed, an adopted worker's new bind (a child it forks, which
+/// After the daemon changed (or an upgrade failed), an adopted worker's new bind (a child it forks, which
 /// inherits the seccomp filter) is answered by the new daemon with the shared socket,
 /// because the worker's notification fd was handed over (upgrade) or kept in systemd's fd
 /// store (crash). Without that the child's bind fails with ENOSYS.
@@ -418,6 +421,12 @@ fn a_worker_binding_after_the_daemon_changed(how: Handover) {
     let mut d = Daemon::start();
     let host = match how {
         Handover::Upgrade => None,
+        Handover::FailedUpgrade => {
+            d.stop();
+            d.set_env("CLUSTERD_UPGRADE_BINARY", "/bin/false");
+            d.spawn();
+            None
+        }
         Handover::CrashWithFdStore => {
             d.stop();
             let host = FdStoreHost::start(d.dir.path());
@@ -436,7 +445,12 @@ fn a_worker_binding_after_the_daemon_changed(how: Handover) {
     d.wait_phase("web", "Available", T);
     let pid = d.ready_pids("web")[0];
     assert_eq!(http_get(local(port), "/").unwrap().1, pid.to_string());
+    let failing = matches!(how, Handover::FailedUpgrade);
     match &host {
+        None if failing => {
+            let out = d.upgrade();
+            assert_eq!(out.status.code(), Some(1), "the upgrade must fail");
+        }
         None => {
             let out = d.upgrade();
             assert!(
@@ -462,7 +476,7 @@ fn a_worker_binding_after_the_daemon_changed(how: Handover) {
     d.wait_phase("web", "Available", T);
     assert_eq!(d.ready_pids("web"), vec![pid], "adopted");
     assert!(
-        d.log().contains("answering an adopted worker's binds"),
+        failing || d.log().contains("answering an adopted worker's binds"),
         "{}",
         d.log()
     );
@@ -500,6 +514,11 @@ fn a_worker_binding_after_the_daemon_changed(how: Handover) {
 #[test]
 fn a_worker_binding_after_an_upgrade_gets_the_shared_socket() {
     a_worker_binding_after_the_daemon_changed(Handover::Upgrade);
+}
+
+#[test]
+fn a_worker_binding_after_a_failed_upgrade_gets_the_shared_socket() {
+    a_worker_binding_after_the_daemon_changed(Handover::FailedUpgrade);
 }
 
 #[test]
