@@ -685,7 +685,7 @@ impl LinuxEffects {
         notif: std::os::fd::OwnedFd,
         (listeners, labels): (Vec<SharedListener>, Vec<String>),
     ) -> Result<SharedBind, String> {
-        let peers = Arc::clone(self.peers.entry(app.clone()).or_insert_with(Peers::new));
+        let peers = Arc::clone(self.peers.entry(app.clone()).or_default());
         let tx = self.reports.clone();
         let app = app.clone();
         let first = std::sync::atomic::AtomicBool::new(true);
