@@ -300,6 +300,24 @@ impl Peers {
     pub fn count(&self) -> usize {
         self.0.load(Ordering::SeqCst)
     }
+
+    /// Counts a worker that holds the sockets without a [`SharedBind`] (adopted after a
+    /// crash that lost its notification fd) until the returned guard is dropped.
+    #[must_use]
+    pub fn hold(self: &Arc<Self>) -> PeerHold {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        PeerHold(Arc::clone(self))
+    }
+}
+
+/// One worker counted in [`Peers`] while it lives; see [`Peers::hold`].
+#[derive(Debug)]
+pub struct PeerHold(Arc<Peers>);
+
+impl Drop for PeerHold {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One daemon socket a worker may bind in shared mode.

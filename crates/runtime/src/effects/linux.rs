@@ -27,7 +27,7 @@ use crate::logwatch::LogSizeWatch;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
-use crate::seccomp::{BindEvent, Peers, SharedBind, SharedListener};
+use crate::seccomp::{BindEvent, PeerHold, Peers, SharedBind, SharedListener};
 use crate::shim::ShimCommand;
 use crate::spawn::{spawn_worker, InheritedListener, WorkerProcess, WorkerSpec};
 
@@ -99,6 +99,9 @@ struct Proc {
     /// The notification fd's name in systemd's fd store, removed when the worker is
     /// forgotten.
     stored_notif: Option<String>,
+    /// An adopted shared-mode worker without its notification fd (a crash without the fd
+    /// store): it still holds the sockets, so it counts among the app's [`Peers`].
+    _peer: Option<PeerHold>,
 }
 
 /// What [`LinuxEffects::start`] hands back.
@@ -607,6 +610,19 @@ impl LinuxEffects {
     /// worker adopted while still starting becomes ready when its bind is answered (for
     /// one already ready, the report changes nothing).
     fn answer_adopted_binds(&mut self, app: &AppName, listens: &[Listener]) {
+        if listens.iter().any(|l| l.mode == ListenMode::Shared) {
+            let peers = Arc::clone(self.peers.entry(app.clone()).or_default());
+            for ((a, _), p) in &mut self.procs {
+                if a == app
+                    && p.handle.is_adopted()
+                    && p.shared.is_none()
+                    && p.pending_notif.is_none()
+                    && p._peer.is_none()
+                {
+                    p._peer = Some(peers.hold());
+                }
+            }
+        }
         let ids: Vec<WorkerId> = self
             .procs
             .iter()
@@ -1027,6 +1043,7 @@ impl Effects for LinuxEffects {
                 shared,
                 pending_notif: None,
                 stored_notif,
+                _peer: None,
             },
         );
         if let Some(watch) = &self.log_watch {
@@ -1085,6 +1102,7 @@ impl Effects for LinuxEffects {
                 shared: None,
                 pending_notif,
                 stored_notif,
+                _peer: None,
             },
         );
         Ok(started)
