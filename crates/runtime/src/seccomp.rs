@@ -164,14 +164,24 @@ fn filter_program() -> [libc::sock_filter; 7] {
     ]
 }
 
+/// The installed filter: its notification fd (close-on-exec) for the daemon, and whether
+/// the kernel took `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` (5.19+).
+#[derive(Debug)]
+pub struct BindFilter {
+    /// The notification fd.
+    pub notif: OwnedFd,
+    /// Once the daemon has received a bind, only a fatal signal interrupts the worker's
+    /// wait for the answer (Go's preemption signals would otherwise restart the bind).
+    pub wait_killable: bool,
+}
+
 /// Worker side (exec shim, single-threaded, right before exec): sets `no_new_privs` and
-/// installs the bind/listen filter; returns the notification fd (close-on-exec) for the
-/// daemon.
+/// installs the bind/listen filter, with `WAIT_KILLABLE_RECV` where the kernel has it.
 ///
 /// # Errors
 /// The OS error of `prctl` or `seccomp`, e.g. `EINVAL`/`ENOSYS` on a kernel without
 /// user notification.
-pub fn install_bind_filter() -> std::io::Result<OwnedFd> {
+pub fn install_bind_filter() -> std::io::Result<BindFilter> {
     // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -199,7 +209,11 @@ pub fn install_bind_filter() -> std::io::Result<OwnedFd> {
         };
         if fd >= 0 {
             // SAFETY: the kernel just created this descriptor for us alone.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+            let notif = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+            return Ok(BindFilter {
+                notif,
+                wait_killable: flag & libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV != 0,
+            });
         }
         last = std::io::Error::last_os_error();
         // EINVAL: WAIT_KILLABLE_RECV unknown (before 5.19); retry without it.
@@ -233,15 +247,17 @@ pub fn is_filtered_worker(pid: i32, start_time: u64) -> bool {
     filtered && !poll_now(pidfd.as_fd()).0
 }
 
-/// Sends `fd` over the unix socket `sock` (SCM_RIGHTS), with one byte of payload.
+/// Sends the filter's notification fd over the unix socket `sock` (SCM_RIGHTS), with one
+/// byte of payload: `K` when the filter waits killably, `n` otherwise.
 ///
 /// # Errors
 /// The OS error of `sendmsg`.
-pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-    let fds = [fd.as_raw_fd()];
+pub fn send_fd(sock: BorrowedFd<'_>, filter: &BindFilter) -> std::io::Result<()> {
+    let fds = [filter.notif.as_raw_fd()];
+    let payload: &[u8] = if filter.wait_killable { b"K" } else { b"n" };
     nix::sys::socket::sendmsg::<()>(
         sock.as_raw_fd(),
-        &[IoSlice::new(b"n")],
+        &[IoSlice::new(payload)],
         &[ControlMessage::ScmRights(&fds)],
         MsgFlags::empty(),
         None,
@@ -249,12 +265,12 @@ pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Receives one fd sent with [`send_fd`], without waiting: `Ok(None)` when nothing is
-/// queued (the peer exited without sending).
+/// Receives one fd sent with [`send_fd`] and whether the filter waits killably, without
+/// waiting: `Ok(None)` when nothing is queued (the peer exited without sending).
 ///
 /// # Errors
 /// The OS error of `recvmsg`.
-pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<Option<OwnedFd>> {
+pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<Option<(OwnedFd, bool)>> {
     let mut byte = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([RawFd; 1]);
@@ -275,7 +291,8 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<Option<OwnedFd>> {
                 // SAFETY: SCM_RIGHTS gave us these new descriptors; we are their only owner.
                 .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
                 .collect();
-            return Ok(owned.drain(..).next());
+            let killable = msg.bytes == 1 && byte[0] == b'K';
+            return Ok(owned.drain(..).next().map(|fd| (fd, killable)));
         }
     }
     Ok(None)

@@ -460,6 +460,24 @@ func main() {
         workers.push(start(i, &[bin.to_str().unwrap()], &[&l], None, &events).await);
     }
     all_bound(&workers).await;
+    // Go's runtime signals its threads (preemption): on a kernel that has it (5.19+),
+    // the filter must wait killably, or a signal during the daemon's answer restarts
+    // the bind.
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy().into_owned();
+    let mut v = release.split(|c: char| !c.is_ascii_digit());
+    let version: (u32, u32) = (
+        v.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+        v.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+    );
+    if version >= (5, 19) {
+        for w in &workers {
+            assert!(
+                w.spawned.seccomp_wait_killable,
+                "Linux {release}: the filter must use WAIT_KILLABLE_RECV"
+            );
+        }
+    }
     let addr: SocketAddr = format!("127.0.0.1:{}", l.local_addr().port())
         .parse()
         .unwrap();

@@ -532,6 +532,13 @@ impl LinuxEffects {
         }
         let cgroup_note = self.cgroup_for(&req, &mut ws);
         let mut spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
+        if spawned.seccomp_notif.is_some() {
+            tracing::debug!(
+                pid = spawned.process.pid(),
+                wait_killable = spawned.seccomp_wait_killable,
+                "shared-mode bind filter installed"
+            );
+        }
         let shared = spawned
             .seccomp_notif
             .take()
