@@ -8,6 +8,8 @@ use std::net::UdpSocket;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 use serde_json::Value;
 
 use crate::support::*;
@@ -363,4 +365,341 @@ async def app(scope, receive, send):
         want,
         "every uvicorn worker took connections"
     );
+}
+
+/// A worker that binds `PORT` again later: it serves from a forked child that binds on
+/// SIGUSR1 (the parent closes its own copy first, so only the child's bind can serve).
+/// Python, blocking sockets, one connection at a time: just enough HTTP for `http_get`.
+const REBIND_APP: &str = r#"import os, signal, socket
+port = int(os.environ['PORT'])
+def bind():
+    s = socket.socket()
+    s.bind(('127.0.0.1', port))
+    s.listen(16)
+    return s
+def serve(s):
+    while True:
+        c, _ = s.accept()
+        data = b''
+        while b'\r\n\r\n' not in data:
+            data += c.recv(65536)
+        body = str(os.getpid()).encode()
+        c.sendall(b'HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n' % len(body) + body)
+        c.close()
+class Fork(Exception):
+    pass
+def on_usr1(*_):
+    raise Fork()
+signal.signal(signal.SIGUSR1, on_usr1)
+s = bind()
+try:
+    serve(s)
+except Fork:
+    pass
+s.close()
+if os.fork() == 0:
+    serve(bind())
+os.wait()
+"#;
+
+/// How the daemon is replaced in [`a_worker_binding_after_the_daemon_changed`].
+enum Handover {
+    /// `clusterd upgrade`.
+    Upgrade,
+    /// SIGKILL, restarted with the sockets of systemd's fd store (`FdStoreHost`).
+    CrashWithFdStore,
+    /// `clusterd upgrade` to a binary that fails: the old daemon, which paused its
+    /// supervisors for the handover, answers again.
+    FailedUpgrade,
+}
+
+/// After the daemon changed (or an upgrade failed), an adopted worker's new bind (a child it forks, which
+/// inherits the seccomp filter) is answered by the new daemon with the shared socket,
+/// because the worker's notification fd was handed over (upgrade) or kept in systemd's fd
+/// store (crash). Without that the child's bind fails with ENOSYS.
+fn a_worker_binding_after_the_daemon_changed(how: Handover) {
+    let mut d = Daemon::start();
+    let host = match how {
+        Handover::Upgrade => None,
+        Handover::FailedUpgrade => {
+            d.stop();
+            d.set_env("CLUSTERD_UPGRADE_BINARY", "/bin/false");
+            d.spawn();
+            None
+        }
+        Handover::CrashWithFdStore => {
+            d.stop();
+            let host = FdStoreHost::start(d.dir.path());
+            d.set_env("NOTIFY_SOCKET", host.path.to_str().unwrap());
+            d.spawn();
+            Some(host)
+        }
+    };
+    let script = d.dir.path().join("rebind.py");
+    std::fs::write(&script, REBIND_APP).unwrap();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &shared_manifest("web", port, 1, &["python3", script.to_str().unwrap()], ""),
+    );
+    d.wait_phase("web", "Available", T);
+    let pid = d.ready_pids("web")[0];
+    assert_eq!(http_get(local(port), "/").unwrap().1, pid.to_string());
+    let failing = matches!(how, Handover::FailedUpgrade);
+    match &host {
+        None if failing => {
+            let out = d.upgrade();
+            assert_eq!(out.status.code(), Some(1), "the upgrade must fail");
+        }
+        None => {
+            let out = d.upgrade();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            d.wait_retired(T);
+        }
+        Some(host) => {
+            let name = format!("web/seccomp/{pid}/");
+            eventually(T, "the notification fd in the fd store", || {
+                host.names()
+                    .iter()
+                    .any(|n| n.starts_with(&name))
+                    .then_some(())
+            });
+            d.kill_daemon();
+            d.listen_fds = host.duplicates();
+            d.spawn();
+        }
+    }
+    d.wait_phase("web", "Available", T);
+    assert_eq!(d.ready_pids("web"), vec![pid], "adopted");
+    assert!(
+        failing || d.log().contains("answering an adopted worker's binds"),
+        "{}",
+        d.log()
+    );
+    // The worker forks a child that binds PORT: the new daemon answers it.
+    kill(Pid::from_raw(pid), Signal::SIGUSR1).unwrap();
+    let child = eventually(T, "the child's answer", || {
+        let (status, body) = http_get(local(port), "/").ok()?;
+        (status == 200 && body.trim() != pid.to_string()).then(|| body.trim().to_string())
+    });
+    let bound = format!("pid {child} bound the shared listener 127.0.0.1:{port}/tcp");
+    eventually(T, "a bound event for the child", || {
+        d.events("web")
+            .iter()
+            .any(|e| e["kind"] == "bound" && e["message"] == bound.as_str())
+            .then_some(())
+    });
+    let status = std::fs::read_to_string(format!("/proc/{child}/status")).unwrap();
+    assert!(
+        status.contains(&format!("\nPPid:\t{pid}\n")),
+        "{child} is the worker's child: {status}"
+    );
+    assert_eq!(d.ready_pids("web"), vec![pid], "the same worker");
+    for _ in 0..20 {
+        assert_eq!(http_get(local(port), "/").unwrap().1.trim(), child);
+    }
+    if let Some(host) = host {
+        // The worker goes (app removed): its notification fd leaves the store with it.
+        d.remove_manifest("web.yaml");
+        eventually(T, "FDSTOREREMOVE of socket and notification fd", || {
+            host.names().is_empty().then_some(())
+        });
+    }
+}
+
+#[test]
+fn a_worker_binding_after_an_upgrade_gets_the_shared_socket() {
+    a_worker_binding_after_the_daemon_changed(Handover::Upgrade);
+}
+
+#[test]
+fn a_worker_binding_after_a_failed_upgrade_gets_the_shared_socket() {
+    a_worker_binding_after_the_daemon_changed(Handover::FailedUpgrade);
+}
+
+#[test]
+fn a_worker_binding_after_a_crash_gets_the_shared_socket_from_the_fd_store() {
+    a_worker_binding_after_the_daemon_changed(Handover::CrashWithFdStore);
+}
+
+/// An unmodified Express app: `app.listen(process.env.PORT)`. The SIGINT/SIGTERM handler
+/// is the usual graceful shutdown a user writes for any process manager (stop accepting
+/// with `server.close()`, let requests in flight finish); clusterd needs nothing of it,
+/// but without it Node exits at once on SIGTERM and a reload would cut requests in
+/// flight, as it would under any manager.
+const EXPRESS_APP: &str = r#"const express = require('express');
+const app = express();
+app.get('/', (req, res) => res.send(String(process.pid)));
+const server = app.listen(process.env.PORT);
+for (const sig of ['SIGINT', 'SIGTERM']) {
+  process.on(sig, () => { server.close(() => process.exit(0)); server.closeIdleConnections(); });
+}
+"#;
+
+/// Express (from npm, installed by .ci/run into .node/node_modules) as 3 shared workers:
+/// every worker takes new connections, and a reload under new-connection load loses
+/// nothing.
+#[test]
+fn express_app_listen_port_workers_share_the_socket_and_reload_without_loss() {
+    let Some(node) = node() else { return };
+    let modules = repo_root().join(".node/node_modules");
+    if require_tool(&modules.join("express/package.json"), "express shared mode").is_none() {
+        return;
+    }
+    let d = Daemon::start();
+    let script = d.dir.path().join("app.js");
+    std::fs::write(&script, EXPRESS_APP).unwrap();
+    let port = free_port();
+    d.write_manifest(
+        "web.yaml",
+        &shared_manifest(
+            "web",
+            port,
+            3,
+            &[node.to_str().unwrap(), script.to_str().unwrap()],
+            &format!("  env:\n    NODE_PATH: \"{}\"\n", modules.display()),
+        ),
+    );
+    let app = d.wait_phase("web", "Available", T);
+    let want = pids_of(&app);
+    assert_eq!(want.len(), 3);
+    assert_eq!(
+        distinct_pids(port, &want),
+        want,
+        "every Express worker took connections"
+    );
+    let stats = d.reload_under("web", Load::start(local(port), "/", 4, false));
+    eprintln!(
+        "Express shared-mode reload under new-connection load: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    let new = pids_of(&d.wait_phase("web", "Available", T));
+    assert!(new.is_disjoint(&want), "{want:?} -> {new:?}");
+    assert_eq!(distinct_pids(port, &new), new);
+}
+
+/// A Go server with the standard library only: `net.Listen("tcp", ":"+PORT)` (Go binds
+/// `[::]` dual-stack, from whichever runtime thread runs the goroutine, and its runtime
+/// sends preemption signals that must not restart a bind the daemon is answering:
+/// WAIT_KILLABLE_RECV). On SIGTERM it closes its listener and finishes the connections
+/// it accepted: a drain.
+const GO_APP: &str = r#"package main
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"os/signal"
+	"sync"
+	"syscall"
+)
+
+func main() {
+	ln, err := net.Listen("tcp", ":"+os.Getenv("PORT"))
+	if err != nil {
+		panic(err)
+	}
+	go func() {
+		sig := make(chan os.Signal, 1)
+		signal.Notify(sig, syscall.SIGTERM, syscall.SIGINT)
+		<-sig
+		ln.Close()
+	}()
+	var wg sync.WaitGroup
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer c.Close()
+			r := bufio.NewReader(c)
+			for {
+				line, err := r.ReadString('\n')
+				if err != nil {
+					return
+				}
+				if line == "\r\n" {
+					break
+				}
+			}
+			body := fmt.Sprint(os.Getpid())
+			fmt.Fprintf(c, "HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s", len(body), body)
+		}()
+	}
+	wg.Wait()
+}
+"#;
+
+/// Go (Debian's golang-go, stdlib only, built offline here) as 3 shared workers through
+/// the daemon: every worker takes new connections, and a reload under new-connection
+/// load loses nothing.
+#[test]
+fn go_net_listen_workers_share_the_socket_and_reload_without_loss() {
+    let Some(go) = ["/usr/bin/go", "/usr/lib/go/bin/go", "/usr/local/go/bin/go"]
+        .iter()
+        .map(std::path::Path::new)
+        .find(|p| p.exists())
+        .map(std::path::Path::to_path_buf)
+        .or_else(|| require_tool(std::path::Path::new("/usr/bin/go"), "go shared mode"))
+    else {
+        return;
+    };
+    let d = Daemon::start();
+    let src = d.dir.path().join("go");
+    std::fs::create_dir(&src).unwrap();
+    std::fs::write(src.join("main.go"), GO_APP).unwrap();
+    let bin = src.join("server");
+    let out = std::process::Command::new(&go)
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg("main.go")
+        .current_dir(&src)
+        .env("GOFLAGS", "-mod=mod")
+        .env("GOPROXY", "off")
+        .env("GOCACHE", src.join("cache"))
+        .env("GOPATH", src.join("gopath"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "go build: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let port = free_port();
+    d.write_manifest(
+        "go.yaml",
+        &shared_manifest("go", port, 3, &[bin.to_str().unwrap()], ""),
+    );
+    let app = d.wait_phase("go", "Available", T);
+    let want = pids_of(&app);
+    assert_eq!(want.len(), 3);
+    for i in app["instances"].as_array().unwrap() {
+        let pid = i["pid"].as_i64().unwrap();
+        assert_eq!(
+            i["bound"],
+            serde_json::json!([format!("127.0.0.1:{port}/tcp by pid {pid}")]),
+            "{i}"
+        );
+    }
+    assert_eq!(
+        distinct_pids(port, &want),
+        want,
+        "every Go worker took connections"
+    );
+    let stats = d.reload_under("go", Load::start(local(port), "/", 4, false));
+    eprintln!(
+        "Go shared-mode reload under new-connection load: {} ok, {} failed",
+        stats.ok, stats.failed
+    );
+    let new = pids_of(&d.wait_phase("go", "Available", T));
+    assert!(new.is_disjoint(&want), "{want:?} -> {new:?}");
+    assert_eq!(distinct_pids(port, &new), new);
 }

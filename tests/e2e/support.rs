@@ -965,8 +965,9 @@ impl Daemon {
         assert_eq!(
             (stats.failed, stats.non2xx),
             (0, 0),
-            "lost requests: {:?}",
-            stats.errors
+            "lost requests: {:?}\n{}",
+            stats.errors,
+            self.log()
         );
         stats
     }

@@ -107,11 +107,12 @@ fn upgrade_under_load(mode: &str, by_signal: bool) {
     assert!(events.contains("upgrade"), "{events}");
     assert!(events.contains("adopted"), "{events}");
 
-    // And the new daemon manages them: a reload without loss. (Not in shared mode: an
-    // adopted shared-mode worker's seccomp supervisor stayed with the old daemon, see
-    // docs/restarts.md, Limits.)
-    if mode != "shared" {
-        d.reload_under("web", Load::start(local(port), "/", 3, true));
+    // And the new daemon manages them: a reload without loss (in shared mode the new
+    // workers' binds are answered by the new daemon, and the adopted ones drain on their
+    // own), under new-connection load too.
+    d.reload_under("web", Load::start(local(port), "/", 3, true));
+    if mode == "shared" {
+        d.reload_under("web", Load::start(local(port), "/", 3, false));
     }
 }
 

@@ -370,6 +370,7 @@ async fn serve(
                     Err(e) => {
                         pause_api.send_replace(false);
                         controller.effects_mut().resume_notify();
+                        controller.effects_mut().resume_shared_binds();
                         tracing::error!(error = %e, "upgrade failed");
                         events.push(
                             None,

@@ -102,8 +102,9 @@ pub async fn hand_over(
     control: Option<&OwnedFd>,
     locks: &[nix::fcntl::Flock<std::fs::File>],
 ) -> Result<TookOver, String> {
-    // First, so that every failure below finds it paused (the caller resumes it).
+    // First, so that every failure below finds them paused (the caller resumes them).
     effects.pause_notify();
+    effects.pause_shared_binds().await;
     let mut fds = effects.handover_fds()?;
     if let Some(c) = control {
         let fd = c

@@ -68,6 +68,16 @@ pub fn listener_name(app: &str, key: &ListenKey) -> String {
     )
 }
 
+/// The name of a shared-mode worker's seccomp notification fd in a handover and in
+/// systemd's fd store: `app/seccomp/pid/start_time`. The start time (clock ticks since
+/// boot) ties it to one process: the next daemon only resumes answering it for the worker
+/// it adopts under that pid with that start time
+/// ([`crate::seccomp::is_filtered_worker`]).
+#[must_use]
+pub fn seccomp_name(app: &str, pid: i32, start_time: u64) -> String {
+    format!("{app}/seccomp/{pid}/{start_time}")
+}
+
 /// Sockets a previous daemon left for this one, by name.
 #[derive(Debug, Default)]
 pub struct Handover {

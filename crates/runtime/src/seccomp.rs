@@ -37,10 +37,18 @@
 //! daemon is already answering (golang/go#37942).
 //!
 //! `O_NONBLOCK` lives on the open file description that the daemon and every worker share,
-//! so each answered bind sets the shared socket's `O_NONBLOCK` to what the app asked of
-//! its own socket (libuv and Go create non-blocking sockets, Python a blocking one): all
-//! workers of an app run the same program, so they agree. `FD_CLOEXEC` is per fd and
-//! copied from the app's socket.
+//! so an answered bind sets the shared socket's `O_NONBLOCK` to what the app asked of its
+//! own socket (libuv and Go create non-blocking sockets, Python's `http.server` a blocking
+//! one): all workers of an app run the same program, so they agree. With one exception:
+//! a blocking bind never *clears* `O_NONBLOCK` while other workers of the app hold the
+//! socket ([`Peers`]). Many event-loop servers create a blocking socket, bind it, and only
+//! then make it non-blocking (Rust's `std::net::TcpListener::bind` + `set_nonblocking`,
+//! Python's asyncio): clearing the flag for that moment made a running worker's event
+//! loop call `accept()` on a blocking socket and sleep in the kernel, deaf to its
+//! shutdown signal, until the stop timeout's SIGKILL reset its connections (seen as
+//! connection resets during reloads). The flag the app asked for is applied as soon as
+//! it is the only worker that holds the socket. `FD_CLOEXEC` is per fd and copied from
+//! the app's socket.
 //!
 //! Consequence of `no_new_privs`: setuid/setgid programs started by a shared-mode worker
 //! do not gain privileges (sudo, ping on old systems, ...). Needs Linux 5.9 (ADDFD);
@@ -50,6 +58,7 @@ use std::fmt;
 use std::io::{IoSlice, IoSliceMut};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use nix::sys::socket::{ControlMessage, ControlMessageOwned, MsgFlags};
@@ -155,14 +164,24 @@ fn filter_program() -> [libc::sock_filter; 7] {
     ]
 }
 
+/// The installed filter: its notification fd (close-on-exec) for the daemon, and whether
+/// the kernel took `SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV` (5.19+).
+#[derive(Debug)]
+pub struct BindFilter {
+    /// The notification fd.
+    pub notif: OwnedFd,
+    /// Once the daemon has received a bind, only a fatal signal interrupts the worker's
+    /// wait for the answer (Go's preemption signals would otherwise restart the bind).
+    pub wait_killable: bool,
+}
+
 /// Worker side (exec shim, single-threaded, right before exec): sets `no_new_privs` and
-/// installs the bind/listen filter; returns the notification fd (close-on-exec) for the
-/// daemon.
+/// installs the bind/listen filter, with `WAIT_KILLABLE_RECV` where the kernel has it.
 ///
 /// # Errors
 /// The OS error of `prctl` or `seccomp`, e.g. `EINVAL`/`ENOSYS` on a kernel without
 /// user notification.
-pub fn install_bind_filter() -> std::io::Result<OwnedFd> {
+pub fn install_bind_filter() -> std::io::Result<BindFilter> {
     // SAFETY: PR_SET_NO_NEW_PRIVS takes plain integers and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error());
@@ -190,7 +209,11 @@ pub fn install_bind_filter() -> std::io::Result<OwnedFd> {
         };
         if fd >= 0 {
             // SAFETY: the kernel just created this descriptor for us alone.
-            return Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+            let notif = unsafe { OwnedFd::from_raw_fd(fd as RawFd) };
+            return Ok(BindFilter {
+                notif,
+                wait_killable: flag & libc::SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV != 0,
+            });
         }
         last = std::io::Error::last_os_error();
         // EINVAL: WAIT_KILLABLE_RECV unknown (before 5.19); retry without it.
@@ -201,15 +224,40 @@ pub fn install_bind_filter() -> std::io::Result<OwnedFd> {
     Err(last)
 }
 
-/// Sends `fd` over the unix socket `sock` (SCM_RIGHTS), with one byte of payload.
+/// Whether `pid` is still the process a handed-over notification fd was made for: the
+/// same start time (the name carries it, see [`crate::handover::seccomp_name`]) read
+/// through a pidfd, so the answer cannot be about a process that took the pid meanwhile,
+/// and the process runs under a seccomp filter (`Seccomp: 2` in its status).
+#[must_use]
+pub fn is_filtered_worker(pid: i32, start_time: u64) -> bool {
+    // The pidfd pins the process: if the start time matches after opening it, the pidfd
+    // (and so everything below) is about that very process, not a reuse of its pid.
+    let Some(pidfd) = crate::spawn::pidfd_open(pid) else {
+        return false;
+    };
+    if crate::procfs::start_time(pid) != Some(start_time) {
+        return false;
+    }
+    let filtered = std::fs::read_to_string(format!("/proc/{pid}/status")).is_ok_and(|s| {
+        s.lines()
+            .find_map(|l| l.strip_prefix("Seccomp:"))
+            .is_some_and(|v| v.trim() == "2")
+    });
+    // Still alive after the read (a pidfd polls readable once the process exited).
+    filtered && !poll_now(pidfd.as_fd()).0
+}
+
+/// Sends the filter's notification fd over the unix socket `sock` (SCM_RIGHTS), with one
+/// byte of payload: `K` when the filter waits killably, `n` otherwise.
 ///
 /// # Errors
 /// The OS error of `sendmsg`.
-pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-    let fds = [fd.as_raw_fd()];
+pub fn send_fd(sock: BorrowedFd<'_>, filter: &BindFilter) -> std::io::Result<()> {
+    let fds = [filter.notif.as_raw_fd()];
+    let payload: &[u8] = if filter.wait_killable { b"K" } else { b"n" };
     nix::sys::socket::sendmsg::<()>(
         sock.as_raw_fd(),
-        &[IoSlice::new(b"n")],
+        &[IoSlice::new(payload)],
         &[ControlMessage::ScmRights(&fds)],
         MsgFlags::empty(),
         None,
@@ -217,12 +265,12 @@ pub fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Receives one fd sent with [`send_fd`], without waiting: `Ok(None)` when nothing is
-/// queued (the peer exited without sending).
+/// Receives one fd sent with [`send_fd`] and whether the filter waits killably, without
+/// waiting: `Ok(None)` when nothing is queued (the peer exited without sending).
 ///
 /// # Errors
 /// The OS error of `recvmsg`.
-pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<Option<OwnedFd>> {
+pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<Option<(OwnedFd, bool)>> {
     let mut byte = [0u8; 1];
     let mut iov = [IoSliceMut::new(&mut byte)];
     let mut space = nix::cmsg_space!([RawFd; 1]);
@@ -243,10 +291,50 @@ pub fn recv_fd(sock: BorrowedFd<'_>) -> std::io::Result<Option<OwnedFd>> {
                 // SAFETY: SCM_RIGHTS gave us these new descriptors; we are their only owner.
                 .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) })
                 .collect();
-            return Ok(owned.drain(..).next());
+            let killable = msg.bytes == 1 && byte[0] == b'K';
+            return Ok(owned.drain(..).next().map(|fd| (fd, killable)));
         }
     }
     Ok(None)
+}
+
+/// How many workers of one app have bound (hold) its shared sockets: an answered bind
+/// only clears the shared socket's `O_NONBLOCK` when no other worker holds it (see the
+/// module docs). Each [`SharedBind`] counts its worker once, from its first answered bind
+/// (or from the start, for a worker adopted with its socket) until it is dropped.
+#[derive(Debug, Default)]
+pub struct Peers(AtomicUsize);
+
+impl Peers {
+    /// A new count, for one app.
+    #[must_use]
+    pub fn new() -> Arc<Peers> {
+        Arc::new(Peers::default())
+    }
+
+    /// Workers holding the app's shared sockets now.
+    #[must_use]
+    pub fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+
+    /// Counts a worker that holds the sockets without a [`SharedBind`] (adopted after a
+    /// crash that lost its notification fd) until the returned guard is dropped.
+    #[must_use]
+    pub fn hold(self: &Arc<Self>) -> PeerHold {
+        self.0.fetch_add(1, Ordering::SeqCst);
+        PeerHold(Arc::clone(self))
+    }
+}
+
+/// One worker counted in [`Peers`] while it lives; see [`Peers::hold`].
+#[derive(Debug)]
+pub struct PeerHold(Arc<Peers>);
+
+impl Drop for PeerHold {
+    fn drop(&mut self) {
+        self.0 .0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// One daemon socket a worker may bind in shared mode.
@@ -314,11 +402,18 @@ pub enum BindEvent {
 ///
 /// Runs until every process of the worker has exited (the notification fd hangs up) or
 /// until dropped. Dropping it closes the notification fd: from then on the worker's
-/// `bind`/`listen` calls fail with `ENOSYS`, so keep it as long as the worker.
+/// `bind`/`listen` calls fail with `ENOSYS`, so keep it as long as the worker, and hand
+/// it to the next daemon on an upgrade ([`SharedBind::duplicate`]).
 #[derive(Debug)]
 pub struct SharedBind {
-    task: JoinHandle<()>,
+    /// `None` while paused.
+    task: Option<JoinHandle<()>>,
     first: watch::Receiver<Option<BoundEvent>>,
+    supervisor: Arc<Supervisor>,
+    /// The notification fd; the task polls a duplicate of it, so that pausing (which
+    /// drops the task and its duplicate) keeps the notifications for whoever answers
+    /// next.
+    notif: OwnedFd,
 }
 
 struct Target {
@@ -341,6 +436,22 @@ impl SharedBind {
         listeners: Vec<SharedListener>,
         on_event: impl Fn(BindEvent) + Send + Sync + 'static,
     ) -> Result<SharedBind> {
+        Self::start_among(notif, listeners, Peers::new(), false, on_event)
+    }
+
+    /// [`SharedBind::start`] for one of an app's workers, counted in `peers` (shared by
+    /// the app's workers) once it binds, or from now when `holds` (an adopted worker that
+    /// already holds the socket).
+    ///
+    /// # Errors
+    /// As [`SharedBind::start`].
+    pub fn start_among(
+        notif: OwnedFd,
+        listeners: Vec<SharedListener>,
+        peers: Arc<Peers>,
+        holds: bool,
+        on_event: impl Fn(BindEvent) + Send + Sync + 'static,
+    ) -> Result<SharedBind> {
         let mut targets = Vec::with_capacity(listeners.len());
         for l in listeners {
             let st = nix::sys::stat::fstat(l.fd.as_fd())
@@ -353,21 +464,68 @@ impl SharedBind {
                 id: (u64::from(st.st_dev), u64::from(st.st_ino)),
             });
         }
+        let (tx, first) = watch::channel(None);
+        if holds {
+            peers.0.fetch_add(1, Ordering::SeqCst);
+        }
+        let supervisor = Arc::new(Supervisor {
+            targets,
+            first: std::sync::Mutex::new(Some(tx)),
+            on_event: Box::new(on_event),
+            peers,
+            counted: AtomicBool::new(holds),
+        });
+        let mut bind = SharedBind {
+            task: None,
+            first,
+            supervisor,
+            notif,
+        };
+        bind.resume()?;
+        Ok(bind)
+    }
+
+    /// A duplicate of the notification fd, for the next daemon (upgrade) or systemd's fd
+    /// store: whoever holds it can answer the worker's binds after this daemon is gone.
+    ///
+    /// # Errors
+    /// When the descriptor cannot be duplicated (out of descriptors).
+    pub fn duplicate(&self) -> std::io::Result<OwnedFd> {
+        self.notif.try_clone()
+    }
+
+    /// Stops answering, and returns once the task is gone, so that another reader of the
+    /// same notification fd (the next daemon) never races this one: `SECCOMP_IOCTL_NOTIF_RECV`
+    /// blocks, and two readers polling one fd could leave one blocked on a tokio thread.
+    /// Notifications meanwhile wait in the kernel (the worker's `bind` blocks).
+    pub async fn pause(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+            let _ = task.await;
+        }
+    }
+
+    /// Answers again after [`SharedBind::pause`] (an upgrade failed); a no-op when running.
+    ///
+    /// # Errors
+    /// When the fd cannot be duplicated or registered with tokio.
+    pub fn resume(&mut self) -> Result<()> {
+        if self.task.is_some() {
+            return Ok(());
+        }
+        let dup = self
+            .notif
+            .try_clone()
+            .map_err(|e| Error::io("dup seccomp notification fd", e))?;
         // SAFETY: the OwnedFd moves into the AsyncFd, which keeps it open for its whole
         // life and always reports the same descriptor.
-        let afd = unsafe { AsyncFd::register_with_interest(notif, Interest::READABLE) }
+        let afd = unsafe { AsyncFd::register_with_interest(dup, Interest::READABLE) }
             .map_err(|e| Error::io("register seccomp notification fd", e.into()))?;
-        let (tx, first) = watch::channel(None);
-        let on_event = Arc::new(on_event);
-        let task = tokio::spawn(async move {
-            let supervisor = Supervisor {
-                targets,
-                first: tx,
-                on_event,
-            };
+        let supervisor = Arc::clone(&self.supervisor);
+        self.task = Some(tokio::spawn(async move {
             supervisor.run(afd).await;
-        });
-        Ok(SharedBind { task, first })
+        }));
+        Ok(())
     }
 
     /// Waits for the first answered bind (readiness `bind`); `None` when the worker is gone
@@ -388,20 +546,44 @@ impl SharedBind {
 
     /// Whether the supervisor still runs (some process of the worker is alive).
     pub fn is_running(&self) -> bool {
-        !self.task.is_finished()
+        self.task.as_ref().is_some_and(|t| !t.is_finished())
     }
 }
 
 impl Drop for SharedBind {
     fn drop(&mut self) {
-        self.task.abort();
+        if let Some(task) = &self.task {
+            task.abort();
+        }
+        if self.supervisor.counted.swap(false, Ordering::SeqCst) {
+            self.supervisor.peers.0.fetch_sub(1, Ordering::SeqCst);
+        }
     }
 }
 
-struct Supervisor<F> {
+type OnEvent = Box<dyn Fn(BindEvent) + Send + Sync + 'static>;
+
+struct Supervisor {
     targets: Vec<Target>,
-    first: watch::Sender<Option<BoundEvent>>,
-    on_event: Arc<F>,
+    /// Dropped (taken) when the worker is gone, so [`SharedBind::first_bind`] ends; kept
+    /// across a pause.
+    first: std::sync::Mutex<Option<watch::Sender<Option<BoundEvent>>>>,
+    on_event: OnEvent,
+    /// The app's workers holding its shared sockets.
+    peers: Arc<Peers>,
+    /// Whether this worker is counted in `peers`.
+    counted: AtomicBool,
+}
+
+impl fmt::Debug for Supervisor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Supervisor")
+            .field(
+                "listeners",
+                &self.targets.iter().map(|t| t.addr).collect::<Vec<_>>(),
+            )
+            .finish_non_exhaustive()
+    }
 }
 
 /// What to tell the kernel about one notification.
@@ -417,8 +599,14 @@ enum Reply {
     Nothing,
 }
 
-impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
-    async fn run(self, afd: AsyncFd<OwnedFd>) {
+impl Supervisor {
+    async fn run(&self, afd: AsyncFd<OwnedFd>) {
+        self.supervise(afd).await;
+        // Not reached when paused (the task is aborted at its await): the worker is gone.
+        self.first.lock().unwrap_or_else(|e| e.into_inner()).take();
+    }
+
+    async fn supervise(&self, afd: AsyncFd<OwnedFd>) {
         loop {
             let mut guard = match afd.readable().await {
                 Ok(g) => g,
@@ -546,8 +734,17 @@ impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
         let target = &self.targets[index];
         if file_id(theirs.as_fd()) != Some(target.id) {
             let (nonblocking, cloexec) = fd_flags(pid, fd).unwrap_or((false, true));
-            if let Err(e) = set_nonblocking(target.fd.as_fd(), nonblocking) {
-                tracing::warn!(error = %e, "cannot set O_NONBLOCK on the shared listener");
+            // Never clear O_NONBLOCK under other workers' event loops (module docs).
+            let others = self.peers.count() > usize::from(self.counted.load(Ordering::SeqCst));
+            if nonblocking || !others {
+                if let Err(e) = set_nonblocking(target.fd.as_fd(), nonblocking) {
+                    tracing::warn!(error = %e, "cannot set O_NONBLOCK on the shared listener");
+                }
+            } else {
+                tracing::debug!(
+                    pid,
+                    "blocking bind: O_NONBLOCK of the shared listener kept, other workers hold it"
+                );
             }
             let mut addfd = libc::seccomp_notif_addfd {
                 id: n.id,
@@ -582,15 +779,25 @@ impl<F: Fn(BindEvent) + Send + Sync + 'static> Supervisor<F> {
             addr: target.addr,
             requested,
         };
+        if !self.counted.swap(true, Ordering::SeqCst) {
+            self.peers.0.fetch_add(1, Ordering::SeqCst);
+        }
         tracing::info!(pid, fd, listener = %target.addr, requested = %requested, "worker bound the shared listener");
-        self.first.send_if_modified(|v| {
-            if v.is_none() {
-                *v = Some(event.clone());
-                true
-            } else {
-                false
-            }
-        });
+        if let Some(tx) = self
+            .first
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            tx.send_if_modified(|v| {
+                if v.is_none() {
+                    *v = Some(event.clone());
+                    true
+                } else {
+                    false
+                }
+            });
+        }
         (self.on_event)(BindEvent::Bound(event));
         Reply::Success
     }

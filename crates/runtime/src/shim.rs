@@ -221,7 +221,7 @@ where
         // Last step before exec: from here on this process's bind/listen wait for the
         // daemon, and nothing below binds.
         let sent = crate::seccomp::install_bind_filter()
-            .and_then(|notif| crate::seccomp::send_fd(sock.as_fd(), notif.as_fd()));
+            .and_then(|filter| crate::seccomp::send_fd(sock.as_fd(), &filter));
         if let Err(e) = sent {
             fail(
                 status,

@@ -181,6 +181,9 @@ pub struct SpawnedWorker {
     /// to [`crate::seccomp::SharedBind::start`] at once: until then the worker's
     /// `bind`/`listen` calls wait.
     pub seccomp_notif: Option<OwnedFd>,
+    /// Whether that filter waits killably for the daemon's answer
+    /// (`SECCOMP_FILTER_FLAG_WAIT_KILLABLE_RECV`, Linux 5.19+).
+    pub seccomp_wait_killable: bool,
 }
 
 /// Handle of a worker's process tree: wait for it to be gone, signal all of it. Cheap to
@@ -493,11 +496,16 @@ pub async fn spawn_worker(spec: WorkerSpec) -> Result<SpawnedWorker> {
     );
     let ipc = ipc_fd.map(IpcChannel::from_fd).transpose()?;
     span.in_scope(|| tracing::info!(pid, "worker started"));
+    let (seccomp_notif, seccomp_wait_killable) = match seccomp_notif {
+        Some((fd, killable)) => (Some(fd), killable),
+        None => (None, false),
+    };
     Ok(SpawnedWorker {
         process,
         ipc,
         log_path,
         seccomp_notif,
+        seccomp_wait_killable,
     })
 }
 
@@ -506,7 +514,7 @@ type Spawned = (
     u64,
     Option<OwnedFd>,
     Option<PathBuf>,
-    Option<OwnedFd>,
+    Option<(OwnedFd, bool)>,
     (Option<PathBuf>, Vec<PathBuf>),
 );
 

@@ -11,7 +11,7 @@ use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use clusterd_runtime::listener::{BoundListener, Protocol};
-use clusterd_runtime::seccomp::{BindEvent, SharedBind, SharedListener};
+use clusterd_runtime::seccomp::{BindEvent, Peers, SharedBind, SharedListener};
 use clusterd_runtime::spawn::{spawn_worker, ExitReason, SpawnedWorker};
 use common::*;
 
@@ -35,6 +35,18 @@ async fn start(
     cwd: Option<&std::path::Path>,
     events: &Events,
 ) -> Worker {
+    start_among(index, argv, listeners, cwd, events, Peers::new()).await
+}
+
+/// [`start`], counted among `peers` (one app's workers).
+async fn start_among(
+    index: u32,
+    argv: &[&str],
+    listeners: &[&BoundListener],
+    cwd: Option<&std::path::Path>,
+    events: &Events,
+    peers: Arc<Peers>,
+) -> Worker {
     let mut spec = spec(index, argv);
     spec.shared_bind = true;
     spec.extra_env
@@ -52,7 +64,10 @@ async fn start(
         })
         .collect();
     let sink = Arc::clone(events);
-    let bind = SharedBind::start(notif, shared, move |e| sink.lock().unwrap().push(e)).unwrap();
+    let bind = SharedBind::start_among(notif, shared, peers, false, move |e| {
+        sink.lock().unwrap().push(e);
+    })
+    .unwrap();
     Worker {
         spawned,
         bind,
@@ -445,6 +460,24 @@ func main() {
         workers.push(start(i, &[bin.to_str().unwrap()], &[&l], None, &events).await);
     }
     all_bound(&workers).await;
+    // Go's runtime signals its threads (preemption): on a kernel that has it (5.19+),
+    // the filter must wait killably, or a signal during the daemon's answer restarts
+    // the bind.
+    let release = nix::sys::utsname::uname().unwrap();
+    let release = release.release().to_string_lossy().into_owned();
+    let mut v = release.split(|c: char| !c.is_ascii_digit());
+    let version: (u32, u32) = (
+        v.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+        v.next().and_then(|x| x.parse().ok()).unwrap_or(0),
+    );
+    if version >= (5, 19) {
+        for w in &workers {
+            assert!(
+                w.spawned.seccomp_wait_killable,
+                "Linux {release}: the filter must use WAIT_KILLABLE_RECV"
+            );
+        }
+    }
     let addr: SocketAddr = format!("127.0.0.1:{}", l.local_addr().port())
         .parse()
         .unwrap();
@@ -546,4 +579,73 @@ fn try_get(addr: SocketAddr) -> Result<String, String> {
     } else {
         Err(format!("bad response: {out:?}"))
     }
+}
+
+/// `O_NONBLOCK` is one flag for every worker (one open file description). A worker that
+/// binds a blocking socket (as `std::net::TcpListener::bind` and asyncio do before making
+/// it non-blocking) must not clear it under running workers' event loops, which would
+/// then sleep in `accept()` deaf to their shutdown signal. Alone, a worker gets what it
+/// asked for.
+#[tokio::test]
+async fn a_blocking_bind_keeps_o_nonblocking_while_other_workers_hold_the_socket() {
+    let listener = BoundListener::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        Protocol::Tcp,
+        clusterd_runtime::listener::DEFAULT_BACKLOG,
+    )
+    .unwrap();
+    let events: Events = Arc::default();
+    let peers = Peers::new();
+    let server = |blocking: bool| {
+        format!(
+            "import os, socket, time\ns = socket.socket()\ns.setblocking({})\ns.bind(('127.0.0.1', int(os.environ['PORT'])))\ns.listen()\ntime.sleep(600)\n",
+            if blocking { "True" } else { "False" }
+        )
+    };
+    let (nonblocking, blocking) = (server(false), server(true));
+    let a = start_among(
+        0,
+        &[python(), "-c", &nonblocking],
+        &[&listener],
+        None,
+        &events,
+        Arc::clone(&peers),
+    )
+    .await;
+    all_bound(std::slice::from_ref(&a)).await;
+    assert!(
+        listener.is_nonblocking().unwrap(),
+        "a non-blocking bind sets it"
+    );
+    let b = start_among(
+        1,
+        &[python(), "-c", &blocking],
+        &[&listener],
+        None,
+        &events,
+        Arc::clone(&peers),
+    )
+    .await;
+    all_bound(std::slice::from_ref(&b)).await;
+    assert_eq!(peers.count(), 2);
+    assert!(
+        listener.is_nonblocking().unwrap(),
+        "a blocking bind must not clear O_NONBLOCK under another worker"
+    );
+    drop((a, b));
+    assert_eq!(peers.count(), 0, "a dropped supervisor no longer counts");
+    let c = start_among(
+        2,
+        &[python(), "-c", &blocking],
+        &[&listener],
+        None,
+        &events,
+        Arc::clone(&peers),
+    )
+    .await;
+    all_bound(std::slice::from_ref(&c)).await;
+    assert!(
+        !listener.is_nonblocking().unwrap(),
+        "alone, a blocking bind gets a blocking socket"
+    );
 }

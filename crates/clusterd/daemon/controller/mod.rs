@@ -229,6 +229,9 @@ impl<E: Effects> Controller<E> {
                 .get(&app)
                 .map(|s| s.spec.listen.clone())
                 .unwrap_or_default();
+            let ready_on_bind = specs.get(&app).is_some_and(|s| {
+                s.spec.readiness.kind == Some(clusterd_core::model::ReadinessKind::Bind)
+            });
             let adopted = self.effects.adopt(AdoptRequest {
                 app: &app,
                 id,
@@ -237,6 +240,7 @@ impl<E: Effects> Controller<E> {
                 start_time: w.start_time,
                 ports: &w.ports,
                 listens: &listens,
+                ready_on_bind,
             });
             match adopted {
                 Ok(started) => {

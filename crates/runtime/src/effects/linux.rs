@@ -27,7 +27,7 @@ use crate::logwatch::LogSizeWatch;
 use crate::notify::{NotifySocket, Registry, WorkerMessage, WorkerReport};
 use crate::procfs::{self, GroupUsage};
 use crate::proxy::{self, RouteTable};
-use crate::seccomp::{BindEvent, SharedBind, SharedListener};
+use crate::seccomp::{BindEvent, PeerHold, Peers, SharedBind, SharedListener};
 use crate::shim::ShimCommand;
 use crate::spawn::{spawn_worker, InheritedListener, WorkerProcess, WorkerSpec};
 
@@ -91,10 +91,23 @@ struct Proc {
     /// Readiness and liveness probes; cancelled on drain and exit.
     probes: CancellationToken,
     /// Shared mode: answers the worker's binds for as long as it lives (dropping it
-    /// would make the worker's later binds fail with ENOSYS). `None` for other modes and
-    /// for adopted workers (the previous daemon's notification fd is gone; they already
-    /// hold the socket).
-    _shared: Option<SharedBind>,
+    /// would make the worker's later binds fail with ENOSYS). Handed to the next daemon
+    /// on an upgrade (and kept in systemd's fd store), which resumes answering for the
+    /// worker it adopts. `None` for other modes, and for an adopted worker whose
+    /// notification fd did not come with it (a previous daemon that did not hand them
+    /// over): its later binds fail with ENOSYS.
+    shared: Option<SharedBind>,
+    /// Adopted shared-mode worker: its handed-over notification fd, until the app's
+    /// sockets are there to answer with ([`LinuxEffects::answer_adopted_binds`]).
+    /// Meanwhile the worker's binds wait in the kernel.
+    /// With whether its first answered bind makes it ready (readiness `bind`).
+    pending_notif: Option<(OwnedFd, bool)>,
+    /// The notification fd's name in systemd's fd store, removed when the worker is
+    /// forgotten.
+    stored_notif: Option<String>,
+    /// An adopted shared-mode worker without its notification fd (a crash without the fd
+    /// store): it still holds the sockets, so it counts among the app's [`Peers`].
+    _peer: Option<PeerHold>,
 }
 
 /// What [`LinuxEffects::start`] hands back.
@@ -133,6 +146,9 @@ pub struct LinuxEffects {
     /// [`Effects::rotate_logs`] still runs).
     log_watch: Option<LogSizeWatch>,
     log_watch_stop: CancellationToken,
+    /// Per shared-mode app: how many of its workers hold its shared sockets (an answered
+    /// bind never clears `O_NONBLOCK` under the others; see [`crate::seccomp`]).
+    peers: BTreeMap<AppName, Arc<Peers>>,
 }
 
 impl LinuxEffects {
@@ -207,6 +223,7 @@ impl LinuxEffects {
             notify_task,
             log_watch,
             log_watch_stop,
+            peers: BTreeMap::new(),
         })
     }
 
@@ -226,6 +243,11 @@ impl LinuxEffects {
             }
             set.close();
         }
+        for p in self.procs.values() {
+            if let Some(name) = &p.stored_notif {
+                self.unstore(name);
+            }
+        }
         self.settle_handover();
         self.log_watch_stop.cancel();
         self.tasks.close();
@@ -244,6 +266,20 @@ impl LinuxEffects {
                 out.push((e.name.clone(), fd));
             }
         }
+        // Shared-mode workers' seccomp notification fds, named by worker: the next
+        // daemon answers their later binds (a re-bind, a child forked after the upgrade).
+        for ((app, _), p) in &self.procs {
+            let fd = match (&p.shared, &p.pending_notif) {
+                (Some(s), _) => s.duplicate(),
+                (None, Some((fd, _))) => fd.try_clone(),
+                (None, None) => continue,
+            }
+            .map_err(|e| format!("dup seccomp notification fd: {e}"))?;
+            out.push((
+                handover::seccomp_name(&app.0, p.handle.pid(), p.handle.start_time()),
+                fd,
+            ));
+        }
         if let Some(n) = &self.notify_dup {
             let fd = n
                 .try_clone()
@@ -258,6 +294,29 @@ impl LinuxEffects {
     /// the upgrade fails).
     pub fn pause_notify(&mut self) {
         self.notify_task.abort();
+    }
+
+    /// Stops answering shared-mode workers' binds while the next daemon starts (it takes
+    /// their notification fds; two readers of one fd must never race), and returns once
+    /// every supervisor has stopped. Binds meanwhile wait in the kernel for whichever
+    /// daemon serves next ([`LinuxEffects::resume_shared_binds`] if the upgrade fails).
+    pub async fn pause_shared_binds(&mut self) {
+        for p in self.procs.values_mut() {
+            if let Some(s) = &mut p.shared {
+                s.pause().await;
+            }
+        }
+    }
+
+    /// Answers shared-mode workers' binds again (an upgrade failed).
+    pub fn resume_shared_binds(&mut self) {
+        for ((app, _), p) in &mut self.procs {
+            if let Some(s) = &mut p.shared {
+                if let Err(e) = s.resume() {
+                    tracing::error!(app = %app, pid = p.handle.pid(), error = %e, "cannot answer the worker's binds again; they fail with ENOSYS");
+                }
+            }
+        }
     }
 
     /// Reads the notify socket again (an upgrade failed).
@@ -479,6 +538,13 @@ impl LinuxEffects {
         }
         let cgroup_note = self.cgroup_for(&req, &mut ws);
         let mut spawned = spawn_worker(ws).await.map_err(|e| e.to_string())?;
+        if spawned.seccomp_notif.is_some() {
+            tracing::debug!(
+                pid = spawned.process.pid(),
+                wait_killable = spawned.seccomp_wait_killable,
+                "shared-mode bind filter installed"
+            );
+        }
         let shared = spawned
             .seccomp_notif
             .take()
@@ -552,22 +618,107 @@ impl LinuxEffects {
         }
     }
 
-    /// Starts answering a shared-mode worker's binds; each answered bind is reported
-    /// ([`Report::Bound`]), the first one also as [`Report::Ready`] when the readiness is
-    /// `bind`, and a bind elsewhere as [`Report::StrayBind`].
-    fn answer_binds(
+    /// Adopted shared-mode workers of `app` whose notification fds were handed over:
+    /// answer their binds now that the app's sockets are here. With readiness `bind`, a
+    /// worker adopted while still starting becomes ready when its bind is answered (for
+    /// one already ready, the report changes nothing).
+    fn answer_adopted_binds(&mut self, app: &AppName, listens: &[Listener]) {
+        if listens.iter().any(|l| l.mode == ListenMode::Shared) {
+            let peers = Arc::clone(self.peers.entry(app.clone()).or_default());
+            for ((a, _), p) in &mut self.procs {
+                if a == app
+                    && p.handle.is_adopted()
+                    && p.shared.is_none()
+                    && p.pending_notif.is_none()
+                    && p._peer.is_none()
+                {
+                    p._peer = Some(peers.hold());
+                }
+            }
+        }
+        let ids: Vec<WorkerId> = self
+            .procs
+            .iter()
+            .filter(|((a, _), p)| a == app && p.pending_notif.is_some())
+            .map(|((_, id), _)| *id)
+            .collect();
+        for id in ids {
+            let (listeners, labels) = match self.shared_listeners(app, listens) {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(app = %app, error = %e, "cannot answer an adopted worker's binds");
+                    continue;
+                }
+            };
+            let Some((notif, ready_on_bind)) = self
+                .procs
+                .get_mut(&(app.clone(), id))
+                .and_then(|p| p.pending_notif.take())
+            else {
+                continue;
+            };
+            match self.answer_binds(app, id, ready_on_bind, true, notif, (listeners, labels)) {
+                Ok(bind) => {
+                    if let Some(p) = self.procs.get_mut(&(app.clone(), id)) {
+                        tracing::info!(app = %app, pid = p.handle.pid(), "answering an adopted worker's binds");
+                        p.shared = Some(bind);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(app = %app, error = %e, "cannot answer an adopted worker's binds; they fail with ENOSYS");
+                }
+            }
+        }
+    }
+
+    /// The app's shared listeners (duplicates of its sockets) in manifest order, with
+    /// their `address:port/protocol` labels.
+    fn shared_listeners(
         &self,
-        req: &SpawnRequest<'_>,
+        app: &AppName,
+        listens: &[Listener],
+    ) -> Result<(Vec<SharedListener>, Vec<String>), String> {
+        let mut listeners = Vec::new();
+        let mut labels = Vec::new();
+        let set = self.listeners.get(app);
+        for l in listens.iter().filter(|l| l.mode == ListenMode::Shared) {
+            let key = ListenKey::of(l);
+            let Some(e) = set.and_then(|s| s.entries.iter().find(|e| e.key == key)) else {
+                return Err(format!(
+                    "the shared listener {}:{} is not bound",
+                    l.address, l.port
+                ));
+            };
+            listeners.push(SharedListener {
+                addr: e.bound.local_addr(),
+                protocol: e.bound.protocol(),
+                fd: e.bound.inherit_fd().map_err(|e| e.to_string())?,
+            });
+            labels.push(format!("{}/{}", e.bound.local_addr(), l.protocol));
+        }
+        Ok((listeners, labels))
+    }
+
+    /// Starts answering a shared-mode worker's binds; each answered bind is reported
+    /// ([`Report::Bound`]), the first one also as [`Report::Ready`] when `ready_on_bind`
+    /// (readiness `bind`), and a bind elsewhere as [`Report::StrayBind`].
+    ///
+    /// `holds`: the worker already holds the sockets (adopted), so it counts among the
+    /// app's [`Peers`] from now rather than from its first answered bind.
+    fn answer_binds(
+        &mut self,
+        app: &AppName,
+        id: WorkerId,
+        ready_on_bind: bool,
+        holds: bool,
         notif: std::os::fd::OwnedFd,
-        listeners: Vec<SharedListener>,
-        labels: Vec<String>,
+        (listeners, labels): (Vec<SharedListener>, Vec<String>),
     ) -> Result<SharedBind, String> {
+        let peers = Arc::clone(self.peers.entry(app.clone()).or_default());
         let tx = self.reports.clone();
-        let app = req.app.clone();
-        let id = req.id;
-        let ready_on_bind = req.spec.spec.readiness.kind == Some(ReadinessKind::Bind);
+        let app = app.clone();
         let first = std::sync::atomic::AtomicBool::new(true);
-        SharedBind::start(notif, listeners, move |event| match event {
+        SharedBind::start_among(notif, listeners, peers, holds, move |event| match event {
             BindEvent::Bound(b) => {
                 let _ = tx.send(Report::Bound {
                     app: app.clone(),
@@ -765,6 +916,7 @@ impl Effects for LinuxEffects {
                 if recovered {
                     self.report_adopted_binds(app, listens);
                 }
+                self.answer_adopted_binds(app, listens);
                 Ok(())
             }
             Err(e) => {
@@ -870,7 +1022,15 @@ impl Effects for LinuxEffects {
         };
         let shared = match shared {
             Some((notif, listeners, labels)) => {
-                match self.answer_binds(&req, notif, listeners, labels) {
+                let ready_on_bind = req.spec.spec.readiness.kind == Some(ReadinessKind::Bind);
+                match self.answer_binds(
+                    req.app,
+                    req.id,
+                    ready_on_bind,
+                    false,
+                    notif,
+                    (listeners, labels),
+                ) {
                     Ok(s) => Some(s),
                     Err(e) => {
                         let _ = process.kill();
@@ -882,6 +1042,24 @@ impl Effects for LinuxEffects {
             None => None,
         };
         let pid = u32::try_from(process.pid()).unwrap_or_default();
+        // The notification fd goes to systemd's fd store too: a daemon restarted after a
+        // crash answers this worker's later binds.
+        let stored_notif = match (&shared, &self.fdstore) {
+            (Some(bind), Some(store)) => {
+                let name = handover::seccomp_name(&req.app.0, process.pid(), process.start_time());
+                match bind
+                    .duplicate()
+                    .and_then(|fd| store.store(&name, fd.as_fd()))
+                {
+                    Ok(()) => Some(name),
+                    Err(e) => {
+                        tracing::warn!(app = %req.app, pid, error = %e, "FDSTORE: after a daemon crash this worker's later binds would fail");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
         if let Some(ipc) = ipc {
             ipc.forward(process.pid(), self.notify_reports.clone());
         }
@@ -921,7 +1099,10 @@ impl Effects for LinuxEffects {
                 index: req.index,
                 ports,
                 probes,
-                _shared: shared,
+                shared,
+                pending_notif: None,
+                stored_notif,
+                _peer: None,
             },
         );
         if let Some(watch) = &self.log_watch {
@@ -948,6 +1129,21 @@ impl Effects for LinuxEffects {
             }
         }
         self.notify_registry.insert(process.pid());
+        // A shared-mode worker's notification fd, if the previous daemon handed it over:
+        // only for the very process it was made for (the name has its start time).
+        let notif_name = handover::seccomp_name(&req.app.0, req.pid, req.start_time);
+        let pending_notif = self.handover.take(&notif_name).and_then(|fd| {
+            if crate::seccomp::is_filtered_worker(req.pid, req.start_time) {
+                Some((fd, req.ready_on_bind))
+            } else {
+                tracing::warn!(app = %req.app, pid = req.pid, "a handed-over seccomp notification fd is not this worker's; closing it");
+                self.unstore(&notif_name);
+                None
+            }
+        });
+        // Already in the fd store (the previous daemon put it there).
+        let stored_notif =
+            (pending_notif.is_some() && self.fdstore.is_some()).then_some(notif_name);
         self.watch_exit(req.app, req.id, process.clone());
         let started = Started {
             pid: u32::try_from(process.pid()).unwrap_or_default(),
@@ -962,7 +1158,10 @@ impl Effects for LinuxEffects {
                 index: req.index,
                 ports,
                 probes: CancellationToken::new(),
-                _shared: None,
+                shared: None,
+                pending_notif,
+                stored_notif,
+                _peer: None,
             },
         );
         Ok(started)
@@ -1064,6 +1263,9 @@ impl Effects for LinuxEffects {
             }
         }
         p.probes.cancel();
+        if let Some(name) = &p.stored_notif {
+            self.unstore(name);
+        }
         self.notify_registry.remove(p.handle.pid());
         if let Some(set) = self.listeners.get(app) {
             for routes in set.routes() {

@@ -171,6 +171,9 @@ pub struct AdoptRequest<'a> {
     pub ports: &'a [(String, u32, u16)],
     /// The listeners of its app's spec, to map the ports back.
     pub listens: &'a [Listener],
+    /// Its app's readiness is `bind` (shared mode): a worker adopted while still
+    /// starting becomes ready when the new daemon answers its bind.
+    pub ready_on_bind: bool,
 }
 
 /// Facts about a started (or adopted) process, for the controller's world.
