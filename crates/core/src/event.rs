@@ -72,6 +72,12 @@ pub enum EventKind {
     StateFailed,
     /// The worker state file is written again.
     StateSaved,
+    /// A TLS certificate/key pair of a listener loaded (at start, renewed, or good again
+    /// after a refusal); new connections get it.
+    CertificateLoaded,
+    /// A TLS certificate/key pair was refused (`file: what, expected what`); the last
+    /// good one of those files, if any, stays in use.
+    CertificateRefused,
 }
 
 impl EventKind {
@@ -107,6 +113,8 @@ impl EventKind {
             EventKind::UpgradeFailed => "upgrade-failed",
             EventKind::StateFailed => "state-failed",
             EventKind::StateSaved => "state-saved",
+            EventKind::CertificateLoaded => "certificate-loaded",
+            EventKind::CertificateRefused => "certificate-refused",
         }
     }
 }
@@ -153,6 +161,8 @@ mod tests {
             UpgradeFailed,
             StateFailed,
             StateSaved,
+            CertificateLoaded,
+            CertificateRefused,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));

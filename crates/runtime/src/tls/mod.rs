@@ -12,12 +12,20 @@
 //! connections within about a second, without a reload, while open connections keep
 //! the session they have. A pair that fails to load never replaces a good one.
 //!
+//! Every load and every distinct refusal is also sent to the listener's [`CertReporter`]
+//! (the daemon turns them into `certificate-loaded` / `certificate-refused` events), so
+//! an operator sees a broken renewal in `clusterd events`, not only in the daemon's log.
+//! Files are checked on handshakes, so a change is noticed (and reported) at the first
+//! connection at least a second after the last check.
+//!
 //! [`TlsTerminator`] is the handle the daemon keeps per listener: a manifest change
 //! swaps the certificate list in place (no rebind), and the proxy asks it for an
 //! acceptor per connection.
 
 mod certs;
 
+use std::fmt;
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
 
 use clusterd_core::model::Tls;
@@ -29,10 +37,87 @@ use certs::CertStore;
 /// ALPN protocol id of HTTP/2.
 pub(crate) const ALPN_H2: &[u8] = b"h2";
 
+/// What became of a certificate/key pair, for the daemon's event log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CertEvent {
+    /// The pair loaded: at start, renewed, or good again after a refusal. New
+    /// connections get it.
+    Loaded {
+        /// The certificate file.
+        cert: PathBuf,
+        /// Its key file.
+        key: PathBuf,
+        /// An earlier certificate of these files was in use and is replaced.
+        replaced: bool,
+    },
+    /// The pair was refused (reported once per distinct reason).
+    Refused {
+        /// The certificate file.
+        cert: PathBuf,
+        /// `file: what is wrong, expected what`.
+        reason: String,
+        /// The last good certificate of these files stays in use (otherwise there is
+        /// none to serve for it).
+        kept: bool,
+    },
+}
+
+impl fmt::Display for CertEvent {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CertEvent::Loaded {
+                cert,
+                key,
+                replaced,
+            } => write!(
+                f,
+                "{} (key {}) {}; new connections get it",
+                cert.display(),
+                key.display(),
+                if *replaced { "reloaded" } else { "loaded" }
+            ),
+            CertEvent::Refused { reason, kept, .. } => write!(
+                f,
+                "{reason}; {}",
+                if *kept {
+                    "still serving the previous certificate"
+                } else {
+                    "no certificate to serve for it"
+                }
+            ),
+        }
+    }
+}
+
+/// Receives a listener's [`CertEvent`]s. Called on a handshake or a manifest change,
+/// so it must not block (the daemon's sends a message on an unbounded channel).
+#[derive(Clone)]
+pub struct CertReporter(Arc<dyn Fn(CertEvent) + Send + Sync>);
+
+impl CertReporter {
+    /// Reports through `f`.
+    pub fn new(f: impl Fn(CertEvent) + Send + Sync + 'static) -> Self {
+        Self(Arc::new(f))
+    }
+
+    fn send(&self, event: CertEvent) {
+        (self.0)(event);
+    }
+}
+
+impl fmt::Debug for CertReporter {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("CertReporter")
+    }
+}
+
 /// One listener's TLS settings, shared between the daemon and its running proxy.
 /// Disabled (plain HTTP) when built from `None`.
 #[derive(Debug, Clone, Default)]
-pub struct TlsTerminator(Arc<RwLock<Option<Active>>>);
+pub struct TlsTerminator {
+    active: Arc<RwLock<Option<Active>>>,
+    report: Option<CertReporter>,
+}
 
 #[derive(Debug, Clone)]
 struct Active {
@@ -46,7 +131,17 @@ impl TlsTerminator {
     /// manifest is applied rather than at the first connection.
     #[must_use]
     pub fn new(tls: Option<&Tls>) -> Self {
-        let this = Self::default();
+        Self::with_reporter(tls, None)
+    }
+
+    /// [`TlsTerminator::new`], with every load and refusal of a certificate pair (now
+    /// and later, on renewals) sent to `report`.
+    #[must_use]
+    pub fn with_reporter(tls: Option<&Tls>, report: Option<CertReporter>) -> Self {
+        let this = Self {
+            active: Arc::default(),
+            report,
+        };
         this.set(tls);
         this
     }
@@ -55,14 +150,14 @@ impl TlsTerminator {
     /// paths did not change keep their loaded certificate.
     pub fn set(&self, tls: Option<&Tls>) {
         let mut cur = self
-            .0
+            .active
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         match (tls, cur.as_ref()) {
             (None, _) => *cur = None,
             (Some(tls), Some(active)) => active.store.set_pairs(pairs(tls)),
             (Some(tls), None) => {
-                let store = Arc::new(CertStore::new(pairs(tls)));
+                let store = Arc::new(CertStore::new(pairs(tls), self.report.clone()));
                 *cur = Some(Active {
                     config: Arc::new(server_config(&store)),
                     store,
@@ -73,7 +168,7 @@ impl TlsTerminator {
 
     /// The acceptor for a new connection, if TLS is on.
     pub(crate) fn acceptor(&self) -> Option<tokio_rustls::TlsAcceptor> {
-        self.0
+        self.active
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .as_ref()
