@@ -246,7 +246,8 @@ From [`{results_rel}`](../{results_rel}) (`./bench/run --tls`: {a.get('reps')} i
 {a.get('duration')} s, {a.get('conns')} connections, started {res.get('started')}; {v.get('nginx') or 'nginx'}).
 Both terminate TLS for the same 2 Node workers (each on its own port, keep-alive to them)
 with one self-signed ECDSA P-256 certificate made for the run: clusterd http mode with
-`listen[].tls` (rustls with *ring*, its defaults: TLS 1.3 preferred, session tickets);
+`listen[].tls` (rustls with *ring*: TLS 1.3 preferred, session tickets, AES-128-GCM chosen
+first unless the client lists ChaCha20 first);
 nginx `listen … ssl`, TLS 1.2/1.3, `ssl_session_cache shared:SSL:10m`, tickets on, and the
 proxy settings of the rows above. Keep-alive: `wrk` on `https://` (its TLS handshakes
 happen once per connection). New connection per request: `bench/loadgen --mode close`
@@ -261,11 +262,14 @@ nginx with one worker per CPU, `CLUSTERD_THREADS=1` against one nginx worker.
 
 
 def replace_section(old, begin, end, section):
-    """`old` with the text between `begin` and `end` replaced by `section` (appended when
-    the markers are missing)."""
+    """`old` with the text between `begin` and `end` replaced by `section` (put after the
+    proxies section, or at the end, when the markers are missing)."""
     if begin in old and end in old:
         head, rest = old.split(begin, 1)
         return head + section + rest.split(end, 1)[1]
+    if PROXY_END in old:
+        head, tail = old.split(PROXY_END, 1)
+        return head + PROXY_END + "\n\n" + section + tail
     return old.rstrip("\n") + "\n\n" + section + "\n"
 
 
