@@ -517,7 +517,15 @@ fn tls_h2_load_through_reloads_then_goaway_lets_streams_finish() {
         counts.failed.load(Ordering::Relaxed),
     );
     let errors = counts.errors.lock().unwrap().clone();
-    assert_eq!(failed, 0, "{failed} of {} failed: {errors:?}", ok + failed);
+    if failed > 0 {
+        let log = d.log();
+        let warnings: Vec<&str> = log.lines().filter(|l| l.contains("WARN")).collect();
+        panic!(
+            "{failed} of {} failed: {errors:?}; the daemon's warnings:\n{}",
+            ok + failed,
+            warnings.join("\n")
+        );
+    }
     assert_eq!(
         counts.connects.load(Ordering::Relaxed),
         conns as u64,
