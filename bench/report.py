@@ -17,8 +17,8 @@ NAMES = {
     "http": "clusterd http",
     "tcp": "clusterd tcp",
     "pm2": "PM2 cluster mode",
-    "http-1t": "clusterd http, CLUSTERD_THREADS=1",
-    "tcp-1t": "clusterd tcp, CLUSTERD_THREADS=1",
+    "http-1t": "clusterd http, 1 proxy thread",
+    "tcp-1t": "clusterd tcp, 1 proxy thread",
     "haproxy": "HAProxy http, 1 thread",
     "haproxy-mt": "HAProxy http, 1 thread per CPU",
     "haproxy-tcp": "HAProxy tcp, 1 thread",
@@ -191,7 +191,7 @@ X-Forwarded-For, `proxy_buffering off`. *Proxy CPU* is utime+stime of the proxy'
 processes (nginx: master and workers) over the measurement, divided by the requests
 completed; for clusterd it is the whole daemon. The ratios compare with HAProxy in the
 same mode, with one thread ("1t") and with the same number of threads as the row (clusterd's
-runtime has one per CPU unless `CLUSTERD_THREADS=1`); lower CPU and higher req/s are better.
+proxy has one thread per CPU unless `CLUSTERD_PROXY_THREADS=1`); lower CPU and higher req/s are better.
 On a shared, overloaded machine req/s follows the CPU share a process gets, which grows with
 its number of runnable threads: compare req/s at equal threads, and trust CPU/req more.
 

@@ -136,13 +136,15 @@ pub fn run(options: Options) -> anyhow::Result<ExitCode> {
 }
 
 /// Threads of the daemon's runtime: `CLUSTERD_THREADS`, or one per usable CPU (at most
-/// 4). The daemon is mostly idle; only the http/tcp proxies need more than one.
+/// 2). The daemon is mostly idle: the http/tcp proxies run on their own threads
+/// (`CLUSTERD_PROXY_THREADS`, see clusterd_runtime::proxy::ProxyThreads); this runtime
+/// has the controller, probes, log pipes and the API.
 fn runtime_threads(cpus: u32) -> usize {
     std::env::var("CLUSTERD_THREADS")
         .ok()
         .and_then(|v| v.parse().ok())
         .filter(|n| *n >= 1)
-        .unwrap_or_else(|| cpus.clamp(1, 4) as usize)
+        .unwrap_or_else(|| cpus.clamp(1, 2) as usize)
 }
 
 /// Takes an exclusive lock on the state dir and on the apps dir for the daemon's life.

@@ -32,9 +32,9 @@ use hyper::service::Service as _;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
-use tokio_util::sync::CancellationToken;
 
 use super::http::ProxyBody;
+use super::stop::Stop;
 use super::timeouts::WriteIdle;
 use crate::tls::ALPN_H2;
 
@@ -75,8 +75,8 @@ impl Front {
         stream: WriteIdle<TcpStream>,
         tls: Option<crate::tls::Handshake>,
         service: S,
-        shutdown: &CancellationToken,
-        hard_stop: &CancellationToken,
+        shutdown: &Stop,
+        hard_stop: &Stop,
     ) -> Result<(), hyper::Error>
     where
         S: hyper::service::Service<
@@ -92,7 +92,7 @@ impl Front {
         /// resolves (by default: on `shutdown`).
         macro_rules! drive {
             ($conn:expr) => {
-                drive!($conn, shutdown.cancelled())
+                drive!($conn, shutdown.stopped())
             };
             ($conn:expr, $stop:expr) => {{
                 let conn = $conn;
@@ -103,11 +103,11 @@ impl Front {
                         conn.as_mut().graceful_shutdown();
                         tokio::select! {
                             r = conn.as_mut() => r,
-                            () = hard_stop.cancelled() => Ok(()),
+                            () = hard_stop.stopped() => Ok(()),
                         }
                     }
                     // A retired proxy (daemon upgrade) cuts what is left at its grace.
-                    () = hard_stop.cancelled() => Ok(()),
+                    () = hard_stop.stopped() => Ok(()),
                 }
             }};
         }
@@ -119,7 +119,7 @@ impl Front {
         };
         let handshake = tokio::select! {
             r = tokio::time::timeout(self.handshake_timeout, acceptor.accept(stream)) => r,
-            () = shutdown.cancelled() => return Ok(()),
+            () = shutdown.stopped() => return Ok(()),
         };
         let stream = match handshake {
             Ok(Ok(s)) => s,
@@ -151,7 +151,7 @@ impl Front {
             let idle = self.handshake_timeout;
             let stop = async {
                 tokio::select! {
-                    () = shutdown.cancelled() => {}
+                    () = shutdown.stopped() => {}
                     () = streams.idle_for(idle) => tracing::debug!("idle HTTP/2 connection; sending GOAWAY"),
                 }
             };

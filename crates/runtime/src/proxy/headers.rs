@@ -23,23 +23,61 @@ use hyper::Uri;
 
 /// Headers that carry "the client's address" or the original request's scheme, host
 /// or port in some framework's convention; only a trusted proxy may set them.
-pub(crate) const CLIENT_IP_HEADERS: &[&str] = &[
-    "x-real-ip",
-    "true-client-ip",
-    "x-client-ip",
-    "x-cluster-client-ip",
-    "cf-connecting-ip",
-    "fastly-client-ip",
-    "x-original-forwarded-for",
-    "x-forwarded",
-    "forwarded-for",
-    "x-forwarded-server",
-    "x-forwarded-scheme",
-    "x-forwarded-ssl",
-    "x-url-scheme",
-    "front-end-https",
-    "x-forwarded-prefix",
+pub(crate) static CLIENT_IP_HEADERS: [HeaderName; 15] = [
+    HeaderName::from_static("x-real-ip"),
+    HeaderName::from_static("true-client-ip"),
+    HeaderName::from_static("x-client-ip"),
+    HeaderName::from_static("x-cluster-client-ip"),
+    HeaderName::from_static("cf-connecting-ip"),
+    HeaderName::from_static("fastly-client-ip"),
+    HeaderName::from_static("x-original-forwarded-for"),
+    HeaderName::from_static("x-forwarded"),
+    HeaderName::from_static("forwarded-for"),
+    HeaderName::from_static("x-forwarded-server"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("x-forwarded-ssl"),
+    HeaderName::from_static("x-url-scheme"),
+    HeaderName::from_static("front-end-https"),
+    HeaderName::from_static("x-forwarded-prefix"),
 ];
+
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_FORWARDED_PORT: HeaderName = HeaderName::from_static("x-forwarded-port");
+
+/// What this hop sets, and an untrusted client may therefore not send.
+static FORWARDING_HEADERS: [HeaderName; 5] = [
+    X_FORWARDED_FOR,
+    X_FORWARDED_PROTO,
+    X_FORWARDED_HOST,
+    X_FORWARDED_PORT,
+    header::FORWARDED,
+];
+
+/// Hop-by-hop headers that are always removed (RFC 9110 §7.6.1), besides those a
+/// `Connection` header names.
+static HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    HeaderName::from_static("http2-settings"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes every header whose name `doomed` picks, in one pass over the (few) names
+/// present. Removing a list of candidates one by one instead would hash every
+/// candidate, present or not: dozens of lookups per request, the largest user-space
+/// item of the proxy's profile.
+fn remove_where(headers: &mut HeaderMap, doomed: impl Fn(&HeaderName) -> bool) {
+    let names: Vec<HeaderName> = headers.keys().filter(|n| doomed(n)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
 
 /// Whether `Connection` lists `token` (case-insensitive, comma-separated).
 pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
@@ -55,16 +93,13 @@ pub(crate) fn connection_has(headers: &HeaderMap, token: &str) -> bool {
 /// (RFC 9110 §7.6.1): those named in `Connection`, and the well-known ones. `TE` is
 /// kept only as `TE: trailers`, the one value meaningful end to end.
 pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let named: Vec<HeaderName> = headers
+    let listed: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
         .collect();
-    for name in named {
-        headers.remove(name);
-    }
     let te_trailers = headers
         .get_all(header::TE)
         .iter()
@@ -75,18 +110,7 @@ pub(crate) fn strip_hop_by_hop(headers: &mut HeaderMap) {
                 .next()
                 .is_some_and(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    for name in [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        HeaderName::from_static("http2-settings"),
-        header::TE,
-        header::TRAILER,
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-    ] {
-        headers.remove(name);
-    }
+    remove_where(headers, |n| HOP_BY_HOP.contains(n) || listed.contains(n));
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
@@ -147,84 +171,104 @@ pub(crate) fn origin_form(uri: &Uri) -> Uri {
     }
 }
 
-/// Who is on the other end of a client connection, for [`forwarding`].
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Hop<'a> {
-    /// The client's address as the socket sees it.
-    pub(crate) peer: SocketAddr,
-    /// The public address it connected to.
-    pub(crate) local: Option<SocketAddr>,
-    /// The host it asked for ([`host_of`]).
-    pub(crate) host: Option<&'a HeaderValue>,
-    /// Whether `peer` is in `trustedProxies`: its forwarding headers are believed.
-    pub(crate) trusted: bool,
-    /// Whether the client connection is TLS (`X-Forwarded-Proto: https`).
-    pub(crate) https: bool,
+/// Who is on the other end of a client connection, for [`forwarding`]: the parts of
+/// the forwarding headers that depend only on the connection, formatted once when it
+/// is accepted rather than for every request on it.
+#[derive(Debug, Clone)]
+pub(crate) struct ClientHop {
+    /// Whether the peer is in `trustedProxies`: its forwarding headers are believed.
+    trusted: bool,
+    /// `X-Forwarded-Proto`: whether the client connection is TLS.
+    proto: HeaderValue,
+    /// The client's address (canonical: no IPv4-mapped IPv6), for `X-Forwarded-For`.
+    ip: HeaderValue,
+    /// `X-Forwarded-Port`: the public port it connected to.
+    port: Option<HeaderValue>,
+    /// This hop's `Forwarded` element without its host: `for=...;proto=...`.
+    element: String,
+}
+
+impl ClientHop {
+    /// `peer` connected to `local` (over TLS if `https`); `trusted` if it is in
+    /// `trustedProxies`.
+    pub(crate) fn new(
+        peer: SocketAddr,
+        local: Option<SocketAddr>,
+        trusted: bool,
+        https: bool,
+    ) -> Self {
+        let ip = peer.ip().to_canonical();
+        let proto = if https { "https" } else { "http" };
+        let element = if ip.is_ipv6() {
+            format!("for=\"[{ip}]\";proto={proto}")
+        } else {
+            format!("for={ip};proto={proto}")
+        };
+        Self {
+            trusted,
+            proto: HeaderValue::from_static(proto),
+            ip: HeaderValue::try_from(ip.to_string())
+                .expect("an IP address is a valid header value"),
+            port: local.map(|l| HeaderValue::from(l.port())),
+            element,
+        }
+    }
 }
 
 /// Sets the forwarding headers for this hop: `X-Forwarded-For/Proto/Host/Port` and an
 /// RFC 7239 `Forwarded` element. From an untrusted peer every such header it sent is
 /// replaced (and [`CLIENT_IP_HEADERS`] removed); from a trusted proxy its values are
-/// kept and this hop is appended to the lists.
-pub(crate) fn forwarding(headers: &mut HeaderMap, hop: Hop<'_>) {
-    let ip = hop.peer.ip().to_canonical();
+/// kept and this hop is appended to the lists. `host` is the host the request asked
+/// for ([`host_of`]).
+pub(crate) fn forwarding(headers: &mut HeaderMap, hop: &ClientHop, host: Option<&HeaderValue>) {
     if !hop.trusted {
-        for name in CLIENT_IP_HEADERS {
-            headers.remove(*name);
-        }
-        for name in [
-            "x-forwarded-for",
-            "x-forwarded-proto",
-            "x-forwarded-host",
-            "x-forwarded-port",
-        ] {
-            headers.remove(name);
-        }
-        headers.remove(header::FORWARDED);
+        remove_where(headers, |n| {
+            CLIENT_IP_HEADERS.contains(n) || FORWARDING_HEADERS.contains(n)
+        });
     }
-    let prior: Vec<String> = headers
-        .get_all("x-forwarded-for")
+    // From an untrusted peer nothing of these is left: skip the lookups.
+    let kept = |headers: &HeaderMap, name: &HeaderName| hop.trusted && headers.contains_key(name);
+    let mut prior = headers
+        .get_all(&X_FORWARDED_FOR)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .map(str::to_owned)
-        .collect();
-    let xff = if prior.is_empty() {
-        ip.to_string()
+        .peekable();
+    let xff = if prior.peek().is_none() {
+        Some(hop.ip.clone())
     } else {
-        format!("{}, {ip}", prior.join(", "))
+        let mut joined = prior.collect::<Vec<_>>().join(", ");
+        joined.push_str(", ");
+        joined.push_str(hop.ip.to_str().unwrap_or_default());
+        HeaderValue::try_from(joined).ok()
     };
-    if let Ok(v) = HeaderValue::from_str(&xff) {
-        headers.insert("x-forwarded-for", v);
+    if let Some(v) = xff {
+        headers.insert(X_FORWARDED_FOR, v);
     }
-    if !headers.contains_key("x-forwarded-proto") {
-        headers.insert(
-            "x-forwarded-proto",
-            HeaderValue::from_static(if hop.https { "https" } else { "http" }),
-        );
+    if !kept(headers, &X_FORWARDED_PROTO) {
+        headers.insert(X_FORWARDED_PROTO, hop.proto.clone());
     }
-    if let Some(h) = hop.host {
-        if !headers.contains_key("x-forwarded-host") {
-            headers.insert("x-forwarded-host", h.clone());
+    if let Some(h) = host {
+        if !kept(headers, &X_FORWARDED_HOST) {
+            headers.insert(X_FORWARDED_HOST, h.clone());
         }
     }
-    if let Some(local) = hop.local {
-        if !headers.contains_key("x-forwarded-port") {
-            headers.insert("x-forwarded-port", HeaderValue::from(local.port()));
+    if let Some(port) = &hop.port {
+        if !kept(headers, &X_FORWARDED_PORT) {
+            headers.insert(X_FORWARDED_PORT, port.clone());
         }
     }
-    let node = if ip.is_ipv6() {
-        format!("for=\"[{ip}]\"")
-    } else {
-        format!("for={ip}")
+    let element = match host.and_then(|h| h.to_str().ok()) {
+        Some(h) if !h.contains(['"', '\\']) => {
+            let mut e = String::with_capacity(hop.element.len() + h.len() + 8);
+            e.push_str(&hop.element);
+            e.push_str(";host=\"");
+            e.push_str(h);
+            e.push('"');
+            HeaderValue::try_from(e).ok()
+        }
+        _ => HeaderValue::try_from(hop.element.as_str()).ok(),
     };
-    let proto = if hop.https { "https" } else { "http" };
-    let mut element = format!("{node};proto={proto}");
-    if let Some(h) = hop.host.and_then(|h| h.to_str().ok()) {
-        if !h.contains(['"', '\\']) {
-            element.push_str(&format!(";host=\"{h}\""));
-        }
-    }
-    if let Ok(v) = HeaderValue::from_str(&element) {
+    if let Some(v) = element {
         headers.append(header::FORWARDED, v);
     }
 }
@@ -301,13 +345,13 @@ mod tests {
         let host = HeaderValue::from_static("app.example:8080");
         forwarding(
             &mut h,
-            Hop {
-                peer: "203.0.113.9:5000".parse().unwrap(),
-                local: Some("192.0.2.1:8080".parse().unwrap()),
-                host: Some(&host),
-                trusted: false,
-                https: false,
-            },
+            &ClientHop::new(
+                "203.0.113.9:5000".parse().unwrap(),
+                Some("192.0.2.1:8080".parse().unwrap()),
+                false,
+                false,
+            ),
+            Some(&host),
         );
         assert_eq!(
             lines(&h),
@@ -328,13 +372,13 @@ mod tests {
         let host = HeaderValue::from_static("app.example");
         forwarding(
             &mut h,
-            Hop {
-                peer: "[::ffff:10.9.9.9]:5000".parse().unwrap(),
-                local: Some("192.0.2.1:8080".parse().unwrap()),
-                host: Some(&host),
-                trusted: true,
-                https: false,
-            },
+            &ClientHop::new(
+                "[::ffff:10.9.9.9]:5000".parse().unwrap(),
+                Some("192.0.2.1:8080".parse().unwrap()),
+                true,
+                false,
+            ),
+            Some(&host),
         );
         assert_eq!(
             lines(&h),
@@ -358,13 +402,8 @@ mod tests {
         let mut h = HeaderMap::new();
         forwarding(
             &mut h,
-            Hop {
-                peer: "[::1]:5000".parse().unwrap(),
-                local: None,
-                host: None,
-                trusted: false,
-                https: false,
-            },
+            &ClientHop::new("[::1]:5000".parse().unwrap(), None, false, false),
+            None,
         );
         assert_eq!(h[header::FORWARDED], "for=\"[::1]\";proto=http");
         assert_eq!(h["x-forwarded-for"], "::1");

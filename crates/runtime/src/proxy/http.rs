@@ -45,8 +45,9 @@ use tracing::Instrument;
 use super::front::Front;
 use super::pool::{connect, BoxError, UpstreamBody, UpstreamConn};
 use super::routes::{Lease, RouteTable};
+use super::stop::{Stop, StopOnDrop};
 use super::timeouts::{BodyReadTimeout, Idle, WriteIdle};
-use super::{guard, headers};
+use super::{guard, headers, threads};
 use crate::accept::{AcceptBackoff, ConnLimiter};
 use crate::tls::TlsTerminator;
 
@@ -205,7 +206,9 @@ struct Ctx {
     routes: Arc<RouteTable>,
     cfg: HttpProxyConfig,
     /// Cut tunnels when the shutdown grace is over.
-    hard_stop: CancellationToken,
+    hard_stop: Stop,
+    /// Retired for a daemon upgrade: responses ask clients to reconnect.
+    retire: Stop,
     tracker: TaskTracker,
 }
 
@@ -238,10 +241,13 @@ pub async fn serve_http_retirable(
     retire: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
+    let shutdown = Stop::following(&shutdown);
+    let retire = Stop::following(&retire);
     let ctx = Arc::new(Ctx {
         routes,
         cfg,
-        hard_stop: CancellationToken::new(),
+        hard_stop: Stop::default(),
+        retire: retire.clone(),
         tracker: tracker.clone(),
     });
     let mut server = server_http1::Builder::new();
@@ -255,15 +261,54 @@ pub async fn serve_http_retirable(
         ctx.cfg.max_header_bytes,
         ctx.cfg.header_read_timeout,
     );
+    // Dropped (the caller gave up on this future): stop the accept loops and cut the
+    // connections on the proxy threads, as dropping a task on the caller's own
+    // runtime would have.
+    let on_drop = StopOnDrop(vec![
+        shutdown.clone(),
+        retire.clone(),
+        ctx.hard_stop.clone(),
+    ]);
+    let loops = match threads::on_proxy_threads(listener, |listener| {
+        accept_loop(
+            listener,
+            Arc::clone(&ctx),
+            front.clone(),
+            shutdown.clone(),
+            retire.clone(),
+        )
+    }) {
+        Ok(loops) => loops,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot serve on the proxy threads");
+            return;
+        }
+    };
+    for l in loops {
+        let _ = l.await;
+    }
+    drain_tasks(&tracker, &ctx.hard_stop, ctx.cfg.shutdown_grace).await;
+    // Finished: nothing left to stop; the token followers end with their tokens.
+    on_drop.disarm();
+}
+
+/// Accepts client connections on one proxy thread until `shutdown` or `retire`.
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    front: Front,
+    shutdown: Stop,
+    retire: Stop,
+) {
     let mut backoff = AcceptBackoff::new("http proxy");
     loop {
         let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.stopped() => break,
             slot = ctx.cfg.limiter.reserve() => slot,
         };
         let (stream, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
-            () = retire.cancelled() => break,
+            () = shutdown.stopped() => break,
+            () = retire.stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -280,26 +325,24 @@ pub async fn serve_http_retirable(
         let _ = stream.set_nodelay(true);
         let local = stream.local_addr().ok();
         let tls = ctx.cfg.tls.acceptor();
-        let ctx = Arc::clone(&ctx);
+        let conn_ctx = Arc::clone(&ctx);
         let shutdown = shutdown.clone();
         let front = front.clone();
-        let client = Client {
+        let client = Arc::new(Client {
             peer,
             local,
-            trusted,
-            https: tls.is_some(),
-        };
+            hop: headers::ClientHop::new(peer, local, trusted, tls.is_some()),
+        });
         let service = service_fn({
             let ctx = Arc::clone(&ctx);
-            let retire = retire.clone();
             move |req| {
                 let ctx = Arc::clone(&ctx);
-                let retire = retire.clone();
+                let client = Arc::clone(&client);
                 async move {
-                    let mut resp = proxy_request(req, &ctx, client).await;
+                    let mut resp = proxy_request(req, &ctx, &client).await;
                     // Retired (daemon upgrade): HTTP/1.1 clients are asked to reconnect,
                     // to the new daemon. hyper drops the header on HTTP/2.
-                    if retire.is_cancelled() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+                    if ctx.retire.is_stopped() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
                         resp.headers_mut()
                             .insert(header::CONNECTION, HeaderValue::from_static("close"));
                     }
@@ -307,8 +350,9 @@ pub async fn serve_http_retirable(
                 }
             }
         });
-        tracker.spawn(
+        ctx.tracker.spawn(
             async move {
+                let ctx = conn_ctx;
                 let stream = WriteIdle::new(stream, ctx.cfg.response_write_timeout);
                 // Retired: the connection runs on (see serve_http_retirable) until it
                 // closes or the grace passes (`hard_stop`).
@@ -323,22 +367,17 @@ pub async fn serve_http_retirable(
             .instrument(tracing::debug_span!("client", %peer)),
         );
     }
-    drain_tasks(&tracker, &ctx.hard_stop, ctx.cfg.shutdown_grace).await;
 }
 
 /// Waits for `tracker`'s tasks, cutting them after `grace`.
-pub(crate) async fn drain_tasks(
-    tracker: &TaskTracker,
-    hard_stop: &CancellationToken,
-    grace: Duration,
-) {
+pub(crate) async fn drain_tasks(tracker: &TaskTracker, hard_stop: &Stop, grace: Duration) {
     tracker.close();
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
         tracing::info!(
             open = tracker.len(),
             "shutdown grace passed; closing connections"
         );
-        hard_stop.cancel();
+        hard_stop.stop();
         tracker.wait().await;
     }
 }
@@ -356,26 +395,21 @@ enum SendFailure {
 }
 
 /// Who sent a request: fixed for its client connection.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 struct Client {
     peer: SocketAddr,
     local: Option<SocketAddr>,
-    /// In `trustedProxies`: its forwarding headers are believed.
-    trusted: bool,
-    /// Over TLS.
-    https: bool,
+    /// Its forwarding headers, formatted once.
+    hop: headers::ClientHop,
 }
 
 async fn proxy_request(
     mut req: Request<Incoming>,
     ctx: &Ctx,
-    Client {
-        peer,
-        local,
-        trusted,
-        https,
-    }: Client,
+    client: &Client,
 ) -> Response<ProxyBody> {
+    let Client { peer, local, hop } = client;
+    let (peer, local) = (*peer, *local);
     if let Err(reject) = guard::check_request(req.method(), req.uri(), req.version(), req.headers())
     {
         tracing::debug!(status = %reject.status, reason = reject.reason.trim_end(), "request refused");
@@ -404,19 +438,16 @@ async fn proxy_request(
     if let Some(host) = &client_host {
         headers.insert(header::HOST, host.clone());
     }
-    headers::forwarding(
-        &mut headers,
-        headers::Hop {
-            peer,
-            local,
-            host: client_host.as_ref(),
-            trusted,
-            https,
-        },
-    );
+    headers::forwarding(&mut headers, &hop, client_host.as_ref());
     let uri = headers::origin_form(&parts.uri);
 
-    let (done_tx, done_rx) = watch::channel(false);
+    // Only a request with a body needs to say when it is done (see `send`).
+    let (done_tx, done_rx) = if body_empty {
+        (None, None)
+    } else {
+        let (tx, rx) = watch::channel(false);
+        (Some(tx), Some(rx))
+    };
     let template = |body: UpstreamBody| {
         let mut r = Request::new(body);
         *r.method_mut() = method.clone();
@@ -428,7 +459,7 @@ async fn proxy_request(
     let mut pending = Some(template(
         RequestBody {
             inner: body,
-            done: Some(done_tx),
+            done: done_tx,
             idle: Idle::new(ctx.cfg.body_read_timeout),
         }
         .boxed_unsync(),
@@ -560,15 +591,13 @@ async fn proxy_request(
 async fn send(
     conn: &mut UpstreamConn,
     request: Request<UpstreamBody>,
-    mut body_done: watch::Receiver<bool>,
+    body_done: Option<watch::Receiver<bool>>,
     timeout: Duration,
 ) -> Result<Response<Incoming>, SendFailure> {
     let body_already_done = request.body().is_end_stream();
     let response = conn.sender.try_send_request(request);
     tokio::pin!(response);
-    let outcome = if body_already_done {
-        tokio::time::timeout(timeout, response).await
-    } else {
+    let outcome = if let (false, Some(mut body_done)) = (body_already_done, body_done) {
         let first = tokio::select! {
             r = response.as_mut() => Some(r),
             // The guard `wait_for` returns is not Send: drop it inside the branch.
@@ -578,6 +607,8 @@ async fn send(
             Some(r) => Ok(r),
             None => tokio::time::timeout(timeout, response).await,
         }
+    } else {
+        tokio::time::timeout(timeout, response).await
     };
     match outcome {
         Err(_) => Err(SendFailure::Timeout),
@@ -653,7 +684,7 @@ fn tunnel(
                     Ok((up, down)) => tracing::debug!(up, down, "tunnel closed"),
                     Err(err) => tracing::debug!(cause = %err, "tunnel failed"),
                 },
-                () = hard_stop.cancelled() => tracing::debug!("tunnel cut at shutdown"),
+                () = hard_stop.stopped() => tracing::debug!("tunnel cut at shutdown"),
             }
             drop(conn);
             drop(lease);

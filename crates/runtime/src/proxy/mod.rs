@@ -17,7 +17,9 @@ mod headers;
 mod http;
 mod pool;
 mod routes;
+mod stop;
 mod tcp;
+mod threads;
 mod timeouts;
 
 use std::net::SocketAddr;
@@ -26,6 +28,7 @@ use std::time::Duration;
 pub use http::{serve_http, serve_http_retirable, HttpProxyConfig, TrustedProxies};
 pub use routes::{BackendStats, RouteTable};
 pub use tcp::{serve_tcp, TcpProxyConfig};
+pub use threads::ProxyThreads;
 
 /// Why the proxy could not reach a worker. Logged and counted per backend; clients see
 /// a status code (http) or a closed connection (tcp), never this type.

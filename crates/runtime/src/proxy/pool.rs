@@ -98,16 +98,34 @@ struct Idle {
     since: Instant,
 }
 
-/// Idle connections of one backend, most recently used last.
-#[derive(Debug, Default)]
+/// Idle connections of one backend, most recently used last, one list per proxy
+/// thread ([`super::threads`]): a connection's hyper task runs on the thread that
+/// opened it, so a request must only reuse connections of its own thread, or every
+/// exchange would hop between threads. A slot's lock is only ever contended by a
+/// drain (`close_idle`), never by another thread's requests.
+#[derive(Debug)]
 pub(crate) struct Pool {
-    idle: Mutex<Vec<Idle>>,
+    slots: Box<[Mutex<Vec<Idle>>]>,
+}
+
+impl Default for Pool {
+    fn default() -> Self {
+        Self {
+            slots: (0..super::threads::slots().max(1))
+                .map(|_| Mutex::default())
+                .collect(),
+        }
+    }
 }
 
 impl Pool {
     fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
-        self.idle
-            .lock()
+        let slot = super::threads::current() % self.slots.len();
+        Self::lock_slot(&self.slots[slot])
+    }
+
+    fn lock_slot(slot: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+        slot.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
@@ -154,9 +172,11 @@ impl Pool {
         }
     }
 
-    /// Closes every idle connection now.
+    /// Closes every idle connection now, on every thread.
     pub(crate) fn close_idle(&self) {
-        let idle = std::mem::take(&mut *self.lock());
-        drop(idle);
+        for slot in &self.slots {
+            let idle = std::mem::take(&mut *Self::lock_slot(slot));
+            drop(idle);
+        }
     }
 }

@@ -19,6 +19,8 @@ use tracing::Instrument;
 
 use super::http::drain_tasks;
 use super::routes::RouteTable;
+use super::stop::{Stop, StopOnDrop};
+use super::threads;
 use crate::accept::{AcceptBackoff, ConnLimiter};
 
 /// Bounds of the tcp proxy.
@@ -58,16 +60,52 @@ pub async fn serve_tcp(
     shutdown: CancellationToken,
 ) {
     let tracker = TaskTracker::new();
-    let hard_stop = CancellationToken::new();
+    let hard_stop = Stop::default();
     let cfg = Arc::new(cfg);
+    // Dropped (the caller gave up on this future): stop the accept loops and cut the
+    // connections on the proxy threads.
+    let shutdown = Stop::following(&shutdown);
+    let on_drop = StopOnDrop(vec![shutdown.clone(), hard_stop.clone()]);
+    let loops = match threads::on_proxy_threads(listener, |listener| {
+        accept_loop(
+            listener,
+            Arc::clone(&routes),
+            Arc::clone(&cfg),
+            tracker.clone(),
+            hard_stop.clone(),
+            shutdown.clone(),
+        )
+    }) {
+        Ok(loops) => loops,
+        Err(err) => {
+            tracing::error!(cause = %err, "cannot serve on the proxy threads");
+            return;
+        }
+    };
+    for l in loops {
+        let _ = l.await;
+    }
+    drain_tasks(&tracker, &hard_stop, cfg.shutdown_grace).await;
+    on_drop.disarm();
+}
+
+/// Accepts client connections on one proxy thread until `shutdown`.
+async fn accept_loop(
+    listener: TcpListener,
+    routes: Arc<RouteTable>,
+    cfg: Arc<TcpProxyConfig>,
+    tracker: TaskTracker,
+    hard_stop: Stop,
+    shutdown: Stop,
+) {
     let mut backoff = AcceptBackoff::new("tcp proxy");
     loop {
         let slot = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.stopped() => break,
             slot = cfg.limiter.reserve() => slot,
         };
         let (client, peer) = tokio::select! {
-            () = shutdown.cancelled() => break,
+            () = shutdown.stopped() => break,
             accepted = listener.accept() => match accepted {
                 Ok(a) => a,
                 Err(err) => {
@@ -88,14 +126,13 @@ pub async fn serve_tcp(
             async move {
                 tokio::select! {
                     () = forward(client, peer.ip(), &routes, &cfg) => {}
-                    () = hard_stop.cancelled() => tracing::debug!("connection cut at shutdown"),
+                    () = hard_stop.stopped() => tracing::debug!("connection cut at shutdown"),
                 }
                 drop(permit);
             }
             .instrument(tracing::debug_span!("client", %peer)),
         );
     }
-    drain_tasks(&tracker, &hard_stop, cfg.shutdown_grace).await;
 }
 
 async fn forward(
