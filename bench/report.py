@@ -26,7 +26,7 @@ NAMES = {
     "nginx": "nginx http, 1 worker",
     "nginx-mt": "nginx http, 1 worker per CPU",
     "http-tls": "clusterd http + TLS",
-    "http-tls-1t": "clusterd http + TLS, CLUSTERD_THREADS=1",
+    "http-tls-1t": "clusterd http + TLS, 1 proxy thread",
     "nginx-tls": "nginx + TLS, 1 worker",
     "nginx-tls-mt": "nginx + TLS, 1 worker per CPU",
 }
@@ -255,7 +255,7 @@ on `https://`: a TLS handshake per request, resuming the previous session (a TLS
 ticket), as a returning browser would; the certificate is not verified but the
 handshake signature is. *Proxy CPU* as above (clusterd: the whole daemon; nginx: master
 and workers). "Same threads": clusterd's default runtime (one thread per CPU) against
-nginx with one worker per CPU, `CLUSTERD_THREADS=1` against one nginx worker.
+nginx with one worker per CPU, `CLUSTERD_PROXY_THREADS=1` against one nginx worker.
 
 {table}
 {TLS_END}"""
