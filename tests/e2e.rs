@@ -6,6 +6,9 @@
 #[path = "e2e/support.rs"]
 mod support;
 
+#[path = "e2e/acme.rs"]
+mod acme;
+
 #[path = "e2e/smoke.rs"]
 mod smoke;
 

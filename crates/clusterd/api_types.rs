@@ -138,6 +138,10 @@ pub struct ListenStatus {
     /// tcp or udp.
     #[serde(default = "tcp")]
     pub protocol: Protocol,
+    /// `tls.acme`: when the certificate served now expires (RFC 3339); absent before
+    /// one is obtained and for listeners without `tls.acme`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub certificate_expires: Option<String>,
 }
 
 fn tcp() -> Protocol {

@@ -189,7 +189,7 @@ fn tls_front_door_h2_sni_renewal_and_affinity() {
         .unwrap_or_else(|| panic!("no certificate-refused event: {:?}", d.events("front")));
     let message = refused["message"].as_str().unwrap();
     assert!(
-        message.starts_with(&format!("listener 127.0.0.1:{port}: ")),
+        message.starts_with(&format!("127.0.0.1:{port}: ")),
         "{message}"
     );
     assert!(message.contains(", expected a PKCS#8"), "{message}");

@@ -290,6 +290,7 @@ async fn serve(
         LinuxEffectsConfig {
             log_dir: config.log_dir.clone(),
             notify_path: config.state_dir.join("notify.sock"),
+            state_dir: config.state_dir.clone(),
         },
         report_tx,
         handover,

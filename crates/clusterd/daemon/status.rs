@@ -62,6 +62,9 @@ pub fn app_status(
                         .unwrap_or_else(|| format!("{}:{}", l.address, l.port)),
                     mode: l.mode,
                     protocol: l.protocol,
+                    certificate_expires: effects
+                        .certificate_expiry(&app.name, l)
+                        .map(crate::daemon::rfc3339),
                 })
                 .collect()
         })

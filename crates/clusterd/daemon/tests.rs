@@ -580,3 +580,56 @@ async fn an_unwritable_state_dir_is_reported_and_the_last_state_kept() {
     let saved = state::load(&state_dir);
     assert_eq!(saved.workers.len(), 3);
 }
+
+/// `tls.acme`: the runtime's certificate reports become the app's events (kebab-case
+/// kinds, the listener first in the message).
+#[tokio::test]
+async fn certificate_reports_become_events() {
+    use clusterd_runtime::tls::acme::AcmeEventKind;
+    let dir = tempfile::tempdir().unwrap();
+    let config = Config {
+        apps_dir: dir.path().join("apps"),
+        socket: dir.path().join("sock"),
+        state_dir: dir.path().join("state"),
+        log_dir: dir.path().join("logs"),
+        cpus: 2,
+        git: None,
+    };
+    let events = EventLog::new();
+    let mut ctl = Controller::new(config, Fake::default(), events.clone(), None, None);
+    for (kind, message) in [
+        (AcmeEventKind::Obtained, "certificate for a.test obtained"),
+        (AcmeEventKind::Renewed, "certificate for a.test renewed"),
+        (AcmeEventKind::Failed, "certificate for a.test: refused"),
+    ] {
+        ctl.handle(Msg::Report(Report::Certificate {
+            app: AppName("web".into()),
+            listener: "0.0.0.0:443".into(),
+            kind,
+            message: message.into(),
+        }));
+    }
+    let got: Vec<(String, String)> = events
+        .snapshot()
+        .iter()
+        .map(|e| (e.kind.as_str().to_string(), e.message.clone()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (
+                "certificate-obtained",
+                "0.0.0.0:443: certificate for a.test obtained"
+            ),
+            (
+                "certificate-renewed",
+                "0.0.0.0:443: certificate for a.test renewed"
+            ),
+            (
+                "certificate-failed",
+                "0.0.0.0:443: certificate for a.test: refused"
+            ),
+        ]
+        .map(|(k, m)| (k.to_string(), m.to_string()))
+    );
+}

@@ -78,6 +78,13 @@ pub enum EventKind {
     /// A TLS certificate/key pair was refused (`file: what, expected what`); the last
     /// good one of those files, if any, stays in use.
     CertificateRefused,
+    /// `tls.acme`: a listener's first certificate was obtained (none was stored, or the
+    /// stored one does not cover the domains).
+    CertificateObtained,
+    /// `tls.acme`: a listener's certificate was replaced before its expiry.
+    CertificateRenewed,
+    /// `tls.acme`: an order failed (the reason, and when the next attempt is).
+    CertificateFailed,
 }
 
 impl EventKind {
@@ -115,6 +122,9 @@ impl EventKind {
             EventKind::StateSaved => "state-saved",
             EventKind::CertificateLoaded => "certificate-loaded",
             EventKind::CertificateRefused => "certificate-refused",
+            EventKind::CertificateObtained => "certificate-obtained",
+            EventKind::CertificateRenewed => "certificate-renewed",
+            EventKind::CertificateFailed => "certificate-failed",
         }
     }
 }
@@ -163,6 +173,9 @@ mod tests {
             StateSaved,
             CertificateLoaded,
             CertificateRefused,
+            CertificateObtained,
+            CertificateRenewed,
+            CertificateFailed,
         ] {
             let json = serde_json::to_string(&k).unwrap();
             assert_eq!(json, format!("\"{}\"", k.as_str()));

@@ -5,6 +5,7 @@
 //! revision hash, and the planner that turns desired and observed state into actions.
 //! The runtime crate carries the actions out; this crate only decides.
 
+pub mod acme;
 pub mod diagnostic;
 pub mod diff;
 pub mod error;

@@ -183,8 +183,9 @@ pub struct Tls {
     /// name or a name no certificate covers. Files are watched and reloaded.
     #[serde(default)]
     pub certificates: Vec<TlsCertificate>,
-    /// Obtain and renew a certificate automatically (not implemented yet: refused by
-    /// validation).
+    /// Obtain and renew a certificate automatically (ACME, TLS-ALPN-01 answered by this
+    /// listener). With `certificates` too, the ACME certificate serves its `domains` and
+    /// the files serve the other names (the first file stays the default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub acme: Option<Acme>,
 }
@@ -202,17 +203,22 @@ pub struct TlsCertificate {
 
 /// `listen[].tls.acme`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Acme {
-    /// Names the certificate covers.
+    /// Names the certificate covers (one certificate for all of them).
     #[serde(default)]
     pub domains: Vec<String>,
     /// Contact address for the ACME account.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub email: Option<String>,
-    /// The ACME directory URL.
-    #[serde(default)]
+    /// The ACME directory URL (default: Let's Encrypt's production directory).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub directory: Option<String>,
+    /// A PEM file with the CA certificate the ACME server's HTTPS certificate is checked
+    /// against instead of the system's roots: for a private or test ACME server such as
+    /// pebble. Relative paths are resolved against the manifest's directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_bundle: Option<PathBuf>,
 }
 
 fn default_address() -> String {

@@ -14,8 +14,8 @@ use std::time::Duration;
 use crate::error::ManifestError;
 use crate::instances::{resolve_instances, MAX_INSTANCES};
 use crate::model::{
-    Affinity, AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener, LivenessKind,
-    Protocol, ReadinessKind, SignalName, Tls,
+    Acme, Affinity, AppManifest, AppSpec, CommandLine, Instances, ListenMode, Listener,
+    LivenessKind, Protocol, ReadinessKind, SignalName, Tls,
 };
 use crate::net::Cidr;
 use crate::signal::normalize_signal;
@@ -656,16 +656,12 @@ fn probe_target_problem(what: &str, word: &str, first_mode: Option<ListenMode>) 
 
 /// Checks `listen[].tls` and resolves its paths against the manifest's directory.
 fn normalize_tls(tls: &mut Tls, base: &str, dir: &Path, issues: &mut Vec<Issue>) {
-    if tls.acme.is_some() {
-        issues.push(Issue::at_key(
-            format!("{base}.acme"),
-            "tls.acme is not supported by this version of clusterd yet (expected certificates: [{cert, key}] obtained by another ACME client such as certbot; files are reloaded when renewed)",
-        ));
-    }
-    if tls.certificates.is_empty() {
+    if let Some(acme) = &mut tls.acme {
+        check_acme(acme, &format!("{base}.acme"), dir, issues);
+    } else if tls.certificates.is_empty() {
         issues.push(Issue::at(
             format!("{base}.certificates"),
-            "no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default)",
+            "no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default, or acme: {domains: [NAME]})",
         ));
     }
     for (j, c) in tls.certificates.iter_mut().enumerate() {
@@ -678,6 +674,46 @@ fn normalize_tls(tls: &mut Tls, base: &str, dir: &Path, issues: &mut Vec<Issue>)
             } else {
                 *path = dir.join(&*path);
             }
+        }
+    }
+}
+
+/// Checks `tls.acme` (names, contact, directory) and resolves `caBundle`.
+fn check_acme(acme: &mut Acme, base: &str, dir: &Path, issues: &mut Vec<Issue>) {
+    if acme.domains.is_empty() {
+        issues.push(Issue::at(
+            format!("{base}.domains"),
+            "no domains (expected domains: [example.com, www.example.com], the names the certificate covers)",
+        ));
+    }
+    for (j, d) in acme.domains.iter().enumerate() {
+        if let Some(problem) = crate::acme::domain_problem(d) {
+            issues.push(Issue::at(format!("{base}.domains[{j}]"), problem));
+        } else if acme.domains[..j].contains(d) {
+            issues.push(Issue::at(
+                format!("{base}.domains[{j}]"),
+                format!("`{d}` is listed twice (expected each name once)"),
+            ));
+        }
+    }
+    if let Some(problem) = acme.email.as_deref().and_then(crate::acme::email_problem) {
+        issues.push(Issue::at(format!("{base}.email"), problem));
+    }
+    if let Some(problem) = acme
+        .directory
+        .as_deref()
+        .and_then(crate::acme::directory_problem)
+    {
+        issues.push(Issue::at(format!("{base}.directory"), problem));
+    }
+    if let Some(ca) = &mut acme.ca_bundle {
+        if ca.as_os_str().is_empty() {
+            issues.push(Issue::at(
+                format!("{base}.caBundle"),
+                "caBundle is empty (expected the path of a PEM file with the ACME server's CA certificate)",
+            ));
+        } else {
+            *ca = dir.join(&*ca);
         }
     }
 }

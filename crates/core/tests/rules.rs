@@ -147,7 +147,7 @@ fn every_rule_reports_where_and_what() {
         (
             "tls needs a certificate",
             with_spec("  listen:\n    - port: 443\n      tls: {certificates: []}\n"),
-            vec!["/srv/apps/web.yaml:9:27: no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default)"],
+            vec!["/srv/apps/web.yaml:9:27: no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default, or acme: {domains: [NAME]})"],
         ),
         (
             "tls certificate fields",
@@ -158,14 +158,35 @@ fn every_rule_reports_where_and_what() {
             "tls unknown field",
             with_spec("  listen:\n    - port: 443\n      tls: {certs: []}\n"),
             vec![
-                "/srv/apps/web.yaml:9:12: no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default)",
+                "/srv/apps/web.yaml:9:12: no certificates (expected at least one {cert: FILE, key: FILE}; the first is the default, or acme: {domains: [NAME]})",
                 "/srv/apps/web.yaml:9:13: unknown field `certs` (expected one of `certificates`, `acme`)",
             ],
         ),
         (
-            "tls acme not yet",
-            with_spec("  listen:\n    - port: 443\n      tls:\n        acme: {domains: [example.com]}\n        certificates: [{cert: a.pem, key: a.key}]\n"),
-            vec!["/srv/apps/web.yaml:10:9: tls.acme is not supported by this version of clusterd yet (expected certificates: [{cert, key}] obtained by another ACME client such as certbot; files are reloaded when renewed)"],
+            "tls acme with certificates",
+            with_spec("  listen:\n    - port: 443\n      tls:\n        acme: {domains: [example.com], email: ops@example.com, directory: \"https://acme.test/dir\", caBundle: ca.pem}\n        certificates: [{cert: a.pem, key: a.key}]\n"),
+            vec![],
+        ),
+        (
+            "tls acme alone",
+            with_spec("  listen:\n    - port: 443\n      tls:\n        acme: {domains: [example.com, www.example.com]}\n"),
+            vec![],
+        ),
+        (
+            "tls acme needs domains",
+            with_spec("  listen:\n    - port: 443\n      tls:\n        acme: {email: ops@example.com}\n"),
+            vec!["/srv/apps/web.yaml:10:15: no domains (expected domains: [example.com, www.example.com], the names the certificate covers)"],
+        ),
+        (
+            "tls acme fields",
+            with_spec("  listen:\n    - port: 443\n      tls:\n        acme:\n          domains: [\"*.example.com\", Example.com, a.test, a.test]\n          email: ops\n          directory: http://acme.test/dir\n"),
+            vec![
+                "/srv/apps/web.yaml:11:21: `*.example.com` is a wildcard, which ACME grants only through DNS-01 challenges, and clusterd answers TLS-ALPN-01 on its own listener (expected plain names like example.com, or a wildcard certificate in tls.certificates)",
+                "/srv/apps/web.yaml:11:38: `Example.com` is not a valid DNS name: upper-case letters (write it in lower case) (expected a name like example.com: labels of a-z, 0-9 and `-`, separated by dots)",
+                "/srv/apps/web.yaml:11:59: `a.test` is listed twice (expected each name once)",
+                "/srv/apps/web.yaml:12:18: `ops` has no `@` (expected an address like ops@example.com)",
+                "/srv/apps/web.yaml:13:22: `http://acme.test/dir` is not an https:// URL (expected the https:// URL of the ACME server's directory, like https://acme-v02.api.letsencrypt.org/directory)",
+            ],
         ),
         (
             "affinity values",

@@ -80,6 +80,28 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A step of an ACME order failed (the ACME server's problem document, or the HTTP
+    /// error reaching it).
+    #[error("ACME: {what}: {source}")]
+    Acme {
+        /// The step, e.g. "creating an account at https://acme.test/dir".
+        what: String,
+        /// instant-acme's error.
+        #[source]
+        source: instant_acme::Error,
+    },
+    /// An ACME order ended without a certificate (e.g. a challenge was refused).
+    #[error("ACME: {0}")]
+    AcmeOrder(String),
+    /// A certificate, CSR or challenge certificate could not be generated.
+    #[error("ACME: generating {what}: {source}")]
+    AcmeKey {
+        /// What was being generated.
+        what: &'static str,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
 }
 
 /// Result with the runtime's [`Error`].

@@ -431,7 +431,7 @@ impl<E: Effects> Controller<E> {
                 ok,
                 detail,
             } => self.world.on_liveness(&app, id, ok, detail, &self.events),
-            Report::Certificate {
+            Report::CertificateFiles {
                 app,
                 listener,
                 event,
@@ -440,15 +440,26 @@ impl<E: Effects> Controller<E> {
                     CertEvent::Loaded { .. } => EventKind::CertificateLoaded,
                     CertEvent::Refused { .. } => EventKind::CertificateRefused,
                 };
-                self.events.push(
-                    Some(&app.0),
-                    None,
-                    kind,
-                    format!("listener {listener}: {event}"),
-                );
+                self.events
+                    .push(Some(&app.0), None, kind, format!("{listener}: {event}"));
             }
             // In-flight counts are read before every plan.
             Report::Drained { .. } => {}
+            Report::Certificate {
+                app,
+                listener,
+                kind,
+                message,
+            } => {
+                use clusterd_runtime::tls::acme::AcmeEventKind;
+                let kind = match kind {
+                    AcmeEventKind::Obtained => EventKind::CertificateObtained,
+                    AcmeEventKind::Renewed => EventKind::CertificateRenewed,
+                    AcmeEventKind::Failed => EventKind::CertificateFailed,
+                };
+                self.events
+                    .push(Some(&app.0), None, kind, format!("{listener}: {message}"));
+            }
         }
     }
 

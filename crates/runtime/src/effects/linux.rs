@@ -38,6 +38,9 @@ pub struct LinuxEffectsConfig {
     pub log_dir: PathBuf,
     /// The notify socket's path (`NOTIFY_SOCKET` of workers).
     pub notify_path: PathBuf,
+    /// The daemon's state dir: `tls.acme` keeps its certificates and accounts under
+    /// `acme/` there ([`clusterd_core::acme::listener_dir`]).
+    pub state_dir: PathBuf,
 }
 
 struct ListenerEntry {
@@ -48,6 +51,9 @@ struct ListenerEntry {
     trusted: Option<proxy::TrustedProxies>,
     /// http mode: the listener's `tls`, updated in place by a new manifest.
     tls: Option<crate::tls::TlsTerminator>,
+    /// http mode with `tls.acme`: the settings its certificate task runs with, and the
+    /// task's stop (a child of `proxy`, so closing the listener stops it too).
+    acme: Option<(clusterd_core::model::Acme, CancellationToken)>,
     bound: BoundListener,
     routes: Option<Arc<RouteTable>>,
     proxy: CancellationToken,
@@ -602,8 +608,8 @@ impl Effects for LinuxEffects {
                 let key = ListenKey::of(l);
                 if let Some(e) = set
                     .entries
-                    .iter()
-                    .chain(added.iter())
+                    .iter_mut()
+                    .chain(added.iter_mut())
                     .find(|e| e.key == key)
                 {
                     if let Some(trusted) = &e.trusted {
@@ -611,6 +617,28 @@ impl Effects for LinuxEffects {
                     }
                     if let Some(tls) = &e.tls {
                         tls.set(l.tls.as_ref());
+                    }
+                    let wanted = l.tls.as_ref().and_then(|t| t.acme.as_ref());
+                    if e.acme.as_ref().map(|(a, _)| a) != wanted {
+                        if let Some((_, stop)) = e.acme.take() {
+                            stop.cancel();
+                            if wanted.is_none() {
+                                if let Some(tls) = &e.tls {
+                                    tls.clear_acme();
+                                }
+                            }
+                        }
+                        if let Some(tls) = &e.tls {
+                            e.acme = start_acme(
+                                app,
+                                l,
+                                tls,
+                                &e.proxy,
+                                &self.config.state_dir,
+                                &self.reports,
+                                &self.tasks,
+                            );
+                        }
                     }
                     if let Some(routes) = &e.routes {
                         routes.set_affinity(l.affinity == Affinity::ClientIp);
@@ -703,12 +731,24 @@ impl Effects for LinuxEffects {
                         Some(routes)
                     }
                 };
+                let acme = tls.as_ref().and_then(|tls| {
+                    start_acme(
+                        app,
+                        l,
+                        tls,
+                        &cancel,
+                        &self.config.state_dir,
+                        &self.reports,
+                        &self.tasks,
+                    )
+                });
                 let proxy = cancel;
                 added.push(ListenerEntry {
                     key,
                     name,
                     trusted,
                     tls,
+                    acme,
                     bound,
                     routes,
                     proxy,
@@ -779,6 +819,18 @@ impl Effects for LinuxEffects {
             .iter()
             .find(|e| e.key == key)
             .map(|e| e.bound.local_addr().to_string())
+    }
+
+    fn certificate_expiry(&self, app: &AppName, l: &Listener) -> Option<std::time::SystemTime> {
+        let key = ListenKey::of(l);
+        let e = self
+            .listeners
+            .get(app)?
+            .entries
+            .iter()
+            .find(|e| e.key == key)?;
+        e.acme.as_ref()?;
+        e.tls.as_ref()?.acme_expiry()
     }
 
     fn has_proxy(&self, app: &AppName) -> bool {
@@ -1134,7 +1186,7 @@ fn http_proxy_config(l: &Listener, certs: crate::tls::CertReporter) -> proxy::Ht
 }
 
 /// Sends listener `l`'s certificate loads and refusals to the controller as
-/// [`Report::Certificate`] (for the event log).
+/// [`Report::CertificateFiles`] (for the event log).
 fn cert_reporter(
     reports: &mpsc::UnboundedSender<Report>,
     app: &AppName,
@@ -1142,17 +1194,49 @@ fn cert_reporter(
 ) -> crate::tls::CertReporter {
     let reports = reports.clone();
     let app = app.clone();
-    let listener = l
-        .name
-        .clone()
-        .unwrap_or_else(|| format!("{}:{}", l.address, l.port));
+    let listener = format!("{}:{}", l.address, l.port);
     crate::tls::CertReporter::new(move |event| {
-        let _ = reports.send(Report::Certificate {
+        let _ = reports.send(Report::CertificateFiles {
             app: app.clone(),
             listener: listener.clone(),
             event,
         });
     })
+}
+
+/// Starts `l`'s certificate task if it has `tls.acme`: it serves the stored
+/// certificate or orders one, renews it, and reports each outcome as
+/// [`Report::Certificate`]. Stopped by `parent` (the listener's proxy token) or by the
+/// token returned.
+fn start_acme(
+    app: &AppName,
+    l: &Listener,
+    tls: &crate::tls::TlsTerminator,
+    parent: &CancellationToken,
+    state_dir: &std::path::Path,
+    reports: &mpsc::UnboundedSender<Report>,
+    tasks: &TaskTracker,
+) -> Option<(clusterd_core::model::Acme, CancellationToken)> {
+    let acme = l.tls.as_ref()?.acme.clone()?;
+    let stop = parent.child_token();
+    let dir = clusterd_core::acme::listener_dir(state_dir, &app.0, &l.address, l.port);
+    let job = crate::tls::acme::AcmeJob::new(acme.clone(), dir, tls.clone());
+    let tx = reports.clone();
+    let name = app.clone();
+    let listener = format!("{}:{}", l.address, l.port);
+    let span = tracing::info_span!("acme", app = %app, listen = %listener);
+    tasks.spawn(
+        crate::tls::acme::run(job, stop.clone(), move |event| {
+            let _ = tx.send(Report::Certificate {
+                app: name.clone(),
+                listener: listener.clone(),
+                kind: event.kind,
+                message: event.message,
+            });
+        })
+        .instrument(span),
+    );
+    Some((acme, stop))
 }
 
 /// `l.trustedProxies` parsed (validation has already rejected a bad range).

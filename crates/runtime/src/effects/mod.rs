@@ -91,12 +91,12 @@ pub enum Report {
         /// What failed, e.g. "nothing is listening on PORT=41234 (connection refused)".
         detail: String,
     },
-    /// http mode with `tls`: a certificate pair of a listener loaded or was refused
-    /// (when the manifest was applied, or later when its files changed).
-    Certificate {
+    /// http mode with `tls`: a certificate/key pair (files) of a listener loaded or was
+    /// refused (when the manifest was applied, or later when its files changed).
+    CertificateFiles {
         /// App.
         app: AppName,
-        /// The listener: its name, else `address:port`.
+        /// The listener, `address:port` as written.
         listener: String,
         /// What happened.
         event: crate::tls::CertEvent,
@@ -107,6 +107,18 @@ pub enum Report {
         app: AppName,
         /// Worker.
         id: WorkerId,
+    },
+    /// `tls.acme`: a listener's certificate was obtained or renewed, or an attempt
+    /// failed.
+    Certificate {
+        /// App.
+        app: AppName,
+        /// The listener, `address:port` as written.
+        listener: String,
+        /// What happened.
+        kind: crate::tls::acme::AcmeEventKind,
+        /// The domains and expiry, or the reason of the failure.
+        message: String,
     },
 }
 
@@ -211,6 +223,11 @@ pub trait Effects: Send {
 
     /// Whether any of the app's listeners is proxied (in-flight counts mean something).
     fn has_proxy(&self, app: &AppName) -> bool;
+
+    /// `tls.acme`: when the certificate the listener serves now expires (for status).
+    fn certificate_expiry(&self, _app: &AppName, _l: &Listener) -> Option<std::time::SystemTime> {
+        None
+    }
 
     /// Starts a worker.
     ///

@@ -36,7 +36,7 @@ use tokio::net::TcpStream;
 use super::http::ProxyBody;
 use super::stop::Stop;
 use super::timeouts::WriteIdle;
-use crate::tls::ALPN_H2;
+use crate::tls::{ALPN_ACME_TLS, ALPN_H2};
 
 /// Protocol settings for client connections, built once per listener.
 #[derive(Clone)]
@@ -132,6 +132,11 @@ impl Front {
                 return Ok(());
             }
         };
+        // An ACME server validating a TLS-ALPN-01 challenge: the handshake (with the
+        // challenge certificate) was the whole answer; it sends no request.
+        if stream.get_ref().1.alpn_protocol() == Some(ALPN_ACME_TLS) {
+            return Ok(());
+        }
         if stream.get_ref().1.alpn_protocol() == Some(ALPN_H2) {
             let streams = Arc::new(Streams::default());
             let service = Arc::new(service);

@@ -269,23 +269,13 @@ pub async fn serve_http_retirable(
         retire.clone(),
         ctx.hard_stop.clone(),
     ]);
-    let loops = match threads::on_proxy_threads(listener, |listener| {
-        accept_loop(
-            listener,
-            Arc::clone(&ctx),
-            front.clone(),
-            shutdown.clone(),
-            retire.clone(),
-        )
+    match threads::accept_on_proxy_thread(listener, |listener| {
+        accept_loop(listener, Arc::clone(&ctx), front, shutdown, retire)
     }) {
-        Ok(loops) => loops,
-        Err(err) => {
-            tracing::error!(cause = %err, "cannot serve on the proxy threads");
-            return;
+        Ok(accepting) => {
+            let _ = accepting.await;
         }
-    };
-    for l in loops {
-        let _ = l.await;
+        Err(err) => tracing::error!(cause = %err, "cannot serve on the proxy threads"),
     }
     drain_tasks(&tracker, &ctx.hard_stop, ctx.cfg.shutdown_grace).await;
     // Finished: nothing left to stop; the token followers end with their tokens.
@@ -350,8 +340,11 @@ async fn accept_loop(
                 }
             }
         });
-        ctx.tracker.spawn(
-            async move {
+        threads::spawn_conn(
+            &ctx.tracker,
+            stream,
+            tracing::debug_span!("client", %peer),
+            move |stream| async move {
                 let ctx = conn_ctx;
                 let stream = WriteIdle::new(stream, ctx.cfg.response_write_timeout);
                 // Retired: the connection runs on (see serve_http_retirable) until it
@@ -363,8 +356,7 @@ async fn accept_loop(
                     tracing::debug!(cause = %err, "client connection ended with error");
                 }
                 drop(permit);
-            }
-            .instrument(tracing::debug_span!("client", %peer)),
+            },
         );
     }
 }
@@ -438,7 +430,7 @@ async fn proxy_request(
     if let Some(host) = &client_host {
         headers.insert(header::HOST, host.clone());
     }
-    headers::forwarding(&mut headers, &hop, client_host.as_ref());
+    headers::forwarding(&mut headers, hop, client_host.as_ref());
     let uri = headers::origin_form(&parts.uri);
 
     // Only a request with a body needs to say when it is done (see `send`).

@@ -15,7 +15,6 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use tracing::Instrument;
 
 use super::http::drain_tasks;
 use super::routes::RouteTable;
@@ -66,24 +65,20 @@ pub async fn serve_tcp(
     // connections on the proxy threads.
     let shutdown = Stop::following(&shutdown);
     let on_drop = StopOnDrop(vec![shutdown.clone(), hard_stop.clone()]);
-    let loops = match threads::on_proxy_threads(listener, |listener| {
+    match threads::accept_on_proxy_thread(listener, |listener| {
         accept_loop(
             listener,
             Arc::clone(&routes),
             Arc::clone(&cfg),
             tracker.clone(),
             hard_stop.clone(),
-            shutdown.clone(),
+            shutdown,
         )
     }) {
-        Ok(loops) => loops,
-        Err(err) => {
-            tracing::error!(cause = %err, "cannot serve on the proxy threads");
-            return;
+        Ok(accepting) => {
+            let _ = accepting.await;
         }
-    };
-    for l in loops {
-        let _ = l.await;
+        Err(err) => tracing::error!(cause = %err, "cannot serve on the proxy threads"),
     }
     drain_tasks(&tracker, &hard_stop, cfg.shutdown_grace).await;
     on_drop.disarm();
@@ -122,15 +117,17 @@ async fn accept_loop(
         let routes = Arc::clone(&routes);
         let cfg = Arc::clone(&cfg);
         let hard_stop = hard_stop.clone();
-        tracker.spawn(
-            async move {
+        threads::spawn_conn(
+            &tracker,
+            client,
+            tracing::debug_span!("client", %peer),
+            move |client| async move {
                 tokio::select! {
                     () = forward(client, peer.ip(), &routes, &cfg) => {}
                     () = hard_stop.stopped() => tracing::debug!("connection cut at shutdown"),
                 }
                 drop(permit);
-            }
-            .instrument(tracing::debug_span!("client", %peer)),
+            },
         );
     }
 }

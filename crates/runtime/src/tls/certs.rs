@@ -1,8 +1,9 @@
 //! The certificates of one TLS listener: loading, SNI choice and renewal.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use rustls::crypto::CryptoProvider;
 use rustls::server::{ClientHello, ResolvesServerCert};
@@ -209,17 +210,66 @@ impl Slot {
         }
     }
 
-    /// Whether this slot's certificate covers `name` (wildcards per RFC 6125, as a
-    /// client would check it).
+    /// Whether this slot's certificate covers `name`.
     fn covers(&self, name: &ServerName<'_>) -> bool {
-        let Some(ck) = &self.good else {
-            return false;
-        };
-        ck.end_entity_cert()
-            .ok()
-            .and_then(|leaf| webpki::EndEntityCert::try_from(leaf).ok())
-            .is_some_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
+        self.good.as_ref().is_some_and(|ck| covers(ck, name))
     }
+}
+
+/// Whether `ck`'s leaf covers `name` (wildcards per RFC 6125, as a client would check
+/// it).
+pub(crate) fn covers(ck: &CertifiedKey, name: &ServerName<'_>) -> bool {
+    ck.end_entity_cert()
+        .ok()
+        .and_then(|leaf| webpki::EndEntityCert::try_from(leaf).ok())
+        .is_some_and(|ee| ee.verify_is_valid_for_subject_name(name).is_ok())
+}
+
+/// What the listener's ACME task gives it: the ordered certificate (with its expiry,
+/// for status) and, while an order is validated, the TLS-ALPN-01 challenge
+/// certificates by domain. Kept apart from the [`CertStore`] so that they survive a
+/// manifest that turns TLS off and on again.
+#[derive(Debug, Default)]
+pub(crate) struct AcmeCerts {
+    cert: Mutex<Option<(Arc<CertifiedKey>, SystemTime)>>,
+    challenges: Mutex<HashMap<String, Arc<CertifiedKey>>>,
+}
+
+impl AcmeCerts {
+    /// Serves `ck` (valid until `not_after`) to new connections from now on; open
+    /// connections keep the certificate they were handed.
+    pub(crate) fn set_cert(&self, ck: Option<(Arc<CertifiedKey>, SystemTime)>) {
+        *lock(&self.cert) = ck;
+    }
+
+    /// The certificate served for the ACME domains.
+    pub(crate) fn cert(&self) -> Option<Arc<CertifiedKey>> {
+        lock(&self.cert).as_ref().map(|(ck, _)| Arc::clone(ck))
+    }
+
+    /// When the served ACME certificate expires.
+    pub(crate) fn expiry(&self) -> Option<SystemTime> {
+        lock(&self.cert).as_ref().map(|(_, t)| *t)
+    }
+
+    /// Answers TLS-ALPN-01 for `domain` with `ck` (or stops answering).
+    pub(crate) fn set_challenge(&self, domain: &str, ck: Option<Arc<CertifiedKey>>) {
+        let mut map = lock(&self.challenges);
+        match ck {
+            Some(ck) => map.insert(domain.to_ascii_lowercase(), ck),
+            None => map.remove(&domain.to_ascii_lowercase()),
+        };
+    }
+
+    fn challenge(&self, domain: &str) -> Option<Arc<CertifiedKey>> {
+        lock(&self.challenges)
+            .get(&domain.to_ascii_lowercase())
+            .cloned()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The pairs of one listener, in manifest order.
@@ -230,16 +280,23 @@ pub(crate) struct CertStore {
     provider: Arc<CryptoProvider>,
     /// Where loads and refusals go (the daemon's event log), besides the daemon's log.
     report: Option<CertReporter>,
+    acme: Arc<AcmeCerts>,
 }
 
 impl CertStore {
-    /// Loads `pairs` now (loads and refusals are logged and sent to `report`).
-    pub(crate) fn new(pairs: Vec<(PathBuf, PathBuf)>, report: Option<CertReporter>) -> Self {
+    /// Loads `pairs` now (loads and refusals are logged and sent to `report`); `acme`
+    /// holds the listener's ACME certificates, if it has any.
+    pub(crate) fn new(
+        pairs: Vec<(PathBuf, PathBuf)>,
+        acme: Arc<AcmeCerts>,
+        report: Option<CertReporter>,
+    ) -> Self {
         let store = Self {
             slots: Mutex::new(Vec::new()),
             last_check: Mutex::new(None),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
             report,
+            acme,
         };
         store.set_pairs(pairs);
         store
@@ -297,22 +354,43 @@ impl CertStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
-    /// The certificate for a client that asked for `sni`: the first (in manifest
-    /// order) that covers it, else the first that loaded.
+    /// The certificate for a client that asked for `sni`: the ACME certificate if it
+    /// covers it, else the first file (in manifest order) that covers it, else the first
+    /// file that loaded, else the ACME certificate.
     pub(crate) fn choose(&self, sni: Option<&str>) -> Option<Arc<CertifiedKey>> {
         self.refresh_if_due();
+        let acme = self.acme.cert();
+        let name = sni.and_then(|n| ServerName::try_from(n).ok());
+        if let (Some(name), Some(ck)) = (&name, &acme) {
+            if covers(ck, name) {
+                return acme;
+            }
+        }
         let slots = self.slots();
-        if let Some(name) = sni.and_then(|n| ServerName::try_from(n).ok()) {
-            if let Some(s) = slots.iter().find(|s| s.covers(&name)) {
+        if let Some(name) = &name {
+            if let Some(s) = slots.iter().find(|s| s.covers(name)) {
                 return s.good.clone();
             }
         }
-        slots.iter().find_map(|s| s.good.clone())
+        slots.iter().find_map(|s| s.good.clone()).or(acme)
     }
 }
 
 impl ResolvesServerCert for CertStore {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // RFC 8737: the validator offers `acme-tls/1` alone and names the domain.
+        if hello
+            .alpn()
+            .is_some_and(|mut protos| protos.any(|p| p == super::ALPN_ACME_TLS))
+        {
+            let challenge = hello
+                .server_name()
+                .and_then(|name| self.acme.challenge(name));
+            if challenge.is_none() {
+                tracing::debug!(sni = ?hello.server_name(), "acme-tls/1 handshake with no challenge pending; refused");
+            }
+            return challenge;
+        }
         let chosen = self.choose(hello.server_name());
         if chosen.is_none() {
             tracing::warn!(sni = ?hello.server_name(), "TLS handshake refused: no certificate loaded");
@@ -361,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = write_pair(dir.path(), "a", &["a.test"]);
         let w = write_pair(dir.path(), "w", &["*.wild.test"]);
-        let store = CertStore::new(vec![a, w], None);
+        let store = CertStore::new(vec![a, w], Arc::default(), None);
         let leaf = |sni: Option<&str>| {
             store
                 .choose(sni)
@@ -394,7 +472,11 @@ mod tests {
             let seen = Arc::clone(&seen);
             move |e| seen.lock().unwrap().push(e)
         });
-        let store = CertStore::new(vec![(cert.clone(), key.clone())], Some(report));
+        let store = CertStore::new(
+            vec![(cert.clone(), key.clone())],
+            Arc::default(),
+            Some(report),
+        );
         let take = || std::mem::take(&mut *seen.lock().unwrap());
         let leaf = |store: &CertStore| store.choose(Some("a.test")).unwrap().cert[0].clone();
         assert_eq!(
@@ -465,5 +547,35 @@ mod tests {
                 replaced: true
             }]
         );
+    }
+
+    #[test]
+    fn the_acme_certificate_serves_its_names_and_files_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let provider = rustls::crypto::ring::default_provider();
+        let a = write_pair(dir.path(), "a", &["a.test"]);
+        let b = write_pair(dir.path(), "b", &["b.test"]);
+        let acme_ck = load_pair(&b.0, &b.1, &provider).unwrap();
+        let acme = Arc::new(AcmeCerts::default());
+        let leaf = |store: &CertStore, sni: Option<&str>| {
+            store
+                .choose(sni)
+                .map(|ck| ck.end_entity_cert().unwrap().clone().into_owned())
+        };
+        let b_leaf = acme_ck.end_entity_cert().unwrap().clone().into_owned();
+        // ACME alone: nothing to serve until it arrives, then the default.
+        let alone = CertStore::new(vec![], Arc::clone(&acme), None);
+        assert!(leaf(&alone, Some("b.test")).is_none());
+        acme.set_cert(Some((Arc::clone(&acme_ck), SystemTime::now())));
+        assert_eq!(leaf(&alone, None), Some(b_leaf.clone()));
+        // With files: the files stay the default.
+        let both = CertStore::new(vec![a], Arc::clone(&acme), None);
+        let a_leaf = leaf(&both, None).unwrap();
+        assert_ne!(a_leaf, b_leaf);
+        assert_eq!(leaf(&both, Some("b.test")), Some(b_leaf));
+        assert_eq!(leaf(&both, Some("a.test")), Some(a_leaf.clone()));
+        assert_eq!(leaf(&both, Some("c.test")), Some(a_leaf));
+        acme.set_cert(None);
+        assert!(leaf(&alone, Some("b.test")).is_none());
     }
 }

@@ -31,11 +31,13 @@
 //! swaps the certificate list in place (no rebind), and the proxy asks it for an
 //! acceptor per connection.
 
+pub mod acme;
 mod certs;
 
 use std::fmt;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
 
 use clusterd_core::model::Tls;
 use rustls::server::ServerConfig;
@@ -43,7 +45,7 @@ use rustls::CipherSuite;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use certs::CertError;
-use certs::CertStore;
+use certs::{AcmeCerts, CertStore};
 
 /// ALPN protocol id of HTTP/2.
 pub(crate) const ALPN_H2: &[u8] = b"h2";
@@ -122,12 +124,17 @@ impl fmt::Debug for CertReporter {
     }
 }
 
+/// ALPN protocol id of TLS-ALPN-01 validation (RFC 8737).
+pub(crate) const ALPN_ACME_TLS: &[u8] = b"acme-tls/1";
+
 /// One listener's TLS settings, shared between the daemon and its running proxy.
 /// Disabled (plain HTTP) when built from `None`.
 #[derive(Debug, Clone, Default)]
 pub struct TlsTerminator {
     active: Arc<RwLock<Option<Active>>>,
     report: Option<CertReporter>,
+    /// `tls.acme`: what the listener's ACME task obtained.
+    acme: Arc<AcmeCerts>,
 }
 
 #[derive(Debug, Clone)]
@@ -213,6 +220,7 @@ impl TlsTerminator {
         let this = Self {
             active: Arc::default(),
             report,
+            acme: Arc::default(),
         };
         this.set(tls);
         this
@@ -229,7 +237,11 @@ impl TlsTerminator {
             (None, _) => *cur = None,
             (Some(tls), Some(active)) => active.store.set_pairs(pairs(tls)),
             (Some(tls), None) => {
-                let store = Arc::new(CertStore::new(pairs(tls), self.report.clone()));
+                let store = Arc::new(CertStore::new(
+                    pairs(tls),
+                    Arc::clone(&self.acme),
+                    self.report.clone(),
+                ));
                 *cur = Some(Active {
                     handshake: handshake(&store),
                     store,
@@ -251,6 +263,18 @@ impl TlsTerminator {
     #[must_use]
     pub fn enabled(&self) -> bool {
         self.acceptor().is_some()
+    }
+
+    /// Stops serving the ACME certificate (the manifest no longer has `tls.acme`).
+    pub(crate) fn clear_acme(&self) {
+        self.acme.set_cert(None);
+    }
+
+    /// When the certificate `tls.acme` obtained expires (`None`: no ACME certificate
+    /// is served yet).
+    #[must_use]
+    pub fn acme_expiry(&self) -> Option<SystemTime> {
+        self.acme.expiry()
     }
 }
 
@@ -289,7 +313,13 @@ fn server_config(store: &Arc<CertStore>) -> ServerConfig {
     let mut cfg = builder
         .with_no_client_auth()
         .with_cert_resolver(Arc::clone(store) as Arc<dyn rustls::server::ResolvesServerCert>);
-    cfg.alpn_protocols = vec![ALPN_H2.to_vec(), b"http/1.1".to_vec()];
+    // `acme-tls/1` last: only a TLS-ALPN-01 validator offers it (and nothing else), and
+    // the resolver answers it with a challenge certificate or not at all.
+    cfg.alpn_protocols = vec![
+        ALPN_H2.to_vec(),
+        b"http/1.1".to_vec(),
+        ALPN_ACME_TLS.to_vec(),
+    ];
     // Stateless resumption (rotating keys, in memory) makes returning clients cheap.
     if let Ok(ticketer) = rustls::crypto::ring::Ticketer::new() {
         cfg.ticketer = ticketer;
