@@ -25,7 +25,16 @@ NAMES = {
     "haproxy-tcp-mt": "HAProxy tcp, 1 thread per CPU",
     "nginx": "nginx http, 1 worker",
     "nginx-mt": "nginx http, 1 worker per CPU",
+    "http-tls": "clusterd http + TLS",
+    "http-tls-1t": "clusterd http + TLS, 1 proxy thread",
+    "nginx-tls": "nginx + TLS, 1 worker",
+    "nginx-tls-mt": "nginx + TLS, 1 worker per CPU",
 }
+# TLS rows and the nginx row with the same number of threads.
+TLS_PEER = {"http-tls": "nginx-tls-mt", "http-tls-1t": "nginx-tls", "nginx-tls": "nginx-tls",
+            "nginx-tls-mt": "nginx-tls-mt"}
+TLS_BEGIN = "<!-- tls:begin -->"
+TLS_END = "<!-- tls:end -->"
 # Each proxy row is compared with HAProxy (1 thread) in the same mode.
 PROXY_MODE = {"http": "http", "http-1t": "http", "haproxy": "http", "haproxy-mt": "http", "nginx": "http",
               "nginx-mt": "http", "tcp": "tcp", "tcp-1t": "tcp", "haproxy-tcp": "tcp", "haproxy-tcp-mt": "tcp"}
@@ -190,6 +199,80 @@ its number of runnable threads: compare req/s at equal threads, and trust CPU/re
 {PROXY_END}"""
 
 
+def tls_table(res, agg):
+    """clusterd terminating TLS next to nginx terminating TLS, in front of the same workers."""
+    lines = [
+        "| proxy | N | conn | req/s median (min–max) | proxy CPU µs/req median (min–max) |"
+        " req/s × nginx same threads | CPU/req × nginx same threads | req/s × nginx 1 worker | p99 ms |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    order = list(TLS_PEER)
+    keys = sorted((k for k in agg if k[0].split("@")[0] in TLS_PEER and not agg[k]["not_run"]),
+                  key=lambda k: (k[1], k[2], order.index(k[0].split("@")[0]), k[0]))
+    for mode, conn in (("keepalive", "keep-alive"), ("close", "new per request")):
+        for key in keys:
+            system, app, n = key
+            d = agg[key][mode]
+            if not d:
+                continue
+            base, _, variant = system.partition("@")
+            rps, cpu = med(d["rps"]), med(d.get("supervisor_cpu_us_per_req", []))
+            peer = agg.get((TLS_PEER[base], app, n), {}).get(mode, {})
+            one = agg.get(("nginx-tls", app, n), {}).get(mode, {})
+            s_rps = ratio(rps, med(peer.get("rps", [])))
+            s_cpu = ratio(cpu, med(peer.get("supervisor_cpu_us_per_req", [])))
+            o_rps = ratio(rps, med(one.get("rps", [])))
+            bold = "**" if base.startswith("http") else ""
+            label = NAMES.get(base, base) + (f" [{variant}]" if variant else "")
+            lines.append(
+                f"| {bold}{label}{bold} | {n} | {conn} | {cell(d['rps'])} |"
+                f" {cell(d.get('supervisor_cpu_us_per_req', []), f2)} | {f2(s_rps) + 'x' if s_rps else '—'} |"
+                f" {f2(s_cpu) + 'x' if s_cpu else '—'} | {f2(o_rps) + 'x' if o_rps else '—'} |"
+                f" {cell(d['p99'], f2)} |")
+    if len(lines) == 2:
+        return None
+    return "\n".join(lines)
+
+
+def tls_section(res, agg, results_rel):
+    table = tls_table(res, agg)
+    if table is None:
+        return None
+    a, v = res["args"], res["versions"]
+    return f"""{TLS_BEGIN}
+## TLS termination: clusterd http + `tls` vs nginx
+
+From [`{results_rel}`](../{results_rel}) (`./bench/run --tls`: {a.get('reps')} interleaved repetition(s) of
+{a.get('duration')} s, {a.get('conns')} connections, started {res.get('started')}; {v.get('nginx') or 'nginx'}).
+Both terminate TLS for the same 2 Node workers (each on its own port, keep-alive to them)
+with one self-signed ECDSA P-256 certificate made for the run: clusterd http mode with
+`listen[].tls` (rustls with *ring*: TLS 1.3 preferred, session tickets, AES-128-GCM chosen
+first unless the client lists ChaCha20 first);
+nginx `listen … ssl`, TLS 1.2/1.3, `ssl_session_cache shared:SSL:10m`, tickets on, and the
+proxy settings of the rows above. Keep-alive: `wrk` on `https://` (its TLS handshakes
+happen once per connection). New connection per request: `bench/loadgen --mode close`
+on `https://`: a TLS handshake per request, resuming the previous session (a TLS 1.3
+ticket), as a returning browser would; the certificate is not verified but the
+handshake signature is. *Proxy CPU* as above (clusterd: the whole daemon; nginx: master
+and workers). "Same threads": clusterd's default runtime (one thread per CPU) against
+nginx with one worker per CPU, `CLUSTERD_PROXY_THREADS=1` against one nginx worker.
+
+{table}
+{TLS_END}"""
+
+
+def replace_section(old, begin, end, section):
+    """`old` with the text between `begin` and `end` replaced by `section` (put after the
+    proxies section, or at the end, when the markers are missing)."""
+    if begin in old and end in old:
+        head, rest = old.split(begin, 1)
+        return head + section + rest.split(end, 1)[1]
+    if PROXY_END in old:
+        head, tail = old.split(PROXY_END, 1)
+        return head + PROXY_END + "\n\n" + section + tail
+    return old.rstrip("\n") + "\n\n" + section + "\n"
+
+
 def not_run_note(skipped):
     return "".join(f"\n\n**Not run:** {', '.join(v)} — {why}" for why, v in skipped.items())
 
@@ -302,10 +385,23 @@ def commands_section(res, agg):
 def write_docs(res, results_rel):
     agg = aggregate_throughput(res)
     path = os.path.join(ROOT, "docs", "benchmarks.md")
-    if res["args"].get("compare") and os.path.exists(path):
-        # A --compare run only replaces the proxies section of the page.
+    if res["args"].get("tls") and not res["args"].get("compare") and os.path.exists(path):
+        # A --tls run only replaces the TLS section of the page.
         with open(path) as f:
             old = f.read()
+        section = tls_section(res, agg, results_rel)
+        if section:
+            with open(path, "w") as f:
+                f.write(replace_section(old, TLS_BEGIN, TLS_END, section))
+        return os.path.relpath(path, ROOT)
+    if res["args"].get("compare") and os.path.exists(path):
+        # A --compare run only replaces the proxies section of the page (and the TLS
+        # section, with --tls).
+        with open(path) as f:
+            old = f.read()
+        tls = tls_section(res, agg, results_rel)
+        if tls:
+            old = replace_section(old, TLS_BEGIN, TLS_END, tls)
         section = proxies_section(res, agg, results_rel)
         if PROXY_BEGIN in old and PROXY_END in old:
             head, rest = old.split(PROXY_BEGIN, 1)
@@ -332,6 +428,14 @@ def write_docs(res, results_rel):
         warn = ("\n> **This is a `--quick` smoke run** (1 short repetition): it proves the harness, not the "
                 "numbers. Run `./bench/run` on a quiet machine for numbers worth quoting.\n")
     not_run = [f"- {k}: {w}" for k, w in res.get("availability", {}).items() if w != "ok"]
+    # The TLS section of this run, else the one already on the page (from a --tls run).
+    tls_part = tls_section(res, agg, results_rel)
+    if tls_part is None and os.path.exists(path):
+        with open(path) as f:
+            old = f.read()
+        if TLS_BEGIN in old and TLS_END in old:
+            tls_part = TLS_BEGIN + old.split(TLS_BEGIN, 1)[1].split(TLS_END, 1)[0] + TLS_END
+    tls_part = "\n" + tls_part + "\n" if tls_part else ""
     body = f"""# Benchmarks
 
 clusterd against the physical limit (the same app as N processes sharing one listening
@@ -348,6 +452,7 @@ What the numbers mean, where clusterd falls short of its targets and why:
     just bench                 # = ./bench/run: 5 interleaved repetitions, ~30-40 min
     ./bench/run --quick        # smoke test: 1 short repetition of everything, a few minutes
     ./bench/run --compare      # only clusterd http/tcp vs HAProxy, nginx, PM2 (3 reps, ~5 min)
+    ./bench/run --tls          # only clusterd terminating TLS vs nginx (3 reps, ~3 min)
     ./bench/run --help         # repetitions, duration, connections, sections, N, pinning
 
 `bench/run` installs what it needs: `wrk`, `haproxy`, `nginx-light` (Debian's packages,
@@ -411,7 +516,7 @@ Example commands of this run:
 cluster mode for the Node app and the same N. Medians over repetitions, (min–max).
 
 {proxies_section(res, agg, results_rel)}
-
+{tls_part}
 ## Reload under load
 
 {reload_table(res)}

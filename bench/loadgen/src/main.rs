@@ -7,6 +7,13 @@
 //! The result is printed as one JSON object on stdout: req/s, latency percentiles of
 //! completed requests, and the counts.
 //!
+//! With an `https://` URL every connection is TLS (rustls, ring), with ALPN `http/1.1`.
+//! The server's certificate is *not* verified (`--tls` is for benchmarking loopback
+//! listeners with a self-signed certificate), but its handshake signature is, so a
+//! handshake costs the server what a real client's would. A new connection per request
+//! resumes the previous session (rustls' in-memory ticket cache), as a returning browser
+//! would; `--no-resume` forces a full handshake every time.
+//!
 //! Unlike wrk, it never counts a request twice, and a failed request in keep-alive mode
 //! is classified by whether the connection it used was fresh or reused, since a client
 //! that retries idempotent requests would hide the second kind.
@@ -17,8 +24,14 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// A connection, plain or TLS.
+trait Conn: AsyncRead + AsyncWrite + Send + Unpin {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin> Conn for T {}
 
 /// Set when the run should end: at the deadline, or on SIGINT/SIGTERM.
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -32,11 +45,81 @@ struct Args {
     keepalive: bool,
     threads: usize,
     timeout: Duration,
+    /// `https://`: the connector and the name to present (SNI).
+    tls: Option<(
+        tokio_rustls::TlsConnector,
+        rustls_pki_types::ServerName<'static>,
+    )>,
+}
+
+/// Accepts any certificate (loopback benchmarks against self-signed certificates) but
+/// checks the handshake signature like any client, so the server does its full work.
+#[derive(Debug)]
+struct AcceptAnyCert(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls_pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls_pki_types::CertificateDer<'_>],
+        _server_name: &rustls_pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls_pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls_pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn tls_connector(resume: bool) -> tokio_rustls::TlsConnector {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()
+        .expect("ring supports TLS 1.2 and 1.3")
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCert(provider)))
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    if !resume {
+        cfg.resumption = rustls::client::Resumption::disabled();
+    }
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
 }
 
 fn usage() -> ! {
     eprintln!(
-        "usage: loadgen [--mode keepalive|close] [-c CONNS] [-d SECS (0: until SIGINT/SIGTERM)] [--threads N] [--timeout SECS] http://HOST:PORT/PATH"
+        "usage: loadgen [--mode keepalive|close] [-c CONNS] [-d SECS (0: until SIGINT/SIGTERM)] [--threads N] [--timeout SECS] [--no-resume] http[s]://HOST:PORT/PATH"
     );
     std::process::exit(2)
 }
@@ -48,6 +131,7 @@ fn parse_args() -> Args {
     let mut keepalive = true;
     let mut threads = 1;
     let mut timeout = 10.0f64;
+    let mut resume = true;
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         let mut val = || it.next().unwrap_or_else(|| usage());
@@ -73,13 +157,15 @@ fn parse_args() -> Args {
                     _ => usage(),
                 }
             }
+            "--no-resume" => resume = false,
             "-h" | "--help" => usage(),
-            s if s.starts_with("http://") => url = Some(s.to_string()),
+            s if s.starts_with("http://") || s.starts_with("https://") => url = Some(s.to_string()),
             _ => usage(),
         }
     }
     let url = url.unwrap_or_else(|| usage());
-    let rest = &url["http://".len()..];
+    let https = url.starts_with("https://");
+    let rest = url.split_once("://").map_or("", |(_, r)| r);
     let (hostport, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
@@ -87,8 +173,14 @@ fn parse_args() -> Args {
     let hostport = if hostport.contains(':') {
         hostport.to_string()
     } else {
-        format!("{hostport}:80")
+        format!("{hostport}:{}", if https { 443 } else { 80 })
     };
+    let tls = https.then(|| {
+        let host = hostport.rsplit_once(':').map_or(&*hostport, |(h, _)| h);
+        let name =
+            rustls_pki_types::ServerName::try_from(host.to_string()).unwrap_or_else(|_| usage());
+        (tls_connector(resume), name)
+    });
     let addr: SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&hostport)
         .ok()
         .and_then(|mut a| a.next())
@@ -102,6 +194,7 @@ fn parse_args() -> Args {
         keepalive,
         threads: threads.max(1),
         timeout: Duration::from_secs_f64(timeout),
+        tls,
     }
 }
 
@@ -135,6 +228,7 @@ fn io_kind(e: &std::io::Error, stage: &'static str) -> &'static str {
         ("connect", ErrorKind::ConnectionRefused) => "connect_refused",
         ("connect", ErrorKind::ConnectionReset) => "connect_reset",
         ("connect", _) => "connect_other",
+        ("tls", _) => "tls_handshake",
         ("write", _) => "write_error",
         (_, ErrorKind::ConnectionReset) => "read_reset",
         (_, ErrorKind::UnexpectedEof) => "eof_before_response",
@@ -144,7 +238,7 @@ fn io_kind(e: &std::io::Error, stage: &'static str) -> &'static str {
 
 /// Reads one response; returns its status and whether the connection may be reused.
 async fn read_response(
-    s: &mut TcpStream,
+    s: &mut (impl AsyncRead + Unpin),
     buf: &mut Vec<u8>,
 ) -> Result<Outcome, (&'static str, Option<std::io::Error>)> {
     buf.clear();
@@ -231,7 +325,7 @@ async fn read_response(
     }
 }
 
-async fn client(args: std::sync::Arc<Args>, start: Instant) -> Stats {
+async fn client(args: Arc<Args>, start: Instant) -> Stats {
     let mut st = Stats::default();
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUser-Agent: clusterd-loadgen\r\n{}\r\n",
@@ -244,7 +338,7 @@ async fn client(args: std::sync::Arc<Args>, start: Instant) -> Stats {
         }
     )
     .into_bytes();
-    let mut conn: Option<TcpStream> = None;
+    let mut conn: Option<Box<dyn Conn>> = None;
     let mut buf = Vec::with_capacity(16 * 1024);
     while !STOP.load(Ordering::Relaxed) {
         let t0 = Instant::now();
@@ -258,7 +352,15 @@ async fn client(args: std::sync::Arc<Args>, start: Instant) -> Stats {
                         .await
                         .map_err(|e| io_kind(&e, "connect"))?;
                     let _ = s.set_nodelay(true);
-                    s
+                    match &args.tls {
+                        None => Box::new(s) as Box<dyn Conn>,
+                        Some((connector, name)) => Box::new(
+                            connector
+                                .connect(name.clone(), s)
+                                .await
+                                .map_err(|e| io_kind(&e, "tls"))?,
+                        ),
+                    }
                 }
             };
             s.write_all(&req).await.map_err(|e| io_kind(&e, "write"))?;
@@ -325,7 +427,7 @@ fn pct(sorted: &[u32], p: f64) -> f64 {
 }
 
 fn main() {
-    let args = std::sync::Arc::new(parse_args());
+    let args = Arc::new(parse_args());
     let rt = if args.threads == 1 {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()

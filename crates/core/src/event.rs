@@ -72,6 +72,12 @@ pub enum EventKind {
     StateFailed,
     /// The worker state file is written again.
     StateSaved,
+    /// A TLS certificate/key pair of a listener loaded (at start, renewed, or good again
+    /// after a refusal); new connections get it.
+    CertificateLoaded,
+    /// A TLS certificate/key pair was refused (`file: what, expected what`); the last
+    /// good one of those files, if any, stays in use.
+    CertificateRefused,
     /// `tls.acme`: a listener's first certificate was obtained (none was stored, or the
     /// stored one does not cover the domains).
     CertificateObtained,
@@ -114,6 +120,8 @@ impl EventKind {
             EventKind::UpgradeFailed => "upgrade-failed",
             EventKind::StateFailed => "state-failed",
             EventKind::StateSaved => "state-saved",
+            EventKind::CertificateLoaded => "certificate-loaded",
+            EventKind::CertificateRefused => "certificate-refused",
             EventKind::CertificateObtained => "certificate-obtained",
             EventKind::CertificateRenewed => "certificate-renewed",
             EventKind::CertificateFailed => "certificate-failed",
@@ -163,6 +171,8 @@ mod tests {
             UpgradeFailed,
             StateFailed,
             StateSaved,
+            CertificateLoaded,
+            CertificateRefused,
             CertificateObtained,
             CertificateRenewed,
             CertificateFailed,

@@ -233,6 +233,91 @@ async fn sni_chooses_the_certificate_and_wildcards_match() {
     proxy.stop().await;
 }
 
+/// The suite the server picks for a client that offers `suites` in that order.
+async fn negotiated(
+    addr: SocketAddr,
+    suites: &[rustls::CipherSuite],
+    tls12_only: bool,
+) -> rustls::CipherSuite {
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = suites
+        .iter()
+        .map(|want| {
+            *provider
+                .cipher_suites
+                .iter()
+                .find(|s| s.suite() == *want)
+                .unwrap()
+        })
+        .collect();
+    let provider = Arc::new(provider);
+    let versions: &[&rustls::SupportedProtocolVersion] = if tls12_only {
+        &[&rustls::version::TLS12]
+    } else {
+        &[&rustls::version::TLS13]
+    };
+    let cfg = rustls::ClientConfig::builder_with_provider(Arc::clone(&provider))
+        .with_protocol_versions(versions)
+        .unwrap()
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("a.test").unwrap(), tcp)
+        .await
+        .unwrap();
+    s.get_ref().1.negotiated_cipher_suite().unwrap().suite()
+}
+
+#[tokio::test]
+async fn aes_128_gcm_is_preferred_unless_the_client_puts_chacha_first() {
+    use rustls::CipherSuite::*;
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key, _) = write_pair(dir.path(), "a", &["a.test"]);
+    let proxy = Proxy::http(tls_config(&[(&cert, &key)])).await;
+    // OpenSSL's and rustls' own order: AES-256 first; the server picks AES-128.
+    let openssl_like = [
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS13_AES_128_GCM_SHA256,
+    ];
+    assert_eq!(
+        negotiated(proxy.addr, &openssl_like, false).await,
+        TLS13_AES_128_GCM_SHA256
+    );
+    // Without AES-128 offered, the next of ours.
+    let no_128 = [TLS13_AES_256_GCM_SHA384, TLS13_CHACHA20_POLY1305_SHA256];
+    assert_eq!(
+        negotiated(proxy.addr, &no_128, false).await,
+        TLS13_AES_256_GCM_SHA384
+    );
+    // A client without AES hardware (ChaCha20 first) gets ChaCha20.
+    let no_aes = [
+        TLS13_CHACHA20_POLY1305_SHA256,
+        TLS13_AES_256_GCM_SHA384,
+        TLS13_AES_128_GCM_SHA256,
+    ];
+    assert_eq!(
+        negotiated(proxy.addr, &no_aes, false).await,
+        TLS13_CHACHA20_POLY1305_SHA256
+    );
+    // TLS 1.2 alike (the test certificate is ECDSA).
+    assert_eq!(
+        negotiated(
+            proxy.addr,
+            &[
+                TLS_ECDHE_ECDSA_WITH_AES_256_GCM_SHA384,
+                TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+            ],
+            true
+        )
+        .await,
+        TLS_ECDHE_ECDSA_WITH_AES_128_GCM_SHA256
+    );
+    proxy.stop().await;
+}
+
 /// A worker that answers with what it saw: version, scheme header, cookies.
 async fn echo_backend() -> Backend {
     Backend::spawn(|req: Request<hyper::body::Incoming>| async move {

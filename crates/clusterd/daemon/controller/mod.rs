@@ -21,6 +21,7 @@ use clusterd_core::event::EventKind;
 use clusterd_core::load::LoadedApp;
 use clusterd_core::plan::{self, Action, AppName, WorkerState};
 use clusterd_runtime::effects::{AdoptRequest, Effects, Report, SpawnRequest};
+use clusterd_runtime::tls::CertEvent;
 use hyper::StatusCode;
 use serde_json::json;
 use tokio::sync::{mpsc, oneshot};
@@ -434,6 +435,18 @@ impl<E: Effects> Controller<E> {
                 ok,
                 detail,
             } => self.world.on_liveness(&app, id, ok, detail, &self.events),
+            Report::CertificateFiles {
+                app,
+                listener,
+                event,
+            } => {
+                let kind = match event {
+                    CertEvent::Loaded { .. } => EventKind::CertificateLoaded,
+                    CertEvent::Refused { .. } => EventKind::CertificateRefused,
+                };
+                self.events
+                    .push(Some(&app.0), None, kind, format!("{listener}: {event}"));
+            }
             // In-flight counts are read before every plan.
             Report::Drained { .. } => {}
             Report::Certificate {

@@ -852,7 +852,7 @@ impl Effects for LinuxEffects {
                             .map_err(|e| e.to_string())?;
                         let span = tracing::info_span!("proxy", app = %app, listen = %addr);
                         if mode == ListenMode::Http {
-                            let cfg = http_proxy_config(l);
+                            let cfg = http_proxy_config(l, cert_reporter(&self.reports, app, l));
                             trusted = Some(cfg.trusted_proxies.clone());
                             tls = Some(cfg.tls.clone());
                             self.proxies.spawn(
@@ -1379,12 +1379,31 @@ fn describe_bind_error(e: &crate::Error, addr: SocketAddr) -> String {
 /// overrides from the daemon's environment (`CLUSTERD_PROXY_*_MS`, see
 /// [`proxy::HttpProxyConfig::with_env`] and docs/operations.md), and the listener's
 /// `trustedProxies`.
-fn http_proxy_config(l: &Listener) -> proxy::HttpProxyConfig {
+fn http_proxy_config(l: &Listener, certs: crate::tls::CertReporter) -> proxy::HttpProxyConfig {
     proxy::HttpProxyConfig {
         trusted_proxies: proxy::TrustedProxies::new(trusted_proxies(l)),
-        tls: crate::tls::TlsTerminator::new(l.tls.as_ref()),
+        tls: crate::tls::TlsTerminator::with_reporter(l.tls.as_ref(), Some(certs)),
         ..proxy::HttpProxyConfig::default().with_env()
     }
+}
+
+/// Sends listener `l`'s certificate loads and refusals to the controller as
+/// [`Report::CertificateFiles`] (for the event log).
+fn cert_reporter(
+    reports: &mpsc::UnboundedSender<Report>,
+    app: &AppName,
+    l: &Listener,
+) -> crate::tls::CertReporter {
+    let reports = reports.clone();
+    let app = app.clone();
+    let listener = format!("{}:{}", l.address, l.port);
+    crate::tls::CertReporter::new(move |event| {
+        let _ = reports.send(Report::CertificateFiles {
+            app: app.clone(),
+            listener: listener.clone(),
+            event,
+        });
+    })
 }
 
 /// Starts `l`'s certificate task if it has `tls.acme`: it serves the stored

@@ -91,6 +91,16 @@ pub enum Report {
         /// What failed, e.g. "nothing is listening on PORT=41234 (connection refused)".
         detail: String,
     },
+    /// http mode with `tls`: a certificate/key pair (files) of a listener loaded or was
+    /// refused (when the manifest was applied, or later when its files changed).
+    CertificateFiles {
+        /// App.
+        app: AppName,
+        /// The listener, `address:port` as written.
+        listener: String,
+        /// What happened.
+        event: crate::tls::CertEvent,
+    },
     /// Nothing is in flight to a draining worker any more.
     Drained {
         /// App.

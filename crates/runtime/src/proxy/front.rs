@@ -73,7 +73,7 @@ impl Front {
     pub(crate) async fn serve<S>(
         &self,
         stream: WriteIdle<TcpStream>,
-        tls: Option<tokio_rustls::TlsAcceptor>,
+        tls: Option<crate::tls::Handshake>,
         service: S,
         shutdown: &Stop,
         hard_stop: &Stop,

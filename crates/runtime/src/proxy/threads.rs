@@ -278,7 +278,11 @@ mod tests {
     #[test]
     fn new_connections_go_to_the_least_busy_thread_and_stay_home_on_a_tie() {
         let threads = ProxyThreads::start(3).unwrap();
-        assert_eq!(threads.place(), 0, "a tie keeps the connection where it was accepted");
+        assert_eq!(
+            threads.place(),
+            0,
+            "a tie keeps the connection where it was accepted"
+        );
         threads.open[0].store(4, Ordering::Relaxed);
         threads.open[1].store(2, Ordering::Relaxed);
         threads.open[2].store(3, Ordering::Relaxed);

@@ -11,6 +11,8 @@ use rustls::sign::CertifiedKey;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
+use super::{CertEvent, CertReporter};
+
 /// How often, at most, the files are checked for a change (on a handshake).
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 
@@ -18,7 +20,7 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 #[derive(Debug, thiserror::Error)]
 pub enum CertError {
     /// A file could not be read.
-    #[error("cannot read {path}: {source}")]
+    #[error("{path}: cannot read ({source}), expected a readable PEM file")]
     Read {
         /// The file.
         path: PathBuf,
@@ -27,13 +29,13 @@ pub enum CertError {
         source: std::io::Error,
     },
     /// The certificate file holds no PEM `CERTIFICATE` block.
-    #[error("{path}: no PEM certificate found (expected -----BEGIN CERTIFICATE-----)")]
+    #[error("{path}: no PEM certificate found, expected a -----BEGIN CERTIFICATE----- block")]
     NoCertificate {
         /// The file.
         path: PathBuf,
     },
     /// The key file holds no usable PEM private key.
-    #[error("{path}: no PEM private key found (expected a PKCS#8, RSA or EC PRIVATE KEY block): {reason}")]
+    #[error("{path}: no PEM private key found ({reason}), expected a PKCS#8, RSA or EC PRIVATE KEY block")]
     NoKey {
         /// The file.
         path: PathBuf,
@@ -41,7 +43,7 @@ pub enum CertError {
         reason: String,
     },
     /// The key is of a kind rustls cannot sign with.
-    #[error("{path}: unsupported private key: {reason}")]
+    #[error("{path}: unsupported private key ({reason}), expected an RSA, ECDSA or Ed25519 key")]
     Key {
         /// The file.
         path: PathBuf,
@@ -49,7 +51,7 @@ pub enum CertError {
         reason: String,
     },
     /// The key does not belong to the certificate.
-    #[error("{key} does not match the certificate in {cert}: {reason}")]
+    #[error("{key}: the private key does not match the certificate in {cert} ({reason}), expected that certificate's key")]
     Mismatch {
         /// The certificate file.
         cert: PathBuf,
@@ -59,7 +61,7 @@ pub enum CertError {
         reason: String,
     },
     /// The leaf certificate is not a parsable X.509 certificate.
-    #[error("{path}: invalid certificate: {reason}")]
+    #[error("{path}: invalid certificate ({reason}), expected an X.509 certificate")]
     BadCertificate {
         /// The file.
         path: PathBuf,
@@ -160,8 +162,9 @@ impl Slot {
         }
     }
 
-    /// Reloads the pair if either file changed since the last attempt.
-    fn refresh(&mut self, provider: &CryptoProvider) {
+    /// Reloads the pair if either file changed since the last attempt, and reports what
+    /// came of it: every load, and each distinct refusal once.
+    fn refresh(&mut self, provider: &CryptoProvider, report: Option<&CertReporter>) {
         let now = stamp(&self.cert).zip(stamp(&self.key));
         if self.seen == Some(now) {
             return;
@@ -169,21 +172,37 @@ impl Slot {
         self.seen = Some(now);
         match load_pair(&self.cert, &self.key, provider) {
             Ok(ck) => {
-                if self.good.is_some() {
+                let replaced = self.good.is_some();
+                if replaced {
                     tracing::info!(cert = %self.cert.display(), "certificate reloaded; new connections get it");
                 } else {
                     tracing::info!(cert = %self.cert.display(), "certificate loaded");
                 }
                 self.good = Some(ck);
                 self.last_error = None;
+                if let Some(report) = report {
+                    report.send(CertEvent::Loaded {
+                        cert: self.cert.clone(),
+                        key: self.key.clone(),
+                        replaced,
+                    });
+                }
             }
             Err(e) => {
                 let msg = e.to_string();
                 if self.last_error.as_deref() != Some(&msg) {
-                    if self.good.is_some() {
+                    let kept = self.good.is_some();
+                    if kept {
                         tracing::error!(cert = %self.cert.display(), key = %self.key.display(), error = %msg, "certificate refused; still serving the previous one");
                     } else {
                         tracing::error!(cert = %self.cert.display(), key = %self.key.display(), error = %msg, "certificate refused; no certificate to serve for it yet");
+                    }
+                    if let Some(report) = report {
+                        report.send(CertEvent::Refused {
+                            cert: self.cert.clone(),
+                            reason: msg.clone(),
+                            kept,
+                        });
                     }
                 }
                 self.last_error = Some(msg);
@@ -259,17 +278,24 @@ pub(crate) struct CertStore {
     slots: Mutex<Vec<Slot>>,
     last_check: Mutex<Option<Instant>>,
     provider: Arc<CryptoProvider>,
+    /// Where loads and refusals go (the daemon's event log), besides the daemon's log.
+    report: Option<CertReporter>,
     acme: Arc<AcmeCerts>,
 }
 
 impl CertStore {
-    /// Loads `pairs` now (refusals are logged); `acme` holds the listener's ACME
-    /// certificates, if it has any.
-    pub(crate) fn new(pairs: Vec<(PathBuf, PathBuf)>, acme: Arc<AcmeCerts>) -> Self {
+    /// Loads `pairs` now (loads and refusals are logged and sent to `report`); `acme`
+    /// holds the listener's ACME certificates, if it has any.
+    pub(crate) fn new(
+        pairs: Vec<(PathBuf, PathBuf)>,
+        acme: Arc<AcmeCerts>,
+        report: Option<CertReporter>,
+    ) -> Self {
         let store = Self {
             slots: Mutex::new(Vec::new()),
             last_check: Mutex::new(None),
             provider: Arc::new(rustls::crypto::ring::default_provider()),
+            report,
             acme,
         };
         store.set_pairs(pairs);
@@ -294,7 +320,7 @@ impl CertStore {
             slots.push(slot);
         }
         for s in slots.iter_mut() {
-            s.refresh(&self.provider);
+            s.refresh(&self.provider, self.report.as_ref());
         }
         *self
             .last_check
@@ -315,8 +341,17 @@ impl CertStore {
             *last = Some(Instant::now());
         }
         for s in self.slots().iter_mut() {
-            s.refresh(&self.provider);
+            s.refresh(&self.provider, self.report.as_ref());
         }
+    }
+
+    /// Checks the files at the next handshake, as if the last check were long ago.
+    #[cfg(test)]
+    fn forget_last_check(&self) {
+        *self
+            .last_check
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
     }
 
     /// The certificate for a client that asked for `sni`: the ACME certificate if it
@@ -404,7 +439,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let a = write_pair(dir.path(), "a", &["a.test"]);
         let w = write_pair(dir.path(), "w", &["*.wild.test"]);
-        let store = CertStore::new(vec![a, w], Arc::default());
+        let store = CertStore::new(vec![a, w], Arc::default(), None);
         let leaf = |sni: Option<&str>| {
             store
                 .choose(sni)
@@ -429,6 +464,92 @@ mod tests {
     }
 
     #[test]
+    fn loads_and_refusals_are_reported_once_and_the_good_pair_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = write_pair(dir.path(), "a", &["a.test"]);
+        let seen: Arc<Mutex<Vec<CertEvent>>> = Arc::default();
+        let report = CertReporter::new({
+            let seen = Arc::clone(&seen);
+            move |e| seen.lock().unwrap().push(e)
+        });
+        let store = CertStore::new(
+            vec![(cert.clone(), key.clone())],
+            Arc::default(),
+            Some(report),
+        );
+        let take = || std::mem::take(&mut *seen.lock().unwrap());
+        let leaf = |store: &CertStore| store.choose(Some("a.test")).unwrap().cert[0].clone();
+        assert_eq!(
+            take(),
+            [CertEvent::Loaded {
+                cert: cert.clone(),
+                key: key.clone(),
+                replaced: false
+            }]
+        );
+        let first = leaf(&store);
+
+        // A renewal that breaks the key: refused once, with the file and what was
+        // expected; the loaded certificate stays.
+        std::fs::write(&key, "garbage\n").unwrap();
+        store.forget_last_check();
+        assert_eq!(leaf(&store), first);
+        let events = take();
+        let [CertEvent::Refused {
+            cert: c,
+            reason,
+            kept: true,
+        }] = events.as_slice()
+        else {
+            panic!("{events:?}");
+        };
+        assert_eq!(c, &cert);
+        assert!(
+            reason.starts_with(&format!("{}: no PEM private key found", key.display())),
+            "{reason}"
+        );
+        assert!(reason.contains("expected a PKCS#8"), "{reason}");
+        let shown = events[0].to_string();
+        assert!(
+            shown.ends_with("; still serving the previous certificate"),
+            "{shown}"
+        );
+
+        // Broken in the same way again (rewritten): not reported again.
+        std::fs::write(&key, "garbage, longer\n").unwrap();
+        store.forget_last_check();
+        assert_eq!(leaf(&store), first);
+        assert_eq!(take(), []);
+
+        // A key of another certificate: a new reason, reported.
+        let (_, other_key) = write_pair(dir.path(), "b", &["b.test"]);
+        std::fs::copy(&other_key, &key).unwrap();
+        store.forget_last_check();
+        assert_eq!(leaf(&store), first);
+        let events = take();
+        assert!(
+            matches!(events.as_slice(), [CertEvent::Refused { reason, kept: true, .. }]
+                if reason.contains("does not match the certificate in")),
+            "{events:?}"
+        );
+
+        // A good pair again: loaded, replacing the old one.
+        let (new_cert, new_key) = write_pair(dir.path(), "n", &["a.test"]);
+        std::fs::rename(&new_cert, &cert).unwrap();
+        std::fs::rename(&new_key, &key).unwrap();
+        store.forget_last_check();
+        assert_ne!(leaf(&store), first);
+        assert_eq!(
+            take(),
+            [CertEvent::Loaded {
+                cert,
+                key,
+                replaced: true
+            }]
+        );
+    }
+
+    #[test]
     fn the_acme_certificate_serves_its_names_and_files_the_rest() {
         let dir = tempfile::tempdir().unwrap();
         let provider = rustls::crypto::ring::default_provider();
@@ -443,12 +564,12 @@ mod tests {
         };
         let b_leaf = acme_ck.end_entity_cert().unwrap().clone().into_owned();
         // ACME alone: nothing to serve until it arrives, then the default.
-        let alone = CertStore::new(vec![], Arc::clone(&acme));
+        let alone = CertStore::new(vec![], Arc::clone(&acme), None);
         assert!(leaf(&alone, Some("b.test")).is_none());
         acme.set_cert(Some((Arc::clone(&acme_ck), SystemTime::now())));
         assert_eq!(leaf(&alone, None), Some(b_leaf.clone()));
         // With files: the files stay the default.
-        let both = CertStore::new(vec![a], Arc::clone(&acme));
+        let both = CertStore::new(vec![a], Arc::clone(&acme), None);
         let a_leaf = leaf(&both, None).unwrap();
         assert_ne!(a_leaf, b_leaf);
         assert_eq!(leaf(&both, Some("b.test")), Some(b_leaf));
