@@ -131,19 +131,31 @@ fn node_listen_port_workers_share_the_socket_and_reload_without_loss() {
         "{text}"
     );
 
-    let stats = d.reload_under("web", Load::start(local(port), "/", 4, false));
+    let stats = reload_replaces_every_worker(&d, "web", port, &want, "Node");
     assert!(stats.ok > 0);
+}
+
+/// Reloads `app` under new-connection load on `port` (no request may fail), then checks
+/// that every worker in `old` was replaced and that each new one takes connections.
+fn reload_replaces_every_worker(
+    d: &Daemon,
+    app: &str,
+    port: u16,
+    old: &BTreeSet<String>,
+    what: &str,
+) -> LoadStats {
+    let stats = d.reload_under(app, Load::start(local(port), "/", 4, false));
     eprintln!(
-        "shared-mode reload under new-connection load: {} ok, {} failed",
+        "{what} shared-mode reload under new-connection load: {} ok, {} failed",
         stats.ok, stats.failed
     );
-    let after = d.wait_phase("web", "Available", T);
-    let new = pids_of(&after);
+    let new = pids_of(&d.wait_phase(app, "Available", T));
     assert!(
-        new.is_disjoint(&want),
-        "every worker was replaced: {want:?} -> {new:?}"
+        new.is_disjoint(old),
+        "every worker was replaced: {old:?} -> {new:?}"
     );
     assert_eq!(distinct_pids(port, &new), new);
+    stats
 }
 
 /// `python3 -m http.server $(PORT)` unmodified, and a UDP server binding `PORT_DNS`: both
@@ -572,14 +584,7 @@ fn express_app_listen_port_workers_share_the_socket_and_reload_without_loss() {
         want,
         "every Express worker took connections"
     );
-    let stats = d.reload_under("web", Load::start(local(port), "/", 4, false));
-    eprintln!(
-        "Express shared-mode reload under new-connection load: {} ok, {} failed",
-        stats.ok, stats.failed
-    );
-    let new = pids_of(&d.wait_phase("web", "Available", T));
-    assert!(new.is_disjoint(&want), "{want:?} -> {new:?}");
-    assert_eq!(distinct_pids(port, &new), new);
+    reload_replaces_every_worker(&d, "web", port, &want, "Express");
 }
 
 /// A Go server with the standard library only: `net.Listen("tcp", ":"+PORT)` (Go binds
@@ -694,12 +699,5 @@ fn go_net_listen_workers_share_the_socket_and_reload_without_loss() {
         want,
         "every Go worker took connections"
     );
-    let stats = d.reload_under("go", Load::start(local(port), "/", 4, false));
-    eprintln!(
-        "Go shared-mode reload under new-connection load: {} ok, {} failed",
-        stats.ok, stats.failed
-    );
-    let new = pids_of(&d.wait_phase("go", "Available", T));
-    assert!(new.is_disjoint(&want), "{want:?} -> {new:?}");
-    assert_eq!(distinct_pids(port, &new), new);
+    reload_replaces_every_worker(&d, "go", port, &want, "Go");
 }
