@@ -40,44 +40,75 @@ pub(crate) fn check_request(
     version: Version,
     headers: &HeaderMap,
 ) -> Result<(), Reject> {
+    check_method(method)?;
+    check_target(method, uri)?;
+    check_hosts(
+        version == Version::HTTP_11 && uri.authority().is_none(),
+        headers.get_all(header::HOST).iter().map(|v| v.as_bytes()),
+    )?;
+    let mut te = headers.get_all(header::TRANSFER_ENCODING).iter().peekable();
+    if te.peek().is_some() {
+        check_transfer_encoding(te.map(|v| v.as_bytes()))?;
+    }
+    Ok(())
+}
+
+/// `CONNECT` is refused: the proxy is not a tunnel to arbitrary hosts.
+pub(crate) fn check_method(method: &Method) -> Result<(), Reject> {
     if method == Method::CONNECT {
         return Err(reject(
             StatusCode::METHOD_NOT_ALLOWED,
             "CONNECT is not supported\n",
         ));
     }
-    check_target(method, uri)?;
-    let mut hosts = headers.get_all(header::HOST).iter();
+    Ok(())
+}
+
+/// The `Host` lines of a request: at most one, a valid authority, and present when
+/// `required` (HTTP/1.1 without an absolute-form target).
+pub(crate) fn check_hosts<'a>(
+    required: bool,
+    mut hosts: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), Reject> {
     match (hosts.next(), hosts.next()) {
-        (_, Some(_)) => {
-            return Err(reject(
-                StatusCode::BAD_REQUEST,
-                "more than one Host header\n",
-            ));
-        }
+        (_, Some(_)) => Err(reject(
+            StatusCode::BAD_REQUEST,
+            "more than one Host header\n",
+        )),
         (Some(host), None) => {
-            if !host.to_str().is_ok_and(valid_authority) {
-                return Err(reject(StatusCode::BAD_REQUEST, "invalid Host header\n"));
+            let visible = host.iter().all(|b| (0x20..0x7f).contains(b));
+            if visible && std::str::from_utf8(host).is_ok_and(valid_authority) {
+                Ok(())
+            } else {
+                Err(reject(StatusCode::BAD_REQUEST, "invalid Host header\n"))
             }
         }
-        (None, None) => {
-            if version == Version::HTTP_11 && uri.authority().is_none() {
-                return Err(reject(StatusCode::BAD_REQUEST, "missing Host header\n"));
-            }
-        }
+        (None, None) if required => Err(reject(StatusCode::BAD_REQUEST, "missing Host header\n")),
+        (None, None) => Ok(()),
     }
-    if headers.contains_key(header::TRANSFER_ENCODING) && !is_plain_chunked(headers) {
-        return Err(reject(
+}
+
+/// The values of a request's `Transfer-Encoding` lines (present at least once): exactly
+/// one `chunked`, since the proxy re-frames the body and would drop any other coding.
+pub(crate) fn check_transfer_encoding<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+) -> Result<(), Reject> {
+    let mut codings = values
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|c| !c.is_empty());
+    match (codings.next(), codings.next()) {
+        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked") => Ok(()),
+        _ => Err(reject(
             StatusCode::NOT_IMPLEMENTED,
             "only Transfer-Encoding: chunked is supported\n",
-        ));
+        )),
     }
-    Ok(())
 }
 
 /// The request target: origin-form (`/path`), absolute-form (`http://host/path`), or
 /// `*` for OPTIONS. Authority-form belongs to CONNECT, which is refused earlier.
-fn check_target(method: &Method, uri: &Uri) -> Result<(), Reject> {
+pub(crate) fn check_target(method: &Method, uri: &Uri) -> Result<(), Reject> {
     let bad = |reason| Err(reject(StatusCode::BAD_REQUEST, reason));
     match (uri.scheme_str(), uri.authority()) {
         (None, None) => {
@@ -135,41 +166,39 @@ pub(crate) fn valid_authority(text: &str) -> bool {
     host_ok && port_ok
 }
 
-/// Whether `Transfer-Encoding` is exactly one `chunked` (hyper has checked that chunked
-/// is last; anything before it would be dropped when the body is re-framed).
-fn is_plain_chunked(headers: &HeaderMap) -> bool {
-    let mut codings = headers
-        .get_all(header::TRANSFER_ENCODING)
-        .iter()
-        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
-        .map(<[u8]>::trim_ascii)
-        .filter(|c| !c.is_empty());
-    matches!(
-        (codings.next(), codings.next()),
-        (Some(c), None) if c.eq_ignore_ascii_case(b"chunked")
-    )
-}
-
 /// Whether the request asks to upgrade to a protocol the proxy may pass through
 /// (`allowed`, compared case-insensitively; `websocket` by default). Any other upgrade
 /// (notably `h2c`, which would hand the client a raw HTTP/2 connection to the worker
 /// past the proxy) is forwarded as a plain request with the upgrade removed.
 pub(crate) fn allowed_upgrade(headers: &HeaderMap, allowed: &[String]) -> bool {
-    if !super::headers::connection_has(headers, "upgrade") {
-        return false;
-    }
-    let mut protocols = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .map(|p| p.trim())
+    super::headers::connection_has(headers, "upgrade")
+        && upgrade_allowed(
+            headers
+                .get_all(header::UPGRADE)
+                .iter()
+                .map(|v| v.as_bytes()),
+            allowed,
+        )
+}
+
+/// [`allowed_upgrade`] once `Connection: upgrade` is known to be there: whether the
+/// `Upgrade` values name at least one protocol, and only allowed ones.
+pub(crate) fn upgrade_allowed<'a>(
+    values: impl Iterator<Item = &'a [u8]>,
+    allowed: &[String],
+) -> bool {
+    let mut protocols = values
+        .filter(|v| v.iter().all(|b| (0x20..0x7f).contains(b) || *b == b'\t'))
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
         .filter(|p| !p.is_empty())
         .peekable();
     protocols.peek().is_some()
         && protocols.all(|p| {
-            let name = p.split('/').next().unwrap_or(p);
-            allowed.iter().any(|a| a.eq_ignore_ascii_case(name))
+            let name = p.split(|b| *b == b'/').next().unwrap_or(p);
+            allowed
+                .iter()
+                .any(|a| a.as_bytes().eq_ignore_ascii_case(name))
         })
 }
 

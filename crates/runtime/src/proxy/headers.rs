@@ -189,6 +189,11 @@ pub(crate) struct ClientHop {
 }
 
 impl ClientHop {
+    /// Whether the peer is a trusted proxy.
+    pub(crate) fn trusted(&self) -> bool {
+        self.trusted
+    }
+
     /// `peer` connected to `local` (over TLS if `https`); `trusted` if it is in
     /// `trustedProxies`.
     pub(crate) fn new(
@@ -271,6 +276,143 @@ pub(crate) fn forwarding(headers: &mut HeaderMap, hop: &ClientHop, host: Option<
     if let Some(v) = element {
         headers.append(header::FORWARDED, v);
     }
+}
+
+/// How a header name matters to the proxy, for the lean HTTP/1.1 path
+/// ([`super::h1`]), which rewrites heads as bytes: the same sets as above, matched
+/// case-insensitively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Role {
+    /// `Host`.
+    Host,
+    /// `Content-Length`.
+    ContentLength,
+    /// `Transfer-Encoding` (hop-by-hop: the proxy re-frames).
+    TransferEncoding,
+    /// `Connection` (hop-by-hop; lists more hop-by-hop names).
+    Connection,
+    /// `Upgrade` (hop-by-hop unless an allowed upgrade).
+    Upgrade,
+    /// `TE` (hop-by-hop, kept only as `trailers`).
+    Te,
+    /// `Expect`.
+    Expect,
+    /// The other [`HOP_BY_HOP`] names.
+    HopByHop,
+    /// `X-Forwarded-For`.
+    XForwardedFor,
+    /// `X-Forwarded-Proto`.
+    XForwardedProto,
+    /// `X-Forwarded-Host`.
+    XForwardedHost,
+    /// `X-Forwarded-Port`.
+    XForwardedPort,
+    /// `Forwarded`.
+    Forwarded,
+    /// One of [`CLIENT_IP_HEADERS`].
+    ClientIp,
+    /// An end-to-end header.
+    Other,
+}
+
+/// The [`Role`] of a header name.
+pub(crate) fn role(name: &[u8]) -> Role {
+    let is = |h: &HeaderName| h.as_str().as_bytes().eq_ignore_ascii_case(name);
+    // Most names are none of these: the lengths below rule them out without a compare.
+    match name.len() {
+        4 if is(&header::HOST) => Role::Host,
+        14 if is(&header::CONTENT_LENGTH) => Role::ContentLength,
+        17 if is(&header::TRANSFER_ENCODING) => Role::TransferEncoding,
+        10 if is(&header::CONNECTION) => Role::Connection,
+        7 if is(&header::UPGRADE) => Role::Upgrade,
+        2 if is(&header::TE) => Role::Te,
+        6 if is(&header::EXPECT) => Role::Expect,
+        15 if is(&X_FORWARDED_FOR) => Role::XForwardedFor,
+        17 if is(&X_FORWARDED_PROTO) => Role::XForwardedProto,
+        16 if is(&X_FORWARDED_HOST) => Role::XForwardedHost,
+        16 if is(&X_FORWARDED_PORT) => Role::XForwardedPort,
+        9 if is(&header::FORWARDED) => Role::Forwarded,
+        _ if HOP_BY_HOP.iter().any(is) => Role::HopByHop,
+        _ if CLIENT_IP_HEADERS.iter().any(is) => Role::ClientIp,
+        _ => Role::Other,
+    }
+}
+
+/// The comma-separated tokens of header values, trimmed, empty ones skipped.
+pub(crate) fn tokens<'a>(values: impl Iterator<Item = &'a [u8]>) -> impl Iterator<Item = &'a [u8]> {
+    values
+        .flat_map(|v| v.split(|b| *b == b','))
+        .map(<[u8]>::trim_ascii)
+        .filter(|t| !t.is_empty())
+}
+
+/// Whether a `TE` token asks for trailers (`trailers`, maybe with parameters).
+pub(crate) fn te_is_trailers(token: &[u8]) -> bool {
+    token
+        .split(|b| *b == b';')
+        .next()
+        .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"trailers"))
+}
+
+/// What a trusted peer sent of this hop's forwarding headers, for [`write_forwarding`].
+#[derive(Debug, Default)]
+pub(crate) struct PriorForwarding<'a> {
+    /// Its `X-Forwarded-For` values, in order.
+    pub(crate) xff: Vec<&'a [u8]>,
+    /// Whether it sent `X-Forwarded-Proto`, `-Host`, `-Port` (those are then kept).
+    pub(crate) proto: bool,
+    pub(crate) host: bool,
+    pub(crate) port: bool,
+}
+
+/// [`forwarding`] for a head written as bytes: appends this hop's header lines to
+/// `out`. The caller has dropped what an untrusted peer sent of them (and, from a
+/// trusted one, its `X-Forwarded-For` lines, joined here into one) and kept its
+/// `Forwarded` lines, after which this hop's element follows.
+pub(crate) fn write_forwarding(
+    out: &mut Vec<u8>,
+    hop: &ClientHop,
+    host: Option<&[u8]>,
+    prior: &PriorForwarding<'_>,
+) {
+    out.extend_from_slice(b"x-forwarded-for: ");
+    if hop.trusted {
+        for v in &prior.xff {
+            out.extend_from_slice(v);
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(hop.ip.as_bytes());
+    out.extend_from_slice(b"\r\n");
+    if !(hop.trusted && prior.proto) {
+        line(out, b"x-forwarded-proto", hop.proto.as_bytes());
+    }
+    if let Some(h) = host {
+        if !(hop.trusted && prior.host) {
+            line(out, b"x-forwarded-host", h);
+        }
+    }
+    if let Some(port) = &hop.port {
+        if !(hop.trusted && prior.port) {
+            line(out, b"x-forwarded-port", port.as_bytes());
+        }
+    }
+    out.extend_from_slice(b"forwarded: ");
+    out.extend_from_slice(hop.element.as_bytes());
+    if let Some(h) = host.filter(|h| !h.iter().any(|b| matches!(b, b'"' | b'\\'))) {
+        out.extend_from_slice(b";host=\"");
+        out.extend_from_slice(h);
+        out.push(b'"');
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends one `name: value` line.
+pub(crate) fn line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
 }
 
 #[cfg(test)]

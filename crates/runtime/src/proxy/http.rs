@@ -47,7 +47,7 @@ use super::pool::{connect, BoxError, UpstreamBody, UpstreamConn};
 use super::routes::{Lease, RouteTable};
 use super::stop::{Stop, StopOnDrop};
 use super::timeouts::{BodyReadTimeout, Idle, WriteIdle};
-use super::{guard, headers, threads};
+use super::{guard, h1, headers, threads};
 use crate::accept::{AcceptBackoff, ConnLimiter};
 use crate::tls::TlsTerminator;
 
@@ -96,6 +96,10 @@ pub struct HttpProxyConfig {
     pub limiter: Arc<ConnLimiter>,
     /// `listen[].tls`: terminate TLS (and offer HTTP/2) on this listener.
     pub tls: TlsTerminator,
+    /// Serve plaintext HTTP/1.x with the proxy's own lean path ([`super::h1`]) rather
+    /// than hyper (which still serves TLS clients and HTTP/2). On by default;
+    /// `CLUSTERD_PROXY_H1=hyper` turns it off.
+    pub lean_h1: bool,
 }
 
 impl Default for HttpProxyConfig {
@@ -115,6 +119,7 @@ impl Default for HttpProxyConfig {
             allowed_upgrades: vec!["websocket".to_string()],
             limiter: ConnLimiter::global(),
             tls: TlsTerminator::default(),
+            lean_h1: true,
         }
     }
 }
@@ -160,6 +165,9 @@ impl HttpProxyConfig {
                 *field = d;
             }
         }
+        if let Ok(engine) = std::env::var("CLUSTERD_PROXY_H1") {
+            self.lean_h1 = !engine.trim().eq_ignore_ascii_case("hyper");
+        }
         self
     }
 }
@@ -197,18 +205,18 @@ impl TrustedProxies {
 
 /// Attempts per request: connect failures and requests handed back unsent, plus at
 /// most one replay of a request a worker may have seen.
-const MAX_ATTEMPTS: usize = 8;
+pub(super) const MAX_ATTEMPTS: usize = 8;
 
 pub(crate) type ProxyBody = UnsyncBoxBody<Bytes, hyper::Error>;
 
 /// State shared by every connection of one `serve_http`.
-struct Ctx {
-    routes: Arc<RouteTable>,
-    cfg: HttpProxyConfig,
+pub(super) struct Ctx {
+    pub(super) routes: Arc<RouteTable>,
+    pub(super) cfg: HttpProxyConfig,
     /// Cut tunnels when the shutdown grace is over.
-    hard_stop: Stop,
+    pub(super) hard_stop: Stop,
     /// Retired for a daemon upgrade: responses ask clients to reconnect.
-    retire: Stop,
+    pub(super) retire: Stop,
     tracker: TaskTracker,
 }
 
@@ -323,23 +331,6 @@ async fn accept_loop(
             local,
             hop: headers::ClientHop::new(peer, local, trusted, tls.is_some()),
         });
-        let service = service_fn({
-            let ctx = Arc::clone(&ctx);
-            move |req| {
-                let ctx = Arc::clone(&ctx);
-                let client = Arc::clone(&client);
-                async move {
-                    let mut resp = proxy_request(req, &ctx, &client).await;
-                    // Retired (daemon upgrade): HTTP/1.1 clients are asked to reconnect,
-                    // to the new daemon. hyper drops the header on HTTP/2.
-                    if ctx.retire.is_stopped() && resp.status() != StatusCode::SWITCHING_PROTOCOLS {
-                        resp.headers_mut()
-                            .insert(header::CONNECTION, HeaderValue::from_static("close"));
-                    }
-                    Ok::<_, Infallible>(resp)
-                }
-            }
-        });
         threads::spawn_conn(
             &ctx.tracker,
             stream,
@@ -349,11 +340,41 @@ async fn accept_loop(
                 let stream = WriteIdle::new(stream, ctx.cfg.response_write_timeout);
                 // Retired: the connection runs on (see serve_http_retirable) until it
                 // closes or the grace passes (`hard_stop`).
-                let result = front
-                    .serve(stream, tls, service, &shutdown, &ctx.hard_stop)
-                    .await;
-                if let Err(err) = result {
-                    tracing::debug!(cause = %err, "client connection ended with error");
+                if tls.is_none() && ctx.cfg.lean_h1 {
+                    tokio::select! {
+                        biased;
+                        () = ctx.hard_stop.stopped() => tracing::debug!("connection cut at shutdown"),
+                        () = h1::serve(stream, &ctx, &client, &shutdown) => {}
+                    }
+                } else {
+                    let service = service_fn({
+                        let ctx = Arc::clone(&ctx);
+                        move |req| {
+                            let ctx = Arc::clone(&ctx);
+                            let client = Arc::clone(&client);
+                            async move {
+                                let mut resp = proxy_request(req, &ctx, &client).await;
+                                // Retired (daemon upgrade): HTTP/1.1 clients are asked to
+                                // reconnect, to the new daemon. hyper drops the header on
+                                // HTTP/2.
+                                if ctx.retire.is_stopped()
+                                    && resp.status() != StatusCode::SWITCHING_PROTOCOLS
+                                {
+                                    resp.headers_mut().insert(
+                                        header::CONNECTION,
+                                        HeaderValue::from_static("close"),
+                                    );
+                                }
+                                Ok::<_, Infallible>(resp)
+                            }
+                        }
+                    });
+                    let result = front
+                        .serve(stream, tls, service, &shutdown, &ctx.hard_stop)
+                        .await;
+                    if let Err(err) = result {
+                        tracing::debug!(cause = %err, "client connection ended with error");
+                    }
                 }
                 drop(permit);
             },
@@ -388,11 +409,11 @@ enum SendFailure {
 
 /// Who sent a request: fixed for its client connection.
 #[derive(Debug)]
-struct Client {
-    peer: SocketAddr,
-    local: Option<SocketAddr>,
+pub(super) struct Client {
+    pub(super) peer: SocketAddr,
+    pub(super) local: Option<SocketAddr>,
     /// Its forwarding headers, formatted once.
-    hop: headers::ClientHop,
+    pub(super) hop: headers::ClientHop,
 }
 
 async fn proxy_request(
@@ -477,7 +498,7 @@ async fn proxy_request(
         let pooled = if upgrade || replayed {
             None
         } else {
-            backend.pool.take(ctx.cfg.pool_idle_timeout)
+            backend.pool.take(ctx.cfg.pool_idle_timeout, false)
         };
         let mut conn = match pooled {
             Some(c) => c,

@@ -13,6 +13,7 @@
 
 mod front;
 mod guard;
+mod h1;
 mod headers;
 mod http;
 mod pool;

@@ -92,9 +92,50 @@ pub(crate) async fn connect(
     })
 }
 
+/// A connection that can wait in a [`Pool`].
+pub(crate) trait Pooled {
+    /// Whether the worker has closed it (or sent something unasked). With `strict`,
+    /// look even when the reactor has not reported the socket readable: for a request
+    /// that cannot be replayed, a syscall is cheaper than a lost request.
+    fn is_closed(&self, strict: bool) -> bool;
+    /// Marks it as taken from the pool.
+    fn set_reused(&mut self);
+}
+
+impl Pooled for UpstreamConn {
+    fn is_closed(&self, _strict: bool) -> bool {
+        self.sender.is_closed()
+    }
+
+    fn set_reused(&mut self) {
+        self.reused = true;
+    }
+}
+
+/// An idle connection of the lean HTTP/1.1 path ([`super::h1`]): just the socket,
+/// since the connection task that uses it owns both sides.
 #[derive(Debug)]
-struct Idle {
-    conn: UpstreamConn,
+pub(crate) struct RawConn(pub(crate) TcpStream);
+
+impl Pooled for RawConn {
+    fn is_closed(&self, strict: bool) -> bool {
+        if !strict {
+            // No readiness reported since the last read: nothing (no FIN) arrived.
+            let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+            if self.0.poll_read_ready(&mut cx).is_pending() {
+                return false;
+            }
+        }
+        let mut byte = [0u8; 1];
+        !matches!(self.0.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    fn set_reused(&mut self) {}
+}
+
+#[derive(Debug)]
+struct Idle<C> {
+    conn: C,
     since: Instant,
 }
 
@@ -104,11 +145,11 @@ struct Idle {
 /// exchange would hop between threads. A slot's lock is only ever contended by a
 /// drain (`close_idle`), never by another thread's requests.
 #[derive(Debug)]
-pub(crate) struct Pool {
-    slots: Box<[Mutex<Vec<Idle>>]>,
+pub(crate) struct Pool<C = UpstreamConn> {
+    slots: Box<[Mutex<Vec<Idle<C>>>]>,
 }
 
-impl Default for Pool {
+impl<C> Default for Pool<C> {
     fn default() -> Self {
         Self {
             slots: (0..super::threads::slots().max(1))
@@ -118,13 +159,13 @@ impl Default for Pool {
     }
 }
 
-impl Pool {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+impl<C: Pooled> Pool<C> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Vec<Idle<C>>> {
         let slot = super::threads::current() % self.slots.len();
         Self::lock_slot(&self.slots[slot])
     }
 
-    fn lock_slot(slot: &Mutex<Vec<Idle>>) -> std::sync::MutexGuard<'_, Vec<Idle>> {
+    fn lock_slot(slot: &Mutex<Vec<Idle<C>>>) -> std::sync::MutexGuard<'_, Vec<Idle<C>>> {
         slot.lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
@@ -132,7 +173,7 @@ impl Pool {
     /// The most recently used live connection not idle longer than `max_idle`.
     /// Reusing the newest one keeps the others ageing out, and the newest is the
     /// least likely to have been closed by the worker's own keep-alive timer.
-    pub(crate) fn take(&self, max_idle: Duration) -> Option<UpstreamConn> {
+    pub(crate) fn take(&self, max_idle: Duration, strict: bool) -> Option<C> {
         let mut idle = self.lock();
         // Entries are in return order, so everything before the first fresh one is stale.
         let now = Instant::now();
@@ -140,10 +181,10 @@ impl Pool {
             .iter()
             .position(|i| now.duration_since(i.since) < max_idle)
             .unwrap_or(idle.len());
-        let stale: Vec<Idle> = idle.drain(..fresh_from).collect();
+        let stale: Vec<Idle<C>> = idle.drain(..fresh_from).collect();
         let mut found = None;
         while let Some(i) = idle.pop() {
-            if !i.conn.sender.is_closed() {
+            if !i.conn.is_closed(strict) {
                 found = Some(i.conn);
                 break;
             }
@@ -151,7 +192,7 @@ impl Pool {
         drop(idle);
         drop(stale);
         found.map(|mut c| {
-            c.reused = true;
+            c.set_reused();
             c
         })
     }
@@ -159,8 +200,8 @@ impl Pool {
     /// Returns a connection whose last response completed. `routable` is evaluated
     /// under the pool lock, so a concurrent `close_idle` (from `stop_routing`) cannot
     /// miss a connection put back by a request that finished at the same moment.
-    pub(crate) fn put(&self, conn: UpstreamConn, max: usize, routable: impl Fn() -> bool) {
-        if conn.sender.is_closed() {
+    pub(crate) fn put(&self, conn: C, max: usize, routable: impl Fn() -> bool) {
+        if conn.is_closed(false) {
             return;
         }
         let mut idle = self.lock();

@@ -17,7 +17,7 @@ use serde::Serialize;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::pool::Pool;
+use super::pool::{Pool, RawConn};
 
 /// Per-backend numbers for `clusterd status` and `/metrics`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -49,8 +49,10 @@ pub(crate) struct Backend {
     errors: AtomicU64,
     /// Woken whenever `inflight` drops to zero.
     idle: Notify,
-    /// Idle keep-alive connections (http mode only).
+    /// Idle keep-alive connections (http mode only): hyper's, for TLS clients...
     pub(crate) pool: Pool,
+    /// ...and plain sockets, for the lean HTTP/1.1 path.
+    pub(crate) raw: Pool<RawConn>,
 }
 
 impl Backend {
@@ -162,10 +164,12 @@ impl RouteTable {
                         errors: AtomicU64::new(0),
                         idle: Notify::new(),
                         pool: Pool::default(),
+                        raw: Pool::default(),
                     });
                     if let Some(old) = inner.backends.insert(id, backend) {
                         old.routable.store(false, Ordering::Release);
                         old.pool.close_idle();
+                        old.raw.close_idle();
                     }
                 }
             }
@@ -187,6 +191,7 @@ impl RouteTable {
             Arc::clone(b)
         };
         backend.pool.close_idle();
+        backend.raw.close_idle();
         tracing::debug!(worker = %id, inflight = backend.inflight.load(Ordering::Acquire), "backend draining");
     }
 
@@ -197,6 +202,7 @@ impl RouteTable {
         if let Some(b) = removed {
             b.routable.store(false, Ordering::Release);
             b.pool.close_idle();
+            b.raw.close_idle();
             tracing::debug!(worker = %id, "backend removed");
         }
     }
