@@ -340,11 +340,15 @@ async fn accept_loop(
                 let stream = WriteIdle::new(stream, ctx.cfg.response_write_timeout);
                 // Retired: the connection runs on (see serve_http_retirable) until it
                 // closes or the grace passes (`hard_stop`).
+                // Each path's future is boxed: the task's future stays small, so moving it
+                // into its task (several moves per connection) copies a few bytes rather
+                // than both paths' largest states (measured: memmove 3 % of the CPU per
+                // new connection).
                 if tls.is_none() && ctx.cfg.lean_h1 {
                     tokio::select! {
                         biased;
                         () = ctx.hard_stop.stopped() => tracing::debug!("connection cut at shutdown"),
-                        () = h1::serve(stream, &ctx, &client, &shutdown) => {}
+                        () = Box::pin(h1::serve(stream, &ctx, &client, &shutdown)) => {}
                     }
                 } else {
                     let service = service_fn({
@@ -369,9 +373,9 @@ async fn accept_loop(
                             }
                         }
                     });
-                    let result = front
-                        .serve(stream, tls, service, &shutdown, &ctx.hard_stop)
-                        .await;
+                    let result =
+                        Box::pin(front.serve(stream, tls, service, &shutdown, &ctx.hard_stop))
+                            .await;
                     if let Err(err) = result {
                         tracing::debug!(cause = %err, "client connection ended with error");
                     }

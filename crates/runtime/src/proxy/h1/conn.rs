@@ -37,7 +37,13 @@ pub(crate) async fn serve(
     let mut conn = Conn {
         ctx,
         who,
-        bufs: Bufs::default(),
+        bufs: Bufs {
+            client: BytesMut::new(),
+            upstream: BytesMut::new(),
+            request_head: Vec::with_capacity(1024),
+            response_head: Vec::with_capacity(1024),
+            scratch: Vec::new(),
+        },
     };
     let idle_stop = shutdown.stopped();
     tokio::pin!(idle_stop);
@@ -76,7 +82,6 @@ enum Next {
 }
 
 /// Buffers reused by every request of a connection.
-#[derive(Default)]
 struct Bufs {
     /// Bytes from the client not yet consumed (a head, a body, pipelined requests).
     client: BytesMut,
