@@ -234,7 +234,8 @@ pub(crate) fn plan_request(
         let name = f.name.as_bytes();
         let keep = match role {
             Role::Other | Role::Expect => !listed(name),
-            Role::ContentLength => true,
+            // Written once below, as the number it was read as (`5, 5` becomes `5`).
+            Role::ContentLength => false,
             Role::Forwarded => trusted,
             Role::ClientIp
             | Role::XForwardedProto
@@ -257,6 +258,9 @@ pub(crate) fn plan_request(
     }
     if te_trailers {
         headers::line(out, b"te", b"trailers");
+    }
+    if let (false, Some(n)) = (chunked, length) {
+        content_length_line(out, n);
     }
     if upgrade {
         headers::line(out, b"connection", b"upgrade");
@@ -297,6 +301,23 @@ fn content_length(value: &[u8]) -> Option<u64> {
         n = Some(v);
     }
     n
+}
+
+fn content_length_line(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(b"content-length: ");
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[at..]);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// The [`Role`] of each field, computed once per head.
@@ -393,6 +414,9 @@ pub(crate) fn plan_response(
     let mut length = None;
     let mut transfer = false;
     let mut chunked_last = false;
+    // Codings besides chunked (`gzip, chunked`): passed on by name, since the proxy
+    // re-chunks but does not decode them.
+    let mut other_codings = false;
     let mut close = false;
     let mut keep_alive = false;
     for (f, role) in fields.iter().zip(roles) {
@@ -406,9 +430,10 @@ pub(crate) fn plan_response(
             }
             Role::TransferEncoding => {
                 transfer = true;
-                chunked_last = headers::tokens(std::iter::once(f.value))
-                    .last()
-                    .is_some_and(|c| c.eq_ignore_ascii_case(b"chunked"));
+                for c in headers::tokens(std::iter::once(f.value)) {
+                    chunked_last = c.eq_ignore_ascii_case(b"chunked");
+                    other_codings |= !chunked_last;
+                }
             }
             Role::Connection => {
                 for t in headers::tokens(std::iter::once(f.value)) {
@@ -438,6 +463,11 @@ pub(crate) fn plan_response(
             None => Framing::UntilClose,
         }
     };
+    if other_codings && asked.http10 && body != Framing::Empty {
+        return Err(BadResponse(
+            "a transfer coding an HTTP/1.0 client cannot take",
+        ));
+    }
     let to_client = match body {
         Framing::Chunked | Framing::UntilClose if asked.http10 => Framing::UntilClose,
         Framing::Chunked | Framing::UntilClose => Framing::Chunked,
@@ -476,13 +506,17 @@ pub(crate) fn plan_response(
             | Role::Upgrade
             | Role::Te
             | Role::HopByHop => false,
-            // Framed by Transfer-Encoding: a stale length would desynchronize the client.
-            Role::ContentLength => !transfer && !listed(name),
+            // Framed by Transfer-Encoding, a stale length would desynchronize the
+            // client; otherwise written once below, as the number it was read as.
+            Role::ContentLength => false,
             _ => !listed(name),
         };
         if keep {
             lowercase_line(out, name, f.value);
         }
+    }
+    if let (false, Some(n)) = (transfer, length) {
+        content_length_line(out, n);
     }
     if status == 101 {
         headers::line(out, b"connection", b"upgrade");
@@ -491,7 +525,16 @@ pub(crate) fn plan_response(
         }
     }
     if to_client == Framing::Chunked {
-        headers::line(out, b"transfer-encoding", b"chunked");
+        out.extend_from_slice(b"transfer-encoding: ");
+        if other_codings {
+            for c in headers::tokens(with(Role::TransferEncoding)) {
+                if !c.eq_ignore_ascii_case(b"chunked") {
+                    out.extend_from_slice(c);
+                    out.extend_from_slice(b", ");
+                }
+            }
+        }
+        out.extend_from_slice(b"chunked\r\n");
     }
     Ok(Parsed::Final(ResponsePlan {
         head_len,
@@ -765,7 +808,7 @@ mod tests {
         );
         assert_eq!(
             head,
-            "HTTP/1.1 200 OK\r\ncontent-length: 5\r\nset-cookie: a=1\r\nset-cookie: b=2\r\n"
+            "HTTP/1.1 200 OK\r\nset-cookie: a=1\r\nset-cookie: b=2\r\ncontent-length: 5\r\n"
         );
         let (p, head) = respond(
             "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
