@@ -19,6 +19,7 @@ NAMES = {
     "pm2": "PM2 cluster mode",
     "http-1t": "clusterd http, 1 proxy thread",
     "tcp-1t": "clusterd tcp, 1 proxy thread",
+    "http-hyper-1t": "clusterd http on hyper (CLUSTERD_PROXY_H1=hyper), 1 proxy thread",
     "haproxy": "HAProxy http, 1 thread",
     "haproxy-mt": "HAProxy http, 1 thread per CPU",
     "haproxy-tcp": "HAProxy tcp, 1 thread",
@@ -36,7 +37,7 @@ TLS_PEER = {"http-tls": "nginx-tls-mt", "http-tls-1t": "nginx-tls", "nginx-tls":
 TLS_BEGIN = "<!-- tls:begin -->"
 TLS_END = "<!-- tls:end -->"
 # Each proxy row is compared with HAProxy (1 thread) in the same mode.
-PROXY_MODE = {"http": "http", "http-1t": "http", "haproxy": "http", "haproxy-mt": "http", "nginx": "http",
+PROXY_MODE = {"http": "http", "http-1t": "http", "http-hyper-1t": "http", "haproxy": "http", "haproxy-mt": "http", "nginx": "http",
               "nginx-mt": "http", "tcp": "tcp", "tcp-1t": "tcp", "haproxy-tcp": "tcp", "haproxy-tcp-mt": "tcp"}
 PROXY_BEGIN = "<!-- proxies:begin -->"
 PROXY_END = "<!-- proxies:end -->"
