@@ -299,6 +299,8 @@ async fn accept_loop(
     retire: Stop,
 ) {
     let mut backoff = AcceptBackoff::new("http proxy");
+    // The public port, for X-Forwarded-Port: known once rather than asked per connection.
+    let listen_addr = listener.local_addr().ok();
     loop {
         let slot = tokio::select! {
             () = shutdown.stopped() => break,
@@ -321,15 +323,19 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let local = stream.local_addr().ok();
         let tls = ctx.cfg.tls.acceptor();
+        // The address the client connected to is the Host of last resort; the lean path
+        // asks for it only when a request lacks one (a `getsockname` per connection
+        // otherwise, which HAProxy does not make).
+        let lean = tls.is_none() && ctx.cfg.lean_h1;
+        let local = if lean { None } else { stream.local_addr().ok() };
         let conn_ctx = Arc::clone(&ctx);
         let shutdown = shutdown.clone();
         let front = front.clone();
         let client = Arc::new(Client {
             peer,
             local,
-            hop: headers::ClientHop::new(peer, local, trusted, tls.is_some()),
+            hop: headers::ClientHop::new(peer, local.or(listen_addr), trusted, tls.is_some()),
         });
         threads::spawn_conn(
             &ctx.tracker,
@@ -344,7 +350,7 @@ async fn accept_loop(
                 // into its task (several moves per connection) copies a few bytes rather
                 // than both paths' largest states (measured: memmove 3 % of the CPU per
                 // new connection).
-                if tls.is_none() && ctx.cfg.lean_h1 {
+                if lean {
                     tokio::select! {
                         biased;
                         () = ctx.hard_stop.stopped() => tracing::debug!("connection cut at shutdown"),
@@ -415,6 +421,7 @@ enum SendFailure {
 #[derive(Debug)]
 pub(super) struct Client {
     pub(super) peer: SocketAddr,
+    /// Known up front for TLS clients; the lean path looks it up when needed.
     pub(super) local: Option<SocketAddr>,
     /// Its forwarding headers, formatted once.
     pub(super) hop: headers::ClientHop,

@@ -23,6 +23,7 @@ use std::future::Future;
 use std::sync::OnceLock;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
@@ -60,6 +61,20 @@ fn default_count() -> usize {
         })
 }
 
+/// Never ends; wakes once a second, to keep the thread's timer wheel from ever being
+/// empty. Every request arms a timer (the header, response or body bound, 30-60 s), and
+/// tokio wakes its driver through an eventfd `write` whenever a timer is armed while no
+/// earlier one is pending: on a proxy thread between connections that was nearly every
+/// new connection (strace: one `write` per connection). With a timer always due within
+/// the second, a 30-60 s bound never is the earliest, and arming it costs no syscall.
+async fn tick_forever() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+    }
+}
+
 impl ProxyThreads {
     /// The process's proxy threads. Started on first call; they live as long as the
     /// process (an idle current-thread runtime costs nothing but its stack).
@@ -91,7 +106,7 @@ impl ProxyThreads {
                     INDEX.with(|i| i.set(Some(index)));
                     let _ = tx.send(Ok(rt.handle().clone()));
                     // Runs the tasks spawned on this runtime, for ever.
-                    rt.block_on(std::future::pending::<()>());
+                    rt.block_on(tick_forever());
                 })?;
             let handle = rx
                 .recv()

@@ -83,6 +83,10 @@ impl<S> WriteIdle<S> {
         }
     }
 
+    pub(crate) fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
     fn check<T>(
         &mut self,
         polled: Poll<io::Result<T>>,

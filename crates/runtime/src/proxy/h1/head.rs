@@ -66,8 +66,9 @@ pub(crate) struct RequestRules<'a> {
     pub(crate) max_header_bytes: usize,
     pub(crate) allowed_upgrades: &'a [String],
     pub(crate) hop: &'a ClientHop,
-    /// The address the client connected to (the Host of last resort).
-    pub(crate) local: Option<SocketAddr>,
+    /// The address the client connected to (the Host of last resort), asked for only
+    /// when a request has no Host.
+    pub(crate) local: &'a (dyn Fn() -> Option<SocketAddr> + Sync),
 }
 
 const fn refuse(status: StatusCode, reason: &'static str) -> Reject {
@@ -222,7 +223,7 @@ pub(crate) fn plan_request(
         .map(str::as_bytes)
         .or_else(|| with(Role::Host).next());
     let local_host;
-    let host = match (host, rules.local) {
+    let host = match (host, host.is_none().then(rules.local).flatten()) {
         (Some(h), _) => Some(h),
         (None, Some(local)) => {
             local_host = local.to_string();
@@ -593,7 +594,7 @@ mod tests {
             max_header_bytes: 1024,
             allowed_upgrades: &[],
             hop,
-            local: Some("127.0.0.1:8080".parse().unwrap()),
+            local: &|| Some("127.0.0.1:8080".parse().unwrap()),
         }
     }
 
