@@ -319,4 +319,43 @@ mod tests {
         }
         assert!(decode(&trailers, 512).is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            /// Whatever is encoded decodes to the same payload, however the bytes are split.
+            #[test]
+            fn encode_then_decode_is_identity(
+                pieces in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..300), 0..8),
+                step in 1usize..64,
+                tail in proptest::collection::vec(any::<u8>(), 0..16),
+            ) {
+                let mut wire = Vec::new();
+                for p in &pieces {
+                    encode(&mut wire, p);
+                }
+                wire.extend_from_slice(END);
+                let body_len = wire.len();
+                wire.extend_from_slice(&tail);
+                let (out, used, done) = decode(&wire, step).unwrap();
+                prop_assert!(done);
+                prop_assert_eq!(used, body_len);
+                prop_assert_eq!(out, pieces.concat());
+            }
+
+            /// Arbitrary bytes never panic the decoder, and it never claims more than it got.
+            #[test]
+            fn arbitrary_input_is_refused_or_consumed(
+                input in proptest::collection::vec(any::<u8>(), 0..512),
+                step in 1usize..64,
+            ) {
+                if let Ok((out, used, _)) = decode(&input, step) {
+                    prop_assert!(used <= input.len());
+                    prop_assert!(out.len() <= used);
+                }
+            }
+        }
+    }
 }

@@ -18,7 +18,7 @@ use tokio::time::Instant;
 
 use super::super::http::{Client, Ctx, MAX_ATTEMPTS};
 use super::super::pool::RawConn;
-use super::super::routes::Lease;
+use super::super::routes::{Backend, Lease};
 use super::super::stop::Stop;
 use super::super::timeouts::WriteIdle;
 use super::chunked::{self, ChunkError, Decoder};
@@ -126,17 +126,22 @@ enum BodyError {
 /// reading it now saves a trip through the reactor and arming the header timer (whose
 /// registration wakes the driver through its eventfd). HAProxy reads the same way.
 /// `false`: the client has already closed or failed.
-#[allow(unsafe_code)]
 fn speculative_read(stream: &TcpStream, buf: &mut BytesMut) -> bool {
-    reserve(buf);
-    match socket2::SockRef::from(stream).recv(buf.spare_capacity_mut()) {
-        Ok(0) => false,
-        Ok(n) => {
-            // SAFETY: recv initialized the first `n` bytes of the spare capacity.
-            unsafe { buf.set_len(buf.len() + n) };
-            true
-        }
-        Err(e) => e.kind() == io::ErrorKind::WouldBlock,
+    use std::os::fd::AsRawFd;
+    // Most request heads fit; a longer one is read on by the normal path.
+    const FIRST_READ: usize = 4096;
+    let start = buf.len();
+    buf.resize(start + FIRST_READ, 0);
+    let read = nix::sys::socket::recv(
+        stream.as_raw_fd(),
+        &mut buf[start..],
+        nix::sys::socket::MsgFlags::empty(),
+    );
+    let n = read.unwrap_or(0);
+    buf.truncate(start + n);
+    match read {
+        Ok(n) => n > 0,
+        Err(e) => e == nix::errno::Errno::EAGAIN,
     }
 }
 
@@ -284,70 +289,27 @@ impl Conn<'_> {
                 .await;
             let resp = match head {
                 Ok(r) => r,
-                Err(Failure::Nothing(err)) if plan.replayable && !replayed => {
-                    replayed = true;
-                    if reused {
-                        span.in_scope(|| tracing::debug!(cause = %err, "stale keep-alive connection; replaying"));
-                    } else {
-                        backend.record_error();
-                        failed.push(backend.id);
-                        span.in_scope(|| tracing::warn!(cause = %err, "worker closed a fresh connection; replaying on another worker"));
+                // Failed: the request stops counting in flight before the client hears
+                // of it (and the worker connection, which is in an unknown state, closes).
+                Err(failure) => {
+                    drop(upstream);
+                    drop(lease);
+                    match self
+                        .failed(
+                            client,
+                            plan,
+                            failure,
+                            (reused, body_done),
+                            &mut replayed,
+                            &mut failed,
+                            &backend,
+                            &span,
+                        )
+                        .await
+                    {
+                        Some(next) => return next,
+                        None => continue,
                     }
-                    continue;
-                }
-                Err(Failure::Nothing(err)) => {
-                    backend.record_error();
-                    span.in_scope(|| tracing::warn!(cause = %err, "worker failed the request"));
-                    return self
-                        .answer(
-                            client,
-                            plan,
-                            StatusCode::BAD_GATEWAY,
-                            "bad gateway\n",
-                            !body_done,
-                        )
-                        .await;
-                }
-                Err(Failure::Bad(err)) => {
-                    backend.record_error();
-                    span.in_scope(|| tracing::warn!(cause = %err, "worker failed the request"));
-                    return self
-                        .answer(
-                            client,
-                            plan,
-                            StatusCode::BAD_GATEWAY,
-                            "bad gateway\n",
-                            !body_done,
-                        )
-                        .await;
-                }
-                Err(Failure::Timeout) => {
-                    backend.record_error();
-                    span.in_scope(|| tracing::warn!("worker did not respond in time"));
-                    return self
-                        .answer(
-                            client,
-                            plan,
-                            StatusCode::GATEWAY_TIMEOUT,
-                            "worker timed out\n",
-                            !body_done,
-                        )
-                        .await;
-                }
-                Err(Failure::ClientBody(err)) => {
-                    let (status, reason) = match err {
-                        BodyError::Timeout => {
-                            (StatusCode::REQUEST_TIMEOUT, "request body timed out\n")
-                        }
-                        BodyError::Gone => (StatusCode::BAD_REQUEST, "request body incomplete\n"),
-                        BodyError::Malformed(e) => {
-                            span.in_scope(
-                                || tracing::debug!(cause = %e, "client request body failed"),
-                            );
-                            (StatusCode::BAD_REQUEST, "request body incomplete\n")
-                        }
-                    };
-                    return self.answer(client, plan, status, reason, true).await;
                 }
             };
             let closing = plan.close
@@ -408,6 +370,68 @@ impl Conn<'_> {
             false,
         )
         .await
+    }
+
+    /// Handles a failed attempt: `None` to try again (a replay), or how the client was
+    /// answered.
+    #[allow(clippy::too_many_arguments)]
+    async fn failed(
+        &mut self,
+        client: &mut WriteIdle<TcpStream>,
+        plan: &RequestPlan,
+        failure: Failure,
+        (reused, body_done): (bool, bool),
+        replayed: &mut bool,
+        failed: &mut Vec<WorkerId>,
+        backend: &Backend,
+        span: &tracing::Span,
+    ) -> Option<Next> {
+        let (status, reason, body_unread) = match failure {
+            Failure::Nothing(err) if plan.replayable && !*replayed => {
+                *replayed = true;
+                if reused {
+                    span.in_scope(
+                        || tracing::debug!(cause = %err, "stale keep-alive connection; replaying"),
+                    );
+                } else {
+                    backend.record_error();
+                    failed.push(backend.id);
+                    span.in_scope(|| tracing::warn!(cause = %err, "worker closed a fresh connection; replaying on another worker"));
+                }
+                return None;
+            }
+            Failure::Nothing(err) => {
+                backend.record_error();
+                span.in_scope(|| tracing::warn!(cause = %err, "worker failed the request"));
+                (StatusCode::BAD_GATEWAY, "bad gateway\n", !body_done)
+            }
+            Failure::Bad(err) => {
+                backend.record_error();
+                span.in_scope(|| tracing::warn!(cause = %err, "worker failed the request"));
+                (StatusCode::BAD_GATEWAY, "bad gateway\n", !body_done)
+            }
+            Failure::Timeout => {
+                backend.record_error();
+                span.in_scope(|| tracing::warn!("worker did not respond in time"));
+                (
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "worker timed out\n",
+                    !body_done,
+                )
+            }
+            Failure::ClientBody(err) => {
+                let (status, reason) = match err {
+                    BodyError::Timeout => (StatusCode::REQUEST_TIMEOUT, "request body timed out\n"),
+                    BodyError::Gone => (StatusCode::BAD_REQUEST, "request body incomplete\n"),
+                    BodyError::Malformed(e) => {
+                        span.in_scope(|| tracing::debug!(cause = %e, "client request body failed"));
+                        (StatusCode::BAD_REQUEST, "request body incomplete\n")
+                    }
+                };
+                (status, reason, true)
+            }
+        };
+        Some(self.answer(client, plan, status, reason, body_unread).await)
     }
 
     /// Sends the request body (if any) while watching for the response head, which a

@@ -891,4 +891,146 @@ mod tests {
             "{head}"
         );
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Header lines a client may send, hostile ones included.
+        fn field() -> impl Strategy<Value = (String, String)> {
+            let names = prop::sample::select(vec![
+                "Host",
+                "Content-Length",
+                "Transfer-Encoding",
+                "Connection",
+                "Keep-Alive",
+                "TE",
+                "Upgrade",
+                "X-Forwarded-For",
+                "X-Forwarded-Proto",
+                "Forwarded",
+                "X-Real-IP",
+                "Proxy-Connection",
+                "Expect",
+                "Accept",
+                "X-Custom",
+                "Cookie",
+            ]);
+            let values = prop::sample::select(vec![
+                "a",
+                "example.com",
+                "5",
+                "0",
+                "5, 5",
+                "chunked",
+                "gzip, chunked",
+                "close",
+                "keep-alive, X-Custom",
+                "upgrade",
+                "websocket",
+                "trailers",
+                "1.2.3.4",
+                "100-continue",
+                "x=1; y=2",
+                "",
+            ]);
+            (names, values).prop_map(|(n, v)| (n.to_string(), v.to_string()))
+        }
+
+        proptest! {
+            /// Arbitrary bytes never panic either head parser.
+            #[test]
+            fn arbitrary_heads_never_panic(input in proptest::collection::vec(any::<u8>(), 0..600)) {
+                let hop = hop(false);
+                let mut out = Vec::new();
+                let _ = plan_request(&input, &rules(&hop), &mut out);
+                for asked in [GET, Asked { head: true, upgrade: true, http10: true }] {
+                    let _ = plan_response(&input, asked, &mut out);
+                }
+            }
+
+            /// Whatever head the worker gets is one well-formed request: one Host, at most
+            /// one framing header and the one the plan says, no hop-by-hop header but an
+            /// upgrade's, one X-Forwarded-For, and no client-IP header from an untrusted peer.
+            #[test]
+            fn the_workers_head_is_unambiguous(
+                method in prop::sample::select(vec!["GET", "POST", "HEAD", "PUT", "OPTIONS"]),
+                version in prop::sample::select(vec!["1.0", "1.1"]),
+                fields in proptest::collection::vec(field(), 0..10),
+                trusted in any::<bool>(),
+            ) {
+                let mut req = format!("{method} /p HTTP/{version}\r\n");
+                for (n, v) in &fields {
+                    req.push_str(&format!("{n}: {v}\r\n"));
+                }
+                req.push_str("\r\n");
+                let hop = hop(trusted);
+                let allowed = vec!["websocket".to_string()];
+                let r = RequestRules { allowed_upgrades: &allowed, ..rules(&hop) };
+                let mut out = Vec::new();
+                let Ok(Some(plan)) = plan_request(req.as_bytes(), &r, &mut out) else {
+                    return Ok(());
+                };
+                let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut again = httparse::Request::new(&mut parsed);
+                prop_assert_eq!(again.parse(&out).unwrap(), httparse::Status::Complete(out.len()));
+                let count = |name: &str| {
+                    again.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count()
+                };
+                prop_assert_eq!(count("host"), 1);
+                prop_assert_eq!(count("x-forwarded-for"), 1);
+                let (cl, te) = (count("content-length"), count("transfer-encoding"));
+                match plan.body {
+                    Framing::Empty => prop_assert!(te == 0 && cl <= 1),
+                    Framing::Length(_) => prop_assert!(cl == 1 && te == 0),
+                    Framing::Chunked => prop_assert!(cl == 0 && te == 1),
+                    Framing::UntilClose => prop_assert!(false, "a request is never until-close"),
+                }
+                for name in ["keep-alive", "proxy-connection"] {
+                    prop_assert_eq!(count(name), 0);
+                }
+                let listed = fields.iter().any(|(n, v)| {
+                    n.eq_ignore_ascii_case("connection") && v.to_ascii_lowercase().contains("x-custom")
+                });
+                if listed {
+                    prop_assert_eq!(count("x-custom"), 0, "a header the client's Connection lists");
+                }
+                prop_assert_eq!(count("connection"), usize::from(plan.upgrade));
+                if !trusted {
+                    prop_assert_eq!(count("x-real-ip"), 0);
+                }
+            }
+
+            /// The client's head parses as one response with at most one framing header.
+            #[test]
+            fn the_clients_head_is_unambiguous(
+                status in prop::sample::select(vec![200u16, 204, 301, 304, 404, 500]),
+                fields in proptest::collection::vec(field(), 0..10),
+                http10 in any::<bool>(),
+            ) {
+                let mut resp = format!("HTTP/1.1 {status} X\r\n");
+                for (n, v) in &fields {
+                    resp.push_str(&format!("{n}: {v}\r\n"));
+                }
+                resp.push_str("\r\n");
+                let mut out = Vec::new();
+                let Ok(Parsed::Final(plan)) =
+                    plan_response(resp.as_bytes(), Asked { http10, ..GET }, &mut out)
+                else {
+                    return Ok(());
+                };
+                out.extend_from_slice(b"\r\n");
+                let mut parsed = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                let mut again = httparse::Response::new(&mut parsed);
+                prop_assert_eq!(again.parse(&out).unwrap(), httparse::Status::Complete(out.len()));
+                let count = |name: &str| {
+                    again.headers.iter().filter(|h| h.name.eq_ignore_ascii_case(name)).count()
+                };
+                let (cl, te) = (count("content-length"), count("transfer-encoding"));
+                prop_assert!(cl + te <= 1);
+                prop_assert_eq!(te == 1, plan.to_client == Framing::Chunked);
+                prop_assert_eq!(count("connection") + count("keep-alive"), 0);
+            }
+        }
+    }
 }
