@@ -2,7 +2,8 @@
 //! HTTP/1.1, or HTTP/2 when TLS negotiated `h2` by ALPN.
 //!
 //! Kept apart from `http.rs` (which forwards requests) so that the protocol choice is
-//! one call there. Cleartext HTTP/2 (h2c, by prior knowledge or upgrade) is not
+//! one call there. Plaintext HTTP/1.x does not come here (the lean path, `h1`, serves
+//! it); HTTP/1.1 over TLS is handed to the lean path too when the caller passes it. Cleartext HTTP/2 (h2c, by prior knowledge or upgrade) is not
 //! offered: a plain connection is always HTTP/1.1.
 //!
 //! Every HTTP/2 stream is one call of the same service as an HTTP/1.1 request, so it
@@ -32,6 +33,7 @@ use hyper::service::Service as _;
 use hyper::{Request, Response};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpStream;
+use tokio_rustls::server::TlsStream;
 
 use super::http::ProxyBody;
 use super::stop::Stop;
@@ -70,15 +72,18 @@ impl Front {
 
     /// Serves one accepted connection until it closes, `shutdown` has been honoured,
     /// or `hard_stop` cuts it.
-    pub(crate) async fn serve<S>(
+    pub(crate) async fn serve<S, L, LF>(
         &self,
         stream: WriteIdle<TcpStream>,
         tls: Option<crate::tls::Handshake>,
         service: S,
+        lean_h1: Option<L>,
         shutdown: &Stop,
         hard_stop: &Stop,
     ) -> Result<(), hyper::Error>
     where
+        L: FnOnce(TlsStream<WriteIdle<TcpStream>>) -> LF,
+        LF: std::future::Future<Output = ()>,
         S: hyper::service::Service<
                 Request<Incoming>,
                 Response = Response<ProxyBody>,
@@ -164,6 +169,13 @@ impl Front {
                 self.h2.serve_connection(TokioIo::new(stream), counted),
                 stop
             )
+        } else if let Some(lean) = lean_h1 {
+            // HTTP/1.1 over TLS on the lean path, which honours `shutdown` itself.
+            tokio::select! {
+                () = lean(stream) => {}
+                () = hard_stop.stopped() => {}
+            }
+            Ok(())
         } else {
             drive!(self
                 .h1

@@ -96,8 +96,8 @@ pub struct HttpProxyConfig {
     pub limiter: Arc<ConnLimiter>,
     /// `listen[].tls`: terminate TLS (and offer HTTP/2) on this listener.
     pub tls: TlsTerminator,
-    /// Serve plaintext HTTP/1.x with the proxy's own lean path ([`super::h1`]) rather
-    /// than hyper (which still serves TLS clients and HTTP/2). On by default;
+    /// Serve HTTP/1.x (plain or over TLS) with the proxy's own lean path
+    /// ([`super::h1`]) rather than hyper (which still serves HTTP/2). On by default;
     /// `CLUSTERD_PROXY_H1=hyper` turns it off.
     pub lean_h1: bool,
 }
@@ -357,6 +357,7 @@ async fn accept_loop(
                         () = Box::pin(h1::serve(stream, &ctx, &client, &shutdown)) => {}
                     }
                 } else {
+                    let lean_client = Arc::clone(&client);
                     let service = service_fn({
                         let ctx = Arc::clone(&ctx);
                         move |req| {
@@ -379,9 +380,18 @@ async fn accept_loop(
                             }
                         }
                     });
-                    let result =
-                        Box::pin(front.serve(stream, tls, service, &shutdown, &ctx.hard_stop))
-                            .await;
+                    let lean_h1 = ctx.cfg.lean_h1.then_some(|tls_stream| {
+                        h1::serve(tls_stream, &ctx, &lean_client, &shutdown)
+                    });
+                    let result = Box::pin(front.serve(
+                        stream,
+                        tls,
+                        service,
+                        lean_h1,
+                        &shutdown,
+                        &ctx.hard_stop,
+                    ))
+                    .await;
                     if let Err(err) = result {
                         tracing::debug!(cause = %err, "client connection ended with error");
                     }

@@ -28,12 +28,7 @@ use super::head::{self, Asked, BadResponse, Framing, Parsed, RequestPlan, Reques
 const READ_CHUNK: usize = 16 * 1024;
 
 /// Serves one client connection until it closes or `shutdown` finds it idle.
-pub(crate) async fn serve(
-    mut client: WriteIdle<TcpStream>,
-    ctx: &Ctx,
-    who: &Client,
-    shutdown: &Stop,
-) {
+pub(crate) async fn serve<S: ClientIo>(mut client: S, ctx: &Ctx, who: &Client, shutdown: &Stop) {
     let mut conn = Conn {
         ctx,
         who,
@@ -73,6 +68,34 @@ pub(crate) async fn serve(
         }
     }
 }
+
+/// A client connection the lean path can serve: plain TCP, or TLS over it.
+pub(crate) trait ClientIo: AsyncRead + AsyncWrite + Unpin + Send + Sync {
+    /// Reads what has arrived, without waiting for the reactor; `false` if the client
+    /// has closed. Done once, right after accepting.
+    fn read_now(&self, _buf: &mut BytesMut) -> bool {
+        true
+    }
+
+    /// The address the client connected to, when it has to be asked.
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        None
+    }
+}
+
+impl ClientIo for WriteIdle<TcpStream> {
+    fn read_now(&self, buf: &mut BytesMut) -> bool {
+        speculative_read(self.get_ref(), buf)
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        self.get_ref().local_addr().ok()
+    }
+}
+
+/// TLS: the handshake has already read from the socket, and the TLS listener knows
+/// its local address up front.
+impl ClientIo for tokio_rustls::server::TlsStream<WriteIdle<TcpStream>> {}
 
 /// What follows an exchange on the client connection.
 enum Next {
@@ -154,25 +177,21 @@ fn reserve(buf: &mut BytesMut) {
 impl Conn<'_> {
     /// Reads until a request head is complete. `None`: the connection is done (closed,
     /// idle past the header timeout, refused, or idle at shutdown).
-    async fn next_head(
+    async fn next_head<S: ClientIo>(
         &mut self,
-        client: &mut WriteIdle<TcpStream>,
+        client: &mut S,
         mut idle_stop: std::pin::Pin<&mut super::super::stop::Stopped>,
         fresh: bool,
     ) -> Option<RequestPlan> {
         let cfg = &self.ctx.cfg;
-        if fresh && !speculative_read(client.get_ref(), &mut self.bufs.client) {
+        if fresh && !client.read_now(&mut self.bufs.client) {
             return None;
         }
         let deadline = Instant::now() + cfg.header_read_timeout;
         loop {
             let buf = &mut self.bufs.client;
             if !buf.is_empty() {
-                let local = || {
-                    self.who
-                        .local
-                        .or_else(|| client.get_ref().local_addr().ok())
-                };
+                let local = || self.who.local.or_else(|| client.local_addr());
                 let rules = RequestRules {
                     max_header_bytes: cfg.max_header_bytes,
                     allowed_upgrades: &cfg.allowed_upgrades,
@@ -212,9 +231,9 @@ impl Conn<'_> {
     }
 
     /// Forwards one request and its response.
-    async fn exchange(
+    async fn exchange<S: ClientIo>(
         &mut self,
-        client: &mut WriteIdle<TcpStream>,
+        client: &mut S,
         plan: &RequestPlan,
         shutdown: &Stop,
     ) -> Next {
@@ -375,9 +394,9 @@ impl Conn<'_> {
     /// Handles a failed attempt: `None` to try again (a replay), or how the client was
     /// answered.
     #[allow(clippy::too_many_arguments)]
-    async fn failed(
+    async fn failed<S: ClientIo>(
         &mut self,
-        client: &mut WriteIdle<TcpStream>,
+        client: &mut S,
         plan: &RequestPlan,
         failure: Failure,
         (reused, body_done): (bool, bool),
@@ -437,9 +456,9 @@ impl Conn<'_> {
     /// Sends the request body (if any) while watching for the response head, which a
     /// worker may send before it has read the whole body. Returns the head (written to
     /// `bufs.response_head`, without its blank line) and whether the body went in full.
-    async fn request_body_and_head(
+    async fn request_body_and_head<S: ClientIo>(
         &mut self,
-        client: &mut WriteIdle<TcpStream>,
+        client: &mut S,
         upstream: &mut TcpStream,
         plan: &RequestPlan,
         asked: Asked,
@@ -493,9 +512,9 @@ impl Conn<'_> {
     }
 
     /// Answers the request from the proxy itself.
-    async fn answer(
+    async fn answer<S: ClientIo>(
         &mut self,
-        client: &mut WriteIdle<TcpStream>,
+        client: &mut S,
         plan: &RequestPlan,
         status: StatusCode,
         reason: &str,
@@ -519,9 +538,9 @@ impl Conn<'_> {
 
     /// Answers an upgrade with the worker's `101` and joins the two connections until
     /// either side closes; the request counts in flight until then.
-    async fn tunnel(
+    async fn tunnel<S: ClientIo>(
         &mut self,
-        client: &mut WriteIdle<TcpStream>,
+        client: &mut S,
         mut upstream: TcpStream,
         lease: Lease,
     ) -> Next {
@@ -639,8 +658,8 @@ enum SendError {
 
 /// Forwards the request body: what is already buffered, then from the socket, each
 /// read bounded by the body-read timeout. A chunked body is decoded and re-chunked.
-async fn send_body<W: AsyncWrite + Unpin>(
-    client: &mut WriteIdle<TcpStream>,
+async fn send_body<S: ClientIo, W: AsyncWrite + Unpin>(
+    client: &mut S,
     cbuf: &mut BytesMut,
     up: &mut W,
     framing: Framing,
@@ -712,8 +731,8 @@ impl From<ChunkError> for RelayError {
 
 /// Passes the response head (`bufs.response_head`, complete) and body to the client.
 /// Small bodies that came with the head go out in the same write.
-async fn relay(
-    client: &mut WriteIdle<TcpStream>,
+async fn relay<S: ClientIo>(
+    client: &mut S,
     upstream: &mut TcpStream,
     bufs: &mut Bufs,
     from: Framing,
@@ -817,8 +836,8 @@ async fn relay(
 }
 
 /// Writes `out` (the head, maybe with body bytes) once.
-async fn write(
-    client: &mut WriteIdle<TcpStream>,
+async fn write<S: ClientIo>(
+    client: &mut S,
     out: &mut Vec<u8>,
     pending_head: &mut bool,
 ) -> Result<(), RelayError> {
@@ -829,8 +848,8 @@ async fn write(
 }
 
 /// Writes what the body produced in `scratch`, with the head if it is still pending.
-async fn flush_scratch(
-    client: &mut WriteIdle<TcpStream>,
+async fn flush_scratch<S: ClientIo>(
+    client: &mut S,
     out: &mut Vec<u8>,
     scratch: &[u8],
     pending_head: &mut bool,

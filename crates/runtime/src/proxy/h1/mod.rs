@@ -1,5 +1,5 @@
-//! The lean HTTP/1.1 path: plaintext HTTP/1.x client connections served by the proxy's
-//! own code instead of hyper's server and client.
+//! The lean HTTP/1.1 path: HTTP/1.x client connections, plain or over TLS, served by
+//! the proxy's own code instead of hyper's server and client.
 //!
 //! Why: with hyper on both sides every request was parsed into two `HeaderMap`s,
 //! crossed a channel to a separately spawned client-connection task and back, and its
@@ -13,7 +13,7 @@
 //! (`guard.rs`), the header rewriting (`headers.rs`), retries only when the worker
 //! cannot have seen the request, in-flight accounting until the response is through,
 //! the per-thread pools, and every timeout. What it adds is HTTP/1.1 framing, decided
-//! strictly ([`head`], [`chunked`]). TLS clients (and so HTTP/2) stay on hyper.
+//! strictly ([`head`], [`chunked`]). HTTP/2 (TLS with ALPN `h2`) stays on hyper.
 
 mod chunked;
 mod conn;
