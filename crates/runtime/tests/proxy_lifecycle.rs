@@ -269,3 +269,34 @@ async fn a_tunnel_lives_through_the_shutdown_grace_and_is_then_cut() {
     within("the proxy returns", proxy).await.unwrap();
     assert_eq!(s.routes.inflight(W1), 0);
 }
+
+#[tokio::test]
+async fn a_body_the_proxy_never_read_is_not_taken_for_the_next_request() {
+    // No worker at all: the POST is answered 503 without its body being read. That body
+    // is a request head; served as one, it would reach a worker as a request nobody sent.
+    let routes = RouteTable::new();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let shutdown = CancellationToken::new();
+    let mut cfg = cfg(PATIENCE);
+    cfg.no_backend_wait = Duration::from_millis(100);
+    let proxy = tokio::spawn(serve_http(listener, routes, cfg, shutdown.clone()));
+    let smuggled = "GET /smuggled HTTP/1.1\r\nHost: t\r\n\r\n";
+    let mut c = client(addr).await;
+    c.get_mut()
+        .write_all(
+            format!(
+                "POST / HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n\r\n{smuggled}",
+                smuggled.len()
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+    let (head, _) = within("503", response(&mut c)).await;
+    assert!(head.starts_with("http/1.1 503"), "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    expect_eof(&mut c, "nothing answers the body as a request").await;
+    shutdown.cancel();
+    within("the proxy returns", proxy).await.unwrap();
+}

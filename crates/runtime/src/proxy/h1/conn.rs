@@ -259,7 +259,7 @@ impl Conn<'_> {
                         plan,
                         StatusCode::SERVICE_UNAVAILABLE,
                         "no worker available\n",
-                        false,
+                        plan.body != Framing::Empty,
                     )
                     .await
                 } else {
@@ -268,7 +268,7 @@ impl Conn<'_> {
                         plan,
                         StatusCode::BAD_GATEWAY,
                         "no worker reachable\n",
-                        false,
+                        plan.body != Framing::Empty,
                     )
                     .await
                 };
@@ -386,7 +386,7 @@ impl Conn<'_> {
             plan,
             StatusCode::BAD_GATEWAY,
             "no worker reachable\n",
-            false,
+            plan.body != Framing::Empty,
         )
         .await
     }
