@@ -252,26 +252,22 @@ impl Conn<'_> {
         };
         for _ in 0..MAX_ATTEMPTS {
             let Some(lease) = ctx.routes.acquire(Some(peer.ip()), &failed, deadline).await else {
-                return if failed.is_empty() {
-                    tracing::warn!("no routable worker");
-                    self.answer(
+                if !failed.is_empty() {
+                    break;
+                }
+                tracing::warn!("no routable worker");
+                // The body (if any) was not read: what follows on the connection is
+                // not a request head, so it closes.
+                let unread = plan.body != Framing::Empty;
+                return self
+                    .answer(
                         client,
                         plan,
                         StatusCode::SERVICE_UNAVAILABLE,
                         "no worker available\n",
-                        plan.body != Framing::Empty,
+                        unread,
                     )
-                    .await
-                } else {
-                    self.answer(
-                        client,
-                        plan,
-                        StatusCode::BAD_GATEWAY,
-                        "no worker reachable\n",
-                        plan.body != Framing::Empty,
-                    )
-                    .await
-                };
+                    .await;
             };
             let backend = Arc::clone(lease.backend());
             let span = tracing::debug_span!("request", worker = %backend.id);
@@ -381,6 +377,7 @@ impl Conn<'_> {
                 }
             };
         }
+        // Every attempt failed, or every routable worker has.
         self.answer(
             client,
             plan,

@@ -133,21 +133,18 @@ pub(crate) fn plan_request(
             None => (target, None),
         }
     };
-    let fields = &*req.headers;
-    let roles = roles(fields);
-    let roles = &roles[..fields.len()];
+    let fields = Fields::new(req.headers);
 
     // First pass: what the head says about itself.
     let mut length: Option<u64> = None;
     let mut chunked = false;
     let mut close = http10;
     let mut connection_upgrade = false;
-    let mut names_listed = false;
     let mut expect_continue = false;
     let mut te_trailers = false;
     let mut prior = PriorForwarding::default();
     let trusted = rules.hop.trusted();
-    for (f, role) in fields.iter().zip(roles) {
+    for (f, role) in fields.iter() {
         match role {
             Role::ContentLength => {
                 let n = content_length(f.value).ok_or(bad("invalid Content-Length\n"))?;
@@ -163,8 +160,6 @@ pub(crate) fn plan_request(
                         close = true;
                     } else if t.eq_ignore_ascii_case(b"upgrade") {
                         connection_upgrade = true;
-                    } else if !t.eq_ignore_ascii_case(b"keep-alive") {
-                        names_listed = true;
                     }
                 }
             }
@@ -182,37 +177,23 @@ pub(crate) fn plan_request(
             _ => {}
         }
     }
-    let with = |want: Role| {
-        fields
-            .iter()
-            .zip(roles)
-            .filter(move |(_, r)| **r == want)
-            .map(|(f, _)| f.value)
-    };
-    guard::check_hosts(!http10 && authority.is_none(), with(Role::Host))?;
+    guard::check_hosts(!http10 && authority.is_none(), fields.with(Role::Host))?;
     if chunked {
         if http10 {
             return Err(bad("Transfer-Encoding in an HTTP/1.0 request\n"));
         }
-        guard::check_transfer_encoding(with(Role::TransferEncoding))?;
+        guard::check_transfer_encoding(fields.with(Role::TransferEncoding))?;
         if length.is_some() {
             return Err(bad("both Content-Length and Transfer-Encoding\n"));
         }
     }
-    let upgrade =
-        connection_upgrade && guard::upgrade_allowed(with(Role::Upgrade), rules.allowed_upgrades);
+    let upgrade = connection_upgrade
+        && guard::upgrade_allowed(fields.with(Role::Upgrade), rules.allowed_upgrades);
     let body = match (chunked, length) {
         (true, _) => Framing::Chunked,
         (false, Some(0) | None) => Framing::Empty,
         (false, Some(n)) => Framing::Length(n),
     };
-    // Names the client's `Connection` lists, besides the keywords (rare: only looked
-    // for when there are some).
-    let listed = |name: &[u8]| {
-        names_listed
-            && headers::tokens(with(Role::Connection)).any(|t| t.eq_ignore_ascii_case(name))
-    };
-
     // Second pass: the head the worker gets.
     out.clear();
     out.extend_from_slice(method_text.as_bytes());
@@ -221,7 +202,7 @@ pub(crate) fn plan_request(
     out.extend_from_slice(b" HTTP/1.1\r\n");
     let host: Option<&[u8]> = authority
         .map(str::as_bytes)
-        .or_else(|| with(Role::Host).next());
+        .or_else(|| fields.with(Role::Host).next());
     let local_host;
     let host = match (host, host.is_none().then(rules.local).flatten()) {
         (Some(h), _) => Some(h),
@@ -231,17 +212,17 @@ pub(crate) fn plan_request(
         }
         (None, None) => None,
     };
-    for (f, role) in fields.iter().zip(roles) {
+    for (f, role) in fields.iter() {
         let name = f.name.as_bytes();
         let keep = match role {
-            Role::Other | Role::Expect => !listed(name),
+            Role::Other | Role::Expect => !fields.listed(name),
             // Written once below, as the number it was read as (`5, 5` becomes `5`).
             Role::ContentLength => false,
             Role::Forwarded => trusted,
             Role::ClientIp
             | Role::XForwardedProto
             | Role::XForwardedHost
-            | Role::XForwardedPort => trusted && !listed(name),
+            | Role::XForwardedPort => trusted && !fields.listed(name),
             Role::Host
             | Role::TransferEncoding
             | Role::Connection
@@ -265,7 +246,7 @@ pub(crate) fn plan_request(
     }
     if upgrade {
         headers::line(out, b"connection", b"upgrade");
-        for v in with(Role::Upgrade) {
+        for v in fields.with(Role::Upgrade) {
             headers::line(out, b"upgrade", v);
         }
     }
@@ -321,13 +302,51 @@ fn content_length_line(out: &mut Vec<u8>, n: u64) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// The [`Role`] of each field, computed once per head.
-fn roles(fields: &[httparse::Header<'_>]) -> [Role; MAX_HEADERS] {
-    let mut roles = [Role::Other; MAX_HEADERS];
-    for (r, f) in roles.iter_mut().zip(fields) {
-        *r = headers::role(f.name.as_bytes());
+/// A parsed head's fields with their [`Role`]s, computed once per head.
+struct Fields<'h, 'b> {
+    fields: &'h [httparse::Header<'b>],
+    roles: [Role; MAX_HEADERS],
+    /// Whether a `Connection` header names fields besides its keywords (rare: only
+    /// then is [`Fields::listed`] worth looking).
+    names_listed: bool,
+}
+
+impl<'h, 'b> Fields<'h, 'b> {
+    fn new(fields: &'h [httparse::Header<'b>]) -> Self {
+        let mut roles = [Role::Other; MAX_HEADERS];
+        for (r, f) in roles.iter_mut().zip(fields) {
+            *r = headers::role(f.name.as_bytes());
+        }
+        let mut this = Self {
+            fields,
+            roles,
+            names_listed: false,
+        };
+        let names_listed = headers::tokens(this.with(Role::Connection)).any(|t| {
+            !(t.eq_ignore_ascii_case(b"close")
+                || t.eq_ignore_ascii_case(b"keep-alive")
+                || t.eq_ignore_ascii_case(b"upgrade"))
+        });
+        this.names_listed = names_listed;
+        this
     }
-    roles
+
+    fn iter(&self) -> impl Iterator<Item = (&'h httparse::Header<'b>, Role)> + '_ {
+        self.fields.iter().zip(self.roles.iter().copied())
+    }
+
+    /// The values of the fields with `role`, in order.
+    fn with(&self, role: Role) -> impl Iterator<Item = &'b [u8]> + '_ {
+        self.iter()
+            .filter(move |(_, r)| *r == role)
+            .map(|(f, _)| f.value)
+    }
+
+    /// Whether a `Connection` header names `name` (which makes it hop-by-hop).
+    fn listed(&self, name: &[u8]) -> bool {
+        self.names_listed
+            && headers::tokens(self.with(Role::Connection)).any(|t| t.eq_ignore_ascii_case(name))
+    }
 }
 
 fn lowercase_line(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
@@ -408,10 +427,7 @@ pub(crate) fn plan_response(
         return Ok(Parsed::Interim(head_len));
     }
     let http10 = resp.version == Some(0);
-    let fields = &*resp.headers;
-    let roles = roles(fields);
-    let roles = &roles[..fields.len()];
-    let mut names_listed = false;
+    let fields = Fields::new(resp.headers);
     let mut length = None;
     let mut transfer = false;
     let mut chunked_last = false;
@@ -420,7 +436,7 @@ pub(crate) fn plan_response(
     let mut other_codings = false;
     let mut close = false;
     let mut keep_alive = false;
-    for (f, role) in fields.iter().zip(roles) {
+    for (f, role) in fields.iter() {
         match role {
             Role::ContentLength => {
                 let n = content_length(f.value).ok_or(BadResponse("invalid Content-Length"))?;
@@ -442,8 +458,6 @@ pub(crate) fn plan_response(
                         close = true;
                     } else if t.eq_ignore_ascii_case(b"keep-alive") {
                         keep_alive = true;
-                    } else {
-                        names_listed = true;
                     }
                 }
             }
@@ -488,18 +502,7 @@ pub(crate) fn plan_response(
     out.push(b' ');
     out.extend_from_slice(resp.reason.unwrap_or_default().as_bytes());
     out.extend_from_slice(b"\r\n");
-    let with = |want: Role| {
-        fields
-            .iter()
-            .zip(roles)
-            .filter(move |(_, r)| **r == want)
-            .map(|(f, _)| f.value)
-    };
-    let listed = |name: &[u8]| {
-        names_listed
-            && headers::tokens(with(Role::Connection)).any(|t| t.eq_ignore_ascii_case(name))
-    };
-    for (f, role) in fields.iter().zip(roles) {
+    for (f, role) in fields.iter() {
         let name = f.name.as_bytes();
         let keep = match role {
             Role::Connection
@@ -510,7 +513,7 @@ pub(crate) fn plan_response(
             // Framed by Transfer-Encoding, a stale length would desynchronize the
             // client; otherwise written once below, as the number it was read as.
             Role::ContentLength => false,
-            _ => !listed(name),
+            _ => !fields.listed(name),
         };
         if keep {
             lowercase_line(out, name, f.value);
@@ -521,14 +524,14 @@ pub(crate) fn plan_response(
     }
     if status == 101 {
         headers::line(out, b"connection", b"upgrade");
-        for v in with(Role::Upgrade) {
+        for v in fields.with(Role::Upgrade) {
             headers::line(out, b"upgrade", v);
         }
     }
     if to_client == Framing::Chunked {
         out.extend_from_slice(b"transfer-encoding: ");
         if other_codings {
-            for c in headers::tokens(with(Role::TransferEncoding)) {
+            for c in headers::tokens(fields.with(Role::TransferEncoding)) {
                 if !c.eq_ignore_ascii_case(b"chunked") {
                     out.extend_from_slice(c);
                     out.extend_from_slice(b", ");
