@@ -143,59 +143,68 @@ impl BoundListener {
     /// the workers: rebinding is impossible while they listen on it, and a new socket
     /// would split the queue.
     ///
-    /// The socket is found by inode (`/proc/net/{tcp,tcp6,udp,udp6}` lists the listener's
-    /// inode; `/proc/<pid>/fd` shows which fd of the worker is that socket, whatever its
-    /// number after the app's own dups) and copied with `pidfd_getfd(2)` (Linux 5.6;
-    /// needs ptrace rights over the worker: the same user, or root).
+    /// Each socket among the workers' fds (`/proc/<pid>/fd`) is copied with
+    /// `pidfd_getfd(2)` (Linux 5.6; needs ptrace rights over the worker: the same user,
+    /// or root) and asked what it is: a listening TCP socket (or a UDP socket) on
+    /// `addr`'s port is the one. Matching by inode against `/proc/net/tcp` instead read
+    /// every socket of the host: with tens of thousands in TIME_WAIT (a load test, a busy
+    /// box) that file is ~10 MB and parsing it kept a restarted daemon from answering
+    /// for over 30 s.
     ///
     /// Returns `Ok(None)` when none of `pids` holds such a socket.
     ///
     /// # Errors
-    /// When a socket is found but cannot be copied.
+    /// When nothing was found and the workers' sockets could not be copied for lack of
+    /// rights over them.
     pub fn recover_from(
         pids: &[i32],
         addr: SocketAddr,
         protocol: Protocol,
     ) -> Result<Option<Self>> {
-        let inodes = listening_inodes(addr, protocol);
-        if inodes.is_empty() {
-            return Ok(None);
-        }
+        let mut last_error = None;
         for &pid in pids {
             let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
                 continue;
             };
+            let Some(pidfd) = crate::spawn::pidfd_open(pid) else {
+                continue;
+            };
             for entry in dir.flatten() {
-                let Ok(target) = std::fs::read_link(entry.path()) else {
-                    continue;
-                };
-                let target = target.to_string_lossy();
-                let Some(inode) = target
-                    .strip_prefix("socket:[")
-                    .and_then(|t| t.strip_suffix(']'))
-                else {
-                    continue;
-                };
-                if !inodes.iter().any(|i| i == inode) {
-                    continue;
-                }
-                let Some(fd_num) = entry
+                let is_socket = std::fs::read_link(entry.path())
+                    .is_ok_and(|t| t.to_string_lossy().starts_with("socket:["));
+                let fd_num = entry
                     .file_name()
                     .to_str()
-                    .and_then(|n| n.parse::<RawFd>().ok())
-                else {
+                    .and_then(|n| n.parse::<RawFd>().ok());
+                let (true, Some(fd_num)) = (is_socket, fd_num) else {
                     continue;
                 };
-                let fd = pidfd_getfd_of(pid, fd_num)
-                    .ctx(|| format!("pidfd_getfd({pid}, {fd_num}) for {addr}"))?;
+                let fd = match pidfd_getfd(pidfd.as_fd(), fd_num) {
+                    Ok(fd) => fd,
+                    // No rights over the worker; other failures (the fd closed
+                    // meanwhile) only mean it was not this one.
+                    Err(e) if e.raw_os_error() == Some(libc::EPERM) => {
+                        last_error = Some((pid, fd_num, e));
+                        continue;
+                    }
+                    Err(_) => continue,
+                };
                 let socket = socket2::Socket::from(fd);
+                let Some(local_addr) = socket.local_addr().ok().and_then(|a| a.as_socket()) else {
+                    continue;
+                };
+                let kind_ok = match protocol {
+                    Protocol::Tcp => {
+                        socket.r#type().is_ok_and(|t| t == socket2::Type::STREAM)
+                            && socket.is_listener().unwrap_or(false)
+                    }
+                    Protocol::Udp => socket.r#type().is_ok_and(|t| t == socket2::Type::DGRAM),
+                };
+                if !kind_ok || local_addr.port() != addr.port() {
+                    continue;
+                }
                 // Leave O_NONBLOCK alone: it belongs to the open file description the
                 // workers use, and an event-loop worker set it for itself.
-                let local_addr = socket
-                    .local_addr()
-                    .ok()
-                    .and_then(|a| a.as_socket())
-                    .unwrap_or(addr);
                 tracing::info!(%local_addr, pid, fd = fd_num, "listener recovered from an adopted worker");
                 return Ok(Some(BoundListener {
                     fd: socket.into(),
@@ -204,7 +213,12 @@ impl BoundListener {
                 }));
             }
         }
-        Ok(None)
+        match last_error {
+            Some((pid, fd_num, e)) => {
+                Err(e).ctx(|| format!("pidfd_getfd({pid}, {fd_num}) for {addr}"))
+            }
+            None => Ok(None),
+        }
     }
 
     /// Wraps a listening socket a previous daemon handed over (upgrade pair or systemd's
@@ -278,42 +292,6 @@ fn protocol_name(p: Protocol) -> &'static str {
         Protocol::Tcp => "tcp",
         Protocol::Udp => "udp",
     }
-}
-
-/// Inodes of sockets bound to `addr` (listening, for TCP) per `/proc/net/*`.
-fn listening_inodes(addr: SocketAddr, protocol: Protocol) -> Vec<String> {
-    let files: &[&str] = match protocol {
-        Protocol::Tcp => &["/proc/net/tcp", "/proc/net/tcp6"],
-        Protocol::Udp => &["/proc/net/udp", "/proc/net/udp6"],
-    };
-    let port = format!("{:04X}", addr.port());
-    let mut out = Vec::new();
-    for file in files {
-        let Ok(text) = std::fs::read_to_string(file) else {
-            continue;
-        };
-        for line in text.lines().skip(1) {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            if cols.len() < 10 {
-                continue;
-            }
-            let local_port = cols[1].rsplit(':').next().unwrap_or("");
-            // 0A = LISTEN for TCP; UDP sockets are 07 (unconnected).
-            let state_ok = match protocol {
-                Protocol::Tcp => cols[3] == "0A",
-                Protocol::Udp => true,
-            };
-            if local_port == port && state_ok {
-                out.push(cols[9].to_string());
-            }
-        }
-    }
-    out
-}
-
-fn pidfd_getfd_of(pid: i32, target: RawFd) -> std::io::Result<OwnedFd> {
-    let pidfd = crate::spawn::pidfd_open(pid).ok_or_else(std::io::Error::last_os_error)?;
-    pidfd_getfd(pidfd.as_fd(), target)
 }
 
 /// A duplicate of another process's fd `target` (`pidfd_getfd(2)`, Linux 5.6+).
