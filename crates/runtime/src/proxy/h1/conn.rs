@@ -338,14 +338,18 @@ impl Conn<'_> {
             let out = &mut self.bufs.response_head;
             if closing {
                 out.extend_from_slice(b"connection: close\r\n");
+            } else if plan.http10 {
+                // HTTP/1.0 assumes close unless told otherwise.
+                out.extend_from_slice(b"connection: keep-alive\r\n");
             }
             out.extend_from_slice(b"\r\n");
+            let mut lease = Some(lease);
             let relayed = relay(
                 client,
                 &mut upstream,
                 &mut self.bufs,
-                resp.body,
-                resp.to_client,
+                (resp.body, resp.to_client),
+                &mut lease,
             )
             .await;
             return match relayed {
@@ -357,7 +361,11 @@ impl Conn<'_> {
                         && plan.body == Framing::Empty
                         && !plan.upgrade
                         && self.bufs.upstream.is_empty();
-                    finish(upstream, lease, reusable, cfg.pool_max_idle);
+                    if reusable {
+                        backend.raw.put(RawConn(upstream), cfg.pool_max_idle, || {
+                            backend.is_routable()
+                        });
+                    }
                     if closing || shutdown.is_stopped() {
                         Next::Close { linger: !body_done }
                     } else {
@@ -517,7 +525,8 @@ impl Conn<'_> {
         reason: &str,
         body_unread: bool,
     ) -> Next {
-        let close = plan.close || body_unread || self.ctx.retire.is_stopped();
+        // An HTTP/1.0 client is not told `keep-alive` here: it gets the close it assumes.
+        let close = plan.close || plan.http10 || body_unread || self.ctx.retire.is_stopped();
         let out = &mut self.bufs.response_head;
         let asked = Asked {
             head: plan.head,
@@ -582,18 +591,6 @@ async fn connect(
         Ok(Err(source)) => Err(super::super::ProxyError::Connect { addr, source }),
         Err(_) => Err(super::super::ProxyError::ConnectTimeout { addr, timeout }),
     }
-}
-
-/// The response is through: pool the connection if it may serve another request, and
-/// only then stop counting the request in flight.
-fn finish(upstream: TcpStream, lease: Lease, reusable: bool, pool_max: usize) {
-    if reusable {
-        let backend = Arc::clone(lease.backend());
-        backend
-            .raw
-            .put(RawConn(upstream), pool_max, || backend.is_routable());
-    }
-    drop(lease);
 }
 
 /// Reads the worker's response head into `buf`, skipping interim (1xx) responses, and
@@ -727,13 +724,16 @@ impl From<ChunkError> for RelayError {
 }
 
 /// Passes the response head (`bufs.response_head`, complete) and body to the client.
-/// Small bodies that came with the head go out in the same write.
+/// Small bodies that came with the head go out in the same write. The request stops
+/// counting in flight (`lease` is dropped) once the worker's side is complete, before
+/// the last write to the client: the worker is done with it, and a client that has the
+/// whole response then never sees it still counted.
 async fn relay<S: ClientIo>(
     client: &mut S,
     upstream: &mut TcpStream,
     bufs: &mut Bufs,
-    from: Framing,
-    to: Framing,
+    (from, to): (Framing, Framing),
+    lease: &mut Option<Lease>,
 ) -> Result<(), RelayError> {
     let Bufs {
         upstream: ubuf,
@@ -752,9 +752,15 @@ async fn relay<S: ClientIo>(
     loop {
         let mut done = false;
         match from {
-            Framing::Empty => done = true,
+            Framing::Empty => {
+                lease.take();
+                done = true;
+            }
             Framing::Length(_) => {
                 let take = usize::try_from(left).unwrap_or(usize::MAX).min(ubuf.len());
+                if left == take as u64 {
+                    lease.take();
+                }
                 if pending_head && take <= READ_CHUNK {
                     out.extend_from_slice(&ubuf[..take]);
                 } else {
@@ -782,6 +788,9 @@ async fn relay<S: ClientIo>(
                 };
                 ubuf.advance(used);
                 done = decoder.is_done();
+                if done {
+                    lease.take();
+                }
                 flush_scratch(client, out, scratch, &mut pending_head).await?;
             }
             Framing::UntilClose => {
@@ -810,6 +819,7 @@ async fn relay<S: ClientIo>(
         reserve(ubuf);
         match upstream.read_buf(ubuf).await {
             Ok(0) if from == Framing::UntilClose => {
+                lease.take();
                 if rechunk {
                     scratch.clear();
                     scratch.extend_from_slice(chunked::END);

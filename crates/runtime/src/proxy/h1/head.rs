@@ -47,9 +47,11 @@ pub(crate) struct RequestPlan {
     /// Bytes of the head in the buffer (the body, if any, follows).
     pub(crate) head_len: usize,
     pub(crate) body: Framing,
-    /// An HTTP/1.0 client: no chunked responses, and the connection closes after one.
+    /// An HTTP/1.0 client: no chunked responses; the connection stays open only when it
+    /// asked for keep-alive and says so in each response.
     pub(crate) http10: bool,
-    /// The client asked to close after this response (`Connection: close`, or 1.0).
+    /// The client asked to close after this response (`Connection: close`, or 1.0
+    /// without `Connection: keep-alive`).
     pub(crate) close: bool,
     /// `HEAD`: a response never has a body.
     pub(crate) head: bool,
@@ -138,7 +140,8 @@ pub(crate) fn plan_request(
     // First pass: what the head says about itself.
     let mut length: Option<u64> = None;
     let mut chunked = false;
-    let mut close = http10;
+    let mut close = false;
+    let mut keep_alive_10 = false;
     let mut connection_upgrade = false;
     let mut expect_continue = false;
     let mut te_trailers = false;
@@ -158,8 +161,13 @@ pub(crate) fn plan_request(
                 for t in headers::tokens(std::iter::once(f.value)) {
                     if t.eq_ignore_ascii_case(b"close") {
                         close = true;
+                        keep_alive_10 = false;
                     } else if t.eq_ignore_ascii_case(b"upgrade") {
                         connection_upgrade = true;
+                    } else if http10 && t.eq_ignore_ascii_case(b"keep-alive") && !close {
+                        // HTTP/1.0 keep-alive (what `ab -k` sends): kept while the
+                        // response can be length-framed.
+                        keep_alive_10 = true;
                     }
                 }
             }
@@ -177,6 +185,7 @@ pub(crate) fn plan_request(
             _ => {}
         }
     }
+    let close = close || (http10 && !keep_alive_10);
     guard::check_hosts(!http10 && authority.is_none(), fields.with(Role::Host))?;
     if chunked {
         if http10 {
@@ -672,6 +681,14 @@ mod tests {
         let (p, head) = plan("GET / HTTP/1.0\r\n\r\n", false).unwrap();
         assert!(p.http10 && p.close);
         assert!(head.contains("host: 127.0.0.1:8080\r\n"));
+        let (p, _) = plan("GET / HTTP/1.0\r\nConnection: Keep-Alive\r\n\r\n", false).unwrap();
+        assert!(p.http10 && !p.close, "HTTP/1.0 keep-alive");
+        let (p, _) = plan(
+            "GET / HTTP/1.0\r\nConnection: keep-alive, close\r\n\r\n",
+            false,
+        )
+        .unwrap();
+        assert!(p.close);
     }
 
     #[test]
