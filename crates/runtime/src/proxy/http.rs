@@ -98,7 +98,8 @@ pub struct HttpProxyConfig {
     pub tls: TlsTerminator,
     /// Serve HTTP/1.x (plain or over TLS) with the proxy's own lean path
     /// ([`super::h1`]) rather than hyper (which still serves HTTP/2). On by default;
-    /// `CLUSTERD_PROXY_H1=hyper` turns it off.
+    /// `CLUSTERD_PROXY_H1=hyper` turns it off (`lean` is the default; other values are
+    /// warned about and ignored).
     pub lean_h1: bool,
 }
 
@@ -166,7 +167,14 @@ impl HttpProxyConfig {
             }
         }
         if let Ok(engine) = std::env::var("CLUSTERD_PROXY_H1") {
-            self.lean_h1 = !engine.trim().eq_ignore_ascii_case("hyper");
+            match engine.trim().to_ascii_lowercase().as_str() {
+                "hyper" => self.lean_h1 = false,
+                "lean" | "" => self.lean_h1 = true,
+                other => tracing::warn!(
+                    value = other,
+                    "CLUSTERD_PROXY_H1: unknown HTTP/1.1 engine, expected `lean` or `hyper`; using `lean`"
+                ),
+            }
         }
         self
     }

@@ -631,13 +631,14 @@ async fn read_head<R: AsyncRead + Unpin>(
                 )));
             }
             Ok(_) => received = true,
-            Err(err) if received => return Err(Failure::Bad(BadResponse(leak_kind(&err)))),
+            Err(err) if received => return Err(Failure::Bad(BadResponse(inside_head(&err)))),
             Err(err) => return Err(Failure::Nothing(err)),
         }
     }
 }
 
-fn leak_kind(err: &io::Error) -> &'static str {
+/// What a read failure in the middle of a response head is called.
+fn inside_head(err: &io::Error) -> &'static str {
     match err.kind() {
         io::ErrorKind::ConnectionReset => "connection reset inside the response head",
         _ => "read failed inside the response head",
@@ -810,7 +811,7 @@ async fn relay<S: ClientIo>(
             }
             return Ok(());
         }
-        if pending_head && !out.is_empty() && from != Framing::Length(0) {
+        if pending_head {
             // Send the head before waiting on the worker: the client may be waiting
             // for it (a stream of events).
             write(client, out, &mut pending_head).await?;
